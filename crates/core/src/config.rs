@@ -1,0 +1,564 @@
+//! `strata.yaml`: one file per process, validated at start.
+//!
+//! Errors name the file, the field path and the line, because a process that refuses to
+//! start must say exactly what to fix. `${VAR}` (or `${VAR:-default}`) is replaced from the
+//! environment before parsing so secrets stay out of the file.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::{Result, StrataError};
+
+/// The whole configuration of one Strata process.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Region this process belongs to; datasets default to it.
+    #[serde(default = "default_region")]
+    pub region: String,
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub datasets: Vec<DatasetConfig>,
+}
+
+fn default_region() -> String {
+    "local".to_string()
+}
+
+/// Where the process listens. Port 0 picks a free port; the bound address is logged.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub flight_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    /// How long in-flight queries may run after SIGTERM before the process exits anyway.
+    #[serde(with = "duration")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            flight_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Bounds on what one process accepts; exceeding any is a clear error, never a crash.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    #[serde(with = "duration")]
+    pub query_timeout: Duration,
+    pub max_result_rows: u64,
+    pub memory_limit: ByteSize,
+    pub max_message_size: ByteSize,
+    pub max_request_body: ByteSize,
+    pub max_concurrent_queries: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            query_timeout: Duration::from_secs(30),
+            max_result_rows: 1_000_000,
+            memory_limit: ByteSize(1 << 30),
+            max_message_size: ByteSize(16 << 20),
+            max_request_body: ByteSize(1 << 20),
+            max_concurrent_queries: 64,
+        }
+    }
+}
+
+/// A named table clients can query, and where its rows come from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetConfig {
+    pub name: String,
+    pub from: SourceRef,
+    /// File format; inferred from the extension when absent.
+    #[serde(default)]
+    pub format: Option<FileFormat>,
+    /// Connection parameters for database sources (host, port, user, password, db, sslmode).
+    #[serde(default)]
+    pub params: BTreeMap<String, String>,
+    #[serde(default)]
+    pub acceleration: Option<AccelerationConfig>,
+}
+
+impl DatasetConfig {
+    /// The acceleration settings when acceleration is on.
+    pub fn accelerated(&self) -> Option<&AccelerationConfig> {
+        self.acceleration.as_ref().filter(|a| a.enabled)
+    }
+
+    /// The file format, from `format` or the path's extension.
+    pub fn file_format(&self) -> Option<FileFormat> {
+        match &self.from {
+            SourceRef::File { path } => self.format.or_else(|| FileFormat::from_path(path)),
+            SourceRef::Postgres { .. } => None,
+        }
+    }
+}
+
+/// `from:` of a dataset: `postgres:<schema.table>` or `file:<path>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceRef {
+    Postgres { schema: Option<String>, table: String },
+    File { path: PathBuf },
+}
+
+impl fmt::Display for SourceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SourceRef::Postgres { schema: Some(s), table } => write!(f, "postgres:{s}.{table}"),
+            SourceRef::Postgres { schema: None, table } => write!(f, "postgres:{table}"),
+            SourceRef::File { path } => write!(f, "file:{}", path.display()),
+        }
+    }
+}
+
+impl std::str::FromStr for SourceRef {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let (kind, rest) = s
+            .split_once(':')
+            .ok_or_else(|| format!("`{s}` is not a source: expected `postgres:<schema.table>` or `file:<path>`"))?;
+        match kind {
+            "postgres" => {
+                let parts: Vec<&str> = rest.split('.').collect();
+                match parts.as_slice() {
+                    [table] if !table.is_empty() => Ok(SourceRef::Postgres { schema: None, table: table.to_string() }),
+                    [schema, table] if !schema.is_empty() && !table.is_empty() => {
+                        Ok(SourceRef::Postgres { schema: Some(schema.to_string()), table: table.to_string() })
+                    }
+                    _ => {
+                        Err(format!("missing table in `{s}`: expected `postgres:<schema.table>` or `postgres:<table>`"))
+                    }
+                }
+            }
+            "file" if !rest.is_empty() => Ok(SourceRef::File { path: PathBuf::from(rest) }),
+            "file" => Err(format!("missing path in `{s}`: expected `file:<path>`")),
+            other => Err(format!("unknown source kind `{other}` in `{s}`: expected one of postgres, file")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for SourceRef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// File formats read through DataFusion's listing tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileFormat {
+    Parquet,
+    Csv,
+    #[serde(alias = "json")]
+    Ndjson,
+}
+
+impl FileFormat {
+    fn from_path(path: &Path) -> Option<Self> {
+        match path.extension()?.to_str()?.to_ascii_lowercase().as_str() {
+            "parquet" => Some(Self::Parquet),
+            "csv" => Some(Self::Csv),
+            "json" | "ndjson" | "jsonl" => Some(Self::Ndjson),
+            _ => None,
+        }
+    }
+}
+
+/// How a dataset is kept as a local copy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, try_from = "RawAcceleration")]
+pub struct AccelerationConfig {
+    pub enabled: bool,
+    pub engine: AccelerationEngine,
+    pub refresh: RefreshMode,
+    /// Refresh periodically; `None` refreshes only at start and on demand.
+    pub refresh_interval: Option<Duration>,
+    /// Column that orders rows in time (or a sequence) for `append` refresh and retention.
+    pub time_column: Option<String>,
+    /// Append refresh re-reads rows this far behind the newest one it has, so rows that
+    /// arrive late with an older or equal timestamp are not missed; duplicates are dropped.
+    pub append_overlap: Duration,
+    /// Columns that identify a row, for de-duplicating the append overlap. Empty: the whole row.
+    pub primary_key: Vec<String>,
+    /// Rows older than this (by `time_column`) are dropped from the copy.
+    pub retention: Option<Duration>,
+    pub on_refresh_error: OnRefreshError,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAcceleration {
+    #[serde(default = "yes")]
+    enabled: bool,
+    #[serde(default)]
+    engine: AccelerationEngine,
+    #[serde(default)]
+    refresh: RefreshMode,
+    #[serde(default, with = "opt_duration")]
+    refresh_interval: Option<Duration>,
+    #[serde(default)]
+    time_column: Option<String>,
+    #[serde(default, with = "opt_duration")]
+    append_overlap: Option<Duration>,
+    #[serde(default)]
+    primary_key: Vec<String>,
+    #[serde(default, with = "opt_duration")]
+    retention: Option<Duration>,
+    #[serde(default)]
+    on_refresh_error: OnRefreshError,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl TryFrom<RawAcceleration> for AccelerationConfig {
+    type Error = String;
+
+    fn try_from(raw: RawAcceleration) -> std::result::Result<Self, String> {
+        if raw.refresh == RefreshMode::Append && raw.time_column.is_none() {
+            return Err("`refresh: append` needs `time_column` (the column that orders new rows)".into());
+        }
+        if raw.retention.is_some() && raw.time_column.is_none() {
+            return Err("`retention` needs `time_column` (the column rows age by)".into());
+        }
+        if raw.refresh_interval == Some(Duration::ZERO) {
+            return Err("`refresh_interval` must be greater than zero".into());
+        }
+        Ok(Self {
+            enabled: raw.enabled,
+            engine: raw.engine,
+            refresh: raw.refresh,
+            refresh_interval: raw.refresh_interval,
+            time_column: raw.time_column,
+            append_overlap: raw.append_overlap.unwrap_or(Duration::ZERO),
+            primary_key: raw.primary_key,
+            retention: raw.retention,
+            on_refresh_error: raw.on_refresh_error,
+        })
+    }
+}
+
+/// Where an accelerated copy lives. Only in-memory Arrow for now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccelerationEngine {
+    #[default]
+    Arrow,
+}
+
+/// `full` replaces the copy atomically; `append` fetches only rows newer than the copy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RefreshMode {
+    #[default]
+    Full,
+    Append,
+}
+
+/// What a failed refresh does to the copy being served.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnRefreshError {
+    /// Keep serving the last good copy and report the error and the copy's age.
+    #[default]
+    KeepLastGood,
+}
+
+/// A byte count written as `1048576`, `512KiB`, `16MiB`, `1GiB` or `1GB`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// As `usize`, saturating on 32-bit targets.
+    pub fn as_usize(self) -> usize {
+        usize::try_from(self.0).unwrap_or(usize::MAX)
+    }
+}
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num.parse().map_err(|_| format!("invalid size `{s}`: expected e.g. `512MiB`"))?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" => 1_000,
+            "kib" => 1 << 10,
+            "m" | "mb" => 1_000_000,
+            "mib" => 1 << 20,
+            "g" | "gb" => 1_000_000_000,
+            "gib" => 1 << 30,
+            other => return Err(format!("invalid size unit `{other}` in `{s}`: use B, KB, KiB, MB, MiB, GB or GiB")),
+        };
+        n.checked_mul(mult).map(ByteSize).ok_or_else(|| format!("size `{s}` is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Num(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Num(n) => Ok(ByteSize(n)),
+            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("invalid duration `{s}` ({e}): expected e.g. `30s`, `5m`, `1h 30m`"))
+}
+
+mod duration {
+    use serde::Deserialize;
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        super::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+mod opt_duration {
+    use serde::Deserialize;
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        match Option::<String>::deserialize(d)? {
+            None => Ok(None),
+            Some(s) => super::parse_duration(&s).map(Some).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl Config {
+    /// Reads, interpolates, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| StrataError::Config(format!("cannot read config file {}: {e}", path.display())))?;
+        let mut config = Self::parse(&text, &path.display().to_string())?;
+        // Relative file sources are relative to the config file, not to the working directory.
+        let base = path.parent().unwrap_or(Path::new("."));
+        for ds in &mut config.datasets {
+            if let SourceRef::File { path } = &mut ds.from
+                && path.is_relative()
+            {
+                *path = base.join(&*path);
+            }
+        }
+        Ok(config)
+    }
+
+    /// Parses config text; `origin` names it in errors (usually the file path).
+    pub fn parse(text: &str, origin: &str) -> Result<Self> {
+        let text = interpolate_env(text, |name| std::env::var(name).ok())
+            .map_err(|e| StrataError::Config(format!("{origin}: {e}")))?;
+        let config: Config = serde_yaml::from_str(&text).map_err(|e| StrataError::Config(format!("{origin}: {e}")))?;
+        config.validate().map_err(|e| StrataError::Config(format!("{origin}: {e}")))?;
+        Ok(config)
+    }
+
+    /// Cross-field checks that a single field's parser cannot see.
+    fn validate(&self) -> std::result::Result<(), String> {
+        let mut seen = std::collections::HashSet::new();
+        for (i, ds) in self.datasets.iter().enumerate() {
+            let at = format!("datasets[{i}] (`{}`)", ds.name);
+            if ds.name.is_empty() || !ds.name.split('.').all(is_identifier) || ds.name.split('.').count() > 2 {
+                return Err(format!(
+                    "{at}.name: `{}` is not a valid dataset name (letters, digits, `_`, optionally `schema.table`)",
+                    ds.name
+                ));
+            }
+            if !seen.insert(ds.name.to_ascii_lowercase()) {
+                return Err(format!("{at}.name: dataset `{}` is defined twice", ds.name));
+            }
+            match &ds.from {
+                SourceRef::File { path } => {
+                    if ds.file_format().is_none() {
+                        return Err(format!(
+                            "{at}.format: cannot infer the format of `{}` from its extension; set `format: parquet|csv|ndjson`",
+                            path.display()
+                        ));
+                    }
+                    if !ds.params.is_empty() {
+                        return Err(format!("{at}.params: file sources take no connection params"));
+                    }
+                }
+                SourceRef::Postgres { .. } => {
+                    if ds.format.is_some() {
+                        return Err(format!("{at}.format: only file sources have a format"));
+                    }
+                    for key in ds.params.keys() {
+                        if !POSTGRES_PARAMS.contains(&key.as_str()) {
+                            return Err(format!(
+                                "{at}.params: unknown PostgreSQL parameter `{key}`; expected one of {}",
+                                POSTGRES_PARAMS.join(", ")
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        if self.limits.max_concurrent_queries == 0 {
+            return Err("limits.max_concurrent_queries must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Connection parameters a PostgreSQL source accepts.
+pub const POSTGRES_PARAMS: &[&str] =
+    &["host", "port", "user", "password", "db", "sslmode", "sslrootcert", "connection_string", "pool_size"];
+
+fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Replaces `${NAME}` and `${NAME:-default}`; an unset variable without default is an error
+/// naming the variable and its line, since silently substituting "" hides a missing secret.
+fn interpolate_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> std::result::Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    for (lineno, line) in text.split_inclusive('\n').enumerate() {
+        let mut rest = line;
+        while let Some(start) = rest.find("${") {
+            out.push_str(&rest[..start]);
+            let after = &rest[start + 2..];
+            let end = after
+                .find('}')
+                .ok_or_else(|| format!("line {}: unterminated `${{` in environment reference", lineno + 1))?;
+            let expr = &after[..end];
+            let (name, default) = match expr.split_once(":-") {
+                Some((n, d)) => (n, Some(d)),
+                None => (expr, None),
+            };
+            match (lookup(name), default) {
+                (Some(v), _) => out.push_str(&v),
+                (None, Some(d)) => out.push_str(d),
+                (None, None) => {
+                    return Err(format!(
+                        "line {}: environment variable `{name}` is not set (use `${{{name}:-default}}` for a default)",
+                        lineno + 1
+                    ));
+                }
+            }
+            rest = &after[end + 1..];
+        }
+        out.push_str(rest);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        match Config::parse(text, "strata.yaml") {
+            Ok(_) => panic!("config should have been rejected:\n{text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn full_config_parses_with_defaults() {
+        let c = Config::parse(
+            "region: eu\ndatasets:\n  - name: orders\n    from: postgres:public.orders\n    params: {host: localhost}\n    acceleration:\n      refresh: append\n      time_column: ts\n      refresh_interval: 10s\n",
+            "t",
+        )
+        .expect("valid");
+        assert_eq!(c.region, "eu");
+        let acc = c.datasets[0].accelerated().expect("accelerated");
+        assert_eq!(acc.refresh, RefreshMode::Append);
+        assert_eq!(acc.refresh_interval, Some(Duration::from_secs(10)));
+        assert_eq!(c.limits.max_result_rows, 1_000_000);
+    }
+
+    #[test]
+    fn unknown_field_names_field_and_line() {
+        let e = err("datasets:\n  - name: a\n    from: file:a.csv\n    acceleration:\n      enabeld: true\n");
+        assert!(e.contains("strata.yaml"), "{e}");
+        assert!(e.contains("unknown field `enabeld`"), "{e}");
+        assert!(e.contains("line 5"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_is_explained() {
+        let e = err("limits:\n  query_timeout: 5 parsecs\n");
+        assert!(e.contains("invalid duration `5 parsecs`"), "{e}");
+        assert!(e.contains("limits.query_timeout") || e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn unknown_source_kind_is_explained() {
+        let e = err("datasets:\n  - name: a\n    from: mysql:db.t\n");
+        assert!(e.contains("unknown source kind `mysql`"), "{e}");
+        assert!(e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn missing_table_is_explained() {
+        let e = err("datasets:\n  - name: a\n    from: 'postgres:'\n");
+        assert!(e.contains("missing table"), "{e}");
+        let e = err("datasets:\n  - name: a\n");
+        assert!(e.contains("missing field `from`"), "{e}");
+    }
+
+    #[test]
+    fn append_without_time_column_is_rejected() {
+        let e = err("datasets:\n  - name: a\n    from: file:a.csv\n    acceleration: {refresh: append}\n");
+        assert!(e.contains("time_column"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_dataset_and_bad_size() {
+        let e = err("datasets:\n  - {name: a, from: file:a.csv}\n  - {name: A, from: file:b.csv}\n");
+        assert!(e.contains("defined twice"), "{e}");
+        let e = err("limits:\n  memory_limit: 12 parsecs\n");
+        assert!(e.contains("invalid size"), "{e}");
+    }
+
+    #[test]
+    fn env_interpolation() {
+        let looked = interpolate_env("a: ${X}\nb: ${Y:-dflt}\n", |n| (n == "X").then(|| "1".to_string()));
+        assert_eq!(looked.expect("ok"), "a: 1\nb: dflt\n");
+        let e = interpolate_env("a: 1\nb: ${NOPE}\n", |_| None).expect_err("unset");
+        assert!(e.contains("line 2") && e.contains("NOPE"), "{e}");
+    }
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!("16MiB".parse::<ByteSize>(), Ok(ByteSize(16 << 20)));
+        assert_eq!("1GB".parse::<ByteSize>(), Ok(ByteSize(1_000_000_000)));
+        assert!("1XB".parse::<ByteSize>().is_err());
+    }
+}

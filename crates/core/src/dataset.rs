@@ -1,0 +1,311 @@
+//! One dataset at run time: its source, its accelerated copy, refresh, and the status the
+//! HTTP API reports. Each dataset is loaded by its own task so a slow or unreachable source
+//! delays only itself.
+
+use std::sync::Arc;
+use std::sync::Mutex as StdMutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use arrow::array::RecordBatch;
+use datafusion::catalog::TableProvider;
+use datafusion::common::Column;
+use datafusion::logical_expr::{Expr, lit};
+use datafusion::prelude::SessionContext;
+use serde::Serialize;
+use tokio::sync::Mutex;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::accelerator::{AcceleratedTable, Snapshot};
+use crate::config::{AccelerationConfig, DatasetConfig, RefreshMode};
+use crate::error::{Result, StrataError};
+use crate::refresh;
+
+/// What `/v1/datasets` says about one dataset.
+#[derive(Debug, Clone, Serialize)]
+pub struct DatasetStatus {
+    pub name: String,
+    pub source: String,
+    pub accelerated: bool,
+    /// `connecting` (source not reached yet), `loading`, `ready`, or `federated` (queried live).
+    pub state: &'static str,
+    pub rows: Option<usize>,
+    pub bytes: Option<usize>,
+    pub version: Option<u64>,
+    /// RFC 3339 time of the last successful refresh.
+    pub last_refresh: Option<String>,
+    pub last_refresh_duration_ms: Option<u64>,
+    /// Rows the last refresh read from the source (an append refresh reads only new rows).
+    pub last_fetched_rows: Option<usize>,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<String>,
+    /// Seconds since the copy was last refreshed successfully.
+    pub staleness_seconds: Option<f64>,
+    pub refresh_count: u64,
+    pub refresh_errors: u64,
+    pub refresh_seconds_total: f64,
+}
+
+#[derive(Debug, Default)]
+struct Progress {
+    connected: bool,
+    last_fetched_rows: Option<usize>,
+    last_refresh_duration: Option<Duration>,
+    last_error: Option<(String, SystemTime)>,
+    refresh_count: u64,
+    refresh_errors: u64,
+    refresh_seconds_total: f64,
+}
+
+/// A configured dataset and, once its source is reached, its provider.
+pub struct Dataset {
+    pub config: DatasetConfig,
+    source: StdMutex<Option<Arc<dyn TableProvider>>>,
+    accelerated: StdMutex<Option<Arc<AcceleratedTable>>>,
+    progress: StdMutex<Progress>,
+    /// Serializes refreshes of this dataset (interval and on-demand).
+    refresh_lock: Mutex<()>,
+}
+
+fn lock<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+impl Dataset {
+    pub fn new(config: DatasetConfig) -> Self {
+        Self {
+            config,
+            source: StdMutex::new(None),
+            accelerated: StdMutex::new(None),
+            progress: StdMutex::new(Progress::default()),
+            refresh_lock: Mutex::new(()),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// The provider queries use: the accelerated copy, or the live source.
+    pub fn provider(&self) -> Option<Arc<dyn TableProvider>> {
+        if self.config.accelerated().is_some() {
+            lock(&self.accelerated).clone().map(|t| t as Arc<dyn TableProvider>)
+        } else {
+            lock(&self.source).clone()
+        }
+    }
+
+    /// The current accelerated snapshot, if any.
+    pub fn snapshot(&self) -> Option<Arc<Snapshot>> {
+        lock(&self.accelerated).as_ref().and_then(|t| t.snapshot())
+    }
+
+    /// True once the source has been reached and the dataset registered.
+    pub fn is_connected(&self) -> bool {
+        lock(&self.source).is_some()
+    }
+
+    /// True once the dataset can answer queries.
+    pub fn is_loaded(&self) -> bool {
+        match self.config.accelerated() {
+            Some(_) => self.snapshot().is_some(),
+            None => lock(&self.source).is_some(),
+        }
+    }
+
+    /// Why the dataset cannot answer yet, for error messages.
+    pub fn unavailable_reason(&self) -> String {
+        let progress = lock(&self.progress);
+        match (&progress.last_error, progress.connected) {
+            (Some((err, _)), _) => err.clone(),
+            (None, false) => "its source has not been reached yet".into(),
+            (None, true) => "its first load has not finished".into(),
+        }
+    }
+
+    /// Opens the source and registers the dataset's provider in `ctx`.
+    pub async fn connect(&self, ctx: &SessionContext, connector: &crate::source::SourceConnector) -> Result<()> {
+        let source = match connector.open(ctx, &self.config).await {
+            Ok(source) => source,
+            Err(err) => {
+                self.record_error(&err);
+                return Err(err);
+            }
+        };
+        let provider: Arc<dyn TableProvider> = if self.config.accelerated().is_some() {
+            let table = Arc::new(AcceleratedTable::new(self.name(), source.schema()));
+            *lock(&self.accelerated) = Some(Arc::clone(&table));
+            table
+        } else {
+            Arc::clone(&source)
+        };
+        *lock(&self.source) = Some(source);
+        lock(&self.progress).connected = true;
+        ctx.register_table(self.name(), provider)?;
+        Ok(())
+    }
+
+    /// Refreshes the accelerated copy from the source. On failure the last good copy keeps
+    /// serving and the error is recorded with its time.
+    pub async fn refresh(&self, ctx: &SessionContext) -> Result<DatasetStatus> {
+        let Some(acc) = self.config.accelerated().cloned() else {
+            return Err(StrataError::NotSupported(format!("dataset `{}` is not accelerated", self.name())));
+        };
+        let (Some(source), Some(table)) = (lock(&self.source).clone(), lock(&self.accelerated).clone()) else {
+            return Err(StrataError::DatasetUnavailable {
+                name: self.name().to_string(),
+                reason: self.unavailable_reason(),
+            });
+        };
+        let _guard = self.refresh_lock.lock().await;
+        let started = Instant::now();
+        let span = info_span!("refresh", dataset = %self.name(), mode = ?acc.refresh);
+        let outcome = self.refresh_once(ctx, &acc, source, &table).instrument(span).await;
+        let elapsed = started.elapsed();
+        {
+            let mut p = lock(&self.progress);
+            p.refresh_count += 1;
+            p.refresh_seconds_total += elapsed.as_secs_f64();
+            p.last_refresh_duration = Some(elapsed);
+            match &outcome {
+                Ok(fetched) => {
+                    p.last_fetched_rows = Some(*fetched);
+                    p.last_error = None;
+                }
+                Err(err) => {
+                    p.refresh_errors += 1;
+                    p.last_error = Some((err.to_string(), SystemTime::now()));
+                }
+            }
+        }
+        match outcome {
+            Ok(fetched) => {
+                info!(dataset = %self.name(), fetched, ms = elapsed.as_millis() as u64, "refreshed");
+                Ok(self.status())
+            }
+            Err(err) => {
+                warn!(dataset = %self.name(), error = %err, "refresh failed; serving the last good copy");
+                Err(err)
+            }
+        }
+    }
+
+    /// Returns how many rows were read from the source.
+    async fn refresh_once(
+        &self,
+        ctx: &SessionContext,
+        acc: &AccelerationConfig,
+        source: Arc<dyn TableProvider>,
+        table: &AcceleratedTable,
+    ) -> Result<usize> {
+        let previous = table.snapshot();
+        let next_version = previous.as_ref().map_or(1, |s| s.version + 1);
+        let time_column = acc.time_column.as_deref();
+        let (mut batches, fetched, changed) = match (acc.refresh, &previous, time_column) {
+            (RefreshMode::Append, Some(prev), Some(tc)) => match refresh::watermark(&prev.batches, tc)? {
+                None => {
+                    let batches = read(ctx, source, None).await?;
+                    let n = count(&batches);
+                    (batches, n, true)
+                }
+                Some(mark) => {
+                    let cutoff = refresh::shift_back(&mark, acc.append_overlap)?;
+                    let column = Expr::Column(Column::new_unqualified(tc));
+                    let fetched = read(ctx, source, Some(column.gt_eq(lit(cutoff.clone())))).await?;
+                    let n = count(&fetched);
+                    let tail = refresh::keep_since(&prev.batches, tc, &cutoff)?;
+                    let schema = table.schema();
+                    let mut batches = prev.batches.clone();
+                    let added = refresh::new_rows(&schema, &tail, &fetched, &acc.primary_key)?;
+                    let changed = added.is_some();
+                    batches.extend(added);
+                    (batches, n, changed)
+                }
+            },
+            _ => {
+                let batches = read(ctx, source, None).await?;
+                let n = count(&batches);
+                (batches, n, true)
+            }
+        };
+        let mut changed = changed;
+        if let (Some(retention), Some(tc)) = (acc.retention, time_column) {
+            let data_type = table
+                .schema()
+                .field_with_name(tc)
+                .map_err(|_| {
+                    StrataError::Config(format!("dataset `{}`: time_column `{tc}` is not a column", self.name()))
+                })?
+                .data_type()
+                .clone();
+            let cutoff = refresh::age_cutoff(&data_type, retention, SystemTime::now())?;
+            let before = count(&batches);
+            batches = refresh::keep_since(&batches, tc, &cutoff)?;
+            changed |= count(&batches) != before;
+        }
+        if changed || previous.is_none() {
+            table.swap(Snapshot::new(batches, next_version));
+        } else if let Some(prev) = previous {
+            // Nothing new: keep the version, but record that the copy was confirmed fresh.
+            table.swap(Snapshot::new(prev.batches.clone(), prev.version));
+        }
+        Ok(fetched)
+    }
+
+    fn record_error(&self, err: &StrataError) {
+        let mut p = lock(&self.progress);
+        p.last_error = Some((err.to_string(), SystemTime::now()));
+    }
+
+    /// The dataset's status for the HTTP API and metrics.
+    pub fn status(&self) -> DatasetStatus {
+        let snapshot = self.snapshot();
+        let p = lock(&self.progress);
+        let accelerated = self.config.accelerated().is_some();
+        let state = match (accelerated, p.connected, snapshot.is_some()) {
+            (_, false, _) => "connecting",
+            (true, true, false) => "loading",
+            (true, true, true) => "ready",
+            (false, true, _) => "federated",
+        };
+        DatasetStatus {
+            name: self.config.name.clone(),
+            source: self.config.from.to_string(),
+            accelerated,
+            state,
+            rows: snapshot.as_ref().map(|s| s.rows),
+            bytes: snapshot.as_ref().map(|s| s.bytes),
+            version: snapshot.as_ref().map(|s| s.version),
+            last_refresh: snapshot.as_ref().map(|s| rfc3339(s.refreshed_at)),
+            last_refresh_duration_ms: p.last_refresh_duration.map(|d| d.as_millis() as u64),
+            last_fetched_rows: p.last_fetched_rows,
+            last_error: p.last_error.as_ref().map(|(e, _)| e.clone()),
+            last_error_at: p.last_error.as_ref().map(|(_, t)| rfc3339(*t)),
+            staleness_seconds: snapshot.as_ref().map(|s| s.refreshed_at.elapsed().unwrap_or_default().as_secs_f64()),
+            refresh_count: p.refresh_count,
+            refresh_errors: p.refresh_errors,
+            refresh_seconds_total: p.refresh_seconds_total,
+        }
+    }
+
+    /// How often the background task refreshes, if at all.
+    pub fn refresh_interval(&self) -> Option<Duration> {
+        self.config.accelerated().and_then(|a| a.refresh_interval)
+    }
+}
+
+fn count(batches: &[RecordBatch]) -> usize {
+    batches.iter().map(RecordBatch::num_rows).sum()
+}
+
+/// Reads the source through DataFusion so the filter is pushed into the source's own query.
+async fn read(ctx: &SessionContext, source: Arc<dyn TableProvider>, filter: Option<Expr>) -> Result<Vec<RecordBatch>> {
+    let mut df = ctx.read_table(source)?;
+    if let Some(filter) = filter {
+        df = df.filter(filter)?;
+    }
+    Ok(df.collect().await?)
+}

@@ -1,0 +1,362 @@
+//! The engine: one DataFusion session over every dataset, the read-only query path with
+//! its limits, and the background tasks that connect sources and refresh accelerations.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::catalog::MemorySchemaProvider;
+use datafusion::common::ScalarValue;
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::sql::parser::Statement as DfStatement;
+use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
+use tokio::sync::{Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::config::{Config, LimitsConfig};
+use crate::dataset::{Dataset, DatasetStatus};
+use crate::error::{Result, StrataError};
+use crate::query::{QueryObserver, QueryStream, next_query_id};
+use crate::source::SourceConnector;
+
+/// Catalog name clients see.
+pub const CATALOG: &str = "strata";
+/// Schema of datasets whose name has no `schema.` prefix.
+pub const DEFAULT_SCHEMA: &str = "public";
+
+/// The shared query engine of every tier. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    ctx: SessionContext,
+    datasets: Vec<Arc<Dataset>>,
+    limits: LimitsConfig,
+    region: String,
+    admission: Arc<Semaphore>,
+    ready: watch::Sender<bool>,
+    connector: SourceConnector,
+    observer: std::sync::RwLock<Option<QueryObserver>>,
+}
+
+/// A planned query: its logical plan and what a client needs before executing it.
+pub struct PlannedQuery {
+    pub plan: LogicalPlan,
+    /// Schema of the result rows.
+    pub schema: SchemaRef,
+    /// One field per positional parameter (`$1`, `$2`, ...), typed where DataFusion can infer it.
+    pub parameters: SchemaRef,
+}
+
+impl Engine {
+    /// Builds the engine; does no I/O. Call [`Engine::start`] to connect and load datasets.
+    pub fn new(config: &Config) -> Result<Self> {
+        let limits = config.limits.clone();
+        // Spilling is off: a query that outgrows the memory pool fails with ResourcesExhausted
+        // instead of filling the disk behind the operator's back.
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_limit(limits.memory_limit.as_usize(), 1.0)
+            .with_disk_manager_builder(DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled))
+            .build_arc()?;
+        let session = SessionConfig::new()
+            .with_default_catalog_and_schema(CATALOG, DEFAULT_SCHEMA)
+            .with_create_default_catalog_and_schema(true)
+            .with_information_schema(true)
+            .with_target_partitions(std::thread::available_parallelism().map_or(2, |n| n.get()));
+        let ctx = SessionContext::new_with_config_rt(session, runtime);
+        let catalog = ctx.catalog(CATALOG).ok_or_else(|| StrataError::Internal("default catalog missing".into()))?;
+        for ds in &config.datasets {
+            if let Some((schema, _)) = ds.name.split_once('.')
+                && catalog.schema(schema).is_none()
+            {
+                catalog.register_schema(schema, Arc::new(MemorySchemaProvider::new()))?;
+            }
+        }
+        let datasets: Vec<Arc<Dataset>> = config.datasets.iter().cloned().map(|c| Arc::new(Dataset::new(c))).collect();
+        let all_loaded = datasets.iter().all(|d| d.config.accelerated().is_none());
+        let (ready, _) = watch::channel(all_loaded);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                ctx,
+                datasets,
+                admission: Arc::new(Semaphore::new(limits.max_concurrent_queries)),
+                limits,
+                region: config.region.clone(),
+                ready,
+                connector: SourceConnector::default(),
+                observer: std::sync::RwLock::new(None),
+            }),
+        })
+    }
+
+    /// Starts one background task per dataset: connect (retrying), first load, then refresh
+    /// on its interval, until `shutdown` is cancelled.
+    pub fn start(&self, shutdown: CancellationToken) {
+        for dataset in &self.inner.datasets {
+            let engine = self.clone();
+            let dataset = Arc::clone(dataset);
+            let shutdown = shutdown.clone();
+            let span = info_span!("dataset", name = %dataset.name());
+            tokio::spawn(async move { engine.maintain(dataset, shutdown).await }.instrument(span));
+        }
+    }
+
+    async fn maintain(&self, dataset: Arc<Dataset>, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_millis(200);
+        let max_backoff = Duration::from_secs(10);
+        // Connect, then load once, retrying both with backoff: a source that is down at start
+        // delays this dataset only.
+        loop {
+            let step = async {
+                if !dataset.is_connected() {
+                    dataset.connect(&self.inner.ctx, &self.inner.connector).await?;
+                    info!("source connected");
+                }
+                if dataset.config.accelerated().is_some() {
+                    dataset.refresh(&self.inner.ctx).await?;
+                }
+                Ok::<_, StrataError>(())
+            };
+            match step.await {
+                Ok(()) => break,
+                Err(err) => {
+                    warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "dataset not available yet");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(max_backoff);
+                }
+            }
+        }
+        self.update_readiness();
+        let Some(interval) = dataset.refresh_interval() else { return };
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+            // Failures are recorded in the dataset status; the last good copy keeps serving.
+            let _ = dataset.refresh(&self.inner.ctx).await;
+        }
+    }
+
+    fn update_readiness(&self) {
+        let loaded = self.inner.datasets.iter().filter(|d| d.config.accelerated().is_some()).all(|d| d.is_loaded());
+        if loaded {
+            self.inner.ready.send_if_modified(|ready| !std::mem::replace(ready, true));
+        }
+    }
+
+    /// True once every accelerated dataset has loaded once. Never turns back to false.
+    pub fn is_ready(&self) -> bool {
+        *self.inner.ready.borrow()
+    }
+
+    /// Waits until [`Engine::is_ready`].
+    pub async fn wait_ready(&self) {
+        let mut rx = self.inner.ready.subscribe();
+        let _ = rx.wait_for(|r| *r).await;
+    }
+
+    /// Region this engine serves.
+    pub fn region(&self) -> &str {
+        &self.inner.region
+    }
+
+    /// The configured limits.
+    pub fn limits(&self) -> &LimitsConfig {
+        &self.inner.limits
+    }
+
+    /// The DataFusion session, for catalog introspection (Flight SQL metadata commands).
+    pub fn session(&self) -> &SessionContext {
+        &self.inner.ctx
+    }
+
+    /// Registers a callback run once per finished query (metrics).
+    pub fn set_query_observer(&self, observer: QueryObserver) {
+        *self.inner.observer.write().unwrap_or_else(|p| p.into_inner()) = Some(observer);
+    }
+
+    /// Status of every dataset, in config order.
+    pub fn datasets(&self) -> Vec<DatasetStatus> {
+        self.inner.datasets.iter().map(|d| d.status()).collect()
+    }
+
+    /// Refreshes one accelerated dataset now and returns its new status.
+    pub async fn refresh(&self, name: &str) -> Result<DatasetStatus> {
+        let dataset = self
+            .inner
+            .datasets
+            .iter()
+            .find(|d| d.name().eq_ignore_ascii_case(name))
+            .ok_or_else(|| StrataError::UnknownDataset(name.to_string()))?;
+        let status = dataset.refresh(&self.inner.ctx).await?;
+        self.update_readiness();
+        Ok(status)
+    }
+
+    /// Parses and plans one read-only statement without running it.
+    pub async fn plan(&self, sql: &str) -> Result<PlannedQuery> {
+        let state = self.inner.ctx.state();
+        let statement = state.sql_to_statement(sql, &datafusion::common::config::Dialect::Generic).map_err(|e| {
+            match StrataError::from(e) {
+                StrataError::Plan(msg) if msg.contains("one SQL statement") => StrataError::Plan(msg),
+                other => other,
+            }
+        })?;
+        check_read_only(&statement)?;
+        let plan = state.statement_to_plan(statement).await.map_err(|e| self.explain_plan_error(e.into()))?;
+        let schema = Arc::new(plan.schema().as_arrow().clone());
+        let parameters = parameter_schema(&plan)?;
+        Ok(PlannedQuery { plan, schema, parameters })
+    }
+
+    /// A planning error about a table that is configured but not loaded says so.
+    fn explain_plan_error(&self, err: StrataError) -> StrataError {
+        if let StrataError::Plan(msg) = &err
+            && msg.contains("not found")
+        {
+            for dataset in &self.inner.datasets {
+                let name = dataset.name().to_ascii_lowercase();
+                let lower = msg.to_ascii_lowercase();
+                if !dataset.is_connected()
+                    && (lower.contains(&format!(".{name}'")) || lower.contains(&format!("'{name}'")))
+                {
+                    return StrataError::DatasetUnavailable {
+                        name: dataset.name().to_string(),
+                        reason: dataset.unavailable_reason(),
+                    };
+                }
+            }
+        }
+        err
+    }
+
+    /// Runs one read-only query with positional parameters, under every configured limit.
+    pub async fn execute(&self, sql: &str, params: Vec<ScalarValue>) -> Result<QueryStream> {
+        let limits = &self.inner.limits;
+        let permit = Arc::clone(&self.inner.admission)
+            .try_acquire_owned()
+            .map_err(|_| StrataError::Overloaded(limits.max_concurrent_queries))?;
+        let id = next_query_id();
+        let span = info_span!("query", id, sql = %truncate(sql, 200));
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + limits.query_timeout;
+        let observer = self.inner.observer.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let start = async {
+            let planned = self.plan(sql).await?;
+            let plan = bind_parameters(planned.plan, &planned.parameters, params)?;
+            let df = self.inner.ctx.execute_logical_plan(plan).await?;
+            Ok::<_, StrataError>(df.execute_stream().await?)
+        };
+        let stream = match tokio::time::timeout_at(deadline, start.instrument(span.clone())).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(err)) => {
+                span.in_scope(|| warn!(error = %err, "query rejected"));
+                if let Some(observer) = &observer {
+                    observer(crate::query::Outcome::Error, 0, started.elapsed());
+                }
+                return Err(err);
+            }
+            Err(_) => return Err(StrataError::Timeout(limits.query_timeout)),
+        };
+        Ok(QueryStream::new(
+            id,
+            stream,
+            permit,
+            deadline,
+            limits.query_timeout,
+            limits.max_result_rows,
+            started,
+            span,
+            observer,
+        ))
+    }
+}
+
+fn check_read_only(statement: &DfStatement) -> Result<()> {
+    match statement {
+        DfStatement::Statement(s) => match s.as_ref() {
+            SqlStatement::Query(_) => Ok(()),
+            SqlStatement::Explain { statement, .. } => match statement.as_ref() {
+                SqlStatement::Query(_) => Ok(()),
+                other => Err(StrataError::ReadOnly(statement_kind(other))),
+            },
+            other => Err(StrataError::ReadOnly(statement_kind(other))),
+        },
+        DfStatement::Explain(explain) => check_read_only(&explain.statement),
+        DfStatement::CreateExternalTable(_) => Err(StrataError::ReadOnly("CREATE EXTERNAL TABLE".into())),
+        DfStatement::CopyTo(_) => Err(StrataError::ReadOnly("COPY".into())),
+        DfStatement::Reset(_) => Err(StrataError::ReadOnly("RESET".into())),
+    }
+}
+
+/// The leading keywords of a statement ("CREATE TABLE", "INSERT"), for error messages.
+fn statement_kind(statement: &SqlStatement) -> String {
+    let text = statement.to_string();
+    let words: Vec<&str> = text.split_whitespace().take(2).collect();
+    match words.as_slice() {
+        [first, second] if matches!(first.to_ascii_uppercase().as_str(), "CREATE" | "DROP" | "ALTER" | "TRUNCATE") => {
+            format!("{} {}", first.to_ascii_uppercase(), second.to_ascii_uppercase())
+        }
+        [first, ..] => first.to_ascii_uppercase(),
+        [] => "empty".into(),
+    }
+}
+
+fn parameter_schema(plan: &LogicalPlan) -> Result<SchemaRef> {
+    let types = plan.get_parameter_types()?;
+    let mut names: Vec<&String> = types.keys().collect();
+    names.sort_by_key(|n| (n.trim_start_matches('$').parse::<u32>().unwrap_or(u32::MAX), n.to_string()));
+    let fields: Vec<Field> = names
+        .into_iter()
+        .map(|name| Field::new(name.as_str(), types[name].clone().unwrap_or(DataType::Null), true))
+        .collect();
+    Ok(Arc::new(Schema::new(fields)))
+}
+
+/// Substitutes positional parameters, casting each value to the type the plan expects
+/// (clients send 64-bit integers for a 32-bit column, for example).
+fn bind_parameters(plan: LogicalPlan, expected: &Schema, params: Vec<ScalarValue>) -> Result<LogicalPlan> {
+    if expected.fields().is_empty() && params.is_empty() {
+        return Ok(plan);
+    }
+    if params.len() != expected.fields().len() {
+        return Err(StrataError::Plan(format!(
+            "the query has {} parameter(s) but {} value(s) were bound",
+            expected.fields().len(),
+            params.len()
+        )));
+    }
+    let values = params
+        .into_iter()
+        .zip(expected.fields())
+        .map(|(value, field)| match field.data_type() {
+            DataType::Null => Ok(value),
+            target if value.data_type() == *target => Ok(value),
+            target => value.cast_to(target).map_err(|e| {
+                StrataError::Plan(format!(
+                    "parameter {}: cannot use {} as {target}: {e}",
+                    field.name(),
+                    value.data_type()
+                ))
+            }),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(plan.with_param_values(values)?)
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}

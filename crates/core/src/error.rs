@@ -1,0 +1,111 @@
+//! The one error type of the engine. Its variants keep the phase visible (config, plan,
+//! execution, resource limits, sources) so each interface can map it to its own status codes.
+
+use datafusion::error::DataFusionError;
+
+/// Everything the engine can refuse or fail with, each carrying what a user needs to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum StrataError {
+    /// The config file is unusable; the message names file, line/field and the problem.
+    #[error("{0}")]
+    Config(String),
+
+    /// The SQL does not parse; DataFusion's parser message carries the line and column.
+    #[error("SQL parse error: {0}")]
+    Parse(String),
+
+    /// The SQL parses but cannot be planned (unknown table or column, type mismatch, ...).
+    #[error("{0}")]
+    Plan(String),
+
+    /// Only read queries run on the query path.
+    #[error("only read-only queries are allowed; {0} statements are rejected")]
+    ReadOnly(String),
+
+    /// The statement used a feature Strata does not support.
+    #[error("not supported: {0}")]
+    NotSupported(String),
+
+    /// A named dataset does not exist.
+    #[error("unknown dataset `{0}`")]
+    UnknownDataset(String),
+
+    /// A dataset exists but cannot be read yet (still loading, or its source is unreachable).
+    #[error("dataset `{name}` is not available: {reason}")]
+    DatasetUnavailable { name: String, reason: String },
+
+    /// A configured limit was hit; the message names the limit and its value.
+    #[error("{0}")]
+    ResourcesExhausted(String),
+
+    /// The query ran past `limits.query_timeout` and was cancelled.
+    #[error("query cancelled after exceeding the query timeout of {0:?} (limits.query_timeout)")]
+    Timeout(std::time::Duration),
+
+    /// Too many queries in flight; the client should retry later.
+    #[error("server busy: {0} queries already running (limits.max_concurrent_queries); retry later")]
+    Overloaded(usize),
+
+    /// A source (PostgreSQL, files) failed.
+    #[error("source error for dataset `{dataset}`: {message}")]
+    Source { dataset: String, message: String },
+
+    /// Query execution failed for a reason other than the above.
+    #[error("execution error: {0}")]
+    Execution(String),
+
+    /// A bug: an invariant of Strata itself was broken.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Result with [`StrataError`].
+pub type Result<T, E = StrataError> = std::result::Result<T, E>;
+
+impl From<DataFusionError> for StrataError {
+    fn from(err: DataFusionError) -> Self {
+        classify(err)
+    }
+}
+
+impl From<arrow::error::ArrowError> for StrataError {
+    fn from(err: arrow::error::ArrowError) -> Self {
+        classify(DataFusionError::ArrowError(Box::new(err), None))
+    }
+}
+
+/// Maps DataFusion's error tree to our phases, looking through context and shared wrappers
+/// so a limit hit deep inside an operator still surfaces as `ResourcesExhausted`.
+fn classify(err: DataFusionError) -> StrataError {
+    match err {
+        DataFusionError::Context(ctx, inner) => match classify(*inner) {
+            StrataError::Execution(msg) => StrataError::Execution(format!("{ctx}: {msg}")),
+            other => other,
+        },
+        DataFusionError::Shared(inner) => classify(
+            std::sync::Arc::try_unwrap(inner).unwrap_or_else(|arc| DataFusionError::Execution(arc.to_string())),
+        ),
+        DataFusionError::External(inner) => match inner.downcast::<StrataError>() {
+            Ok(strata) => *strata,
+            Err(other) => match other.downcast::<DataFusionError>() {
+                Ok(df) => classify(*df),
+                Err(other) => StrataError::Execution(other.to_string()),
+            },
+        },
+        DataFusionError::ResourcesExhausted(msg) => {
+            StrataError::ResourcesExhausted(format!("memory limit exceeded (limits.memory_limit): {msg}"))
+        }
+        DataFusionError::SQL(err, _) => StrataError::Parse(err.to_string()),
+        DataFusionError::Plan(msg) => StrataError::Plan(msg),
+        DataFusionError::SchemaError(err, _) => StrataError::Plan(err.to_string()),
+        DataFusionError::NotImplemented(msg) => StrataError::NotSupported(msg),
+        DataFusionError::Internal(msg) => StrataError::Internal(msg),
+        other => StrataError::Execution(other.strip_backtrace()),
+    }
+}
+
+impl From<StrataError> for DataFusionError {
+    fn from(err: StrataError) -> Self {
+        DataFusionError::External(Box::new(err))
+    }
+}

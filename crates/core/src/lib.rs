@@ -1,0 +1,17 @@
+//! Strata's engine, shared by every tier: configuration, sources, accelerated copies and
+//! their refresh, and the read-only query path with its limits.
+
+pub mod accelerator;
+pub mod config;
+pub mod dataset;
+pub mod engine;
+pub mod error;
+pub mod query;
+pub mod refresh;
+pub mod source;
+
+pub use config::Config;
+pub use dataset::DatasetStatus;
+pub use engine::{Engine, PlannedQuery};
+pub use error::{Result, StrataError};
+pub use query::{Outcome, QueryObserver, QueryStream};

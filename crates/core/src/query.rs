@@ -1,0 +1,161 @@
+//! A running query's result stream, carrying the limits that apply while it streams:
+//! the deadline (reaching it drops the plan, which cancels its tasks and frees the CPU),
+//! the row limit, and the admission permit that counts it against the concurrency limit.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use datafusion::execution::SendableRecordBatchStream;
+use futures::{Stream, StreamExt};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Sleep;
+use tracing::{Span, info, warn};
+
+use crate::error::StrataError;
+
+static NEXT_QUERY_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A process-unique id for logs and responses.
+pub fn next_query_id() -> u64 {
+    NEXT_QUERY_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+/// How a finished query ended, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    Error,
+    /// The client went away before the end.
+    Cancelled,
+}
+
+/// Called once when a query stream ends, with its outcome, rows and duration.
+pub type QueryObserver = std::sync::Arc<dyn Fn(Outcome, u64, Duration) + Send + Sync>;
+
+/// Result batches of one query, streamed; never buffered whole.
+pub struct QueryStream {
+    id: u64,
+    schema: SchemaRef,
+    inner: Option<SendableRecordBatchStream>,
+    deadline: Pin<Box<Sleep>>,
+    timeout: Duration,
+    max_rows: u64,
+    rows: u64,
+    started: Instant,
+    span: Span,
+    outcome: Option<Outcome>,
+    observer: Option<QueryObserver>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl QueryStream {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        id: u64,
+        inner: SendableRecordBatchStream,
+        permit: OwnedSemaphorePermit,
+        deadline: tokio::time::Instant,
+        timeout: Duration,
+        max_rows: u64,
+        started: Instant,
+        span: Span,
+        observer: Option<QueryObserver>,
+    ) -> Self {
+        Self {
+            id,
+            schema: inner.schema(),
+            inner: Some(inner),
+            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            timeout,
+            max_rows,
+            rows: 0,
+            started,
+            span,
+            outcome: None,
+            observer,
+            _permit: permit,
+        }
+    }
+
+    /// The query id used in logs.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Schema of every batch this stream yields.
+    pub fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn finish(&mut self, outcome: Outcome, error: Option<&StrataError>) {
+        self.inner = None;
+        if self.outcome.is_some() {
+            return;
+        }
+        self.outcome = Some(outcome);
+        let elapsed = self.started.elapsed();
+        let _enter = self.span.enter();
+        match (outcome, error) {
+            (Outcome::Ok, _) => info!(rows = self.rows, ms = elapsed.as_secs_f64() * 1e3, "query finished"),
+            (_, Some(err)) => warn!(rows = self.rows, ms = elapsed.as_secs_f64() * 1e3, error = %err, "query failed"),
+            (_, None) => info!(rows = self.rows, ms = elapsed.as_secs_f64() * 1e3, "query cancelled by the client"),
+        }
+        if let Some(observer) = &self.observer {
+            observer(outcome, self.rows, elapsed);
+        }
+    }
+}
+
+impl Stream for QueryStream {
+    type Item = Result<RecordBatch, StrataError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match inner.poll_next_unpin(cx) {
+            Poll::Ready(Some(Ok(batch))) => {
+                this.rows += batch.num_rows() as u64;
+                if this.rows > this.max_rows {
+                    let err = StrataError::ResourcesExhausted(format!(
+                        "result exceeds the limit of {} rows (limits.max_result_rows)",
+                        this.max_rows
+                    ));
+                    this.finish(Outcome::Error, Some(&err));
+                    return Poll::Ready(Some(Err(err)));
+                }
+                Poll::Ready(Some(Ok(batch)))
+            }
+            Poll::Ready(Some(Err(err))) => {
+                let err = StrataError::from(err);
+                this.finish(Outcome::Error, Some(&err));
+                Poll::Ready(Some(Err(err)))
+            }
+            Poll::Ready(None) => {
+                this.finish(Outcome::Ok, None);
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                if this.deadline.as_mut().poll(cx).is_ready() {
+                    let err = StrataError::Timeout(this.timeout);
+                    this.finish(Outcome::Error, Some(&err));
+                    return Poll::Ready(Some(Err(err)));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl Drop for QueryStream {
+    fn drop(&mut self) {
+        if self.outcome.is_none() {
+            self.finish(Outcome::Cancelled, None);
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! The HTTP API: `POST /v1/sql` (streamed JSON, CSV or Arrow IPC), health, readiness,
+//! dataset status and on-demand refresh, and Prometheus metrics.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures::{StreamExt, stream};
+use serde_json::json;
+use strata_core::{Engine, StrataError};
+
+use crate::metrics::Metrics;
+use crate::status;
+
+/// Shared state of the HTTP handlers.
+#[derive(Clone)]
+pub struct HttpState {
+    pub engine: Engine,
+    pub metrics: Arc<Metrics>,
+    /// Set on shutdown so load balancers stop sending traffic before the process exits.
+    pub draining: Arc<AtomicBool>,
+}
+
+/// The HTTP router, with the request body bounded by `limits.max_request_body`.
+pub fn router(state: HttpState) -> Router {
+    let body_limit = state.engine.limits().max_request_body.as_usize();
+    Router::new()
+        .route("/health", get(health))
+        .route("/v1/ready", get(ready))
+        .route("/v1/datasets", get(datasets))
+        .route("/v1/datasets/{name}/refresh", post(refresh))
+        .route("/v1/sql", post(sql))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+async fn health() -> impl IntoResponse {
+    axum::Json(json!({"status": "ok"}))
+}
+
+async fn ready(State(state): State<HttpState>) -> Response {
+    let draining = state.draining.load(Ordering::Relaxed);
+    let ready = state.engine.is_ready() && !draining;
+    let pending: Vec<String> =
+        state.engine.datasets().into_iter().filter(|d| d.accelerated && d.version.is_none()).map(|d| d.name).collect();
+    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, axum::Json(json!({"ready": ready, "draining": draining, "pending": pending}))).into_response()
+}
+
+async fn datasets(State(state): State<HttpState>) -> impl IntoResponse {
+    axum::Json(json!({"region": state.engine.region(), "datasets": state.engine.datasets()}))
+}
+
+async fn refresh(State(state): State<HttpState>, Path(name): Path<String>) -> Response {
+    match state.engine.refresh(&name).await {
+        Ok(status) => axum::Json(status).into_response(),
+        Err(err) => error_response(&err),
+    }
+}
+
+async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render(&state.engine))
+}
+
+/// A JSON error body with the error kind and its message.
+pub fn error_response(err: &StrataError) -> Response {
+    let body = json!({"error": {"kind": status::kind(err), "message": err.to_string()}});
+    (status::to_http(err), axum::Json(body)).into_response()
+}
+
+#[derive(Clone, Copy)]
+enum Format {
+    Json,
+    Csv,
+    Arrow,
+}
+
+impl Format {
+    fn from_accept(headers: &HeaderMap) -> Self {
+        let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
+        if accept.contains("application/vnd.apache.arrow.stream") {
+            Format::Arrow
+        } else if accept.contains("text/csv") {
+            Format::Csv
+        } else {
+            Format::Json
+        }
+    }
+
+    fn content_type(self) -> &'static str {
+        match self {
+            Format::Json => "application/json",
+            Format::Csv => "text/csv; charset=utf-8",
+            Format::Arrow => "application/vnd.apache.arrow.stream",
+        }
+    }
+}
+
+async fn sql(State(state): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
+    let Ok(sql) = std::str::from_utf8(&body) else {
+        return error_response(&StrataError::Parse("request body is not valid UTF-8".into()));
+    };
+    let format = Format::from_accept(&headers);
+    let mut results = match state.engine.execute(sql, Vec::new()).await {
+        Ok(s) => s,
+        Err(err) => return error_response(&err),
+    };
+    let schema = results.schema();
+    let query_id = results.id();
+    // Wait for the first batch before sending headers, so errors found early (most of
+    // them) get a proper status code rather than a truncated 200.
+    let first = match results.next().await {
+        Some(Err(err)) => return error_response(&err),
+        other => other,
+    };
+    let encoder = match Encoder::new(format, &schema) {
+        Ok(e) => Arc::new(std::sync::Mutex::new(e)),
+        Err(err) => return error_response(&StrataError::from(err)),
+    };
+    let opening = encoder.lock().map(|mut e| e.take()).unwrap_or_default();
+    let for_batches = Arc::clone(&encoder);
+    let body = stream::once(async move { Ok::<_, StrataError>(opening) })
+        .chain(stream::iter(first).chain(results).map(move |item| {
+            let batch = item?;
+            let mut enc = for_batches.lock().map_err(|_| StrataError::Internal("encoder poisoned".into()))?;
+            Ok(enc.batch(&batch)?)
+        }))
+        .chain(stream::once(async move {
+            let mut enc = encoder.lock().map_err(|_| StrataError::Internal("encoder poisoned".into()))?;
+            Ok(enc.close()?)
+        }));
+    let mut response = Response::new(Body::from_stream(body));
+    let h = response.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(format.content_type()));
+    if let Ok(v) = HeaderValue::from_str(&query_id.to_string()) {
+        h.insert("strata-query-id", v);
+    }
+    response
+}
+
+/// Turns batches into the bytes of one response format, one chunk per batch.
+struct Encoder {
+    kind: EncoderKind,
+    buffer: Vec<u8>,
+}
+
+enum EncoderKind {
+    /// `wrote_row` decides whether the next row needs a separating comma.
+    Json {
+        wrote_row: bool,
+    },
+    Csv,
+    Arrow(Box<arrow::ipc::writer::StreamWriter<Vec<u8>>>),
+}
+
+impl Encoder {
+    /// An encoder whose first [`Encoder::take`] yields the opening bytes (`[`, the CSV
+    /// header, or the Arrow schema message), so even an empty result is well formed.
+    fn new(format: Format, schema: &SchemaRef) -> Result<Self, arrow::error::ArrowError> {
+        let mut buffer = Vec::new();
+        let kind = match format {
+            Format::Json => {
+                buffer.push(b'[');
+                EncoderKind::Json { wrote_row: false }
+            }
+            Format::Csv => {
+                let empty = RecordBatch::new_empty(Arc::clone(schema));
+                arrow::csv::WriterBuilder::new().with_header(true).build(&mut buffer).write(&empty)?;
+                EncoderKind::Csv
+            }
+            Format::Arrow => {
+                EncoderKind::Arrow(Box::new(arrow::ipc::writer::StreamWriter::try_new(Vec::new(), schema)?))
+            }
+        };
+        let mut encoder = Self { kind, buffer };
+        encoder.drain_writer();
+        Ok(encoder)
+    }
+
+    fn drain_writer(&mut self) {
+        if let EncoderKind::Arrow(writer) = &mut self.kind {
+            self.buffer.append(writer.get_mut());
+        }
+    }
+
+    fn take(&mut self) -> Bytes {
+        Bytes::from(std::mem::take(&mut self.buffer))
+    }
+
+    fn batch(&mut self, batch: &RecordBatch) -> Result<Bytes, arrow::error::ArrowError> {
+        match &mut self.kind {
+            EncoderKind::Json { wrote_row } => {
+                if batch.num_rows() > 0 {
+                    let mut writer = arrow::json::WriterBuilder::new()
+                        .with_explicit_nulls(true)
+                        .build::<_, arrow::json::writer::JsonArray>(Vec::new());
+                    writer.write(batch)?;
+                    writer.finish()?;
+                    let array = writer.into_inner();
+                    // `[{..},{..}]` -> `{..},{..}`, joined to earlier batches with a comma.
+                    if array.len() > 2 {
+                        if *wrote_row {
+                            self.buffer.push(b',');
+                        }
+                        self.buffer.extend_from_slice(&array[1..array.len() - 1]);
+                        *wrote_row = true;
+                    }
+                }
+            }
+            EncoderKind::Csv => {
+                arrow::csv::WriterBuilder::new().with_header(false).build(&mut self.buffer).write(batch)?;
+            }
+            EncoderKind::Arrow(writer) => writer.write(batch)?,
+        }
+        self.drain_writer();
+        Ok(self.take())
+    }
+
+    fn close(&mut self) -> Result<Bytes, arrow::error::ArrowError> {
+        match &mut self.kind {
+            EncoderKind::Json { .. } => self.buffer.push(b']'),
+            EncoderKind::Csv => {}
+            EncoderKind::Arrow(writer) => writer.finish()?,
+        }
+        self.drain_writer();
+        Ok(self.take())
+    }
+}

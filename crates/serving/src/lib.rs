@@ -1,0 +1,11 @@
+//! Strata's serving layer, written once for every tier: Flight SQL, the HTTP API, metrics,
+//! limits, start-up and graceful shutdown.
+
+pub mod flight;
+pub mod http;
+pub mod metrics;
+pub mod server;
+pub mod status;
+pub mod telemetry;
+
+pub use server::{ServeError, Servers, start};

@@ -1,0 +1,104 @@
+//! Prometheus text metrics: queries per interface with a latency histogram, and per-dataset
+//! refresh and size figures read from the engine at scrape time (so they cannot drift).
+
+use std::fmt::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use strata_core::{Engine, Outcome};
+
+const BUCKETS: [f64; 14] =
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0];
+
+/// Query counters and the latency histogram, updated once per finished query.
+#[derive(Default)]
+pub struct Metrics {
+    ok: AtomicU64,
+    error: AtomicU64,
+    cancelled: AtomicU64,
+    rows: AtomicU64,
+    buckets: [AtomicU64; BUCKETS.len()],
+    sum_micros: AtomicU64,
+}
+
+impl Metrics {
+    /// Metrics hooked into the engine's query observer.
+    pub fn install(engine: &Engine) -> Arc<Self> {
+        let metrics = Arc::new(Self::default());
+        let hook = Arc::clone(&metrics);
+        engine.set_query_observer(Arc::new(move |outcome, rows, elapsed| hook.record(outcome, rows, elapsed)));
+        metrics
+    }
+
+    fn record(&self, outcome: Outcome, rows: u64, elapsed: Duration) {
+        let counter = match outcome {
+            Outcome::Ok => &self.ok,
+            Outcome::Error => &self.error,
+            Outcome::Cancelled => &self.cancelled,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.rows.fetch_add(rows, Ordering::Relaxed);
+        let secs = elapsed.as_secs_f64();
+        for (bucket, bound) in self.buckets.iter().zip(BUCKETS) {
+            if secs <= bound {
+                bucket.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.sum_micros.fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self, engine: &Engine) -> String {
+        let mut out = String::new();
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let _ = writeln!(out, "# HELP strata_queries_total Queries finished, by outcome.");
+        let _ = writeln!(out, "# TYPE strata_queries_total counter");
+        for (label, c) in [("ok", &self.ok), ("error", &self.error), ("cancelled", &self.cancelled)] {
+            let _ = writeln!(out, "strata_queries_total{{outcome=\"{label}\"}} {}", get(c));
+        }
+        let _ = writeln!(out, "# HELP strata_query_rows_total Rows returned by queries.");
+        let _ = writeln!(out, "# TYPE strata_query_rows_total counter");
+        let _ = writeln!(out, "strata_query_rows_total {}", get(&self.rows));
+        let _ = writeln!(out, "# HELP strata_query_duration_seconds Query latency from admission to the last batch.");
+        let _ = writeln!(out, "# TYPE strata_query_duration_seconds histogram");
+        for (bucket, bound) in self.buckets.iter().zip(BUCKETS) {
+            let _ = writeln!(out, "strata_query_duration_seconds_bucket{{le=\"{bound}\"}} {}", get(bucket));
+        }
+        let count = get(&self.ok) + get(&self.error) + get(&self.cancelled);
+        let _ = writeln!(out, "strata_query_duration_seconds_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "strata_query_duration_seconds_sum {}", get(&self.sum_micros) as f64 / 1e6);
+        let _ = writeln!(out, "strata_query_duration_seconds_count {count}");
+
+        let datasets = engine.datasets();
+        let families: [(&str, &str, &str); 6] = [
+            ("strata_dataset_rows", "gauge", "Rows in the accelerated copy."),
+            ("strata_dataset_bytes", "gauge", "Arrow memory of the accelerated copy."),
+            ("strata_dataset_staleness_seconds", "gauge", "Age of the accelerated copy."),
+            ("strata_refresh_total", "counter", "Refresh attempts."),
+            ("strata_refresh_errors_total", "counter", "Failed refreshes."),
+            ("strata_refresh_duration_seconds_total", "counter", "Time spent refreshing."),
+        ];
+        for (name, kind, help) in families {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            for d in &datasets {
+                let value = match name {
+                    "strata_dataset_rows" => d.rows.map(|v| v as f64),
+                    "strata_dataset_bytes" => d.bytes.map(|v| v as f64),
+                    "strata_dataset_staleness_seconds" => d.staleness_seconds,
+                    "strata_refresh_total" => Some(d.refresh_count as f64),
+                    "strata_refresh_errors_total" => Some(d.refresh_errors as f64),
+                    _ => Some(d.refresh_seconds_total),
+                };
+                if let Some(v) = value {
+                    let _ = writeln!(out, "{name}{{dataset=\"{}\"}} {v}", d.name);
+                }
+            }
+        }
+        let _ = writeln!(out, "# HELP strata_ready 1 once every accelerated dataset has loaded.");
+        let _ = writeln!(out, "# TYPE strata_ready gauge");
+        let _ = writeln!(out, "strata_ready {}", u8::from(engine.is_ready()));
+        out
+    }
+}

@@ -1,0 +1,141 @@
+//! Starting and stopping a tier's servers: listeners are bound first (so the bound
+//! addresses are known at once, even for port 0), `/health` answers immediately, and on
+//! shutdown readiness drops before the listeners stop and in-flight queries drain.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use strata_core::Engine;
+use strata_core::config::ServerConfig;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::http::{HttpState, router};
+use crate::metrics::Metrics;
+
+/// Why the servers could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} server failed: {message}")]
+    Server { what: &'static str, message: String },
+}
+
+/// Running Flight SQL and HTTP servers of one process.
+pub struct Servers {
+    pub flight_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    draining: Arc<AtomicBool>,
+    tasks: JoinSet<Result<(), ServeError>>,
+    shutdown: CancellationToken,
+    grace: Duration,
+}
+
+/// Binds both listeners and starts serving `engine` until `shutdown` is cancelled.
+pub async fn start(engine: Engine, server: &ServerConfig, shutdown: CancellationToken) -> Result<Servers, ServeError> {
+    let flight_listener = TcpListener::bind(server.flight_addr).await.map_err(|source| ServeError::Bind {
+        what: "flight",
+        addr: server.flight_addr,
+        source,
+    })?;
+    let http_listener = TcpListener::bind(server.http_addr).await.map_err(|source| ServeError::Bind {
+        what: "http",
+        addr: server.http_addr,
+        source,
+    })?;
+    let flight_addr = flight_listener.local_addr().map_err(|source| ServeError::Bind {
+        what: "flight",
+        addr: server.flight_addr,
+        source,
+    })?;
+    let http_addr = http_listener.local_addr().map_err(|source| ServeError::Bind {
+        what: "http",
+        addr: server.http_addr,
+        source,
+    })?;
+
+    let metrics = Metrics::install(&engine);
+    let draining = Arc::new(AtomicBool::new(false));
+    let stop_accepting = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+
+    let flight = crate::flight::flight_server(engine.clone());
+    let stop = stop_accepting.clone();
+    tasks.spawn(async move {
+        tonic::transport::Server::builder()
+            // Small responses (point lookups) must not wait for Nagle.
+            .tcp_nodelay(true)
+            // Dead clients are detected, so their queries are cancelled and their permits freed.
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(flight)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(flight_listener),
+                stop.cancelled_owned(),
+            )
+            .await
+            .map_err(|e| ServeError::Server { what: "flight", message: e.to_string() })
+    });
+
+    let app = router(HttpState { engine, metrics, draining: Arc::clone(&draining) });
+    let stop = stop_accepting.clone();
+    tasks.spawn(async move {
+        axum::serve(http_listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+            .map_err(|e| ServeError::Server { what: "http", message: e.to_string() })
+    });
+
+    info!(%flight_addr, %http_addr, "serving");
+    // Shutdown order: report not-ready first, then stop accepting (see `wait`).
+    let flag = Arc::clone(&draining);
+    let stop = stop_accepting.clone();
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        flag.store(true, Ordering::Relaxed);
+        stop.cancel();
+    });
+    Ok(Servers { flight_addr, http_addr, draining, tasks, shutdown: stop_accepting, grace: server.shutdown_grace })
+}
+
+impl Servers {
+    /// Serves until shutdown, then drains: readiness already reports false, listeners stop,
+    /// in-flight requests get `server.shutdown_grace` to finish.
+    pub async fn wait(mut self) -> Result<(), ServeError> {
+        tokio::select! {
+            _ = self.shutdown.cancelled() => {}
+            Some(result) = self.tasks.join_next() => {
+                self.draining.store(true, Ordering::Relaxed);
+                self.shutdown.cancel();
+                flatten(result)?;
+            }
+        }
+        info!(grace = ?self.grace, "shutting down: draining in-flight requests");
+        let drain = async {
+            while let Some(result) = self.tasks.join_next().await {
+                flatten(result)?;
+            }
+            Ok::<_, ServeError>(())
+        };
+        match tokio::time::timeout(self.grace, drain).await {
+            Ok(result) => result?,
+            Err(_) => warn!(grace = ?self.grace, "grace period over; abandoning requests still in flight"),
+        }
+        info!("stopped");
+        Ok(())
+    }
+}
+
+fn flatten(result: Result<Result<(), ServeError>, tokio::task::JoinError>) -> Result<(), ServeError> {
+    result.map_err(|e| ServeError::Server { what: "task", message: e.to_string() })?
+}

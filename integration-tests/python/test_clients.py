@@ -1,0 +1,108 @@
+"""Real Flight SQL clients against a running platform-service.
+
+Started by the Rust test `clients::python_flight_sql_clients`, which passes the server's
+address in STRATA_FLIGHT_URI. The data are the sample datasets in examples/data.
+"""
+
+import json
+import os
+
+import adbc_driver_flightsql.dbapi as flight_sql
+import pyarrow as pa
+import pyarrow.flight as flight
+import pytest
+
+URI = os.environ["STRATA_FLIGHT_URI"]
+
+
+@pytest.fixture()
+def conn():
+    with flight_sql.connect(URI) as connection:
+        yield connection
+
+
+def test_execute_goes_through_prepare(conn):
+    with conn.cursor() as cur:
+        cur.execute("SELECT count(*) AS n, max(customer_id) AS top FROM customers")
+        assert cur.fetchone() == (200, 200)
+        assert [d[0] for d in cur.description] == ["n", "top"]
+
+
+def test_parameters(conn):
+    with conn.cursor() as cur:
+        cur.execute("SELECT name FROM customers WHERE customer_id = $1", parameters=(7,))
+        assert cur.fetchall() == [("Customer 007",)]
+        cur.execute(
+            "SELECT count(*) FROM orders WHERE amount > $1 AND status = $2",
+            parameters=(100.0, "paid"),
+        )
+        (count,) = cur.fetchone()
+        cur.execute("SELECT count(*) FROM orders WHERE amount > 100.0 AND status = 'paid'")
+        assert cur.fetchone() == (count,)
+
+
+def test_executemany_runs_once_per_parameter_row(conn):
+    with conn.cursor() as cur:
+        cur.executemany("SELECT name FROM customers WHERE customer_id = $1", [(1,), (2,), (3,)])
+        assert cur.rowcount == 3
+
+
+def test_writes_are_refused_with_a_clear_error(conn):
+    with conn.cursor() as cur:
+        with pytest.raises(Exception, match="read-only"):
+            cur.execute("DELETE FROM customers")
+
+
+def test_get_info(conn):
+    info = conn.adbc_get_info()
+    assert info["vendor_name"] == "Strata"
+    assert info["vendor_sql"] is True
+
+
+def test_get_objects_down_to_columns(conn):
+    objects = conn.adbc_get_objects(depth="all").read_all().to_pylist()
+    catalogs = {c["catalog_name"]: c for c in objects}
+    assert "strata" in catalogs
+    schemas = {s["db_schema_name"]: s for s in catalogs["strata"]["catalog_db_schemas"]}
+    tables = {t["table_name"]: t for t in schemas["public"]["db_schema_tables"]}
+    assert {"customers", "orders"} <= set(tables)
+    columns = [c["column_name"] for c in tables["customers"]["table_columns"]]
+    assert columns == ["customer_id", "name", "region", "signup_date"]
+
+
+def test_get_table_schema_and_types(conn):
+    schema = conn.adbc_get_table_schema("orders")
+    assert schema.names == ["order_id", "customer_id", "amount", "status", "ordered_at"]
+    assert "TABLE" in conn.adbc_get_table_types()
+
+
+def test_execute_schema_without_running(conn):
+    with conn.cursor() as cur:
+        schema = cur.adbc_execute_schema("SELECT customer_id, name FROM customers")
+        assert schema.names == ["customer_id", "name"]
+        assert schema.field("customer_id").type == pa.int64()
+
+
+def test_error_then_good_query_on_the_same_connection(conn):
+    with conn.cursor() as cur:
+        with pytest.raises(Exception, match="no_such_table"):
+            cur.execute("SELECT * FROM no_such_table")
+        cur.execute("SELECT 1 AS one")
+        assert cur.fetchone() == (1,)
+
+
+def test_pyarrow_flight_json_ticket():
+    client = flight.connect(URI)
+    ticket = flight.Ticket(json.dumps({"sql": "SELECT region, count(*) AS n FROM customers GROUP BY region ORDER BY region"}).encode())
+    table = client.do_get(ticket).read_all()
+    assert table.column_names == ["region", "n"]
+    assert sum(table.column("n").to_pylist()) == 200
+
+
+def test_pyarrow_flight_list_and_path_descriptor():
+    client = flight.connect(URI)
+    names = {tuple(f.descriptor.path) for f in client.list_flights()}
+    assert (b"orders",) in names or ("orders",) in names
+    info = client.get_flight_info(flight.FlightDescriptor.for_path("customers"))
+    table = client.do_get(info.endpoints[0].ticket).read_all()
+    assert table.num_rows == 200

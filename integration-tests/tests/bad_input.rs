@@ -1,0 +1,150 @@
+//! Bad SQL, writes, unknown tables and every limit give a clear error with the right
+//! status, and the server answers the next query.
+
+use std::time::Duration;
+
+use strata_integration_tests::tier::Tier;
+use strata_integration_tests::workspace_root;
+
+fn config(limits: &str) -> String {
+    let data = workspace_root().join("examples/data");
+    format!(
+        "limits:\n{limits}\ndatasets:\n  - name: customers\n    from: file:{}/customers.csv\n  - name: orders\n    from: file:{}/orders.ndjson\n    acceleration: {{refresh: full}}\n",
+        data.display(),
+        data.display()
+    )
+}
+
+async fn expect_error(tier: &Tier, sql: &str, status: u16, kind: &str, needle: &str) {
+    let (code, body) = tier.sql(sql).await;
+    assert_eq!(code, status, "`{sql}` -> {body}");
+    assert_eq!(body["error"]["kind"], kind, "`{sql}` -> {body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(needle), "`{sql}`: expected `{needle}` in `{message}`");
+    // The server is still fine.
+    assert_eq!(tier.rows("SELECT count(*) AS n FROM customers").await[0]["n"], 200);
+}
+
+#[tokio::test]
+async fn bad_queries_get_clear_errors_and_the_server_keeps_answering() {
+    let tier =
+        Tier::start("platform-service", &config("  max_result_rows: 1000\n  query_timeout: 2s\n  memory_limit: 32MiB"))
+            .await;
+    tier.wait_ready(Duration::from_secs(20)).await;
+
+    expect_error(&tier, "SELEC * FROM customers", 400, "parse", "Line: 1, Column: 1").await;
+    expect_error(&tier, "SELECT name FROM customers WHERE", 400, "parse", "Column").await;
+    expect_error(&tier, "SELECT * FROM no_such_table", 400, "plan", "no_such_table").await;
+    expect_error(&tier, "SELECT no_such_column FROM customers", 400, "plan", "no_such_column").await;
+    expect_error(&tier, "CREATE TABLE t AS SELECT 1", 403, "read_only", "CREATE TABLE").await;
+    expect_error(&tier, "INSERT INTO customers VALUES (1, 'x', 'eu', '2024-01-01')", 403, "read_only", "INSERT").await;
+    expect_error(&tier, "DROP TABLE customers", 403, "read_only", "DROP TABLE").await;
+    expect_error(
+        &tier,
+        "SELECT * FROM orders CROSS JOIN customers",
+        422,
+        "resources_exhausted",
+        "limits.max_result_rows",
+    )
+    .await;
+    expect_error(
+        &tier,
+        "SELECT count(*) FROM generate_series(1, 100000000000) a",
+        504,
+        "timeout",
+        "limits.query_timeout",
+    )
+    .await;
+    expect_error(
+        &tier,
+        "SELECT value FROM generate_series(1, 20000000) ORDER BY value DESC LIMIT 5 OFFSET 10000000",
+        422,
+        "resources_exhausted",
+        "limits.memory_limit",
+    )
+    .await;
+
+    // Flight SQL: an error, then a good query on the same connection.
+    let mut client = tier.flight().await;
+    let err = client.execute("SELECT * FROM nope".to_string(), None).await.expect_err("unknown table");
+    assert!(err.to_string().contains("nope"), "{err}");
+    let info = client.execute("SELECT 41 + 1 AS answer".to_string(), None).await.expect("good query after error");
+    assert_eq!(info.endpoint.len(), 1);
+    let err = tier.flight_query("DELETE FROM customers").await.expect_err("DML");
+    assert!(err.message().contains("read-only"), "{err}");
+
+    let (_, metrics) = tier.get_json("/metrics").await;
+    let _ = metrics;
+    let text = reqwest::get(tier.url("/metrics")).await.expect("metrics").text().await.expect("text");
+    assert!(text.contains("strata_queries_total{outcome=\"error\"}"), "{text}");
+    assert!(text.contains("strata_dataset_rows{dataset=\"orders\"} 2000"), "{text}");
+}
+
+#[tokio::test]
+async fn over_the_concurrency_limit_queries_are_shed_with_429() {
+    let tier = Tier::start("platform-service", &config("  max_concurrent_queries: 1\n  query_timeout: 3s")).await;
+    let slow = {
+        let url = tier.url("/v1/sql");
+        tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(url)
+                .body("SELECT count(*) FROM generate_series(1, 100000000000)")
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        })
+    };
+    // Wait until the slow query holds the only slot.
+    let mut shed = None;
+    for _ in 0..100 {
+        let (code, body) = tier.sql("SELECT 1").await;
+        if code == 429 {
+            shed = Some(body);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let body = shed.expect("a second query was shed while the first ran");
+    assert!(body["error"]["message"].as_str().unwrap_or_default().contains("limits.max_concurrent_queries"), "{body}");
+    assert_eq!(slow.await.expect("join").expect("response"), 504);
+    assert_eq!(tier.rows("SELECT 1 AS one").await[0]["one"], 1);
+}
+
+#[tokio::test]
+async fn http_formats_health_and_graceful_exit() {
+    let mut tier = Tier::start("platform-service", &config("  max_result_rows: 100000")).await;
+    tier.wait_ready(Duration::from_secs(20)).await;
+    let client = reqwest::Client::new();
+    let csv = client
+        .post(tier.url("/v1/sql"))
+        .header("accept", "text/csv")
+        .body("SELECT customer_id, name FROM customers ORDER BY customer_id LIMIT 2")
+        .send()
+        .await
+        .expect("csv")
+        .text()
+        .await
+        .expect("text");
+    assert_eq!(csv, "customer_id,name\n1,Customer 001\n2,Customer 002\n");
+    let arrow_bytes = client
+        .post(tier.url("/v1/sql"))
+        .header("accept", "application/vnd.apache.arrow.stream")
+        .body("SELECT order_id FROM orders ORDER BY order_id")
+        .send()
+        .await
+        .expect("arrow")
+        .bytes()
+        .await
+        .expect("bytes");
+    let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(arrow_bytes), None).expect("ipc");
+    let rows: usize = reader.map(|b| b.expect("batch").num_rows()).sum();
+    assert_eq!(rows, 2000);
+    // An empty result is still valid JSON.
+    assert_eq!(tier.rows("SELECT * FROM customers WHERE customer_id < 0").await.len(), 0);
+    let (code, datasets) = tier.get_json("/v1/datasets").await;
+    assert_eq!(code, 200);
+    let orders = &datasets["datasets"][1];
+    assert_eq!(orders["rows"], 2000);
+    assert_eq!(orders["state"], "ready");
+    assert_eq!(tier.terminate(), Some(0), "SIGTERM exits cleanly");
+}

@@ -1,0 +1,52 @@
+//! A bad config stops the process at start with exit code 64 and a message naming the
+//! file, the field and the line.
+
+use strata_integration_tests::tier::Tier;
+
+async fn rejected(config: &str) -> String {
+    match Tier::spawn("platform-service", config).await {
+        Ok(_) => panic!("config was accepted:\n{config}"),
+        Err(exited) => {
+            assert_eq!(exited.code, Some(64), "exit code for a bad config; stderr:\n{}", exited.stderr);
+            exited.stderr
+        }
+    }
+}
+
+#[tokio::test]
+async fn unknown_field_is_named_with_its_line() {
+    let err = rejected("region: eu\nlimits:\n  query_timout: 5s\n").await;
+    assert!(err.contains("strata.yaml"), "{err}");
+    assert!(err.contains("unknown field `query_timout`"), "{err}");
+    assert!(err.contains("line 3"), "{err}");
+}
+
+#[tokio::test]
+async fn bad_duration_is_named() {
+    let err =
+        rejected("datasets:\n  - name: t\n    from: file:x.csv\n    acceleration:\n      refresh_interval: often\n")
+            .await;
+    assert!(err.contains("invalid duration `often`"), "{err}");
+    assert!(err.contains("line 5"), "{err}");
+}
+
+#[tokio::test]
+async fn unknown_source_kind_is_named() {
+    let err = rejected("datasets:\n  - name: t\n    from: oracle:hr.emp\n").await;
+    assert!(err.contains("unknown source kind `oracle`"), "{err}");
+}
+
+#[tokio::test]
+async fn missing_table_is_named() {
+    let err = rejected("datasets:\n  - name: t\n    from: postgres:public.\n").await;
+    assert!(err.contains("missing table"), "{err}");
+}
+
+#[tokio::test]
+async fn unset_secret_is_named() {
+    let err = rejected(
+        "datasets:\n  - name: t\n    from: postgres:t\n    params: {password: '${STRATA_TEST_UNSET_SECRET}'}\n",
+    )
+    .await;
+    assert!(err.contains("STRATA_TEST_UNSET_SECRET") && err.contains("line 4"), "{err}");
+}

@@ -1,0 +1,9 @@
+//! End-to-end tests: the real `platform-service` binary on free ports, a throwaway
+//! PostgreSQL, real Flight SQL clients. One test binary with modules, to link once.
+
+mod bad_input;
+mod clients;
+mod config_errors;
+mod federation;
+mod golden;
+mod tpch;

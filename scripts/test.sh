@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs the whole test suite on a fresh machine that has the Rust toolchain, Python 3 and
+# PostgreSQL 15's binaries: sets up the Python Flight SQL clients in a virtual environment
+# under the target directory, builds the binaries the integration tests start, runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+target_dir="${CARGO_TARGET_DIR:-target}"
+venv="$target_dir/py-venv"
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import adbc_driver_flightsql, pyarrow, pytest' 2>/dev/null; then
+  echo "setting up Python clients in $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check -r integration-tests/python/requirements.txt
+fi
+export STRATA_PYTHON="$(cd "$venv" && pwd)/bin/python"
+
+# Integration tests start the real binaries, so build them first.
+cargo build --workspace --bins
+cargo test --workspace --no-fail-fast "$@"
