@@ -158,7 +158,7 @@ impl std::str::FromStr for SourceRef {
 impl<'de> Deserialize<'de> for SourceRef {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
+        s.parse().map_err(|e| serde::de::Error::custom(format!("from: {e}")))
     }
 }
 
@@ -521,8 +521,8 @@ mod tests {
     #[test]
     fn unknown_source_kind_is_explained() {
         let e = err("datasets:\n  - name: a\n    from: mysql:db.t\n");
-        assert!(e.contains("unknown source kind `mysql`"), "{e}");
-        assert!(e.contains("line 3"), "{e}");
+        assert!(e.contains("datasets[0]: from: unknown source kind `mysql`"), "{e}");
+        assert!(e.contains("line 2"), "{e}");
     }
 
     #[test]

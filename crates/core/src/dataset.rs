@@ -64,6 +64,8 @@ pub struct Dataset {
     progress: StdMutex<Progress>,
     /// Serializes refreshes of this dataset (interval and on-demand).
     refresh_lock: Mutex<()>,
+    /// Set after the first attempt to connect (and load), successful or not; readiness waits for it.
+    pub(crate) tried: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -82,6 +84,7 @@ impl Dataset {
             accelerated: StdMutex::new(None),
             progress: StdMutex::new(Progress::default()),
             refresh_lock: Mutex::new(()),
+            tried: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -163,7 +166,12 @@ impl Dataset {
         let _guard = self.refresh_lock.lock().await;
         let started = Instant::now();
         let span = info_span!("refresh", dataset = %self.name(), mode = ?acc.refresh);
-        let outcome = self.refresh_once(ctx, &acc, source, &table).instrument(span).await;
+        let outcome = self.refresh_once(ctx, &acc, source, &table).instrument(span).await.map_err(|err| match err {
+            // Anything that fails while reading the source is the source's failure (503), with
+            // the dataset named, not an internal error.
+            StrataError::Execution(message) => StrataError::Source { dataset: self.name().to_string(), message },
+            other => other,
+        });
         let elapsed = started.elapsed();
         {
             let mut p = lock(&self.progress);

@@ -79,8 +79,7 @@ impl Engine {
             }
         }
         let datasets: Vec<Arc<Dataset>> = config.datasets.iter().cloned().map(|c| Arc::new(Dataset::new(c))).collect();
-        let all_loaded = datasets.iter().all(|d| d.config.accelerated().is_none());
-        let (ready, _) = watch::channel(all_loaded);
+        let (ready, _) = watch::channel(datasets.is_empty());
         Ok(Self {
             inner: Arc::new(Inner {
                 ctx,
@@ -123,7 +122,11 @@ impl Engine {
                 }
                 Ok::<_, StrataError>(())
             };
-            match step.await {
+            let outcome = step.await;
+            if !dataset.tried.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                self.update_readiness();
+            }
+            match outcome {
                 Ok(()) => break,
                 Err(err) => {
                     warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "dataset not available yet");
@@ -147,14 +150,19 @@ impl Engine {
         }
     }
 
+    /// Ready once start-up work is done: every dataset's source has been tried once (a
+    /// federated source that is down does not hold readiness back) and every accelerated
+    /// dataset has loaded.
     fn update_readiness(&self) {
-        let loaded = self.inner.datasets.iter().filter(|d| d.config.accelerated().is_some()).all(|d| d.is_loaded());
+        let loaded = self.inner.datasets.iter().all(|d| {
+            d.tried.load(std::sync::atomic::Ordering::Relaxed) && (d.config.accelerated().is_none() || d.is_loaded())
+        });
         if loaded {
             self.inner.ready.send_if_modified(|ready| !std::mem::replace(ready, true));
         }
     }
 
-    /// True once every accelerated dataset has loaded once. Never turns back to false.
+    /// True once start-up work is done (see `update_readiness`). Never turns back to false.
     pub fn is_ready(&self) -> bool {
         *self.inner.ready.borrow()
     }

@@ -82,6 +82,7 @@ fn classify(err: DataFusionError) -> StrataError {
             StrataError::Execution(msg) => StrataError::Execution(format!("{ctx}: {msg}")),
             other => other,
         },
+        DataFusionError::Diagnostic(_, inner) => classify(*inner),
         DataFusionError::Shared(inner) => classify(
             std::sync::Arc::try_unwrap(inner).unwrap_or_else(|arc| DataFusionError::Execution(arc.to_string())),
         ),

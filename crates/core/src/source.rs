@@ -45,10 +45,11 @@ impl SourceConnector {
                     Some(schema) => TableReference::partial(schema.as_str(), table.as_str()),
                     None => TableReference::bare(table.as_str()),
                 };
-                PostgresTableFactory::new(pool)
+                let table = PostgresTableFactory::new(pool)
                     .table_provider(reference)
                     .await
-                    .map_err(|e| source_err(format!("cannot open PostgreSQL table `{}`: {e}", dataset.from)))
+                    .map_err(|e| source_err(format!("cannot open PostgreSQL table `{}`: {e}", dataset.from)))?;
+                Ok(Arc::new(ZeroColumnScan(table)))
             }
         }
     }
@@ -111,4 +112,45 @@ async fn open_file(
     let options = ListingOptions::new(file_format).with_file_extension(extension);
     let config = ListingTableConfig::new(url).with_listing_options(options).infer_schema(&ctx.state()).await?;
     Ok(Arc::new(ListingTable::try_new(config)?))
+}
+
+/// Lets a SQL source answer scans that need no column (`SELECT count(*)`): the provider
+/// returns a column even for an empty projection, which DataFusion rejects as a schema
+/// mismatch. We read the narrowest column and project it away.
+#[derive(Debug)]
+struct ZeroColumnScan(Arc<dyn TableProvider>);
+
+#[async_trait::async_trait]
+impl TableProvider for ZeroColumnScan {
+    fn schema(&self) -> arrow::datatypes::SchemaRef {
+        self.0.schema()
+    }
+
+    fn table_type(&self) -> datafusion::datasource::TableType {
+        self.0.table_type()
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&datafusion::logical_expr::Expr],
+    ) -> datafusion::error::Result<Vec<datafusion::logical_expr::TableProviderFilterPushDown>> {
+        self.0.supports_filters_pushdown(filters)
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn datafusion::catalog::Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[datafusion::logical_expr::Expr],
+        limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
+        use datafusion::physical_plan::projection::{ProjectionExec, ProjectionExpr};
+        match projection {
+            Some(columns) if columns.is_empty() && !self.schema().fields().is_empty() => {
+                let input = self.0.scan(state, Some(&vec![0]), filters, limit).await?;
+                Ok(Arc::new(ProjectionExec::try_new(Vec::<ProjectionExpr>::new(), input)?))
+            }
+            _ => self.0.scan(state, projection, filters, limit).await,
+        }
+    }
 }

@@ -76,6 +76,9 @@ pub fn error_response(err: &StrataError) -> Response {
     (status::to_http(err), axum::Json(body)).into_response()
 }
 
+/// Result bytes held back before the status line is sent.
+const RESPONSE_HEAD_BYTES: usize = 1 << 20;
+
 #[derive(Clone, Copy)]
 enum Format {
     Json,
@@ -115,12 +118,21 @@ async fn sql(State(state): State<HttpState>, headers: HeaderMap, body: Bytes) ->
     };
     let schema = results.schema();
     let query_id = results.id();
-    // Wait for the first batch before sending headers, so errors found early (most of
-    // them) get a proper status code rather than a truncated 200.
-    let first = match results.next().await {
-        Some(Err(err)) => return error_response(&err),
-        other => other,
-    };
+    // Hold back the first rows (up to a small budget) before sending headers, so errors found
+    // early (almost all of them, row limits on modest results included) get a proper status
+    // code rather than a truncated 200. Larger results then stream.
+    let mut head = Vec::new();
+    let mut held = 0usize;
+    while held < RESPONSE_HEAD_BYTES {
+        match results.next().await {
+            Some(Ok(batch)) => {
+                held += batch.get_array_memory_size();
+                head.push(Ok(batch));
+            }
+            Some(Err(err)) => return error_response(&err),
+            None => break,
+        }
+    }
     let encoder = match Encoder::new(format, &schema) {
         Ok(e) => Arc::new(std::sync::Mutex::new(e)),
         Err(err) => return error_response(&StrataError::from(err)),
@@ -128,7 +140,7 @@ async fn sql(State(state): State<HttpState>, headers: HeaderMap, body: Bytes) ->
     let opening = encoder.lock().map(|mut e| e.take()).unwrap_or_default();
     let for_batches = Arc::clone(&encoder);
     let body = stream::once(async move { Ok::<_, StrataError>(opening) })
-        .chain(stream::iter(first).chain(results).map(move |item| {
+        .chain(stream::iter(head).chain(results).map(move |item| {
             let batch = item?;
             let mut enc = for_batches.lock().map_err(|_| StrataError::Internal("encoder poisoned".into()))?;
             Ok(enc.batch(&batch)?)
