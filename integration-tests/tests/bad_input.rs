@@ -73,8 +73,6 @@ async fn bad_queries_get_clear_errors_and_the_server_keeps_answering() {
     let err = tier.flight_query("DELETE FROM customers").await.expect_err("DML");
     assert!(err.message().contains("read-only"), "{err}");
 
-    let (_, metrics) = tier.get_json("/metrics").await;
-    let _ = metrics;
     let text = reqwest::get(tier.url("/metrics")).await.expect("metrics").text().await.expect("text");
     assert!(text.contains("strata_queries_total{outcome=\"error\"}"), "{text}");
     assert!(text.contains("strata_dataset_rows{dataset=\"orders\"} 2000"), "{text}");
@@ -147,4 +145,32 @@ async fn http_formats_health_and_graceful_exit() {
     assert_eq!(orders["rows"], 2000);
     assert_eq!(orders["state"], "ready");
     assert_eq!(tier.terminate(), Some(0), "SIGTERM exits cleanly");
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_cancels_its_query() {
+    // One slot and a long timeout: the next query can only run if the abandoned one was
+    // really cancelled (its plan dropped, its permit freed) rather than left running.
+    let tier = Tier::start("platform-service", &config("  max_concurrent_queries: 1\n  query_timeout: 120s")).await;
+    let abandoned = reqwest::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()
+        .expect("client")
+        .post(tier.url("/v1/sql"))
+        .body("SELECT count(*) FROM generate_series(1, 100000000000)")
+        .send()
+        .await;
+    assert!(abandoned.is_err(), "the slow query should not have finished");
+    let mut answered = false;
+    for _ in 0..100 {
+        let (code, _) = tier.sql("SELECT 1 AS one").await;
+        if code == 200 {
+            answered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(answered, "the abandoned query still holds the only slot; logs:\n{}", tier.logs());
+    let text = reqwest::get(tier.url("/metrics")).await.expect("metrics").text().await.expect("text");
+    assert!(text.contains("strata_queries_total{outcome=\"cancelled\"} 1"), "{text}");
 }

@@ -214,12 +214,7 @@ impl Engine {
     /// Parses and plans one read-only statement without running it.
     pub async fn plan(&self, sql: &str) -> Result<PlannedQuery> {
         let state = self.inner.ctx.state();
-        let statement = state.sql_to_statement(sql, &datafusion::common::config::Dialect::Generic).map_err(|e| {
-            match StrataError::from(e) {
-                StrataError::Plan(msg) if msg.contains("one SQL statement") => StrataError::Plan(msg),
-                other => other,
-            }
-        })?;
+        let statement = state.sql_to_statement(sql, &datafusion::common::config::Dialect::Generic)?;
         check_read_only(&statement)?;
         let plan = state.statement_to_plan(statement).await.map_err(|e| self.explain_plan_error(e.into()))?;
         let schema = Arc::new(plan.schema().as_arrow().clone());
