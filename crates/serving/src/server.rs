@@ -72,17 +72,15 @@ pub async fn start(engine: Engine, server: &ServerConfig, shutdown: Cancellation
     let flight = crate::flight::flight_server(engine.clone());
     let stop = stop_accepting.clone();
     tasks.spawn(async move {
+        // Small responses (point lookups) must not wait for Nagle and delayed ACKs: the
+        // builder's `tcp_nodelay` only applies to listeners tonic binds itself, so set it here.
+        let incoming = tonic::transport::server::TcpIncoming::from(flight_listener).with_nodelay(Some(true));
         tonic::transport::Server::builder()
-            // Small responses (point lookups) must not wait for Nagle.
-            .tcp_nodelay(true)
             // Dead clients are detected, so their queries are cancelled and their permits freed.
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(flight)
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(flight_listener),
-                stop.cancelled_owned(),
-            )
+            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
             .await
             .map_err(|e| ServeError::Server { what: "flight", message: e.to_string() })
     });
