@@ -7,13 +7,14 @@ cd "$(dirname "$0")/.."
 
 target_dir="${CARGO_TARGET_DIR:-target}"
 venv="$target_dir/py-venv"
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import adbc_driver_flightsql, pyarrow, pytest' 2>/dev/null; then
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import adbc_driver_flightsql, pyarrow, pytest, grpc_reflection' 2>/dev/null; then
   echo "setting up Python clients in $venv"
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check -r integration-tests/python/requirements.txt
 fi
 export STRATA_PYTHON="$(cd "$venv" && pwd)/bin/python"
 
-# Integration tests start the real binaries, so build them first.
-cargo build --workspace --bins
+# Integration tests start the real binaries, so build them first (all targets: the same
+# feature set as `cargo test` and `cargo clippy --all-targets`, so nothing is rebuilt twice).
+cargo build --workspace --all-targets
 cargo test --workspace --no-fail-fast "$@"

@@ -109,3 +109,35 @@ def test_pyarrow_flight_list_and_path_descriptor():
     info = client.get_flight_info(flight.FlightDescriptor.for_path("customers"))
     table = client.do_get(info.endpoints[0].ticket).read_all()
     assert table.num_rows == 200
+
+
+def test_grpc_reflection_lists_the_tier_service_and_calls_its_catalog():
+    """A generic gRPC client with nothing compiled in: it learns the tier protocol from the
+    server's reflection service, then calls ListDatasets."""
+    import grpc
+    from google.protobuf import message_factory
+    from google.protobuf.descriptor_pool import DescriptorPool
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    target = URI.removeprefix("grpc://")
+    with grpc.insecure_channel(target) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        assert "strata.v1.TierService" in database.get_services()
+        pool = DescriptorPool(database)
+        method = pool.FindServiceByName("strata.v1.TierService").methods_by_name["ListDatasets"]
+        request_type = message_factory.GetMessageClass(method.input_type)
+        response_type = message_factory.GetMessageClass(method.output_type)
+        list_datasets = channel.unary_unary(
+            "/strata.v1.TierService/ListDatasets",
+            request_serializer=request_type.SerializeToString,
+            response_deserializer=response_type.FromString,
+        )
+        response = list_datasets(request_type())
+    by_name = {d.name: d for d in response.datasets}
+    assert sorted(by_name) == ["customers", "orders"]
+    assert {d.home_region for d in response.datasets} == {"local"}
+    assert by_name["orders"].accelerated and by_name["orders"].version >= 1
+    assert by_name["orders"].rows == 2000
+    assert not by_name["customers"].accelerated

@@ -45,14 +45,35 @@ impl Tier {
         Self::spawn_with_config_file(binary, &config_path, dir).await
     }
 
+    /// Starts `binary` on the given addresses (to restart a tier where its clients expect it).
+    pub async fn start_at(binary: &str, config: &str, flight: SocketAddr, http: SocketAddr) -> Self {
+        let dir = tempfile::Builder::new().prefix("strata-tier-").tempdir().expect("temp dir");
+        let config_path = dir.path().join("strata.yaml");
+        std::fs::write(&config_path, config).expect("write config");
+        match Self::spawn_inner(binary, &config_path, dir, &flight.to_string(), &http.to_string()).await {
+            Ok(tier) => tier,
+            Err(exited) => panic!("{binary} exited with {:?}:\n{}", exited.code, exited.stderr),
+        }
+    }
+
     async fn spawn_with_config_file(binary: &str, config_path: &Path, dir: tempfile::TempDir) -> Result<Self, Exited> {
+        Self::spawn_inner(binary, config_path, dir, "127.0.0.1:0", "127.0.0.1:0").await
+    }
+
+    async fn spawn_inner(
+        binary: &str,
+        config_path: &Path,
+        dir: tempfile::TempDir,
+        flight: &str,
+        http: &str,
+    ) -> Result<Self, Exited> {
         let exe = crate::bin_dir().join(binary);
         assert!(exe.exists(), "{} is not built: run `cargo build --workspace --bins` first", exe.display());
         let log = dir.path().join("stderr.log");
         let mut child = Command::new(&exe)
             .arg("--config")
             .arg(config_path)
-            .args(["--flight-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .args(["--flight-addr", flight, "--http-addr", http])
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).expect("log file"))
@@ -130,6 +151,36 @@ impl Tier {
         let text = r.text().await.expect("body");
         let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
         (status, value)
+    }
+
+    /// `POST /v1/sql` with extra request headers: status, body and response headers.
+    pub async fn sql_with(&self, sql: &str, headers: &[(&str, &str)]) -> (u16, Value, reqwest::header::HeaderMap) {
+        let mut request = self.http.post(self.url("/v1/sql")).body(sql.to_string());
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let r = request.send().await.expect("POST /v1/sql");
+        let status = r.status().as_u16();
+        let response_headers = r.headers().clone();
+        let text = r.text().await.expect("body");
+        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, value, response_headers)
+    }
+
+    /// Runs a query that must succeed: its rows, `strata-route` and `strata-route-reason`.
+    pub async fn routed(&self, sql: &str, headers: &[(&str, &str)]) -> (Vec<Value>, String, String) {
+        let (status, body, h) = self.sql_with(sql, headers).await;
+        let header = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+        match (status, body) {
+            (200, Value::Array(rows)) => (rows, header("strata-route"), header("strata-route-reason")),
+            (status, body) => panic!("`{sql}` failed with {status}: {body}\nlogs:\n{}", self.logs()),
+        }
+    }
+
+    /// Kills the process at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// `POST /v1/sql` expecting success: the rows as JSON objects.

@@ -6,4 +6,6 @@ mod clients;
 mod config_errors;
 mod federation;
 mod golden;
+mod tiers;
 mod tpch;
+mod tpch_tiers;

@@ -24,7 +24,7 @@ use tpchgen_arrow::{
 
 const SCALE: f64 = 0.01;
 
-fn tables() -> Vec<(&'static str, Vec<RecordBatch>)> {
+pub(crate) fn tables() -> Vec<(&'static str, Vec<RecordBatch>)> {
     fn collect(it: impl Iterator<Item = Result<RecordBatch, arrow::error::ArrowError>>) -> Vec<RecordBatch> {
         it.collect::<Result<_, _>>().expect("generate TPC-H data")
     }
@@ -77,7 +77,7 @@ async fn load_postgres(pg: &PgServer, tables: &[(&str, Vec<RecordBatch>)]) {
 }
 
 /// Rows as strings; numbers are kept apart so they can be compared with a tolerance.
-fn rows(batches: &[RecordBatch]) -> Vec<Vec<String>> {
+pub(crate) fn rows(batches: &[RecordBatch]) -> Vec<Vec<String>> {
     let options = FormatOptions::default().with_null("NULL");
     let mut out = Vec::new();
     for batch in batches {
@@ -90,7 +90,7 @@ fn rows(batches: &[RecordBatch]) -> Vec<Vec<String>> {
     out
 }
 
-fn same_value(a: &str, b: &str) -> bool {
+pub(crate) fn same_value(a: &str, b: &str) -> bool {
     if a == b {
         return true;
     }

@@ -29,7 +29,13 @@ pub struct Snapshot {
     /// Increases by one with every change of content.
     pub version: u64,
     pub refreshed_at: SystemTime,
+    /// Earlier versions this one only appended to, as (version, its batch count), oldest
+    /// first: a subscriber holding one of them needs just the batches after that count.
+    pub lineage: Vec<(u64, usize)>,
 }
+
+/// How many earlier versions a snapshot remembers for incremental publishing.
+const MAX_LINEAGE: usize = 256;
 
 impl Snapshot {
     /// A snapshot over `batches`, with row and byte counts derived from them.
@@ -37,7 +43,31 @@ impl Snapshot {
         let batches: Vec<RecordBatch> = batches.into_iter().filter(|b| b.num_rows() > 0).collect();
         let rows = batches.iter().map(RecordBatch::num_rows).sum();
         let bytes = batches.iter().map(RecordBatch::get_array_memory_size).sum();
-        Self { batches, rows, bytes, version, refreshed_at: SystemTime::now() }
+        Self { batches, rows, bytes, version, refreshed_at: SystemTime::now(), lineage: Vec::new() }
+    }
+
+    /// `previous` plus `added` rows as `version`, remembering that it only appended.
+    pub fn appended(previous: &Snapshot, added: Vec<RecordBatch>, version: u64) -> Self {
+        let mut batches = previous.batches.clone();
+        batches.extend(added);
+        let mut next = Self::new(batches, version);
+        next.lineage = previous.lineage.clone();
+        next.lineage.push((previous.version, previous.batches.len()));
+        if next.lineage.len() > MAX_LINEAGE {
+            next.lineage.drain(..next.lineage.len() - MAX_LINEAGE);
+        }
+        next
+    }
+
+    /// Sets when this version was made (a replica keeps its upstream's time, so its age is honest).
+    pub fn made_at(mut self, at: SystemTime) -> Self {
+        self.refreshed_at = at;
+        self
+    }
+
+    /// The batches a holder of `version` lacks, if this snapshot only appended to it.
+    pub fn appended_since(&self, version: u64) -> Option<&[RecordBatch]> {
+        self.lineage.iter().find(|(v, _)| *v == version).map(|(_, count)| &self.batches[*count..])
     }
 }
 
@@ -47,12 +77,20 @@ pub struct AcceleratedTable {
     name: String,
     schema: SchemaRef,
     current: RwLock<Option<Arc<Snapshot>>>,
+    /// The current version, for subscribers waiting on the next one (0 = not loaded).
+    changes: tokio::sync::watch::Sender<u64>,
+    /// Random per copy: versions are only comparable within one epoch, so a subscriber that
+    /// held versions of another process's copy (a restarted or a second platform) starts over.
+    epoch: u64,
 }
 
 impl AcceleratedTable {
     /// An accelerated table that is not loaded yet: queries fail with "still loading".
     pub fn new(name: impl Into<String>, schema: SchemaRef) -> Self {
-        Self { name: name.into(), schema, current: RwLock::new(None) }
+        use std::hash::{BuildHasher, Hasher};
+        // RandomState is seeded randomly per instance: a cheap unique id without a rand dependency.
+        let epoch = std::collections::hash_map::RandomState::new().build_hasher().finish().max(1);
+        Self { name: name.into(), schema, current: RwLock::new(None), changes: tokio::sync::watch::channel(0).0, epoch }
     }
 
     /// The snapshot queries read now, if the first load has finished.
@@ -64,7 +102,18 @@ impl AcceleratedTable {
     pub fn swap(&self, snapshot: Snapshot) -> Arc<Snapshot> {
         let snapshot = Arc::new(snapshot);
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&snapshot));
+        self.changes.send_replace(snapshot.version);
         snapshot
+    }
+
+    /// The epoch versions of this copy belong to (never 0).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Notified with the version after every swap.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 }
 

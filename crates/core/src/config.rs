@@ -27,6 +27,96 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub datasets: Vec<DatasetConfig>,
+    /// The platform endpoints a sidecar or edge agent forwards to and replicates from.
+    #[serde(default)]
+    pub upstream: Option<UpstreamConfig>,
+    /// Datasets a sidecar keeps a local copy of, replicated from its upstream platform.
+    #[serde(default)]
+    pub replicas: Vec<ReplicaConfig>,
+    /// Platforms of other regions, for datasets homed there (platform only).
+    #[serde(default)]
+    pub peers: Vec<PeerConfig>,
+}
+
+/// How a downstream tier reaches its platform, and how hard it tries.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// One or more platform endpoints (`http://host:port`), balanced by power of two choices.
+    pub endpoints: Vec<String>,
+    /// Deadline of one upstream call (until its first response), retries included.
+    #[serde(default = "default_call_timeout", with = "duration")]
+    pub call_timeout: Duration,
+    #[serde(default = "default_connect_timeout", with = "duration")]
+    pub connect_timeout: Duration,
+    /// Retries allowed, as a percentage of recent calls, on top of a small floor.
+    #[serde(default = "default_retry_budget")]
+    pub retry_budget_percent: f32,
+    /// Consecutive failures that open an endpoint's circuit breaker.
+    #[serde(default = "default_breaker_failures")]
+    pub breaker_failures: u32,
+    /// How long an open breaker fails fast before it lets one probe call through.
+    #[serde(default = "default_breaker_open_for", with = "duration")]
+    pub breaker_open_for: Duration,
+    /// How often the platform's dataset catalog is re-read.
+    #[serde(default = "default_catalog_interval", with = "duration")]
+    pub catalog_interval: Duration,
+}
+
+impl UpstreamConfig {
+    /// The resilience defaults with the given endpoints (a platform's peer connections).
+    pub fn with_endpoints(endpoints: Vec<String>) -> Self {
+        Self {
+            endpoints,
+            call_timeout: default_call_timeout(),
+            connect_timeout: default_connect_timeout(),
+            retry_budget_percent: default_retry_budget(),
+            breaker_failures: default_breaker_failures(),
+            breaker_open_for: default_breaker_open_for(),
+            catalog_interval: default_catalog_interval(),
+        }
+    }
+}
+
+fn default_call_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_retry_budget() -> f32 {
+    20.0
+}
+fn default_breaker_failures() -> u32 {
+    3
+}
+fn default_breaker_open_for() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_catalog_interval() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// A dataset replicated from the platform into this tier.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaConfig {
+    pub name: String,
+    /// Keep only rows matching this SQL predicate (e.g. `region = 'eu'`); queries that may
+    /// need other rows are forwarded.
+    #[serde(default, rename = "where")]
+    pub predicate: Option<String>,
+    /// Caps the replication bandwidth of this dataset, so a large snapshot does not starve the app.
+    #[serde(default)]
+    pub max_rate: Option<ByteSize>,
+}
+
+/// A platform serving another region.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub region: String,
+    pub endpoint: String,
 }
 
 fn default_region() -> String {
@@ -427,10 +517,50 @@ impl Config {
                 }
             }
         }
+        if let Some(upstream) = &self.upstream {
+            if upstream.endpoints.is_empty() {
+                return Err("upstream.endpoints: at least one platform endpoint is needed".into());
+            }
+            for (i, e) in upstream.endpoints.iter().enumerate() {
+                check_endpoint(e).map_err(|m| format!("upstream.endpoints[{i}]: {m}"))?;
+            }
+            if !(0.0..=1000.0).contains(&upstream.retry_budget_percent) {
+                return Err("upstream.retry_budget_percent must be between 0 and 1000".into());
+            }
+            if upstream.breaker_failures == 0 {
+                return Err("upstream.breaker_failures must be at least 1".into());
+            }
+        }
+        let mut replicas = std::collections::HashSet::new();
+        for (i, r) in self.replicas.iter().enumerate() {
+            if self.upstream.is_none() {
+                return Err(format!("replicas[{i}] (`{}`): replicas need an `upstream:` to replicate from", r.name));
+            }
+            if !replicas.insert(r.name.to_ascii_lowercase()) {
+                return Err(format!("replicas[{i}].name: `{}` is replicated twice", r.name));
+            }
+            if seen.contains(&r.name.to_ascii_lowercase()) {
+                return Err(format!("replicas[{i}].name: `{}` is also a local dataset", r.name));
+            }
+        }
+        for (i, p) in self.peers.iter().enumerate() {
+            check_endpoint(&p.endpoint).map_err(|m| format!("peers[{i}].endpoint: {m}"))?;
+            if p.region == self.region {
+                return Err(format!("peers[{i}].region: `{}` is this platform's own region", p.region));
+            }
+        }
         if self.limits.max_concurrent_queries == 0 {
             return Err("limits.max_concurrent_queries must be at least 1".into());
         }
         Ok(())
+    }
+}
+
+fn check_endpoint(endpoint: &str) -> std::result::Result<(), String> {
+    let rest = endpoint.strip_prefix("http://").or_else(|| endpoint.strip_prefix("https://"));
+    match rest {
+        Some(hostport) if hostport.contains(':') && !hostport.ends_with(':') => Ok(()),
+        _ => Err(format!("`{endpoint}` is not an endpoint: expected `http://host:port`")),
     }
 }
 

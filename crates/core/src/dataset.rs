@@ -43,6 +43,24 @@ pub struct DatasetStatus {
     pub refresh_count: u64,
     pub refresh_errors: u64,
     pub refresh_seconds_total: f64,
+    /// For a replica: what replication from the upstream has done.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replication: Option<ReplicationStatus>,
+}
+
+/// How a replica keeps up with its upstream.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReplicationStatus {
+    /// The subset kept (`where:`), if any.
+    pub predicate: Option<String>,
+    /// Full snapshots received (1 after the first load, more only when an increment is impossible).
+    pub snapshots: u64,
+    /// Incremental versions (appends) received.
+    pub increments: u64,
+    /// Arrow bytes received over the wire.
+    pub bytes_received: u64,
+    /// Whether the version stream from the upstream is open now.
+    pub streaming: bool,
 }
 
 #[derive(Debug, Default)]
@@ -99,6 +117,11 @@ impl Dataset {
         } else {
             lock(&self.source).clone()
         }
+    }
+
+    /// The accelerated copy, once the source is connected.
+    pub fn accelerated_table(&self) -> Option<Arc<AcceleratedTable>> {
+        lock(&self.accelerated).clone()
     }
 
     /// The current accelerated snapshot, if any.
@@ -212,6 +235,8 @@ impl Dataset {
         let previous = table.snapshot();
         let next_version = previous.as_ref().map_or(1, |s| s.version + 1);
         let time_column = acc.time_column.as_deref();
+        // Rows added by an append refresh, when it only appended (published as an increment).
+        let mut appended: Option<Vec<RecordBatch>> = None;
         let (mut batches, fetched, changed) = match (acc.refresh, &previous, time_column) {
             (RefreshMode::Append, Some(prev), Some(tc)) => match refresh::watermark(&prev.batches, tc)? {
                 None => {
@@ -229,6 +254,7 @@ impl Dataset {
                     let mut batches = prev.batches.clone();
                     let added = refresh::new_rows(&schema, &tail, &fetched, &acc.primary_key)?;
                     let changed = added.is_some();
+                    appended = Some(added.iter().cloned().collect());
                     batches.extend(added);
                     (batches, n, changed)
                 }
@@ -252,13 +278,20 @@ impl Dataset {
             let cutoff = refresh::age_cutoff(&data_type, retention, SystemTime::now())?;
             let before = count(&batches);
             batches = refresh::keep_since(&batches, tc, &cutoff)?;
-            changed |= count(&batches) != before;
+            if count(&batches) != before {
+                changed = true;
+                appended = None;
+            }
         }
-        if changed || previous.is_none() {
+        if let (true, Some(added), Some(prev)) = (changed, appended, &previous) {
+            table.swap(Snapshot::appended(prev, added, next_version));
+        } else if changed || previous.is_none() {
             table.swap(Snapshot::new(batches, next_version));
         } else if let Some(prev) = previous {
             // Nothing new: keep the version, but record that the copy was confirmed fresh.
-            table.swap(Snapshot::new(prev.batches.clone(), prev.version));
+            let mut same = Snapshot::new(prev.batches.clone(), prev.version);
+            same.lineage = prev.lineage.clone();
+            table.swap(same);
         }
         Ok(fetched)
     }
@@ -296,6 +329,7 @@ impl Dataset {
             refresh_count: p.refresh_count,
             refresh_errors: p.refresh_errors,
             refresh_seconds_total: p.refresh_seconds_total,
+            replication: None,
         }
     }
 

@@ -17,10 +17,14 @@ use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
+use crate::accelerator::AcceleratedTable;
 use crate::config::{Config, LimitsConfig};
 use crate::dataset::{Dataset, DatasetStatus};
 use crate::error::{Result, StrataError};
 use crate::query::{QueryObserver, QueryStream, next_query_id};
+use crate::routing::{
+    CatalogEntry, ForwardQuery, QueryOptions, RouteInfo, Routing, SharedRouter, VersionRead, scanned_tables,
+};
 use crate::source::SourceConnector;
 
 /// Catalog name clients see.
@@ -43,6 +47,9 @@ struct Inner {
     ready: watch::Sender<bool>,
     connector: SourceConnector,
     observer: std::sync::RwLock<Option<QueryObserver>>,
+    router: std::sync::RwLock<Option<SharedRouter>>,
+    /// Start-up work outside the datasets (a sidecar's first catalog read) that readiness waits for.
+    pending_startup: std::sync::atomic::AtomicUsize,
 }
 
 /// A planned query: its logical plan and what a client needs before executing it.
@@ -79,7 +86,7 @@ impl Engine {
             }
         }
         let datasets: Vec<Arc<Dataset>> = config.datasets.iter().cloned().map(|c| Arc::new(Dataset::new(c))).collect();
-        let (ready, _) = watch::channel(datasets.is_empty());
+        let (ready, _) = watch::channel(false);
         Ok(Self {
             inner: Arc::new(Inner {
                 ctx,
@@ -90,6 +97,8 @@ impl Engine {
                 ready,
                 connector: SourceConnector::default(),
                 observer: std::sync::RwLock::new(None),
+                router: std::sync::RwLock::new(None),
+                pending_startup: std::sync::atomic::AtomicUsize::new(0),
             }),
         })
     }
@@ -104,6 +113,85 @@ impl Engine {
             let span = info_span!("dataset", name = %dataset.name());
             tokio::spawn(async move { engine.maintain(dataset, shutdown).await }.instrument(span));
         }
+        self.update_readiness();
+    }
+
+    /// Holds readiness back until [`Engine::startup_task_done`] is called once per call.
+    pub fn add_startup_task(&self) {
+        self.inner.pending_startup.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Marks one start-up task finished (see [`Engine::add_startup_task`]).
+    pub fn startup_task_done(&self) {
+        self.inner.pending_startup.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.update_readiness();
+    }
+
+    /// Installs the router that sends queries upstream (sidecars, edge agents, platforms with peers).
+    pub fn set_router(&self, router: SharedRouter) {
+        *self.inner.router.write().unwrap_or_else(|p| p.into_inner()) = Some(router);
+    }
+
+    fn router(&self) -> Option<SharedRouter> {
+        self.inner.router.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Registers (or replaces) a table under `name` (`table` or `schema.table`).
+    pub fn register_table(&self, name: &str, provider: Arc<dyn datafusion::catalog::TableProvider>) -> Result<()> {
+        let catalog =
+            self.inner.ctx.catalog(CATALOG).ok_or_else(|| StrataError::Internal("default catalog missing".into()))?;
+        let (schema, table) = name.split_once('.').unwrap_or((DEFAULT_SCHEMA, name));
+        let schema_provider = match catalog.schema(schema) {
+            Some(s) => s,
+            None => {
+                let s: Arc<dyn datafusion::catalog::SchemaProvider> = Arc::new(MemorySchemaProvider::new());
+                catalog.register_schema(schema, Arc::clone(&s))?;
+                s
+            }
+        };
+        schema_provider.deregister_table(table)?;
+        schema_provider.register_table(table.to_string(), provider)?;
+        Ok(())
+    }
+
+    /// The accelerated copy of a configured dataset, for publishing it downstream.
+    pub fn accelerated_table(&self, name: &str) -> Option<Arc<AcceleratedTable>> {
+        self.find(name).and_then(|d| d.accelerated_table())
+    }
+
+    fn find(&self, name: &str) -> Option<&Arc<Dataset>> {
+        self.inner.datasets.iter().find(|d| d.name().eq_ignore_ascii_case(name))
+    }
+
+    /// Every dataset this tier can answer for: its own (homed in its region) and those it
+    /// knows from upstream or peers.
+    pub fn catalog(&self) -> Vec<CatalogEntry> {
+        let mut entries: Vec<CatalogEntry> = self
+            .inner
+            .datasets
+            .iter()
+            .filter_map(|d| {
+                let schema = d.provider()?.schema();
+                let snapshot = d.snapshot();
+                Some(CatalogEntry {
+                    name: d.name().to_string(),
+                    schema,
+                    home_region: self.inner.region.clone(),
+                    version: snapshot.as_ref().map_or(0, |s| s.version),
+                    rows: snapshot.as_ref().map_or(0, |s| s.rows as u64),
+                    refreshed_at: snapshot.as_ref().map(|s| s.refreshed_at),
+                    accelerated: d.config.accelerated().is_some(),
+                })
+            })
+            .collect();
+        if let Some(router) = self.router() {
+            for entry in router.remote_catalog() {
+                if !entries.iter().any(|e| e.name.eq_ignore_ascii_case(&entry.name)) {
+                    entries.push(entry);
+                }
+            }
+        }
+        entries
     }
 
     async fn maintain(&self, dataset: Arc<Dataset>, shutdown: CancellationToken) {
@@ -154,6 +242,9 @@ impl Engine {
     /// federated source that is down does not hold readiness back) and every accelerated
     /// dataset has loaded.
     fn update_readiness(&self) {
+        if self.inner.pending_startup.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            return;
+        }
         let loaded = self.inner.datasets.iter().all(|d| {
             d.tried.load(std::sync::atomic::Ordering::Relaxed) && (d.config.accelerated().is_none() || d.is_loaded())
         });
@@ -193,9 +284,19 @@ impl Engine {
         *self.inner.observer.write().unwrap_or_else(|p| p.into_inner()) = Some(observer);
     }
 
-    /// Status of every dataset, in config order.
+    /// Status of every dataset, in config order, then the replicated ones.
     pub fn datasets(&self) -> Vec<DatasetStatus> {
-        self.inner.datasets.iter().map(|d| d.status()).collect()
+        let mut statuses: Vec<DatasetStatus> = self.inner.datasets.iter().map(|d| d.status()).collect();
+        if let Some(router) = self.router() {
+            statuses.extend(router.replica_statuses());
+        }
+        statuses
+    }
+
+    /// Runs a plan shipped by another tier as datafusion-proto bytes.
+    pub async fn execute_encoded_plan(&self, bytes: &[u8], options: &QueryOptions) -> Result<QueryStream> {
+        let plan = crate::plan_codec::decode_plan(bytes, &self.inner.ctx).await?;
+        self.execute_plan(plan, options).await
     }
 
     /// Refreshes one accelerated dataset now and returns its new status.
@@ -245,32 +346,80 @@ impl Engine {
 
     /// Runs one read-only query with positional parameters, under every configured limit.
     pub async fn execute(&self, sql: &str, params: Vec<ScalarValue>) -> Result<QueryStream> {
+        self.execute_with(sql, params, &QueryOptions::default()).await
+    }
+
+    /// [`Engine::execute`] with the caller's options (consistency, tenant, trace context).
+    pub async fn execute_with(
+        &self,
+        sql: &str,
+        params: Vec<ScalarValue>,
+        options: &QueryOptions,
+    ) -> Result<QueryStream> {
+        let span = info_span!("query", id = tracing::field::Empty, sql = %truncate(sql, 200));
+        self.run(QueryInput::Sql { sql, params }, options, span).await
+    }
+
+    /// Runs a plan another tier shipped here (a sub-plan of a mixed query), under the same
+    /// limits as SQL. It may only read.
+    pub async fn execute_plan(&self, plan: LogicalPlan, options: &QueryOptions) -> Result<QueryStream> {
+        check_plan_read_only(&plan)?;
+        let span = info_span!("query", id = tracing::field::Empty, plan = %truncate(&plan.display().to_string(), 200));
+        self.run(QueryInput::Plan(plan), options, span).await
+    }
+
+    async fn run(&self, input: QueryInput<'_>, options: &QueryOptions, span: tracing::Span) -> Result<QueryStream> {
         let limits = &self.inner.limits;
         let permit = Arc::clone(&self.inner.admission)
             .try_acquire_owned()
             .map_err(|_| StrataError::Overloaded(limits.max_concurrent_queries))?;
         let id = next_query_id();
-        let span = info_span!("query", id, sql = %truncate(sql, 200));
+        span.record("id", id);
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + limits.query_timeout;
+        let wall_deadline = std::time::SystemTime::now() + limits.query_timeout;
         let observer = self.inner.observer.read().unwrap_or_else(|p| p.into_inner()).clone();
         let start = async {
-            let planned = self.plan(sql).await?;
-            let plan = bind_parameters(planned.plan, &planned.parameters, params)?;
-            let df = self.inner.ctx.execute_logical_plan(plan).await?;
-            Ok::<_, StrataError>(df.execute_stream().await?)
+            let (plan, forward) = match &input {
+                QueryInput::Sql { sql, params } => {
+                    let planned = self.plan(sql).await?;
+                    (bind_parameters(planned.plan, &planned.parameters, params.clone())?, true)
+                }
+                QueryInput::Plan(plan) => (plan.clone(), false),
+            };
+            let schema = Arc::new(plan.schema().as_arrow().clone());
+            let state = self.inner.ctx.state();
+            let plan = state.optimize(&plan)?;
+            let routing = match self.router() {
+                Some(router) => router.route(plan, options, forward)?,
+                None => Routing::Run { plan, info: RouteInfo::local("every table is served by this tier") },
+            };
+            match routing {
+                Routing::Run { plan, mut info } => {
+                    self.add_local_versions(&plan, &mut info);
+                    let df = self.inner.ctx.execute_logical_plan(plan).await?;
+                    Ok::<_, StrataError>((df.execute_stream().await?, info))
+                }
+                Routing::Forward { info, upstream } => {
+                    let (QueryInput::Sql { sql, params }, Some(router)) = (&input, self.router()) else {
+                        return Err(StrataError::Internal("router asked to forward a sub-plan".into()));
+                    };
+                    router.forward(ForwardQuery { sql, params, schema }, options, info, upstream, wall_deadline).await
+                }
+            }
         };
-        let stream = match tokio::time::timeout_at(deadline, start.instrument(span.clone())).await {
-            Ok(Ok(stream)) => stream,
+        let (stream, route) = match tokio::time::timeout_at(deadline, start.instrument(span.clone())).await {
+            Ok(Ok(started)) => started,
             Ok(Err(err)) => {
                 span.in_scope(|| warn!(error = %err, "query rejected"));
                 if let Some(observer) = &observer {
-                    observer(crate::query::Outcome::Error, 0, started.elapsed());
+                    observer(crate::query::Outcome::Error, 0, started.elapsed(), None);
                 }
                 return Err(err);
             }
             Err(_) => return Err(StrataError::Timeout(limits.query_timeout)),
         };
+        span.in_scope(|| tracing::debug!(route = %route, "routed"));
         Ok(QueryStream::new(
             id,
             stream,
@@ -281,7 +430,52 @@ impl Engine {
             started,
             span,
             observer,
+            route,
         ))
+    }
+
+    /// Adds the version and age of every configured dataset the plan reads here.
+    fn add_local_versions(&self, plan: &LogicalPlan, info: &mut RouteInfo) {
+        for name in scanned_tables(plan) {
+            let Some(dataset) = self.find(&name) else { continue };
+            if info.versions.iter().any(|v| v.dataset.eq_ignore_ascii_case(&name)) {
+                continue;
+            }
+            let (version, age_ms) = match dataset.snapshot() {
+                Some(s) => (s.version, s.refreshed_at.elapsed().unwrap_or_default().as_millis() as u64),
+                None => (0, 0),
+            };
+            info.versions.push(VersionRead { dataset: dataset.name().to_string(), version, age_ms });
+        }
+    }
+}
+
+enum QueryInput<'a> {
+    Sql { sql: &'a str, params: Vec<ScalarValue> },
+    Plan(LogicalPlan),
+}
+
+/// Refuses plans that write or change the catalog: shipped plans bypass the SQL check.
+fn check_plan_read_only(plan: &LogicalPlan) -> Result<()> {
+    use datafusion::common::tree_node::TreeNodeRecursion;
+    let mut refused = None;
+    plan.apply_with_subqueries(|node| {
+        let kind = match node {
+            LogicalPlan::Dml(_) => Some("DML"),
+            LogicalPlan::Ddl(_) => Some("DDL"),
+            LogicalPlan::Copy(_) => Some("COPY"),
+            LogicalPlan::Statement(_) => Some("session statement"),
+            _ => None,
+        };
+        if let Some(kind) = kind {
+            refused = Some(kind);
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    match refused {
+        Some(kind) => Err(StrataError::ReadOnly(kind.into())),
+        None => Ok(()),
     }
 }
 

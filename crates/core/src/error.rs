@@ -50,6 +50,15 @@ pub enum StrataError {
     #[error("source error for dataset `{dataset}`: {message}")]
     Source { dataset: String, message: String },
 
+    /// The upstream platform cannot be reached: down, its circuit breaker open, or the call
+    /// deadline passed. Local answers are unaffected.
+    #[error("upstream unavailable: {0}")]
+    UpstreamUnavailable(String),
+
+    /// Another tier refused or failed the query; `kind` is its error kind, the message its own.
+    #[error("{message}")]
+    Remote { kind: &'static str, message: String },
+
     /// Query execution failed for a reason other than the above.
     #[error("execution error: {0}")]
     Execution(String),
@@ -57,6 +66,56 @@ pub enum StrataError {
     /// A bug: an invariant of Strata itself was broken.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl StrataError {
+    /// Short machine-readable name of the error kind: JSON bodies, metrics labels, and the
+    /// `strata-error-kind` header that carries an error from one tier to the next.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StrataError::Config(_) => "config",
+            StrataError::Parse(_) => "parse",
+            StrataError::Plan(_) => "plan",
+            StrataError::ReadOnly(_) => "read_only",
+            StrataError::NotSupported(_) => "not_supported",
+            StrataError::UnknownDataset(_) => "unknown_dataset",
+            StrataError::DatasetUnavailable { .. } => "dataset_unavailable",
+            StrataError::ResourcesExhausted(_) => "resources_exhausted",
+            StrataError::Timeout(_) => "timeout",
+            StrataError::Overloaded(_) => "overloaded",
+            StrataError::Source { .. } => "source",
+            StrataError::UpstreamUnavailable(_) => "upstream_unavailable",
+            StrataError::Remote { kind, .. } => kind,
+            StrataError::Execution(_) => "execution",
+            StrataError::Internal(_) => "internal",
+        }
+    }
+
+    /// An error another tier reported with `kind` and its full message.
+    pub fn from_kind(kind: &str, message: String) -> Self {
+        const KINDS: [&str; 14] = [
+            "config",
+            "parse",
+            "plan",
+            "read_only",
+            "not_supported",
+            "unknown_dataset",
+            "dataset_unavailable",
+            "resources_exhausted",
+            "timeout",
+            "overloaded",
+            "source",
+            "upstream_unavailable",
+            "execution",
+            "internal",
+        ];
+        match kind {
+            "upstream_unavailable" => StrataError::UpstreamUnavailable(
+                message.strip_prefix("upstream unavailable: ").unwrap_or(&message).to_string(),
+            ),
+            k => StrataError::Remote { kind: KINDS.into_iter().find(|x| *x == k).unwrap_or("execution"), message },
+        }
+    }
 }
 
 /// Result with [`StrataError`].

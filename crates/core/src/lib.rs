@@ -6,8 +6,10 @@ pub mod config;
 pub mod dataset;
 pub mod engine;
 pub mod error;
+pub mod plan_codec;
 pub mod query;
 pub mod refresh;
+pub mod routing;
 pub mod source;
 
 pub use config::Config;
@@ -15,3 +17,4 @@ pub use dataset::DatasetStatus;
 pub use engine::{Engine, PlannedQuery};
 pub use error::{Result, StrataError};
 pub use query::{Outcome, QueryObserver, QueryStream};
+pub use routing::{QueryOptions, Route, RouteInfo, RouteReason, Router};

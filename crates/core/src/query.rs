@@ -34,7 +34,9 @@ pub enum Outcome {
 }
 
 /// Called once when a query stream ends, with its outcome, rows and duration.
-pub type QueryObserver = std::sync::Arc<dyn Fn(Outcome, u64, Duration) + Send + Sync>;
+/// The route is `None` for a query refused before it was routed.
+pub type QueryObserver =
+    std::sync::Arc<dyn Fn(Outcome, u64, Duration, Option<&crate::routing::RouteInfo>) + Send + Sync>;
 
 /// Result batches of one query, streamed; never buffered whole.
 pub struct QueryStream {
@@ -49,6 +51,7 @@ pub struct QueryStream {
     span: Span,
     outcome: Option<Outcome>,
     observer: Option<QueryObserver>,
+    route: crate::routing::RouteInfo,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -64,6 +67,7 @@ impl QueryStream {
         started: Instant,
         span: Span,
         observer: Option<QueryObserver>,
+        route: crate::routing::RouteInfo,
     ) -> Self {
         Self {
             id,
@@ -77,6 +81,7 @@ impl QueryStream {
             span,
             outcome: None,
             observer,
+            route,
             _permit: permit,
         }
     }
@@ -84,6 +89,11 @@ impl QueryStream {
     /// The query id used in logs.
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// Where the query ran and which dataset versions it read.
+    pub fn route(&self) -> &crate::routing::RouteInfo {
+        &self.route
     }
 
     /// Schema of every batch this stream yields.
@@ -105,7 +115,7 @@ impl QueryStream {
             (_, None) => info!(rows = self.rows, ms = elapsed.as_secs_f64() * 1e3, "query cancelled by the client"),
         }
         if let Some(observer) = &self.observer {
-            observer(outcome, self.rows, elapsed);
+            observer(outcome, self.rows, elapsed, Some(&self.route));
         }
     }
 }

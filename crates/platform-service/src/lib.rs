@@ -1,8 +1,11 @@
 //! The platform tier: federates sources, accelerates shared datasets once and serves every
-//! app and team over Flight SQL and HTTP.
+//! app and team over Flight SQL, HTTP and the tier protocol; routes queries on datasets of
+//! other regions to their home platform (`peers:`).
 
+use strata_core::config::UpstreamConfig;
 use strata_core::{Config, Engine, StrataError};
 use strata_serving::{ServeError, Servers};
+use strata_upstream::TierRouter;
 use tokio_util::sync::CancellationToken;
 
 /// Why the platform could not start.
@@ -14,11 +17,26 @@ pub enum PlatformError {
     Serve(#[from] ServeError),
 }
 
+/// Checks what only a platform needs: it replicates nothing, it has peers instead of an upstream.
+pub fn validate(config: &Config) -> Result<(), StrataError> {
+    if !config.replicas.is_empty() {
+        return Err(StrataError::Config(
+            "replicas: a platform-service accelerates its own datasets; `replicas:` is for sidecars".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Builds the engine, starts loading datasets in the background and binds the servers.
 /// Returns as soon as the listeners are bound; `Servers::wait` runs until `shutdown`.
 pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Servers, PlatformError> {
+    validate(config)?;
     let engine = Engine::new(config)?;
-    let servers = strata_serving::start(engine.clone(), &config.server, shutdown.clone()).await?;
+    if !config.peers.is_empty() {
+        let settings = config.upstream.clone().unwrap_or_else(|| UpstreamConfig::with_endpoints(Vec::new()));
+        TierRouter::for_platform(engine.clone(), &config.peers, &settings, shutdown.clone())?;
+    }
+    let servers = strata_serving::start(engine.clone(), &config.server, "platform", shutdown.clone()).await?;
     engine.start(shutdown);
     Ok(servers)
 }

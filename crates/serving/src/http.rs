@@ -112,12 +112,14 @@ async fn sql(State(state): State<HttpState>, headers: HeaderMap, body: Bytes) ->
         return error_response(&StrataError::Parse("request body is not valid UTF-8".into()));
     };
     let format = Format::from_accept(&headers);
-    let mut results = match state.engine.execute(sql, Vec::new()).await {
+    let options = crate::route_headers::options(&headers);
+    let mut results = match state.engine.execute_with(sql, Vec::new(), &options).await {
         Ok(s) => s,
         Err(err) => return error_response(&err),
     };
     let schema = results.schema();
     let query_id = results.id();
+    let route = results.route().clone();
     // Hold back the first rows (up to a small budget) before sending headers, so errors found
     // early (almost all of them, row limits on modest results included) get a proper status
     // code rather than a truncated 200. Larger results then stream.
@@ -155,6 +157,7 @@ async fn sql(State(state): State<HttpState>, headers: HeaderMap, body: Bytes) ->
     if let Ok(v) = HeaderValue::from_str(&query_id.to_string()) {
         h.insert("strata-query-id", v);
     }
+    crate::route_headers::insert_http(h, &route);
     response
 }
 

@@ -4,8 +4,11 @@
 pub mod flight;
 pub mod http;
 pub mod metrics;
+pub mod process;
+pub mod route_headers;
 pub mod server;
 pub mod status;
 pub mod telemetry;
+pub mod tier;
 
 pub use server::{ServeError, Servers, start};

@@ -6,7 +6,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use strata_core::routing::{Route, RouteInfo, RouteReason};
 use strata_core::{Engine, Outcome};
+
+const ROUTES: [Route; 3] = [Route::Local, Route::Forwarded, Route::Mixed];
 
 const BUCKETS: [f64; 14] =
     [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0];
@@ -20,6 +23,8 @@ pub struct Metrics {
     rows: AtomicU64,
     buckets: [AtomicU64; BUCKETS.len()],
     sum_micros: AtomicU64,
+    /// Queries by (route, reason), indexed `route * reasons + reason`.
+    routes: [AtomicU64; ROUTES.len() * RouteReason::ALL.len()],
 }
 
 impl Metrics {
@@ -27,11 +32,18 @@ impl Metrics {
     pub fn install(engine: &Engine) -> Arc<Self> {
         let metrics = Arc::new(Self::default());
         let hook = Arc::clone(&metrics);
-        engine.set_query_observer(Arc::new(move |outcome, rows, elapsed| hook.record(outcome, rows, elapsed)));
+        engine.set_query_observer(Arc::new(move |outcome, rows, elapsed, route| {
+            hook.record(outcome, rows, elapsed, route)
+        }));
         metrics
     }
 
-    fn record(&self, outcome: Outcome, rows: u64, elapsed: Duration) {
+    fn record(&self, outcome: Outcome, rows: u64, elapsed: Duration, route: Option<&RouteInfo>) {
+        if let Some(route) = route {
+            let r = ROUTES.iter().position(|x| *x == route.route).unwrap_or(0);
+            let why = RouteReason::ALL.iter().position(|x| *x == route.reason).unwrap_or(0);
+            self.routes[r * RouteReason::ALL.len() + why].fetch_add(1, Ordering::Relaxed);
+        }
         let counter = match outcome {
             Outcome::Ok => &self.ok,
             Outcome::Error => &self.error,
@@ -69,6 +81,18 @@ impl Metrics {
         let _ = writeln!(out, "strata_query_duration_seconds_bucket{{le=\"+Inf\"}} {count}");
         let _ = writeln!(out, "strata_query_duration_seconds_sum {}", get(&self.sum_micros) as f64 / 1e6);
         let _ = writeln!(out, "strata_query_duration_seconds_count {count}");
+
+        let _ = writeln!(out, "# HELP strata_query_routes_total Queries by where they ran and why.");
+        let _ = writeln!(out, "# TYPE strata_query_routes_total counter");
+        for (r, route) in ROUTES.iter().enumerate() {
+            for (w, reason) in RouteReason::ALL.iter().enumerate() {
+                let n = get(&self.routes[r * RouteReason::ALL.len() + w]);
+                if n > 0 {
+                    let (route, reason) = (route.as_str(), reason.as_str());
+                    let _ = writeln!(out, "strata_query_routes_total{{route=\"{route}\",reason=\"{reason}\"}} {n}");
+                }
+            }
+        }
 
         let datasets = engine.datasets();
         let families: [(&str, &str, &str); 6] = [

@@ -41,8 +41,15 @@ pub struct Servers {
     grace: Duration,
 }
 
-/// Binds both listeners and starts serving `engine` until `shutdown` is cancelled.
-pub async fn start(engine: Engine, server: &ServerConfig, shutdown: CancellationToken) -> Result<Servers, ServeError> {
+/// Binds both listeners and starts serving `engine` until `shutdown` is cancelled. The
+/// Flight listener also serves the tier protocol (`strata.v1.TierService`) and gRPC
+/// reflection; `tier` names this process's tier in health answers.
+pub async fn start(
+    engine: Engine,
+    server: &ServerConfig,
+    tier: &'static str,
+    shutdown: CancellationToken,
+) -> Result<Servers, ServeError> {
     let flight_listener = TcpListener::bind(server.flight_addr).await.map_err(|source| ServeError::Bind {
         what: "flight",
         addr: server.flight_addr,
@@ -70,6 +77,18 @@ pub async fn start(engine: Engine, server: &ServerConfig, shutdown: Cancellation
     let mut tasks = JoinSet::new();
 
     let flight = crate::flight::flight_server(engine.clone());
+    let tier_service = crate::tier::tier_server(engine.clone(), tier);
+    let reflection_error =
+        |e: tonic_reflection::server::Error| ServeError::Server { what: "reflection", message: e.to_string() };
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(strata_proto::v1::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(reflection_error)?;
+    // Older clients (grpcurl before 1.9, Python's grpcio-reflection) speak v1alpha.
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(strata_proto::v1::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(reflection_error)?;
     let stop = stop_accepting.clone();
     tasks.spawn(async move {
         // Small responses (point lookups) must not wait for Nagle and delayed ACKs: the
@@ -80,6 +99,9 @@ pub async fn start(engine: Engine, server: &ServerConfig, shutdown: Cancellation
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(flight)
+            .add_service(tier_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
             .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
             .await
             .map_err(|e| ServeError::Server { what: "flight", message: e.to_string() })

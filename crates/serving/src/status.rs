@@ -3,53 +3,43 @@
 use axum::http::StatusCode;
 use strata_core::StrataError;
 
-/// gRPC status for an engine error; the message is the error's own text.
+/// gRPC status for an engine error; the message is the error's own text, and the
+/// `strata-error-kind` header carries its kind to a downstream tier.
 pub fn to_grpc(err: &StrataError) -> tonic::Status {
     use tonic::Code;
-    let code = match err {
-        StrataError::Parse(_) | StrataError::Plan(_) | StrataError::Config(_) => Code::InvalidArgument,
-        StrataError::ReadOnly(_) => Code::PermissionDenied,
-        StrataError::NotSupported(_) => Code::Unimplemented,
-        StrataError::UnknownDataset(_) => Code::NotFound,
-        StrataError::DatasetUnavailable { .. } | StrataError::Source { .. } => Code::Unavailable,
-        StrataError::ResourcesExhausted(_) | StrataError::Overloaded(_) => Code::ResourceExhausted,
-        StrataError::Timeout(_) => Code::DeadlineExceeded,
-        StrataError::Execution(_) => Code::Internal,
-        StrataError::Internal(_) => Code::Internal,
+    let code = match kind(err) {
+        "parse" | "plan" | "config" => Code::InvalidArgument,
+        "read_only" => Code::PermissionDenied,
+        "not_supported" => Code::Unimplemented,
+        "unknown_dataset" => Code::NotFound,
+        "dataset_unavailable" | "source" | "upstream_unavailable" => Code::Unavailable,
+        "resources_exhausted" | "overloaded" => Code::ResourceExhausted,
+        "timeout" => Code::DeadlineExceeded,
+        _ => Code::Internal,
     };
-    tonic::Status::new(code, err.to_string())
+    let mut status = tonic::Status::new(code, err.to_string());
+    if let Ok(value) = kind(err).parse() {
+        status.metadata_mut().insert(strata_upstream::wire::ERROR_KIND_HEADER, value);
+    }
+    status
 }
 
 /// HTTP status for an engine error.
 pub fn to_http(err: &StrataError) -> StatusCode {
-    match err {
-        StrataError::Parse(_) | StrataError::Plan(_) | StrataError::Config(_) => StatusCode::BAD_REQUEST,
-        StrataError::ReadOnly(_) => StatusCode::FORBIDDEN,
-        StrataError::NotSupported(_) => StatusCode::NOT_IMPLEMENTED,
-        StrataError::UnknownDataset(_) => StatusCode::NOT_FOUND,
-        StrataError::DatasetUnavailable { .. } | StrataError::Source { .. } => StatusCode::SERVICE_UNAVAILABLE,
-        StrataError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
-        StrataError::ResourcesExhausted(_) => StatusCode::UNPROCESSABLE_ENTITY,
-        StrataError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-        StrataError::Execution(_) | StrataError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    match kind(err) {
+        "parse" | "plan" | "config" => StatusCode::BAD_REQUEST,
+        "read_only" => StatusCode::FORBIDDEN,
+        "not_supported" => StatusCode::NOT_IMPLEMENTED,
+        "unknown_dataset" => StatusCode::NOT_FOUND,
+        "dataset_unavailable" | "source" | "upstream_unavailable" => StatusCode::SERVICE_UNAVAILABLE,
+        "overloaded" => StatusCode::TOO_MANY_REQUESTS,
+        "resources_exhausted" => StatusCode::UNPROCESSABLE_ENTITY,
+        "timeout" => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
 /// Short machine-readable name of the error kind, for JSON bodies and metrics labels.
 pub fn kind(err: &StrataError) -> &'static str {
-    match err {
-        StrataError::Config(_) => "config",
-        StrataError::Parse(_) => "parse",
-        StrataError::Plan(_) => "plan",
-        StrataError::ReadOnly(_) => "read_only",
-        StrataError::NotSupported(_) => "not_supported",
-        StrataError::UnknownDataset(_) => "unknown_dataset",
-        StrataError::DatasetUnavailable { .. } => "dataset_unavailable",
-        StrataError::ResourcesExhausted(_) => "resources_exhausted",
-        StrataError::Timeout(_) => "timeout",
-        StrataError::Overloaded(_) => "overloaded",
-        StrataError::Source { .. } => "source",
-        StrataError::Execution(_) => "execution",
-        StrataError::Internal(_) => "internal",
-    }
+    err.kind()
 }

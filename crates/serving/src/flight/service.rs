@@ -119,7 +119,7 @@ impl FlightService for StrataFlightService {
 
     async fn do_get(&self, request: Request<Ticket>) -> Result<Response<Self::DoGetStream>, Status> {
         if let Some(ticket) = JsonTicket::parse(&request.get_ref().ticket) {
-            return self.sql.stream_statement(StatementHandle::new(ticket?.sql)).await;
+            return self.sql.stream_statement(StatementHandle::new(ticket?.sql), request.metadata()).await;
         }
         FlightService::do_get(&*self.sql, request).await
     }

@@ -50,24 +50,38 @@ impl StrataFlightSql {
     }
 
     /// Runs a statement once per bound parameter row and streams all results as one.
-    pub(crate) async fn stream_statement(&self, handle: StatementHandle) -> Result<Response<DoGetStream>, Status> {
+    /// The route and freshness go out as response headers and as the JSON `app_metadata`
+    /// of the first message.
+    pub(crate) async fn stream_statement(
+        &self,
+        handle: StatementHandle,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<Response<DoGetStream>, Status> {
+        let options = crate::route_headers::options(&metadata.clone().into_headers());
         let rows = handle.parameter_rows()?;
         let engine = self.engine.clone();
         let sql = handle.sql;
         let mut rows = rows.into_iter();
         // The first execution runs now, so planning errors become the RPC's status.
-        let first = engine.execute(&sql, rows.next().unwrap_or_default()).await.map_err(|e| to_grpc(&e))?;
+        let first =
+            engine.execute_with(&sql, rows.next().unwrap_or_default(), &options).await.map_err(|e| to_grpc(&e))?;
         let schema = first.schema();
+        let route = first.route().clone();
         let rest = stream::iter(rows)
             .then(move |params| {
                 let engine = engine.clone();
                 let sql = sql.clone();
-                async move { engine.execute(&sql, params).await }
+                let options = options.clone();
+                async move { engine.execute_with(&sql, params, &options).await }
             })
             .map_ok(|s| s.boxed())
             .try_flatten();
         let batches = first.chain(rest).map_err(|e| FlightError::Tonic(Box::new(to_grpc(&e))));
-        Ok(Response::new(encode(schema, batches, self.engine.limits().max_message_size.as_usize())))
+        let max = self.engine.limits().max_message_size.as_usize();
+        let mut response =
+            Response::new(encode_with_metadata(schema, batches, max, crate::route_headers::app_metadata(&route)));
+        crate::route_headers::insert_grpc(response.metadata_mut(), &route);
+        Ok(response)
     }
 
     pub(crate) fn flight_info(
@@ -135,8 +149,19 @@ pub(crate) fn encode(
     batches: impl Stream<Item = Result<RecordBatch, FlightError>> + Send + 'static,
     max_message_size: usize,
 ) -> DoGetStream {
+    encode_with_metadata(schema, batches, max_message_size, bytes::Bytes::new())
+}
+
+/// [`encode`] with `app_metadata` on the first (schema) message.
+pub(crate) fn encode_with_metadata(
+    schema: SchemaRef,
+    batches: impl Stream<Item = Result<RecordBatch, FlightError>> + Send + 'static,
+    max_message_size: usize,
+    app_metadata: bytes::Bytes,
+) -> DoGetStream {
     let stream = FlightDataEncoderBuilder::new()
         .with_schema(schema)
+        .with_metadata(app_metadata)
         .with_max_flight_data_size((max_message_size / 2).max(64 * 1024))
         .build(batches)
         .map_err(Status::from);
@@ -331,17 +356,17 @@ impl FlightSqlService for StrataFlightSql {
     async fn do_get_statement(
         &self,
         ticket: TicketStatementQuery,
-        _request: Request<Ticket>,
+        request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
-        self.stream_statement(StatementHandle::decode(&ticket.statement_handle)?).await
+        self.stream_statement(StatementHandle::decode(&ticket.statement_handle)?, request.metadata()).await
     }
 
     async fn do_get_prepared_statement(
         &self,
         query: CommandPreparedStatementQuery,
-        _request: Request<Ticket>,
+        request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
-        self.stream_statement(StatementHandle::decode(&query.prepared_statement_handle)?).await
+        self.stream_statement(StatementHandle::decode(&query.prepared_statement_handle)?, request.metadata()).await
     }
 
     async fn do_get_catalogs(

@@ -1,0 +1,42 @@
+//! The app-sidecar tier: runs beside one application, answers it over localhost from local
+//! replicas of the platform's datasets, and forwards cache misses and cross-region queries
+//! to the platform (see `strata-upstream` for the routing and resilience).
+
+use strata_core::{Config, Engine, StrataError};
+use strata_serving::{ServeError, Servers};
+use strata_upstream::TierRouter;
+use tokio_util::sync::CancellationToken;
+
+/// Why the sidecar could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SidecarError {
+    #[error(transparent)]
+    Engine(#[from] StrataError),
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+}
+
+/// Checks what only a sidecar needs: an upstream to replicate from and forward to.
+pub fn validate(config: &Config) -> Result<(), StrataError> {
+    if config.upstream.is_none() {
+        return Err(StrataError::Config(
+            "app-sidecar needs `upstream: {endpoints: [http://platform:50051]}` (the platform it replicates from and forwards to)".into(),
+        ));
+    }
+    if !config.peers.is_empty() {
+        return Err(StrataError::Config("peers: only a platform-service has peer regions".into()));
+    }
+    Ok(())
+}
+
+/// Builds the engine and the router, binds the servers and starts replication. Ready once
+/// the platform's catalog has been read (replicas load after, queries are forwarded meanwhile).
+pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Servers, SidecarError> {
+    validate(config)?;
+    let engine = Engine::new(config)?;
+    let Some(upstream) = &config.upstream else { unreachable!("validated above") };
+    TierRouter::for_sidecar(engine.clone(), "sidecar", upstream, config.replicas.clone(), shutdown.clone())?;
+    let servers = strata_serving::start(engine.clone(), &config.server, "sidecar", shutdown.clone()).await?;
+    engine.start(shutdown);
+    Ok(servers)
+}

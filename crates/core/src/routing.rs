@@ -1,0 +1,243 @@
+//! Where a query runs. A tier with an upstream installs a [`Router`]; the engine asks it,
+//! per query, whether to answer locally, forward the whole query, or run a mixed plan whose
+//! remote tables execute upstream. Every answer carries the decision and the versions it read.
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::common::ScalarValue;
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::logical_expr::LogicalPlan;
+use serde::Serialize;
+
+use crate::error::Result;
+
+/// Where a query ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Route {
+    /// Every table was read from this tier's own copies or sources.
+    Local,
+    /// The whole query ran upstream.
+    Forwarded,
+    /// Local tables here, remote tables upstream, joined here.
+    Mixed,
+}
+
+impl Route {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Route::Local => "local",
+            Route::Forwarded => "forwarded",
+            Route::Mixed => "mixed",
+        }
+    }
+}
+
+/// Why a query took its route; a short stable label for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteReason {
+    /// Every table is served here and the query is inside every local subset.
+    Local,
+    /// A table is not replicated or accelerated here.
+    NotAccelerated,
+    /// A table is replicated here but its first copy has not arrived yet.
+    ColdStart,
+    /// The query may need rows outside a table's local subset.
+    OutsideSubset,
+    /// A table is homed in another region.
+    CrossRegion,
+    /// The client asked for the authoritative copy.
+    StrongConsistency,
+}
+
+impl RouteReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteReason::Local => "local",
+            RouteReason::NotAccelerated => "not_accelerated",
+            RouteReason::ColdStart => "cold_start",
+            RouteReason::OutsideSubset => "outside_subset",
+            RouteReason::CrossRegion => "cross_region",
+            RouteReason::StrongConsistency => "strong_consistency",
+        }
+    }
+
+    pub const ALL: [RouteReason; 6] = [
+        RouteReason::Local,
+        RouteReason::NotAccelerated,
+        RouteReason::ColdStart,
+        RouteReason::OutsideSubset,
+        RouteReason::CrossRegion,
+        RouteReason::StrongConsistency,
+    ];
+}
+
+/// One dataset version a query read, and how old it was.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VersionRead {
+    pub dataset: String,
+    /// 0 for a table read live from its source (no copy, always current).
+    pub version: u64,
+    /// Milliseconds since that version was made.
+    pub age_ms: u64,
+}
+
+/// The route a query took, for the client (headers / metadata) and metrics.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RouteInfo {
+    pub route: Route,
+    pub reason: RouteReason,
+    /// Human-readable detail: which table and why.
+    pub detail: String,
+    pub versions: Vec<VersionRead>,
+}
+
+impl RouteInfo {
+    pub fn local(detail: impl Into<String>) -> Self {
+        Self { route: Route::Local, reason: RouteReason::Local, detail: detail.into(), versions: Vec::new() }
+    }
+
+    /// `dataset=version@age_ms` pairs, comma separated: the `strata-versions` header.
+    pub fn versions_header(&self) -> String {
+        self.versions
+            .iter()
+            .map(|v| format!("{}={}@{}ms", v.dataset, v.version, v.age_ms))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Parses [`RouteInfo::versions_header`]; malformed entries are skipped.
+    pub fn parse_versions(header: &str) -> Vec<VersionRead> {
+        header
+            .split(',')
+            .filter_map(|entry| {
+                let (dataset, rest) = entry.trim().split_once('=')?;
+                let (version, age) = rest.split_once('@')?;
+                Some(VersionRead {
+                    dataset: dataset.to_string(),
+                    version: version.parse().ok()?,
+                    age_ms: age.trim_end_matches("ms").parse().ok()?,
+                })
+            })
+            .collect()
+    }
+}
+
+impl fmt::Display for RouteInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({}: {})", self.route.as_str(), self.reason.as_str(), self.detail)
+    }
+}
+
+/// Who asks, and how: carried with a query from the client through every tier it crosses.
+#[derive(Debug, Clone, Default)]
+pub struct QueryOptions {
+    /// Read the authoritative copy in each dataset's home region, even when a local copy exists.
+    pub strong_consistency: bool,
+    pub tenant: String,
+    /// W3C `traceparent` of the caller, if any.
+    pub traceparent: String,
+    pub origin_tier: String,
+    pub origin_region: String,
+    /// Platforms already crossed (loop guard).
+    pub hops: u32,
+}
+
+/// What the router decided for one planned query.
+pub enum Routing {
+    /// Run this plan here (its remote tables, if any, already point upstream).
+    Run { plan: LogicalPlan, info: RouteInfo },
+    /// Send the whole query to the router's upstream number `upstream`.
+    Forward { info: RouteInfo, upstream: usize },
+}
+
+/// The whole client query, when it may be forwarded as written.
+pub struct ForwardQuery<'a> {
+    pub sql: &'a str,
+    pub params: &'a [ScalarValue],
+    /// The result schema as planned here; the upstream runs the same DataFusion.
+    pub schema: arrow::datatypes::SchemaRef,
+}
+
+/// Decides routes and runs forwarded queries. Implemented by the tier crates; the engine
+/// never sees the protocol.
+#[async_trait]
+pub trait Router: Send + Sync {
+    /// Decides where an optimized plan runs. `can_forward` is false for plans that did not
+    /// come from client SQL (sub-plans); they must run here.
+    fn route(&self, plan: LogicalPlan, options: &QueryOptions, can_forward: bool) -> Result<Routing>;
+
+    /// Runs a whole query upstream. The returned info reports the upstream's own versions.
+    async fn forward(
+        &self,
+        query: ForwardQuery<'_>,
+        options: &QueryOptions,
+        info: RouteInfo,
+        upstream: usize,
+        deadline: std::time::SystemTime,
+    ) -> Result<(SendableRecordBatchStream, RouteInfo)>;
+
+    /// Datasets this tier knows from upstream, for its own catalog listing.
+    fn remote_catalog(&self) -> Vec<CatalogEntry>;
+
+    /// Status of the datasets replicated here, for `/v1/datasets` and metrics.
+    fn replica_statuses(&self) -> Vec<crate::dataset::DatasetStatus>;
+}
+
+/// One dataset as a tier advertises it to the tiers below.
+#[derive(Debug, Clone)]
+pub struct CatalogEntry {
+    pub name: String,
+    pub schema: arrow::datatypes::SchemaRef,
+    pub home_region: String,
+    /// 0 when no copy is loaded.
+    pub version: u64,
+    pub rows: u64,
+    pub refreshed_at: Option<std::time::SystemTime>,
+    /// Whether downstream tiers can replicate it.
+    pub accelerated: bool,
+}
+
+/// Names of the tables a plan scans, lower-cased, without catalog/schema when it is the default.
+pub fn scanned_tables(plan: &LogicalPlan) -> Vec<String> {
+    let mut names = Vec::new();
+    let _ = plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node {
+            let name = scan.table_name.table().to_string();
+            let name = match scan.table_name.schema() {
+                Some(schema) if schema != crate::engine::DEFAULT_SCHEMA => format!("{schema}.{name}"),
+                _ => name,
+            };
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    names
+}
+
+/// A shared router handle.
+pub type SharedRouter = Arc<dyn Router>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_header_round_trips() {
+        let mut info = RouteInfo::local("x");
+        info.versions = vec![
+            VersionRead { dataset: "orders".into(), version: 7, age_ms: 1200 },
+            VersionRead { dataset: "eu.sensors".into(), version: 0, age_ms: 0 },
+        ];
+        let header = info.versions_header();
+        assert_eq!(header, "orders=7@1200ms,eu.sensors=0@0ms");
+        assert_eq!(RouteInfo::parse_versions(&header), info.versions);
+        assert!(RouteInfo::parse_versions("garbage,orders=x@1ms").is_empty());
+    }
+}

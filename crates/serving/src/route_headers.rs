@@ -1,0 +1,57 @@
+//! How an answer reports where it ran and how fresh it is, the same on every interface:
+//! `strata-route` (local | forwarded | mixed), `strata-route-reason`, `strata-route-detail`
+//! and `strata-versions` (`dataset=version@age`), plus the request header that asks for the
+//! authoritative copy (`strata-consistency: strong`).
+
+use strata_core::routing::{QueryOptions, RouteInfo};
+use strata_upstream::wire::{CONSISTENCY_HEADER, ROUTE_HEADER, ROUTE_REASON_HEADER, VERSIONS_HEADER};
+
+pub const ROUTE_DETAIL_HEADER: &str = "strata-route-detail";
+pub const TENANT_HEADER: &str = "strata-tenant";
+
+/// Header values must be visible ASCII; anything else becomes `?`.
+fn ascii(s: &str) -> String {
+    s.chars().map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' }).collect()
+}
+
+/// (name, value) pairs of the route headers.
+pub fn pairs(route: &RouteInfo) -> [(&'static str, String); 4] {
+    [
+        (ROUTE_HEADER, route.route.as_str().to_string()),
+        (ROUTE_REASON_HEADER, route.reason.as_str().to_string()),
+        (ROUTE_DETAIL_HEADER, ascii(&route.detail)),
+        (VERSIONS_HEADER, ascii(&route.versions_header())),
+    ]
+}
+
+pub fn insert_grpc(metadata: &mut tonic::metadata::MetadataMap, route: &RouteInfo) {
+    for (name, value) in pairs(route) {
+        if let Ok(value) = value.parse() {
+            metadata.insert(name, value);
+        }
+    }
+}
+
+pub fn insert_http(headers: &mut axum::http::HeaderMap, route: &RouteInfo) {
+    for (name, value) in pairs(route) {
+        if let Ok(value) = axum::http::HeaderValue::from_str(&value) {
+            headers.insert(name, value);
+        }
+    }
+}
+
+/// Query options from request headers (HTTP and gRPC alike).
+pub fn options(headers: &axum::http::HeaderMap) -> QueryOptions {
+    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    QueryOptions {
+        strong_consistency: get(CONSISTENCY_HEADER).eq_ignore_ascii_case("strong"),
+        tenant: get(TENANT_HEADER),
+        traceparent: get("traceparent"),
+        ..QueryOptions::default()
+    }
+}
+
+/// The JSON `app_metadata` of the first Flight message: the route, for clients that cannot read headers.
+pub fn app_metadata(route: &RouteInfo) -> bytes::Bytes {
+    serde_json::to_vec(route).map(bytes::Bytes::from).unwrap_or_default()
+}

@@ -1,0 +1,232 @@
+//! The tier gRPC protocol (`strata.v1.TierService`) as a platform serves it: its catalog,
+//! version streams of accelerated datasets, forwarded queries and sub-plans, health.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::{AsArray, RecordBatch};
+use arrow::compute::filter_record_batch;
+use arrow_flight::error::FlightError;
+use datafusion::common::DFSchema;
+use datafusion::logical_expr::Expr;
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion_proto::bytes::Serializeable;
+use futures::{Stream, StreamExt, TryStreamExt};
+use strata_core::accelerator::AcceleratedTable;
+use strata_core::{Engine, StrataError};
+use strata_proto::v1::tier_service_server::{TierService, TierServiceServer};
+use strata_proto::v1::{
+    ArrowFrame, ChangeKind, ExecuteRequest, HealthRequest, HealthResponse, Heartbeat, ListDatasetsRequest,
+    ListDatasetsResponse, SubscribeEvent, SubscribeRequest, VersionBegin, VersionEnd, execute_request, subscribe_event,
+};
+use strata_upstream::wire;
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status};
+use tracing::{debug, info};
+
+use crate::status::to_grpc;
+
+/// A quiet version stream sends a heartbeat this often.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+
+type FrameStream = Pin<Box<dyn Stream<Item = Result<ArrowFrame, Status>> + Send>>;
+type EventStream = Pin<Box<dyn Stream<Item = Result<SubscribeEvent, Status>> + Send>>;
+
+/// The tier service of one process.
+pub struct Tier {
+    engine: Engine,
+    tier: &'static str,
+}
+
+/// The gRPC service, bounded by `limits.max_message_size` both ways.
+pub fn tier_server(engine: Engine, tier: &'static str) -> TierServiceServer<Tier> {
+    let max = engine.limits().max_message_size.as_usize();
+    TierServiceServer::new(Tier { engine, tier }).max_decoding_message_size(max).max_encoding_message_size(max)
+}
+
+fn grpc(err: StrataError) -> Status {
+    to_grpc(&err)
+}
+
+#[tonic::async_trait]
+impl TierService for Tier {
+    async fn list_datasets(
+        &self,
+        _request: Request<ListDatasetsRequest>,
+    ) -> Result<Response<ListDatasetsResponse>, Status> {
+        let datasets =
+            self.engine.catalog().iter().map(wire::dataset_info).collect::<Result<Vec<_>, _>>().map_err(grpc)?;
+        Ok(Response::new(ListDatasetsResponse { region: self.engine.region().to_string(), datasets }))
+    }
+
+    type SubscribeStream = EventStream;
+
+    async fn subscribe(&self, request: Request<SubscribeRequest>) -> Result<Response<EventStream>, Status> {
+        let request = request.into_inner();
+        let table = self.engine.accelerated_table(&request.dataset).ok_or_else(|| {
+            let known = self.engine.catalog().iter().any(|e| e.name.eq_ignore_ascii_case(&request.dataset));
+            grpc(if known {
+                StrataError::NotSupported(format!(
+                    "dataset `{}` has no accelerated copy on this platform, so it cannot be replicated",
+                    request.dataset
+                ))
+            } else {
+                StrataError::UnknownDataset(request.dataset.clone())
+            })
+        })?;
+        let filter = self.subset_filter(&table, &request.predicate).map_err(grpc)?;
+        let origin = request.context.as_ref().map(|c| format!("{}@{}", c.origin_tier, c.origin_region));
+        info!(dataset = %request.dataset, from_version = request.from_version, origin, "subscriber joined");
+        let (tx, rx) = mpsc::channel(16);
+        // Versions of another epoch say nothing about this copy: start over.
+        let from = if request.from_epoch == table.epoch() { request.from_version } else { 0 };
+        tokio::spawn(publish(table, from, filter, tx));
+        let events = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) });
+        Ok(Response::new(Box::pin(events)))
+    }
+
+    type ExecuteStream = FrameStream;
+
+    async fn execute(&self, request: Request<ExecuteRequest>) -> Result<Response<FrameStream>, Status> {
+        let request = request.into_inner();
+        let (options, _deadline) = wire::options(request.context);
+        let stream = match request.query {
+            Some(execute_request::Query::Sql(q)) => {
+                let params = wire::params_from_ipc(&q.params).map_err(grpc)?;
+                self.engine.execute_with(&q.sql, params, &options).await
+            }
+            Some(execute_request::Query::Plan(plan)) => self.engine.execute_encoded_plan(&plan, &options).await,
+            None => Err(StrataError::Plan("the request carries neither SQL nor a plan".into())),
+        }
+        .map_err(grpc)?;
+        let route = stream.route().clone();
+        debug!(route = %route, origin = %options.origin_tier, "forwarded query");
+        let schema = stream.schema();
+        let batches = stream.map_err(|e| FlightError::Tonic(Box::new(to_grpc(&e))));
+        let frames = wire::encode_frames(schema, batches).map_err(Status::from);
+        let mut response = Response::new(Box::pin(frames) as FrameStream);
+        crate::route_headers::insert_grpc(response.metadata_mut(), &route);
+        Ok(response)
+    }
+
+    async fn health(&self, _request: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
+        Ok(Response::new(HealthResponse {
+            tier: self.tier.to_string(),
+            region: self.engine.region().to_string(),
+            ready: self.engine.is_ready(),
+        }))
+    }
+}
+
+impl Tier {
+    /// The subscriber's subset predicate, compiled against the dataset's schema.
+    fn subset_filter(
+        &self,
+        table: &AcceleratedTable,
+        predicate: &[u8],
+    ) -> Result<Option<Arc<dyn PhysicalExpr>>, StrataError> {
+        if predicate.is_empty() {
+            return Ok(None);
+        }
+        let ctx = self.engine.session();
+        let expr = Expr::from_bytes_with_ctx(predicate, &ctx.task_ctx())
+            .map_err(|e| StrataError::Plan(format!("cannot decode the subset predicate: {e}")))?;
+        let schema = DFSchema::try_from(datafusion::catalog::TableProvider::schema(table).as_ref().clone())?;
+        Ok(Some(ctx.create_physical_expr(expr, &schema)?))
+    }
+}
+
+/// Streams versions of `table` to one subscriber, starting after `from`, until it leaves.
+async fn publish(
+    table: Arc<AcceleratedTable>,
+    mut from: u64,
+    filter: Option<Arc<dyn PhysicalExpr>>,
+    tx: mpsc::Sender<Result<SubscribeEvent, Status>>,
+) {
+    let mut changes = table.subscribe();
+    let schema = datafusion::catalog::TableProvider::schema(table.as_ref());
+    loop {
+        let _ = changes.borrow_and_update();
+        if let Some(snapshot) = table.snapshot().filter(|s| s.version != from) {
+            let increment = if from == 0 { None } else { snapshot.appended_since(from) };
+            let (kind, base, batches) = match increment {
+                Some(added) => (ChangeKind::Append, from, added.to_vec()),
+                None => (ChangeKind::Snapshot, 0, snapshot.batches.clone()),
+            };
+            let begin = VersionBegin {
+                version: snapshot.version,
+                base_version: base,
+                kind: kind as i32,
+                schema: match wire::schema_to_ipc(&schema) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = tx.send(Err(grpc(e))).await;
+                        return;
+                    }
+                },
+                refreshed_at_unix_ms: snapshot
+                    .refreshed_at
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_millis() as i64,
+                epoch: table.epoch(),
+            };
+            if send(&tx, subscribe_event::Event::Begin(begin)).await.is_err() {
+                return;
+            }
+            let filtered: Result<Vec<RecordBatch>, StrataError> =
+                batches.iter().map(|b| apply_filter(b, filter.as_deref())).collect();
+            let filtered = match filtered {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = tx.send(Err(grpc(e))).await;
+                    return;
+                }
+            };
+            let rows: usize = filtered.iter().map(RecordBatch::num_rows).sum();
+            let mut frames =
+                Box::pin(wire::encode_frames(Arc::clone(&schema), futures::stream::iter(filtered.into_iter().map(Ok))));
+            while let Some(frame) = frames.next().await {
+                let event = match frame {
+                    Ok(frame) => subscribe_event::Event::Data(frame),
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                        return;
+                    }
+                };
+                if send(&tx, event).await.is_err() {
+                    return;
+                }
+            }
+            let end = VersionEnd { version: snapshot.version, rows: rows as u64 };
+            if send(&tx, subscribe_event::Event::End(end)).await.is_err() {
+                return;
+            }
+            from = snapshot.version;
+            continue;
+        }
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(HEARTBEAT) => {
+                if send(&tx, subscribe_event::Event::Heartbeat(Heartbeat { version: from })).await.is_err() {
+                    return;
+                }
+            }
+            _ = tx.closed() => return,
+        }
+    }
+}
+
+async fn send(tx: &mpsc::Sender<Result<SubscribeEvent, Status>>, event: subscribe_event::Event) -> Result<(), ()> {
+    tx.send(Ok(SubscribeEvent { event: Some(event) })).await.map_err(|_| ())
+}
+
+fn apply_filter(batch: &RecordBatch, filter: Option<&dyn PhysicalExpr>) -> Result<RecordBatch, StrataError> {
+    let Some(filter) = filter else { return Ok(batch.clone()) };
+    let mask = filter.evaluate(batch)?.into_array(batch.num_rows())?;
+    let mask = mask
+        .as_boolean_opt()
+        .ok_or_else(|| StrataError::Plan("the subset predicate is not a boolean condition".into()))?;
+    Ok(filter_record_batch(batch, mask)?)
+}

@@ -1,0 +1,290 @@
+//! The resilient client of one tier's upstream (its platform endpoints, or a peer region).
+//!
+//! Calls are domain requests run through one tower stack, outermost first:
+//! - `Timeout`: no call waits longer than `call_timeout` for its first response;
+//! - `Retry` with a `TpsBudget`: calls that never reached a server are retried on another
+//!   pick, within a budget so an outage does not multiply the load;
+//! - `Buffer`: makes the balancer shareable across tasks;
+//! - p2c `Balance` over `PendingRequests` load: power of two choices among ready endpoints;
+//! - per endpoint, a circuit breaker: an open breaker makes its endpoint not-ready, so the
+//!   balancer routes around it, and when every breaker is open calls fail at once.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use futures::future::BoxFuture;
+use strata_core::StrataError;
+use strata_core::config::UpstreamConfig;
+use strata_proto::v1::tier_service_client::TierServiceClient;
+use strata_proto::v1::{
+    ArrowFrame, ExecuteRequest, HealthRequest, HealthResponse, ListDatasetsRequest, ListDatasetsResponse,
+    SubscribeEvent, SubscribeRequest,
+};
+use tonic::Streaming;
+use tonic::metadata::MetadataMap;
+use tonic::transport::{Channel, Endpoint};
+use tower::balance::p2c::Balance;
+use tower::buffer::Buffer;
+use tower::discover::ServiceList;
+use tower::load::{CompleteOnResponse, PendingRequests};
+use tower::retry::budget::{Budget, TpsBudget};
+use tower::retry::{Policy, Retry};
+use tower::timeout::Timeout;
+use tower::{BoxError, Service, ServiceExt};
+
+use crate::breaker::Breaker;
+use crate::wire::{is_unreachable, status_error};
+
+/// Largest message accepted from an upstream (Arrow frames of big batches).
+const MAX_MESSAGE: usize = 64 << 20;
+
+/// One upstream call. Cheap to clone (bytes are shared), so it can be retried.
+#[derive(Clone, Debug)]
+enum Call {
+    List(ListDatasetsRequest),
+    Subscribe(SubscribeRequest),
+    Execute(ExecuteRequest, Option<Duration>),
+    Health,
+}
+
+enum Reply {
+    List(ListDatasetsResponse),
+    Subscribe(Streaming<SubscribeEvent>),
+    Execute(MetadataMap, Streaming<ArrowFrame>),
+    Health(HealthResponse),
+}
+
+/// Raised by the client itself when every endpoint's breaker is open.
+#[derive(Debug, thiserror::Error)]
+#[error("circuit breaker open for every upstream endpoint ({endpoints}); last error: {last_error}")]
+struct AllOpen {
+    endpoints: String,
+    last_error: String,
+}
+
+/// One endpoint: a lazily connected channel behind its breaker.
+struct EndpointService {
+    client: TierServiceClient<Channel>,
+    breaker: Arc<Breaker>,
+    wait: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Service<Call> for EndpointService {
+    type Response = Reply;
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<Reply, BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        loop {
+            match self.breaker.admit() {
+                Ok(()) => {
+                    self.wait = None;
+                    return Poll::Ready(Ok(()));
+                }
+                // Not ready while open: the balancer picks another endpoint, and this one
+                // wakes when a probe is due.
+                Err(until) => {
+                    let sleep = self.wait.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+                    sleep.as_mut().reset(until);
+                    if sleep.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                }
+            }
+        }
+    }
+
+    fn call(&mut self, call: Call) -> Self::Future {
+        let mut client = self.client.clone();
+        let breaker = Arc::clone(&self.breaker);
+        Box::pin(async move {
+            let result = match call {
+                Call::List(req) => client.list_datasets(req).await.map(|r| Reply::List(r.into_inner())),
+                Call::Subscribe(req) => client.subscribe(req).await.map(|r| Reply::Subscribe(r.into_inner())),
+                Call::Execute(req, timeout) => {
+                    let mut request = tonic::Request::new(req);
+                    if let Some(timeout) = timeout {
+                        request.set_timeout(timeout);
+                    }
+                    client.execute(request).await.map(|r| {
+                        let (metadata, stream, _) = r.into_parts();
+                        Reply::Execute(metadata, stream)
+                    })
+                }
+                Call::Health => client.health(HealthRequest {}).await.map(|r| Reply::Health(r.into_inner())),
+            };
+            match &result {
+                Err(status) if is_unreachable(status) => breaker.failure(status.message()),
+                _ => breaker.success(),
+            }
+            result.map_err(|status| Box::new(status) as BoxError)
+        })
+    }
+}
+
+/// Retries calls that never reached a server, within the shared budget.
+#[derive(Clone)]
+struct RetryUnreachable {
+    budget: Arc<TpsBudget>,
+    breakers: Arc<Vec<Arc<Breaker>>>,
+    attempts: u32,
+}
+
+impl Policy<Call, Reply, BoxError> for RetryUnreachable {
+    type Future = tokio::time::Sleep;
+
+    fn retry(&mut self, _call: &mut Call, result: &mut Result<Reply, BoxError>) -> Option<Self::Future> {
+        match result {
+            Ok(_) => {
+                self.budget.deposit();
+                None
+            }
+            Err(err) => {
+                let unreachable = err.downcast_ref::<tonic::Status>().is_some_and(is_unreachable);
+                let all_open = self.breakers.iter().all(|b| b.is_open());
+                if unreachable && !all_open && self.attempts < 3 && self.budget.withdraw() {
+                    self.attempts += 1;
+                    Some(tokio::time::sleep(Duration::from_millis(10 * u64::from(self.attempts))))
+                } else {
+                    None
+                }
+            }
+        }
+    }
+
+    fn clone_request(&mut self, call: &Call) -> Option<Call> {
+        Some(call.clone())
+    }
+}
+
+type Stack = Timeout<Retry<RetryUnreachable, Buffer<Call, BoxFuture<'static, Result<Reply, BoxError>>>>>;
+
+/// A shareable client of one upstream; clones share connections, breakers and budget.
+#[derive(Clone)]
+pub struct UpstreamClient {
+    stack: Stack,
+    breakers: Arc<Vec<Arc<Breaker>>>,
+    call_timeout: Duration,
+}
+
+impl UpstreamClient {
+    /// Builds the stack; connects lazily, so an unreachable platform does not fail start-up.
+    /// Must run inside a Tokio runtime.
+    pub fn new(endpoints: &[String], config: &UpstreamConfig) -> Result<Self, StrataError> {
+        let mut services = Vec::new();
+        let mut breakers = Vec::new();
+        for endpoint in endpoints {
+            let channel = Endpoint::from_shared(endpoint.clone())
+                .map_err(|e| StrataError::Config(format!("upstream endpoint `{endpoint}`: {e}")))?
+                .connect_timeout(config.connect_timeout)
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(5))
+                .keep_alive_while_idle(true)
+                .connect_lazy();
+            let breaker = Arc::new(Breaker::new(endpoint, config.breaker_failures, config.breaker_open_for));
+            let client = TierServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE);
+            breakers.push(Arc::clone(&breaker));
+            services.push(PendingRequests::new(
+                EndpointService { client, breaker, wait: None },
+                CompleteOnResponse::default(),
+            ));
+        }
+        let balance = Balance::new(ServiceList::new(services));
+        let buffer = Buffer::new(balance.map_future(|f| Box::pin(f) as BoxFuture<'static, _>), 1024);
+        let breakers = Arc::new(breakers);
+        let policy = RetryUnreachable {
+            budget: Arc::new(TpsBudget::new(Duration::from_secs(10), 5, config.retry_budget_percent / 100.0)),
+            breakers: Arc::clone(&breakers),
+            attempts: 0,
+        };
+        let stack = Timeout::new(Retry::new(policy, buffer), config.call_timeout);
+        Ok(Self { stack, breakers, call_timeout: config.call_timeout })
+    }
+
+    async fn call(&self, call: Call) -> Result<Reply, StrataError> {
+        if self.breakers.iter().all(|b| b.is_open()) {
+            return Err(all_open(&self.breakers));
+        }
+        self.dispatch(call).await.map_err(|err| self.error(err))
+    }
+
+    /// The stack's future, boxed outside any `async` block: proving `Send` for it inside
+    /// one trips a higher-ranked lifetime limitation of rustc with tower's boxed errors.
+    fn dispatch(&self, call: Call) -> BoxFuture<'static, Result<Reply, BoxError>> {
+        Box::pin(self.stack.clone().oneshot(call))
+    }
+
+    fn error(&self, err: BoxError) -> StrataError {
+        if err.is::<tower::timeout::error::Elapsed>() {
+            return StrataError::UpstreamUnavailable(format!(
+                "no upstream endpoint answered within {:?} (upstream.call_timeout)",
+                self.call_timeout
+            ));
+        }
+        match err.downcast::<tonic::Status>() {
+            Ok(status) => {
+                if self.breakers.iter().all(|b| b.is_open()) && is_unreachable(&status) {
+                    all_open(&self.breakers)
+                } else {
+                    status_error(&status)
+                }
+            }
+            Err(other) => match other.downcast::<AllOpen>() {
+                Ok(all) => StrataError::UpstreamUnavailable(all.to_string()),
+                Err(other) => StrataError::UpstreamUnavailable(other.to_string()),
+            },
+        }
+    }
+
+    pub async fn list_datasets(&self, request: ListDatasetsRequest) -> Result<ListDatasetsResponse, StrataError> {
+        match self.call(Call::List(request)).await? {
+            Reply::List(r) => Ok(r),
+            _ => Err(StrataError::Internal("mismatched upstream reply".into())),
+        }
+    }
+
+    /// Opens a version stream; failures after it opened arrive on the stream.
+    pub async fn subscribe(&self, request: SubscribeRequest) -> Result<Streaming<SubscribeEvent>, StrataError> {
+        match self.call(Call::Subscribe(request)).await? {
+            Reply::Subscribe(s) => Ok(s),
+            _ => Err(StrataError::Internal("mismatched upstream reply".into())),
+        }
+    }
+
+    /// Runs a query upstream; the whole stream must finish by `deadline`.
+    pub async fn execute(
+        &self,
+        request: ExecuteRequest,
+        deadline: Option<SystemTime>,
+    ) -> Result<(MetadataMap, Streaming<ArrowFrame>), StrataError> {
+        let timeout = deadline.map(|d| d.duration_since(SystemTime::now()).unwrap_or(Duration::from_millis(1)));
+        match self.call(Call::Execute(request, timeout)).await? {
+            Reply::Execute(metadata, stream) => Ok((metadata, stream)),
+            _ => Err(StrataError::Internal("mismatched upstream reply".into())),
+        }
+    }
+
+    pub async fn health(&self) -> Result<HealthResponse, StrataError> {
+        match self.call(Call::Health).await? {
+            Reply::Health(r) => Ok(r),
+            _ => Err(StrataError::Internal("mismatched upstream reply".into())),
+        }
+    }
+
+    /// (endpoint, breaker state, last error) of every endpoint.
+    pub fn endpoints(&self) -> Vec<(String, &'static str, Option<String>)> {
+        self.breakers.iter().map(|b| (b.endpoint.clone(), b.state_name(), b.last_error())).collect()
+    }
+}
+
+fn all_open(breakers: &[Arc<Breaker>]) -> StrataError {
+    let all = AllOpen {
+        endpoints: breakers.iter().map(|b| b.endpoint.as_str()).collect::<Vec<_>>().join(", "),
+        last_error: breakers.iter().find_map(|b| b.last_error()).unwrap_or_else(|| "none".into()),
+    };
+    StrataError::UpstreamUnavailable(all.to_string())
+}

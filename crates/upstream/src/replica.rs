@@ -1,0 +1,433 @@
+//! A dataset replicated from the platform: subscribe from the version held, apply the full
+//! snapshot or the appended rows of each new version, resume after any break. Replicas read
+//! the platform's accelerated copy, never the source, so N sidecars add no source load.
+
+use std::cmp::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use bytes::Bytes;
+use datafusion::common::{DFSchema, ScalarValue};
+use datafusion::logical_expr::utils::split_conjunction;
+use datafusion::logical_expr::{BinaryExpr, Expr, Operator};
+use datafusion::prelude::SessionContext;
+use datafusion_proto::bytes::Serializeable;
+use futures::{StreamExt, TryStreamExt};
+use strata_core::StrataError;
+use strata_core::accelerator::{AcceleratedTable, Snapshot};
+use strata_core::config::ReplicaConfig;
+use strata_core::dataset::{DatasetStatus, ReplicationStatus};
+use strata_core::routing::QueryOptions;
+use strata_proto::v1::{ArrowFrame, ChangeKind, SubscribeRequest, subscribe_event};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::client::UpstreamClient;
+use crate::table::Origin;
+use crate::wire;
+
+#[derive(Debug, Default)]
+struct Progress {
+    status: ReplicationStatus,
+    last_error: Option<(String, SystemTime)>,
+}
+
+/// One replicated dataset.
+pub struct Replica {
+    config: ReplicaConfig,
+    table: Arc<AcceleratedTable>,
+    /// The subset predicate, over unqualified columns.
+    predicate: Option<Expr>,
+    predicate_bytes: Bytes,
+    progress: Mutex<Progress>,
+    /// The upstream epoch the held version belongs to (0 = none).
+    epoch: std::sync::atomic::AtomicU64,
+}
+
+impl Replica {
+    /// A replica of a dataset with `schema`; the `where:` predicate must plan against it.
+    pub fn new(config: ReplicaConfig, schema: SchemaRef) -> Result<Self, StrataError> {
+        let (predicate, predicate_bytes) = match &config.predicate {
+            Some(sql) => {
+                let df_schema = DFSchema::try_from(schema.as_ref().clone())?;
+                let expr = SessionContext::new().parse_sql_expr(sql, &df_schema).map_err(|e| {
+                    StrataError::Config(format!(
+                        "replicas (`{}`).where: `{sql}` is not a valid predicate: {e}",
+                        config.name
+                    ))
+                })?;
+                let bytes = expr.to_bytes()?;
+                (Some(expr), bytes)
+            }
+            None => (None, Bytes::new()),
+        };
+        let progress = Progress {
+            status: ReplicationStatus { predicate: config.predicate.clone(), ..Default::default() },
+            last_error: None,
+        };
+        Ok(Self {
+            table: Arc::new(AcceleratedTable::new(config.name.clone(), schema)),
+            config,
+            predicate,
+            predicate_bytes,
+            progress: Mutex::new(progress),
+            epoch: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// The local copy queries read.
+    pub fn table(&self) -> Arc<AcceleratedTable> {
+        Arc::clone(&self.table)
+    }
+
+    pub fn snapshot(&self) -> Option<Arc<Snapshot>> {
+        self.table.snapshot()
+    }
+
+    pub fn predicate_sql(&self) -> Option<&str> {
+        self.config.predicate.as_deref()
+    }
+
+    fn progress(&self) -> std::sync::MutexGuard<'_, Progress> {
+        self.progress.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// True when rows passing `filters` (a scan's pushed-down conjuncts) all lie inside the
+    /// local subset. Conservative: anything it cannot prove is "no", and the query goes upstream.
+    pub fn covers(&self, filters: &[Expr]) -> bool {
+        let Some(predicate) = &self.predicate else { return true };
+        let mut known = Vec::new();
+        for f in filters {
+            known.extend(split_conjunction(f).into_iter().map(normalize));
+        }
+        split_conjunction(predicate).into_iter().map(normalize).all(|needed| known.iter().any(|k| implies(k, &needed)))
+    }
+
+    /// Keeps the local copy current until `shutdown`: subscribe from the version held,
+    /// apply versions as they come, and on any break wait briefly and resume.
+    pub async fn run(self: Arc<Self>, client: UpstreamClient, origin: Origin, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let outcome = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                outcome = self.follow(&client, &origin) => outcome,
+            };
+            self.progress().status.streaming = false;
+            match outcome {
+                Ok(()) => backoff = Duration::from_millis(100),
+                Err(err) => {
+                    warn!(dataset = %self.name(), error = %err, retry_in_ms = backoff.as_millis() as u64, "replication interrupted");
+                    self.progress().last_error = Some((err.to_string(), SystemTime::now()));
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// One subscription, until the stream ends or fails.
+    async fn follow(&self, client: &UpstreamClient, origin: &Origin) -> Result<(), StrataError> {
+        let held = self.snapshot().map_or(0, |s| s.version);
+        let request = SubscribeRequest {
+            dataset: self.config.name.clone(),
+            from_version: held,
+            predicate: self.predicate_bytes.clone(),
+            context: Some(wire::context(&QueryOptions::default(), &origin.tier, &origin.region, None)),
+            from_epoch: self.epoch.load(std::sync::atomic::Ordering::SeqCst),
+        };
+        let mut events = client.subscribe(request).await?;
+        self.progress().status.streaming = true;
+        let started = Instant::now();
+        let mut streamed: u64 = 0;
+        let mut pending: Option<(strata_proto::v1::VersionBegin, Vec<ArrowFrame>)> = None;
+        while let Some(event) = events.next().await {
+            let event = event.map_err(|s| wire::status_error(&s))?;
+            match event.event {
+                Some(subscribe_event::Event::Begin(begin)) => pending = Some((begin, Vec::new())),
+                Some(subscribe_event::Event::Data(frame)) => {
+                    let Some((_, frames)) = pending.as_mut() else {
+                        return Err(StrataError::Internal("replication: data before a version began".into()));
+                    };
+                    let size = frame.size() as u64;
+                    streamed += size;
+                    self.progress().status.bytes_received += size;
+                    frames.push(frame);
+                    self.throttle(started, streamed).await;
+                }
+                Some(subscribe_event::Event::End(end)) => {
+                    let Some((begin, frames)) = pending.take() else {
+                        return Err(StrataError::Internal("replication: a version ended before it began".into()));
+                    };
+                    if begin.version != end.version {
+                        return Err(StrataError::Internal("replication: version markers do not match".into()));
+                    }
+                    self.apply(begin, frames).await?;
+                }
+                Some(subscribe_event::Event::Heartbeat(_)) | None => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Sleeps as needed to keep the stream under `max_rate`.
+    async fn throttle(&self, started: Instant, streamed: u64) {
+        let Some(rate) = self.config.max_rate.filter(|r| r.0 > 0) else { return };
+        let due = Duration::from_secs_f64(streamed as f64 / rate.0 as f64);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    async fn apply(&self, begin: strata_proto::v1::VersionBegin, frames: Vec<ArrowFrame>) -> Result<(), StrataError> {
+        let schema = datafusion::catalog::TableProvider::schema(self.table.as_ref());
+        let batches: Vec<RecordBatch> =
+            wire::decode_frames(futures::stream::iter(frames.into_iter().map(Ok)), Arc::clone(&schema))
+                .try_collect()
+                .await?;
+        let made_at = UNIX_EPOCH + Duration::from_millis(begin.refreshed_at_unix_ms.max(0) as u64);
+        let kind = ChangeKind::try_from(begin.kind).unwrap_or(ChangeKind::Unspecified);
+        let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+        match kind {
+            ChangeKind::Snapshot => {
+                self.table.swap(Snapshot::new(batches, begin.version).made_at(made_at));
+                self.epoch.store(begin.epoch, std::sync::atomic::Ordering::SeqCst);
+                self.progress().status.snapshots += 1;
+            }
+            ChangeKind::Append => {
+                let same_epoch = self.epoch.load(std::sync::atomic::Ordering::SeqCst) == begin.epoch;
+                let Some(current) = self.snapshot().filter(|s| same_epoch && s.version == begin.base_version) else {
+                    return Err(StrataError::Internal(format!(
+                        "replication: an increment on version {} arrived, but this replica holds another; resubscribing",
+                        begin.base_version
+                    )));
+                };
+                self.table.swap(Snapshot::appended(&current, batches, begin.version).made_at(made_at));
+                self.progress().status.increments += 1;
+            }
+            ChangeKind::Unspecified => {
+                return Err(StrataError::Internal("replication: a version of unknown kind arrived".into()));
+            }
+        }
+        self.progress().last_error = None;
+        info!(dataset = %self.name(), version = begin.version, ?kind, rows, "replica updated");
+        Ok(())
+    }
+
+    /// The replica's status for `/v1/datasets`.
+    pub fn status(&self, upstream: &str) -> DatasetStatus {
+        let snapshot = self.snapshot();
+        let progress = self.progress();
+        let rfc3339 = |t: SystemTime| {
+            chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        };
+        DatasetStatus {
+            name: self.config.name.clone(),
+            source: format!("replica:{upstream}"),
+            accelerated: true,
+            state: if snapshot.is_some() { "ready" } else { "loading" },
+            rows: snapshot.as_ref().map(|s| s.rows),
+            bytes: snapshot.as_ref().map(|s| s.bytes),
+            version: snapshot.as_ref().map(|s| s.version),
+            last_refresh: snapshot.as_ref().map(|s| rfc3339(s.refreshed_at)),
+            last_refresh_duration_ms: None,
+            last_fetched_rows: None,
+            last_error: progress.last_error.as_ref().map(|(e, _)| e.clone()),
+            last_error_at: progress.last_error.as_ref().map(|(_, t)| rfc3339(*t)),
+            staleness_seconds: snapshot.as_ref().map(|s| s.refreshed_at.elapsed().unwrap_or_default().as_secs_f64()),
+            refresh_count: progress.status.snapshots + progress.status.increments,
+            refresh_errors: 0,
+            refresh_seconds_total: 0.0,
+            replication: Some(progress.status.clone()),
+        }
+    }
+}
+
+/// Puts `literal op column` as `column op' literal` and drops column qualifiers and casts
+/// of literals, so equal conditions compare equal.
+fn normalize(expr: &Expr) -> Expr {
+    let strip = |e: &Expr| -> Expr {
+        match e {
+            Expr::Column(c) => Expr::Column(datafusion::common::Column::new_unqualified(c.name.clone())),
+            Expr::Cast(cast) if matches!(cast.expr.as_ref(), Expr::Literal(..)) => (*cast.expr).clone(),
+            other => other.clone(),
+        }
+    };
+    match expr {
+        Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
+            let (l, r) = (strip(left), strip(right));
+            match (&l, &r, op.swap()) {
+                (Expr::Literal(..), Expr::Column(_), Some(swapped)) => {
+                    Expr::BinaryExpr(BinaryExpr::new(Box::new(r), swapped, Box::new(l)))
+                }
+                _ => Expr::BinaryExpr(BinaryExpr::new(Box::new(l), *op, Box::new(r))),
+            }
+        }
+        Expr::InList(list) => {
+            let mut list = list.clone();
+            list.expr = Box::new(strip(&list.expr));
+            list.list = list.list.iter().map(strip).collect();
+            Expr::InList(list)
+        }
+        other => strip(other),
+    }
+}
+
+/// Compares two literals, casting the second to the first's type (`'eu'` as Utf8View and Utf8).
+fn cmp_literals(a: &ScalarValue, b: &ScalarValue) -> Option<Ordering> {
+    if a.is_null() || b.is_null() {
+        return None;
+    }
+    if a.data_type() == b.data_type() {
+        return a.partial_cmp(b);
+    }
+    let text = |v: &ScalarValue| match v {
+        ScalarValue::Utf8(Some(s)) | ScalarValue::Utf8View(Some(s)) | ScalarValue::LargeUtf8(Some(s)) => {
+            Some(s.clone())
+        }
+        _ => None,
+    };
+    if let (Some(x), Some(y)) = (text(a), text(b)) {
+        return x.partial_cmp(&y);
+    }
+    b.cast_to(&a.data_type()).ok().and_then(|b| a.partial_cmp(&b))
+}
+
+/// A column compared with a literal.
+fn comparison(expr: &Expr) -> Option<(&str, Operator, &ScalarValue)> {
+    if let Expr::BinaryExpr(BinaryExpr { left, op, right }) = expr
+        && let (Expr::Column(c), Expr::Literal(v, _)) = (left.as_ref(), right.as_ref())
+    {
+        return Some((c.name.as_str(), *op, v));
+    }
+    None
+}
+
+/// Whether `value op bound` holds.
+fn holds(value: &ScalarValue, op: Operator, bound: &ScalarValue) -> bool {
+    let Some(ord) = cmp_literals(bound, value).map(Ordering::reverse) else { return false };
+    match op {
+        Operator::Eq => ord == Ordering::Equal,
+        Operator::NotEq => ord != Ordering::Equal,
+        Operator::Lt => ord == Ordering::Less,
+        Operator::LtEq => ord != Ordering::Greater,
+        Operator::Gt => ord == Ordering::Greater,
+        Operator::GtEq => ord != Ordering::Less,
+        _ => false,
+    }
+}
+
+/// Whether condition `known` (true of every row the query needs) implies `needed`.
+fn implies(known: &Expr, needed: &Expr) -> bool {
+    if known == needed {
+        return true;
+    }
+    // The values `known` allows for one column, when it pins them down to a finite list.
+    let allowed: Option<(&str, Vec<&ScalarValue>)> = match known {
+        Expr::InList(list) if !list.negated => {
+            match (list.expr.as_ref(), list.list.iter().all(|e| matches!(e, Expr::Literal(..)))) {
+                (Expr::Column(c), true) => Some((
+                    c.name.as_str(),
+                    list.list.iter().filter_map(|e| if let Expr::Literal(v, _) = e { Some(v) } else { None }).collect(),
+                )),
+                _ => None,
+            }
+        }
+        _ => match comparison(known) {
+            Some((c, Operator::Eq, v)) => Some((c, vec![v])),
+            _ => None,
+        },
+    };
+    if let Some((column, values)) = &allowed {
+        return match needed {
+            Expr::InList(list) if !list.negated => {
+                matches!(list.expr.as_ref(), Expr::Column(c) if c.name == *column)
+                    && values.iter().all(|v| {
+                        list.list
+                            .iter()
+                            .any(|e| matches!(e, Expr::Literal(l, _) if cmp_literals(l, v) == Some(Ordering::Equal)))
+                    })
+            }
+            _ => match comparison(needed) {
+                Some((c, op, bound)) if c == *column => values.iter().all(|v| holds(v, op, bound)),
+                _ => false,
+            },
+        };
+    }
+    // Ranges: `c > 10` implies `c > 5` and `c >= 10`.
+    match (comparison(known), comparison(needed)) {
+        (Some((kc, kop, kv)), Some((nc, nop, nv))) if kc == nc => {
+            let Some(ord) = cmp_literals(nv, kv) else { return false };
+            // ord compares the needed bound with the known bound.
+            match (kop, nop) {
+                (Operator::Gt, Operator::Gt | Operator::GtEq) => ord != Ordering::Greater,
+                (Operator::GtEq, Operator::GtEq) => ord != Ordering::Greater,
+                (Operator::GtEq, Operator::Gt) => ord == Ordering::Less,
+                (Operator::Lt, Operator::Lt | Operator::LtEq) => ord != Ordering::Less,
+                (Operator::LtEq, Operator::LtEq) => ord != Ordering::Less,
+                (Operator::LtEq, Operator::Lt) => ord == Ordering::Greater,
+                _ => false,
+            }
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::prelude::{col, lit};
+
+    fn replica(predicate: &str) -> Replica {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("region", DataType::Utf8, true),
+            Field::new("amount", DataType::Int64, true),
+        ]));
+        let config = ReplicaConfig { name: "orders".into(), predicate: Some(predicate.into()), max_rate: None };
+        Replica::new(config, schema).expect("replica")
+    }
+
+    #[test]
+    fn equality_subset_is_covered_only_by_the_same_value() {
+        let r = replica("region = 'eu'");
+        assert!(r.covers(&[col("region").eq(lit("eu"))]));
+        assert!(r.covers(&[lit("eu").eq(col("orders.region")), col("amount").gt(lit(3))]));
+        assert!(r.covers(&[col("region").eq(lit(ScalarValue::Utf8View(Some("eu".into()))))]));
+        assert!(!r.covers(&[col("region").eq(lit("us"))]));
+        assert!(!r.covers(&[]), "no filter: the query may need every region");
+        assert!(!r.covers(&[col("region").not_eq(lit("us"))]));
+        assert!(!r.covers(&[col("region").in_list(vec![lit("eu"), lit("us")], false)]));
+    }
+
+    #[test]
+    fn in_list_subset_and_ranges() {
+        let r = replica("region IN ('eu', 'uk')");
+        assert!(r.covers(&[col("region").eq(lit("uk"))]));
+        assert!(r.covers(&[col("region").in_list(vec![lit("eu"), lit("uk")], false)]));
+        assert!(!r.covers(&[col("region").in_list(vec![lit("eu"), lit("us")], false)]));
+
+        let r = replica("amount >= 100");
+        assert!(r.covers(&[col("amount").gt(lit(150i64))]));
+        assert!(r.covers(&[col("amount").gt_eq(lit(100i64))]));
+        assert!(r.covers(&[col("amount").eq(lit(100i64))]));
+        assert!(!r.covers(&[col("amount").gt(lit(50i64))]));
+        assert!(!r.covers(&[col("amount").lt(lit(150i64))]));
+    }
+
+    #[test]
+    fn a_bad_predicate_names_the_replica() {
+        let schema = Arc::new(Schema::new(vec![Field::new("region", DataType::Utf8, true)]));
+        let config = ReplicaConfig { name: "orders".into(), predicate: Some("nope = 1".into()), max_rate: None };
+        let err = Replica::new(config, schema).err().expect("must fail").to_string();
+        assert!(err.contains("orders") && err.contains("nope"), "{err}");
+    }
+}

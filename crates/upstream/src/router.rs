@@ -1,0 +1,408 @@
+//! The routing of a tier with upstreams: a sidecar (upstream = its platform) or a platform
+//! (upstreams = its peer regions). It keeps the upstream catalog registered as upstream
+//! tables, runs replicas, and decides per query: local, forwarded, or mixed.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use datafusion::common::tree_node::Transformed;
+use datafusion::datasource::provider_as_source;
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::logical_expr::LogicalPlan;
+use strata_core::config::{ReplicaConfig, UpstreamConfig};
+use strata_core::dataset::DatasetStatus;
+use strata_core::routing::{
+    CatalogEntry, ForwardQuery, QueryOptions, Route, RouteInfo, RouteReason, Router, Routing, VersionRead,
+};
+use strata_core::{Engine, StrataError};
+use strata_proto::v1::{ExecuteRequest, ListDatasetsRequest, SqlQuery, execute_request};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::client::UpstreamClient;
+use crate::replica::Replica;
+use crate::table::{Origin, UpstreamTable};
+use crate::wire;
+
+/// Forwarding stops after this many platforms (a misconfigured peer loop fails, not spins).
+const MAX_HOPS: u32 = 3;
+
+/// One upstream this tier reaches: the platform of a sidecar, or a platform's peer region.
+struct Upstream {
+    client: UpstreamClient,
+    label: String,
+    /// Only datasets homed in this region are taken from its catalog (peers).
+    only_region: Option<String>,
+}
+
+struct Remote {
+    entry: CatalogEntry,
+    upstream: usize,
+}
+
+/// The router of a tier with upstreams.
+pub struct TierRouter {
+    engine: Engine,
+    origin: Origin,
+    upstreams: Vec<Upstream>,
+    /// The upstream that answers anything this tier cannot (a sidecar's platform).
+    default_upstream: Option<usize>,
+    remote: RwLock<HashMap<String, Remote>>,
+    replica_configs: Vec<ReplicaConfig>,
+    replicas: RwLock<HashMap<String, Arc<Replica>>>,
+    shutdown: CancellationToken,
+}
+
+fn key(name: &str) -> String {
+    name.to_ascii_lowercase()
+}
+
+impl TierRouter {
+    /// A sidecar's router: one upstream platform (with several endpoints) that answers
+    /// everything not served locally.
+    pub fn for_sidecar(
+        engine: Engine,
+        tier: &str,
+        upstream: &UpstreamConfig,
+        replicas: Vec<ReplicaConfig>,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, StrataError> {
+        let client = UpstreamClient::new(&upstream.endpoints, upstream)?;
+        let label = upstream.endpoints.join(",");
+        Ok(Self::build(
+            engine,
+            tier,
+            vec![Upstream { client, label, only_region: None }],
+            Some(0),
+            replicas,
+            upstream.catalog_interval,
+            shutdown,
+        ))
+    }
+
+    /// A platform's router: one upstream per peer region, each serving only its own datasets.
+    pub fn for_platform(
+        engine: Engine,
+        peers: &[strata_core::config::PeerConfig],
+        settings: &UpstreamConfig,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, StrataError> {
+        let mut upstreams = Vec::new();
+        for peer in peers {
+            upstreams.push(Upstream {
+                client: UpstreamClient::new(std::slice::from_ref(&peer.endpoint), settings)?,
+                label: format!("{} ({})", peer.region, peer.endpoint),
+                only_region: Some(peer.region.clone()),
+            });
+        }
+        Ok(Self::build(engine, "platform", upstreams, None, Vec::new(), settings.catalog_interval, shutdown))
+    }
+
+    fn build(
+        engine: Engine,
+        tier: &str,
+        upstreams: Vec<Upstream>,
+        default_upstream: Option<usize>,
+        replica_configs: Vec<ReplicaConfig>,
+        catalog_interval: Duration,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        let origin = Origin { tier: tier.to_string(), region: engine.region().to_string() };
+        let router = Arc::new(Self {
+            engine: engine.clone(),
+            origin,
+            upstreams,
+            default_upstream,
+            remote: RwLock::new(HashMap::new()),
+            replica_configs,
+            replicas: RwLock::new(HashMap::new()),
+            shutdown,
+        });
+        engine.set_router(Arc::clone(&router) as Arc<dyn Router>);
+        // Readiness waits for the first catalog of every upstream.
+        for index in 0..router.upstreams.len() {
+            engine.add_startup_task();
+            let r = Arc::clone(&router);
+            tokio::spawn(async move { r.sync_catalog(index, catalog_interval).await });
+        }
+        router
+    }
+
+    /// Reads the upstream's catalog now and then, registering new datasets and starting replicas.
+    async fn sync_catalog(self: Arc<Self>, index: usize, interval: Duration) {
+        let mut first = true;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let upstream = &self.upstreams[index];
+            let request = ListDatasetsRequest {
+                context: Some(wire::context(&QueryOptions::default(), &self.origin.tier, &self.origin.region, None)),
+            };
+            let wait = match upstream.client.list_datasets(request).await {
+                Ok(response) => {
+                    self.apply_catalog(index, response.datasets);
+                    if std::mem::take(&mut first) {
+                        info!(upstream = %upstream.label, "upstream catalog loaded");
+                        self.report_missing_replicas();
+                        self.engine.startup_task_done();
+                    }
+                    backoff = Duration::from_millis(100);
+                    interval
+                }
+                Err(err) => {
+                    warn!(upstream = %upstream.label, error = %err, "cannot read the upstream catalog");
+                    backoff = (backoff * 2).min(interval);
+                    backoff
+                }
+            };
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    fn apply_catalog(&self, index: usize, datasets: Vec<strata_proto::v1::DatasetInfo>) {
+        let upstream = &self.upstreams[index];
+        let local: HashSet<String> = self.engine.datasets().into_iter().map(|d| key(&d.name)).collect();
+        for info in &datasets {
+            let entry = match wire::catalog_entry(info) {
+                Ok(entry) => entry,
+                Err(err) => {
+                    warn!(error = %err, "skipping an upstream dataset");
+                    continue;
+                }
+            };
+            let name = key(&entry.name);
+            if upstream.only_region.as_ref().is_some_and(|r| *r != entry.home_region)
+                || (local.contains(&name) && !self.replica_configs.iter().any(|r| key(&r.name) == name))
+            {
+                continue;
+            }
+            let mut remote = self.remote.write().unwrap_or_else(|p| p.into_inner());
+            let known_schema = remote.get(&name).map(|r| Arc::clone(&r.entry.schema));
+            if known_schema.as_ref().is_none_or(|s| s.fields() != entry.schema.fields()) {
+                let table = UpstreamTable::new(
+                    entry.name.clone(),
+                    Arc::clone(&entry.schema),
+                    upstream.client.clone(),
+                    self.origin.clone(),
+                );
+                if let Err(err) = self.engine.register_table(&entry.name, Arc::new(table)) {
+                    warn!(dataset = %entry.name, error = %err, "cannot register an upstream dataset");
+                    continue;
+                }
+                if known_schema.is_some() {
+                    warn!(dataset = %entry.name, "upstream schema changed; the local replica restarts");
+                    self.replicas.write().unwrap_or_else(|p| p.into_inner()).remove(&name);
+                }
+            }
+            self.start_replica(&name, &entry, index);
+            remote.insert(name, Remote { entry, upstream: index });
+        }
+    }
+
+    /// A replica the platform does not list is a config mistake; say so once, by name.
+    fn report_missing_replicas(&self) {
+        let remote = self.remote.read().unwrap_or_else(|p| p.into_inner());
+        for (i, r) in self.replica_configs.iter().enumerate() {
+            if !remote.contains_key(&key(&r.name)) {
+                error!(
+                    "replicas[{i}]: dataset `{}` is not in the platform's catalog; nothing to replicate (queries naming it fail as unknown tables)",
+                    r.name
+                );
+            }
+        }
+    }
+
+    fn start_replica(&self, name: &str, entry: &CatalogEntry, index: usize) {
+        let Some(config) = self.replica_configs.iter().find(|r| key(&r.name) == name) else { return };
+        let mut replicas = self.replicas.write().unwrap_or_else(|p| p.into_inner());
+        if replicas.contains_key(name) {
+            return;
+        }
+        if !entry.accelerated {
+            warn!(dataset = %entry.name, "the platform does not accelerate this dataset, so it cannot be replicated; queries on it are forwarded");
+            return;
+        }
+        let replica = match Replica::new(config.clone(), Arc::clone(&entry.schema)) {
+            Ok(r) => Arc::new(r),
+            Err(err) => {
+                warn!(dataset = %entry.name, error = %err, "replica not started; queries on it are forwarded");
+                return;
+            }
+        };
+        replicas.insert(name.to_string(), Arc::clone(&replica));
+        let client = self.upstreams[index].client.clone();
+        tokio::spawn(replica.run(client, self.origin.clone(), self.shutdown.child_token()));
+    }
+
+    /// The upstream client to the default platform, for the tier's own calls (health).
+    pub fn default_client(&self) -> Option<&UpstreamClient> {
+        self.default_upstream.map(|i| &self.upstreams[i].client)
+    }
+}
+
+/// A route decision for one scan.
+enum ScanRoute {
+    Local(Arc<Replica>),
+    Remote { reason: RouteReason, detail: String, forces_forward: bool },
+}
+
+#[async_trait]
+impl Router for TierRouter {
+    fn route(&self, plan: LogicalPlan, options: &QueryOptions, can_forward: bool) -> strata_core::Result<Routing> {
+        if options.hops > MAX_HOPS {
+            return Err(StrataError::Plan(format!("query crossed more than {MAX_HOPS} platforms; check `peers:`")));
+        }
+        let remote = self.remote.read().unwrap_or_else(|p| p.into_inner());
+        let replicas = self.replicas.read().unwrap_or_else(|p| p.into_inner());
+        let mut local_scans = 0usize;
+        let mut remote_upstreams = HashSet::new();
+        let mut first_miss: Option<(RouteReason, String)> = None;
+        let mut forced: Option<(RouteReason, String)> = None;
+        let mut versions: Vec<VersionRead> = Vec::new();
+        let now = SystemTime::now();
+        let age = |t: Option<SystemTime>| t.map_or(0, |t| now.duration_since(t).unwrap_or_default().as_millis() as u64);
+
+        let plan = plan
+            .transform_up_with_subqueries(|node| {
+                let LogicalPlan::TableScan(mut scan) = node else { return Ok(Transformed::no(node)) };
+                let name = match scan.table_name.schema() {
+                    Some(s) if s != strata_core::engine::DEFAULT_SCHEMA => format!("{s}.{}", scan.table_name.table()),
+                    _ => scan.table_name.table().to_string(),
+                };
+                let Some(r) = remote.get(&key(&name)) else {
+                    local_scans += 1;
+                    return Ok(Transformed::no(LogicalPlan::TableScan(scan)));
+                };
+                let decision = if r.entry.home_region != self.origin.region {
+                    ScanRoute::Remote {
+                        reason: RouteReason::CrossRegion,
+                        detail: format!("`{name}` is homed in region `{}`", r.entry.home_region),
+                        forces_forward: true,
+                    }
+                } else if options.strong_consistency {
+                    ScanRoute::Remote {
+                        reason: RouteReason::StrongConsistency,
+                        detail: "the client asked for strong consistency".into(),
+                        forces_forward: true,
+                    }
+                } else {
+                    match replicas.get(&key(&name)) {
+                        None => ScanRoute::Remote {
+                            reason: RouteReason::NotAccelerated,
+                            detail: format!("`{name}` is not replicated here"),
+                            forces_forward: false,
+                        },
+                        Some(replica) if replica.snapshot().is_none() => ScanRoute::Remote {
+                            reason: RouteReason::ColdStart,
+                            detail: format!("the first copy of `{name}` has not arrived yet"),
+                            forces_forward: false,
+                        },
+                        Some(replica) if !replica.covers(&scan.filters) => ScanRoute::Remote {
+                            reason: RouteReason::OutsideSubset,
+                            detail: format!(
+                                "the query may need rows of `{name}` outside the local subset `{}`",
+                                replica.predicate_sql().unwrap_or_default()
+                            ),
+                            forces_forward: false,
+                        },
+                        Some(replica) => ScanRoute::Local(Arc::clone(replica)),
+                    }
+                };
+                match decision {
+                    ScanRoute::Local(replica) => {
+                        local_scans += 1;
+                        if let Some(s) = replica.snapshot() {
+                            versions.push(VersionRead {
+                                dataset: replica.name().to_string(),
+                                version: s.version,
+                                age_ms: age(Some(s.refreshed_at)),
+                            });
+                        }
+                        scan.source = provider_as_source(replica.table());
+                        Ok(Transformed::yes(LogicalPlan::TableScan(scan)))
+                    }
+                    ScanRoute::Remote { reason, detail, forces_forward } => {
+                        remote_upstreams.insert(r.upstream);
+                        versions.push(VersionRead {
+                            dataset: r.entry.name.clone(),
+                            version: r.entry.version,
+                            age_ms: age(r.entry.refreshed_at),
+                        });
+                        if forces_forward && forced.is_none() {
+                            forced = Some((reason, detail));
+                        } else if first_miss.is_none() {
+                            first_miss = Some((reason, detail));
+                        }
+                        Ok(Transformed::no(LogicalPlan::TableScan(scan)))
+                    }
+                }
+            })?
+            .data;
+
+        let Some((reason, detail)) = forced.clone().or(first_miss) else {
+            let mut info = RouteInfo::local("every table is answered from this tier's copies");
+            info.versions = versions;
+            return Ok(Routing::Run { plan, info });
+        };
+        let single_upstream = (local_scans == 0 && remote_upstreams.len() == 1)
+            .then(|| remote_upstreams.iter().next().copied())
+            .flatten();
+        let target = match (forced.is_some(), self.default_upstream, single_upstream) {
+            (true, Some(default), _) => Some(default),
+            (_, _, Some(single)) => Some(single),
+            _ => None,
+        };
+        match target {
+            Some(upstream) if can_forward => Ok(Routing::Forward {
+                info: RouteInfo { route: Route::Forwarded, reason, detail, versions: Vec::new() },
+                upstream,
+            }),
+            _ => Ok(Routing::Run { plan, info: RouteInfo { route: Route::Mixed, reason, detail, versions } }),
+        }
+    }
+
+    async fn forward(
+        &self,
+        query: ForwardQuery<'_>,
+        options: &QueryOptions,
+        mut info: RouteInfo,
+        upstream: usize,
+        deadline: SystemTime,
+    ) -> strata_core::Result<(SendableRecordBatchStream, RouteInfo)> {
+        let upstream = self
+            .upstreams
+            .get(upstream)
+            .ok_or_else(|| StrataError::Internal(format!("no upstream number {upstream}")))?;
+        let request = ExecuteRequest {
+            context: Some(wire::context(options, &self.origin.tier, &self.origin.region, Some(deadline))),
+            query: Some(execute_request::Query::Sql(SqlQuery {
+                sql: query.sql.to_string(),
+                params: wire::params_to_ipc(query.params)?,
+            })),
+        };
+        let (metadata, frames) = upstream.client.execute(request, Some(deadline)).await?;
+        if let Some(versions) = metadata.get(wire::VERSIONS_HEADER).and_then(|v| v.to_str().ok()) {
+            info.versions = RouteInfo::parse_versions(versions);
+        }
+        Ok((wire::decode_frames(frames, query.schema), info))
+    }
+
+    fn remote_catalog(&self) -> Vec<CatalogEntry> {
+        let remote = self.remote.read().unwrap_or_else(|p| p.into_inner());
+        let mut entries: Vec<CatalogEntry> = remote.values().map(|r| r.entry.clone()).collect();
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        entries
+    }
+
+    fn replica_statuses(&self) -> Vec<DatasetStatus> {
+        let replicas = self.replicas.read().unwrap_or_else(|p| p.into_inner());
+        let label = self.default_upstream.map(|i| self.upstreams[i].label.clone()).unwrap_or_default();
+        let mut statuses: Vec<DatasetStatus> = replicas.values().map(|r| r.status(&label)).collect();
+        statuses.sort_by(|a, b| a.name.cmp(&b.name));
+        statuses
+    }
+}

@@ -1,0 +1,237 @@
+//! Conversions between the tier protocol's generated types and the engine's domain types.
+//! Generated types stop here: nothing past this module sees them.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arrow::array::{ArrayRef, RecordBatch};
+use arrow::datatypes::{Field, Schema, SchemaRef};
+use arrow::ipc::reader::StreamReader;
+use arrow::ipc::writer::{IpcWriteOptions, StreamWriter};
+use arrow_flight::decode::FlightRecordBatchStream;
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::error::FlightError;
+use arrow_flight::{FlightData, IpcMessage, SchemaAsIpc};
+use bytes::Bytes;
+use datafusion::common::ScalarValue;
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use futures::{Stream, TryStreamExt};
+use strata_core::StrataError;
+use strata_core::routing::{CatalogEntry, QueryOptions};
+use strata_proto::v1::{ArrowFrame, DatasetInfo, QueryContext};
+
+/// gRPC metadata key naming the [`StrataError`] kind of a failed call, so a downstream tier
+/// can tell "the platform refused the query" from "the platform is unreachable".
+pub const ERROR_KIND_HEADER: &str = "strata-error-kind";
+/// Response headers of forwarded queries and of every tier's answers.
+pub const ROUTE_HEADER: &str = "strata-route";
+pub const ROUTE_REASON_HEADER: &str = "strata-route-reason";
+pub const VERSIONS_HEADER: &str = "strata-versions";
+/// Request header asking for the authoritative copy.
+pub const CONSISTENCY_HEADER: &str = "strata-consistency";
+
+/// The Arrow IPC schema message.
+pub fn schema_to_ipc(schema: &Schema) -> Result<Bytes, StrataError> {
+    let message = IpcMessage::try_from(SchemaAsIpc::new(schema, &IpcWriteOptions::default()))?;
+    Ok(message.0)
+}
+
+pub fn schema_from_ipc(bytes: &[u8]) -> Result<SchemaRef, StrataError> {
+    Ok(Arc::new(arrow::ipc::convert::try_schema_from_ipc_buffer(bytes)?))
+}
+
+fn millis_since_epoch(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
+fn from_millis(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+/// The context a forwarded call carries.
+pub fn context(options: &QueryOptions, tier: &str, region: &str, deadline: Option<SystemTime>) -> QueryContext {
+    QueryContext {
+        origin_tier: if options.origin_tier.is_empty() { tier.to_string() } else { options.origin_tier.clone() },
+        origin_region: if options.origin_region.is_empty() {
+            region.to_string()
+        } else {
+            options.origin_region.clone()
+        },
+        tenant: options.tenant.clone(),
+        traceparent: options.traceparent.clone(),
+        deadline_unix_ms: deadline.map_or(0, millis_since_epoch),
+        strong_consistency: options.strong_consistency,
+        hops: options.hops + 1,
+    }
+}
+
+/// Options and deadline of a call received from another tier.
+pub fn options(context: Option<QueryContext>) -> (QueryOptions, Option<SystemTime>) {
+    let c = context.unwrap_or_default();
+    let deadline = (c.deadline_unix_ms > 0).then(|| from_millis(c.deadline_unix_ms));
+    (
+        QueryOptions {
+            strong_consistency: c.strong_consistency,
+            tenant: c.tenant,
+            traceparent: c.traceparent,
+            origin_tier: c.origin_tier,
+            origin_region: c.origin_region,
+            hops: c.hops,
+        },
+        deadline,
+    )
+}
+
+pub fn dataset_info(entry: &CatalogEntry) -> Result<DatasetInfo, StrataError> {
+    Ok(DatasetInfo {
+        name: entry.name.clone(),
+        schema: schema_to_ipc(&entry.schema)?,
+        home_region: entry.home_region.clone(),
+        version: entry.version,
+        rows: entry.rows,
+        refreshed_at_unix_ms: entry.refreshed_at.map_or(0, |t| millis_since_epoch(t) as i64),
+        accelerated: entry.accelerated,
+    })
+}
+
+pub fn catalog_entry(info: &DatasetInfo) -> Result<CatalogEntry, StrataError> {
+    if info.name.is_empty() {
+        return Err(StrataError::Internal("upstream listed a dataset without a name".into()));
+    }
+    Ok(CatalogEntry {
+        name: info.name.clone(),
+        schema: schema_from_ipc(&info.schema)
+            .map_err(|e| StrataError::Internal(format!("schema of upstream dataset `{}`: {e}", info.name)))?,
+        home_region: info.home_region.clone(),
+        version: info.version,
+        rows: info.rows,
+        refreshed_at: (info.refreshed_at_unix_ms > 0).then(|| from_millis(info.refreshed_at_unix_ms as u64)),
+        accelerated: info.accelerated,
+    })
+}
+
+/// Positional parameters as an Arrow IPC stream of one row.
+pub fn params_to_ipc(params: &[ScalarValue]) -> Result<Bytes, StrataError> {
+    if params.is_empty() {
+        return Ok(Bytes::new());
+    }
+    let mut fields = Vec::with_capacity(params.len());
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(params.len());
+    for (i, value) in params.iter().enumerate() {
+        fields.push(Field::new(format!("${}", i + 1), value.data_type(), true));
+        columns.push(value.to_array()?);
+    }
+    let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?;
+    let mut out = Vec::new();
+    let mut writer = StreamWriter::try_new(&mut out, &batch.schema())?;
+    writer.write(&batch)?;
+    writer.finish()?;
+    drop(writer);
+    Ok(Bytes::from(out))
+}
+
+pub fn params_from_ipc(bytes: &[u8]) -> Result<Vec<ScalarValue>, StrataError> {
+    if bytes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let reader = StreamReader::try_new(std::io::Cursor::new(bytes), None)?;
+    let mut values = Vec::new();
+    for batch in reader {
+        let batch = batch?;
+        if batch.num_rows() != 1 {
+            return Err(StrataError::Plan("parameters must be one row".into()));
+        }
+        for column in batch.columns() {
+            values.push(ScalarValue::try_from_array(column, 0)?);
+        }
+    }
+    Ok(values)
+}
+
+/// Decodes a stream of frames into record batches of the schema the frames announce.
+pub fn decode_frames<S>(frames: S, expected: SchemaRef) -> SendableRecordBatchStream
+where
+    S: Stream<Item = Result<ArrowFrame, tonic::Status>> + Send + 'static,
+{
+    let data = frames.map_ok(FlightData::from).map_err(|status| FlightError::Tonic(Box::new(status)));
+    let batches = FlightRecordBatchStream::new_from_flight_data(data)
+        .map_err(|e| datafusion::error::DataFusionError::from(flight_error(e)));
+    Box::pin(RecordBatchStreamAdapter::new(expected, batches))
+}
+
+/// Encodes record batches as frames (schema first, dictionaries as needed).
+pub fn encode_frames<S>(schema: SchemaRef, batches: S) -> impl Stream<Item = Result<ArrowFrame, FlightError>> + Send
+where
+    S: Stream<Item = Result<RecordBatch, FlightError>> + Send + 'static,
+{
+    FlightDataEncoderBuilder::new().with_schema(schema).build(batches).map_ok(ArrowFrame::from)
+}
+
+/// An error of a call to another tier, as the engine's error.
+pub fn flight_error(err: FlightError) -> StrataError {
+    match err {
+        FlightError::Tonic(status) => status_error(&status),
+        FlightError::ExternalError(e) => match e.downcast::<StrataError>() {
+            Ok(strata) => *strata,
+            Err(other) => StrataError::Execution(other.to_string()),
+        },
+        other => StrataError::Execution(format!("upstream stream: {other}")),
+    }
+}
+
+/// Maps a status from another tier back to the error it reported; a status without the
+/// kind header never reached a Strata server: the upstream is unavailable.
+pub fn status_error(status: &tonic::Status) -> StrataError {
+    let kind = status.metadata().get(ERROR_KIND_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let message = status.message().to_string();
+    match kind {
+        Some(kind) => StrataError::from_kind(&kind, message),
+        None => match status.code() {
+            tonic::Code::DeadlineExceeded => {
+                StrataError::UpstreamUnavailable(format!("no answer before the deadline ({message})"))
+            }
+            tonic::Code::Unimplemented => StrataError::UpstreamUnavailable(format!(
+                "the upstream does not speak the strata.v1 tier protocol ({message})"
+            )),
+            _ => StrataError::UpstreamUnavailable(message),
+        },
+    }
+}
+
+/// Whether a status means the call never reached a working server (worth a retry elsewhere,
+/// and a failure for the circuit breaker).
+pub fn is_unreachable(status: &tonic::Status) -> bool {
+    status.metadata().get(ERROR_KIND_HEADER).is_none()
+        && matches!(
+            status.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameters_round_trip_as_one_ipc_row() {
+        let params =
+            vec![ScalarValue::Int64(Some(42)), ScalarValue::Utf8(Some("eu".into())), ScalarValue::Float64(None)];
+        let bytes = params_to_ipc(&params).expect("encode");
+        assert_eq!(params_from_ipc(&bytes).expect("decode"), params);
+        assert!(params_from_ipc(&params_to_ipc(&[]).expect("empty")).expect("decode").is_empty());
+    }
+
+    #[test]
+    fn a_status_without_a_kind_means_the_upstream_is_unreachable() {
+        let refused = tonic::Status::unavailable("tcp connect error: Connection refused");
+        assert!(is_unreachable(&refused));
+        assert!(matches!(status_error(&refused), StrataError::UpstreamUnavailable(_)));
+
+        let mut refused_query = tonic::Status::invalid_argument("SQL parse error: near FROM");
+        refused_query.metadata_mut().insert(ERROR_KIND_HEADER, "parse".parse().expect("value"));
+        assert!(!is_unreachable(&refused_query));
+        let err = status_error(&refused_query);
+        assert_eq!((err.kind(), err.to_string().as_str()), ("parse", "SQL parse error: near FROM"));
+    }
+}

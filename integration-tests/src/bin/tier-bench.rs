@@ -1,0 +1,127 @@
+//! Point-lookup latency through the tiers, measured in one run on this machine:
+//! the sidecar answering from its replica, the same query forwarded by the sidecar to the
+//! platform, the platform directly, and a bare tier-protocol `Health` call as the floor.
+//!
+//! `cargo run -p strata-integration-tests --bin tier-bench -- [iterations] [rows]`
+//! (build the tier binaries first: `cargo build --workspace --bins`).
+
+#![allow(clippy::print_stdout)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::{Int64Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use arrow_flight::sql::client::FlightSqlServiceClient;
+use datafusion::parquet::arrow::ArrowWriter;
+use futures::TryStreamExt;
+use strata_integration_tests::tier::Tier;
+use strata_proto::v1::HealthRequest;
+use strata_proto::v1::tier_service_client::TierServiceClient;
+use tonic::transport::Channel;
+
+async fn connect(addr: std::net::SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}")).expect("uri").tcp_nodelay(true).connect().await.expect("connect")
+}
+
+async fn lookup(client: &mut FlightSqlServiceClient<Channel>, key: i64) -> usize {
+    let info = client.execute(format!("SELECT v FROM points WHERE id = {key}"), None).await.expect("execute");
+    let ticket = info.endpoint[0].ticket.clone().expect("ticket");
+    let batches: Vec<RecordBatch> = client.do_get(ticket).await.expect("do_get").try_collect().await.expect("rows");
+    batches.iter().map(RecordBatch::num_rows).sum()
+}
+
+fn summary(name: &str, mut samples: Vec<Duration>, floor: Option<f64>) -> f64 {
+    samples.sort();
+    let pick = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)].as_secs_f64() * 1e6;
+    let (p50, p99) = (pick(0.5), pick(0.99));
+    let ratio = floor.map(|f| format!("{:>6.1}x", p50 / f)).unwrap_or_else(|| "  base".into());
+    println!("{name:<40} p50 {p50:>9.0} us   p99 {p99:>9.0} us   {ratio}");
+    p50
+}
+
+#[tokio::main]
+async fn main() {
+    let mut args = std::env::args().skip(1);
+    let iterations: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(2000);
+    let rows: i64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(100_000);
+    let dir = tempfile::tempdir().expect("dir");
+    let schema =
+        Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false), Field::new("v", DataType::Utf8, false)]));
+    let path = dir.path().join("points.parquet");
+    let mut writer =
+        ArrowWriter::try_new(std::fs::File::create(&path).expect("file"), schema.clone(), None).expect("writer");
+    for start in (0..rows).step_by(8192) {
+        let ids: Vec<i64> = (start..(start + 8192).min(rows)).collect();
+        let values: Vec<String> = ids.iter().map(|i| format!("value-{i}")).collect();
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![Arc::new(Int64Array::from(ids)), Arc::new(StringArray::from(values))],
+        )
+        .expect("batch");
+        writer.write(&batch).expect("write");
+    }
+    writer.close().expect("close");
+
+    let platform = Tier::start(
+        "platform-service",
+        &format!(
+            "region: eu\ndatasets:\n  - name: points\n    from: file:{}\n    acceleration: {{}}\n",
+            path.display()
+        ),
+    )
+    .await;
+    platform.wait_ready(Duration::from_secs(60)).await;
+    let sidecar = Tier::start(
+        "app-sidecar",
+        &format!(
+            "region: eu\nupstream:\n  endpoints: [http://{}]\nreplicas:\n  - name: points\n",
+            platform.flight_addr
+        ),
+    )
+    .await;
+    sidecar.wait_ready(Duration::from_secs(60)).await;
+    for _ in 0..600 {
+        if sidecar.dataset("points").await["state"] == "ready" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let mut health = TierServiceClient::new(connect(platform.flight_addr).await);
+    let mut local = FlightSqlServiceClient::new(connect(sidecar.flight_addr).await);
+    let mut forwarded = FlightSqlServiceClient::new(connect(sidecar.flight_addr).await);
+    forwarded.set_header("strata-consistency", "strong");
+    let mut direct = FlightSqlServiceClient::new(connect(platform.flight_addr).await);
+
+    println!("point lookup on {rows} rows, {iterations} iterations each, Flight SQL execute + DoGet");
+    let mut floor = Vec::new();
+    let (mut l, mut f, mut d) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..iterations + 100 {
+        let key = (i as i64 * 7919) % rows;
+        let t = Instant::now();
+        health.health(HealthRequest {}).await.expect("health");
+        let floor_t = t.elapsed();
+        let t = Instant::now();
+        assert_eq!(lookup(&mut local, key).await, 1);
+        let local_t = t.elapsed();
+        let t = Instant::now();
+        assert_eq!(lookup(&mut forwarded, key).await, 1);
+        let forwarded_t = t.elapsed();
+        let t = Instant::now();
+        assert_eq!(lookup(&mut direct, key).await, 1);
+        let direct_t = t.elapsed();
+        if i >= 100 {
+            floor.push(floor_t);
+            l.push(local_t);
+            f.push(forwarded_t);
+            d.push(direct_t);
+        }
+    }
+    let base = summary("tier-protocol Health round trip (floor)", floor, None);
+    summary("sidecar, answered locally", l, Some(base));
+    summary("sidecar, forwarded to the platform", f, Some(base));
+    summary("platform directly", d, Some(base));
+    let local_status = sidecar.dataset("points").await;
+    println!("replica: version {} rows {}", local_status["version"], local_status["rows"]);
+}
