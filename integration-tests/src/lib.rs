@@ -6,11 +6,16 @@ pub mod tier;
 
 use std::path::PathBuf;
 
-/// Directory holding the workspace's built binaries (next to this test executable's `deps/`).
+/// Directory holding the workspace's built binaries: the profile directory, which holds a
+/// binary such as `tier-bench` itself, or the parent of a test executable's `deps/`.
 pub fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let deps = exe.parent().expect("deps dir");
-    deps.parent().expect("profile dir").to_path_buf()
+    let exe = std::env::current_exe().expect("executable path");
+    let dir = exe.parent().expect("executable dir");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("profile dir").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// The workspace root, for fixtures such as `examples/` and `integration-tests/slt/`.

@@ -397,8 +397,11 @@ impl Engine {
             match routing {
                 Routing::Run { plan, mut info } => {
                     self.add_local_versions(&plan, &mut info);
-                    let df = self.inner.ctx.execute_logical_plan(plan).await?;
-                    Ok::<_, StrataError>((df.execute_stream().await?, info))
+                    // Already optimized (routing needs the pushed-down filters): plan it physically
+                    // without a second optimizer pass.
+                    let physical = state.query_planner().create_physical_plan(&plan, &state).await?;
+                    let stream = datafusion::physical_plan::execute_stream(physical, self.inner.ctx.task_ctx())?;
+                    Ok::<_, StrataError>((stream, info))
                 }
                 Routing::Forward { info, upstream } => {
                     let (QueryInput::Sql { sql, params }, Some(router)) = (&input, self.router()) else {
