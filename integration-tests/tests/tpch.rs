@@ -90,7 +90,7 @@ pub(crate) fn rows(batches: &[RecordBatch]) -> Vec<Vec<String>> {
     out
 }
 
-pub(crate) fn same_value(a: &str, b: &str) -> bool {
+fn same_value(a: &str, b: &str) -> bool {
     if a == b {
         return true;
     }
@@ -98,6 +98,29 @@ pub(crate) fn same_value(a: &str, b: &str) -> bool {
         (Ok(x), Ok(y)) => (x - y).abs() <= 1e-6 * x.abs().max(y.abs()).max(1.0),
         _ => false,
     }
+}
+
+/// Runs TPC-H query `n` on `tier` and compares it with `expected`; a description of the
+/// difference, if any.
+pub(crate) async fn differs(tier: &Tier, n: usize, sql: &str, expected: &[Vec<String>]) -> Option<String> {
+    let actual = match tier.flight_query(sql).await {
+        Ok(batches) => rows(&batches),
+        Err(err) => return Some(format!("Q{n}: {}", err.message())),
+    };
+    let equal = expected.len() == actual.len()
+        && expected
+            .iter()
+            .zip(&actual)
+            .all(|(e, a)| e.len() == a.len() && e.iter().zip(a).all(|(x, y)| same_value(x, y)));
+    (!equal).then(|| {
+        format!(
+            "Q{n}: {} rows expected, {} got; first expected {:?}, first got {:?}",
+            expected.len(),
+            actual.len(),
+            expected.first(),
+            actual.first()
+        )
+    })
 }
 
 #[tokio::test]
@@ -133,27 +156,7 @@ async fn tpch_federated_to_postgres_matches_in_memory_datafusion() {
         let path = workspace_root().join(format!("integration-tests/tpch/q{n:02}.sql"));
         let sql = std::fs::read_to_string(&path).expect("query file");
         let expected = rows(&local.sql(&sql).await.expect("plan locally").collect().await.expect("run locally"));
-        let actual = match tier.flight_query(&sql).await {
-            Ok(batches) => rows(&batches),
-            Err(err) => {
-                failures.push(format!("Q{n}: {}", err.message()));
-                continue;
-            }
-        };
-        let equal = expected.len() == actual.len()
-            && expected
-                .iter()
-                .zip(&actual)
-                .all(|(e, a)| e.len() == a.len() && e.iter().zip(a).all(|(x, y)| same_value(x, y)));
-        if !equal {
-            failures.push(format!(
-                "Q{n}: {} rows expected, {} federated; first expected {:?}, first federated {:?}",
-                expected.len(),
-                actual.len(),
-                expected.first(),
-                actual.first()
-            ));
-        }
+        failures.extend(differs(&tier, n, &sql, &expected).await);
         assert!(!expected.is_empty() || n == 15 || n == 20 || n == 21, "Q{n} returned no rows locally at SF {SCALE}");
     }
     assert!(failures.is_empty(), "federated TPC-H differs:\n{}", failures.join("\n"));

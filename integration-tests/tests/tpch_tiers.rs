@@ -11,7 +11,7 @@ use datafusion::prelude::SessionContext;
 use strata_integration_tests::tier::Tier;
 use strata_integration_tests::workspace_root;
 
-use crate::tpch::{rows, same_value, tables};
+use crate::tpch::{differs, rows, tables};
 
 /// Tables the sidecar keeps locally; the others are forwarded.
 const REPLICATED: [&str; 5] = ["nation", "region", "supplier", "customer", "orders"];
@@ -64,26 +64,8 @@ async fn tpch_through_a_sidecar_matches_the_platform_and_datafusion() {
             .expect("query");
         let expected = rows(&local.sql(&sql).await.expect("plan").collect().await.expect("run"));
         for (label, tier) in [("platform", &platform), ("sidecar", &sidecar)] {
-            let actual = match tier.flight_query(&sql).await {
-                Ok(batches) => rows(&batches),
-                Err(err) => {
-                    failures.push(format!("Q{n} via {label}: {}", err.message()));
-                    continue;
-                }
-            };
-            let equal = expected.len() == actual.len()
-                && expected
-                    .iter()
-                    .zip(&actual)
-                    .all(|(e, a)| e.len() == a.len() && e.iter().zip(a).all(|(x, y)| same_value(x, y)));
-            if !equal {
-                failures.push(format!(
-                    "Q{n} via {label}: {} rows expected, {} got; first {:?} vs {:?}",
-                    expected.len(),
-                    actual.len(),
-                    expected.first(),
-                    actual.first()
-                ));
+            if let Some(difference) = differs(tier, n, &sql, &expected).await {
+                failures.push(format!("via {label}: {difference}"));
             }
         }
         let (_, _, headers) = sidecar.sql_with(&sql, &[]).await;
