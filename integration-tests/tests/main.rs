@@ -4,6 +4,7 @@
 mod bad_input;
 mod clients;
 mod config_errors;
+mod edge;
 mod federation;
 mod golden;
 mod tiers;

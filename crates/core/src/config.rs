@@ -36,6 +36,29 @@ pub struct Config {
     /// Platforms of other regions, for datasets homed there (platform only).
     #[serde(default)]
     pub peers: Vec<PeerConfig>,
+    /// Edge-agent settings: identity, local storage, writable datasets.
+    #[serde(default)]
+    pub edge: Option<EdgeConfig>,
+}
+
+/// What an edge agent keeps on its own disk.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeConfig {
+    /// Unique name of this agent: with a sequence number, the idempotency key of every batch it uploads.
+    pub id: String,
+    /// Where the ingest log lives; relative paths are relative to the config file.
+    pub data_dir: PathBuf,
+    /// Bound on the ingest log; writes beyond it are refused (back-pressure), never dropped.
+    #[serde(default = "default_max_log_size")]
+    pub max_log_size: ByteSize,
+    /// Datasets apps may write into here; each must be `writable` on the platform.
+    #[serde(default)]
+    pub writable: Vec<String>,
+}
+
+fn default_max_log_size() -> ByteSize {
+    ByteSize(1 << 30)
 }
 
 /// How a downstream tier reaches its platform, and how hard it tries.
@@ -184,6 +207,10 @@ pub struct DatasetConfig {
     pub params: BTreeMap<String, String>,
     #[serde(default)]
     pub acceleration: Option<AccelerationConfig>,
+    /// Accept rows written at edge agents into this dataset's PostgreSQL table (platform only),
+    /// each edge batch applied exactly once.
+    #[serde(default)]
+    pub writable: bool,
 }
 
 impl DatasetConfig {
@@ -457,6 +484,11 @@ impl Config {
         let mut config = Self::parse(&text, &path.display().to_string())?;
         // Relative file sources are relative to the config file, not to the working directory.
         let base = path.parent().unwrap_or(Path::new("."));
+        if let Some(edge) = &mut config.edge
+            && edge.data_dir.is_relative()
+        {
+            edge.data_dir = base.join(&edge.data_dir);
+        }
         for ds in &mut config.datasets {
             if let SourceRef::File { path } = &mut ds.from
                 && path.is_relative()
@@ -541,6 +573,19 @@ impl Config {
             }
             if seen.contains(&r.name.to_ascii_lowercase()) {
                 return Err(format!("replicas[{i}].name: `{}` is also a local dataset", r.name));
+            }
+        }
+        if let Some(edge) = &self.edge {
+            if edge.id.is_empty() || !edge.id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                return Err(format!("edge.id: `{}` must be letters, digits, `-` or `_`", edge.id));
+            }
+            if self.upstream.is_none() {
+                return Err("edge: an edge agent needs `upstream:` (the platform it uploads to)".into());
+            }
+        }
+        for (i, ds) in self.datasets.iter().enumerate() {
+            if ds.writable && !matches!(ds.from, SourceRef::Postgres { .. }) {
+                return Err(format!("datasets[{i}].writable: only PostgreSQL datasets accept edge writes"));
             }
         }
         for (i, p) in self.peers.iter().enumerate() {

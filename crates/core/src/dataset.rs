@@ -119,6 +119,18 @@ impl Dataset {
         }
     }
 
+    /// Appends rows written elsewhere (edge uploads already committed to the source) to the
+    /// accelerated copy, as a new version, so readers and replicas see them without waiting
+    /// for the next refresh. Serialized with refreshes.
+    pub async fn append_rows(&self, batches: Vec<RecordBatch>) {
+        let Some(table) = self.accelerated_table() else { return };
+        let _guard = self.refresh_lock.lock().await;
+        if let Some(current) = table.snapshot() {
+            let version = current.version + 1;
+            table.swap(Snapshot::appended(&current, batches, version));
+        }
+    }
+
     /// The accelerated copy, once the source is connected.
     pub fn accelerated_table(&self) -> Option<Arc<AcceleratedTable>> {
         lock(&self.accelerated).clone()

@@ -50,6 +50,10 @@ struct Inner {
     router: std::sync::RwLock<Option<SharedRouter>>,
     /// Start-up work outside the datasets (a sidecar's first catalog read) that readiness waits for.
     pending_startup: std::sync::atomic::AtomicUsize,
+    /// Writers of `writable` datasets (platform), by lower-cased name.
+    sinks: std::collections::HashMap<String, Arc<crate::sink::PostgresSink>>,
+    /// The local write path, on tiers that accept writes (edge agents).
+    writes: std::sync::RwLock<Option<Arc<dyn crate::writes::LocalWrites>>>,
 }
 
 /// A planned query: its logical plan and what a client needs before executing it.
@@ -99,6 +103,14 @@ impl Engine {
                 observer: std::sync::RwLock::new(None),
                 router: std::sync::RwLock::new(None),
                 pending_startup: std::sync::atomic::AtomicUsize::new(0),
+                sinks: config
+                    .datasets
+                    .iter()
+                    .filter_map(|d| {
+                        crate::sink::PostgresSink::new(d).map(|s| (d.name.to_ascii_lowercase(), Arc::new(s)))
+                    })
+                    .collect(),
+                writes: std::sync::RwLock::new(None),
             }),
         })
     }
@@ -152,6 +164,45 @@ impl Engine {
         schema_provider.deregister_table(table)?;
         schema_provider.register_table(table.to_string(), provider)?;
         Ok(())
+    }
+
+    /// Installs the local write path (edge agents).
+    pub fn set_writes(&self, writes: Arc<dyn crate::writes::LocalWrites>) {
+        *self.inner.writes.write().unwrap_or_else(|p| p.into_inner()) = Some(writes);
+    }
+
+    /// The local write path, if this tier accepts writes.
+    pub fn writes(&self) -> Option<Arc<dyn crate::writes::LocalWrites>> {
+        self.inner.writes.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Applies a batch an edge agent uploaded, exactly once per `(edge_id, seq)`: into the
+    /// dataset's PostgreSQL table and, when accelerated, its local copy.
+    pub async fn apply_ingest(
+        &self,
+        dataset: &str,
+        edge_id: &str,
+        seq: u64,
+        batches: Vec<arrow::array::RecordBatch>,
+    ) -> Result<crate::sink::Applied> {
+        let sink = self.inner.sinks.get(&dataset.to_ascii_lowercase()).ok_or_else(|| {
+            StrataError::NotSupported(format!(
+                "dataset `{dataset}` does not accept edge writes (set `writable: true` on a PostgreSQL dataset)"
+            ))
+        })?;
+        let ds = self.find(dataset).ok_or_else(|| StrataError::UnknownDataset(dataset.to_string()))?;
+        let batches = match ds.provider() {
+            Some(provider) => {
+                let expected = provider.schema();
+                batches.iter().map(|b| crate::writes::conform(b, &expected, dataset)).collect::<Result<Vec<_>>>()?
+            }
+            None => batches,
+        };
+        let applied = sink.apply(edge_id, seq, &batches).await?;
+        if !applied.duplicate {
+            ds.append_rows(batches).await;
+        }
+        Ok(applied)
     }
 
     /// The accelerated copy of a configured dataset, for publishing it downstream.

@@ -55,6 +55,10 @@ pub enum StrataError {
     #[error("upstream unavailable: {0}")]
     UpstreamUnavailable(String),
 
+    /// A write was refused because the durable log is full; nothing was stored, retry later.
+    #[error("write refused: {0}")]
+    LogFull(String),
+
     /// Another tier refused or failed the query; `kind` is its error kind, the message its own.
     #[error("{message}")]
     Remote { kind: &'static str, message: String },
@@ -85,6 +89,7 @@ impl StrataError {
             StrataError::Overloaded(_) => "overloaded",
             StrataError::Source { .. } => "source",
             StrataError::UpstreamUnavailable(_) => "upstream_unavailable",
+            StrataError::LogFull(_) => "log_full",
             StrataError::Remote { kind, .. } => kind,
             StrataError::Execution(_) => "execution",
             StrataError::Internal(_) => "internal",
@@ -93,7 +98,8 @@ impl StrataError {
 
     /// An error another tier reported with `kind` and its full message.
     pub fn from_kind(kind: &str, message: String) -> Self {
-        const KINDS: [&str; 14] = [
+        const KINDS: [&str; 15] = [
+            "log_full",
             "config",
             "parse",
             "plan",

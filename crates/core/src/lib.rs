@@ -10,7 +10,9 @@ pub mod plan_codec;
 pub mod query;
 pub mod refresh;
 pub mod routing;
+pub mod sink;
 pub mod source;
+pub mod writes;
 
 pub use config::Config;
 pub use dataset::DatasetStatus;

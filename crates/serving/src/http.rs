@@ -37,6 +37,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/datasets", get(datasets))
         .route("/v1/datasets/{name}/refresh", post(refresh))
         .route("/v1/sql", post(sql))
+        .route("/v1/ingest/{dataset}", post(ingest))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
@@ -104,6 +105,60 @@ impl Format {
             Format::Csv => "text/csv; charset=utf-8",
             Format::Arrow => "application/vnd.apache.arrow.stream",
         }
+    }
+}
+
+/// `POST /v1/ingest/{dataset}`: rows as Arrow IPC stream, NDJSON or CSV (with header), by
+/// Content-Type. Answers once the rows are durable.
+async fn ingest(
+    State(state): State<HttpState>,
+    axum::extract::Path(dataset): axum::extract::Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(writes) = state.engine.writes() else {
+        return error_response(&StrataError::NotSupported(
+            "this tier accepts no writes; write to an edge-agent".into(),
+        ));
+    };
+    let schema = match writes.schema(&dataset) {
+        Ok(s) => s,
+        Err(err) => return error_response(&err),
+    };
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let batches = match decode_rows(content_type, schema, body) {
+        Ok(b) => b,
+        Err(err) => return error_response(&err),
+    };
+    match writes.write(&dataset, batches).await {
+        Ok(receipt) => axum::Json(receipt).into_response(),
+        Err(err) => error_response(&err),
+    }
+}
+
+fn decode_rows(
+    content_type: &str,
+    schema: arrow::datatypes::SchemaRef,
+    body: Bytes,
+) -> Result<Vec<arrow::array::RecordBatch>, StrataError> {
+    let bad =
+        |format: &str, e: arrow::error::ArrowError| StrataError::Plan(format!("cannot read the {format} body: {e}"));
+    let cursor = std::io::Cursor::new(body);
+    if content_type.starts_with("application/vnd.apache.arrow.stream") {
+        let reader = arrow::ipc::reader::StreamReader::try_new(cursor, None).map_err(|e| bad("Arrow IPC", e))?;
+        let batches = reader.collect::<Result<Vec<_>, _>>().map_err(|e| bad("Arrow IPC", e))?;
+        Ok(batches)
+    } else if content_type.starts_with("text/csv") {
+        let reader =
+            arrow::csv::ReaderBuilder::new(schema).with_header(true).build(cursor).map_err(|e| bad("CSV", e))?;
+        reader.collect::<Result<Vec<_>, _>>().map_err(|e| bad("CSV", e))
+    } else if content_type.starts_with("application/x-ndjson") || content_type.starts_with("application/json") {
+        let reader = arrow::json::ReaderBuilder::new(schema).build(cursor).map_err(|e| bad("NDJSON", e))?;
+        reader.collect::<Result<Vec<_>, _>>().map_err(|e| bad("NDJSON", e))
+    } else {
+        Err(StrataError::Plan(format!(
+            "unsupported Content-Type `{content_type}`: use application/vnd.apache.arrow.stream, application/x-ndjson or text/csv"
+        )))
     }
 }
 

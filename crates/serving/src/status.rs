@@ -13,7 +13,7 @@ pub fn to_grpc(err: &StrataError) -> tonic::Status {
         "not_supported" => Code::Unimplemented,
         "unknown_dataset" => Code::NotFound,
         "dataset_unavailable" | "source" | "upstream_unavailable" => Code::Unavailable,
-        "resources_exhausted" | "overloaded" => Code::ResourceExhausted,
+        "resources_exhausted" | "overloaded" | "log_full" => Code::ResourceExhausted,
         "timeout" => Code::DeadlineExceeded,
         _ => Code::Internal,
     };
@@ -31,7 +31,7 @@ pub fn to_http(err: &StrataError) -> StatusCode {
         "read_only" => StatusCode::FORBIDDEN,
         "not_supported" => StatusCode::NOT_IMPLEMENTED,
         "unknown_dataset" => StatusCode::NOT_FOUND,
-        "dataset_unavailable" | "source" | "upstream_unavailable" => StatusCode::SERVICE_UNAVAILABLE,
+        "dataset_unavailable" | "source" | "upstream_unavailable" | "log_full" => StatusCode::SERVICE_UNAVAILABLE,
         "overloaded" => StatusCode::TOO_MANY_REQUESTS,
         "resources_exhausted" => StatusCode::UNPROCESSABLE_ENTITY,
         "timeout" => StatusCode::GATEWAY_TIMEOUT,

@@ -17,8 +17,9 @@ use strata_core::accelerator::AcceleratedTable;
 use strata_core::{Engine, StrataError};
 use strata_proto::v1::tier_service_server::{TierService, TierServiceServer};
 use strata_proto::v1::{
-    ArrowFrame, ChangeKind, ExecuteRequest, HealthRequest, HealthResponse, Heartbeat, ListDatasetsRequest,
-    ListDatasetsResponse, SubscribeEvent, SubscribeRequest, VersionBegin, VersionEnd, execute_request, subscribe_event,
+    ArrowFrame, ChangeKind, ExecuteRequest, HealthRequest, HealthResponse, Heartbeat, IngestRequest, IngestResponse,
+    ListDatasetsRequest, ListDatasetsResponse, SubscribeEvent, SubscribeRequest, VersionBegin, VersionEnd,
+    execute_request, subscribe_event,
 };
 use strata_upstream::wire;
 use tokio::sync::mpsc;
@@ -108,6 +109,15 @@ impl TierService for Tier {
         let mut response = Response::new(Box::pin(frames) as FrameStream);
         crate::route_headers::insert_grpc(response.metadata_mut(), &route);
         Ok(response)
+    }
+
+    async fn ingest(&self, request: Request<IngestRequest>) -> Result<Response<IngestResponse>, Status> {
+        let request = request.into_inner();
+        let batches = wire::batches_from_ipc(&request.batch).map_err(grpc)?;
+        let applied =
+            self.engine.apply_ingest(&request.dataset, &request.edge_id, request.seq, batches).await.map_err(grpc)?;
+        debug!(dataset = %request.dataset, edge = %request.edge_id, seq = request.seq, duplicate = applied.duplicate, "edge batch");
+        Ok(Response::new(IngestResponse { duplicate: applied.duplicate, rows: applied.rows }))
     }
 
     async fn health(&self, _request: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {

@@ -20,8 +20,8 @@ use strata_core::StrataError;
 use strata_core::config::UpstreamConfig;
 use strata_proto::v1::tier_service_client::TierServiceClient;
 use strata_proto::v1::{
-    ArrowFrame, ExecuteRequest, HealthRequest, HealthResponse, ListDatasetsRequest, ListDatasetsResponse,
-    SubscribeEvent, SubscribeRequest,
+    ArrowFrame, ExecuteRequest, HealthRequest, HealthResponse, IngestRequest, IngestResponse, ListDatasetsRequest,
+    ListDatasetsResponse, SubscribeEvent, SubscribeRequest,
 };
 use tonic::Streaming;
 use tonic::metadata::MetadataMap;
@@ -48,6 +48,7 @@ enum Call {
     Subscribe(SubscribeRequest),
     Execute(ExecuteRequest, Option<Duration>),
     Health,
+    Ingest(IngestRequest),
 }
 
 enum Reply {
@@ -55,6 +56,7 @@ enum Reply {
     Subscribe(Streaming<SubscribeEvent>),
     Execute(MetadataMap, Streaming<ArrowFrame>),
     Health(HealthResponse),
+    Ingest(IngestResponse),
 }
 
 /// Raised by the client itself when every endpoint's breaker is open.
@@ -115,6 +117,7 @@ impl Service<Call> for EndpointService {
                     })
                 }
                 Call::Health => client.health(HealthRequest {}).await.map(|r| Reply::Health(r.into_inner())),
+                Call::Ingest(req) => client.ingest(req).await.map(|r| Reply::Ingest(r.into_inner())),
             };
             match &result {
                 Err(status) if is_unreachable(status) => breaker.failure(status.message()),
@@ -271,6 +274,14 @@ impl UpstreamClient {
     pub async fn health(&self) -> Result<HealthResponse, StrataError> {
         match self.call(Call::Health).await? {
             Reply::Health(r) => Ok(r),
+            _ => Err(StrataError::Internal("mismatched upstream reply".into())),
+        }
+    }
+
+    /// Uploads one edge batch. Safe to retry: the platform applies each batch id once.
+    pub async fn ingest(&self, request: IngestRequest) -> Result<IngestResponse, StrataError> {
+        match self.call(Call::Ingest(request)).await? {
+            Reply::Ingest(r) => Ok(r),
             _ => Err(StrataError::Internal("mismatched upstream reply".into())),
         }
     }

@@ -23,7 +23,7 @@ use tracing::{error, info, warn};
 
 use crate::client::UpstreamClient;
 use crate::replica::Replica;
-use crate::table::{Origin, UpstreamTable};
+use crate::table::{Origin, UpstreamTable, WithLocalWrites};
 use crate::wire;
 
 /// Forwarding stops after this many platforms (a misconfigured peer loop fails, not spins).
@@ -52,6 +52,8 @@ pub struct TierRouter {
     remote: RwLock<HashMap<String, Remote>>,
     replica_configs: Vec<ReplicaConfig>,
     replicas: RwLock<HashMap<String, Arc<Replica>>>,
+    /// Rows written at this tier and not yet confirmed upstream, by dataset (edge agents).
+    local_writes: RwLock<HashMap<String, Arc<dyn datafusion::catalog::TableProvider>>>,
     shutdown: CancellationToken,
 }
 
@@ -118,6 +120,7 @@ impl TierRouter {
             remote: RwLock::new(HashMap::new()),
             replica_configs,
             replicas: RwLock::new(HashMap::new()),
+            local_writes: RwLock::new(HashMap::new()),
             shutdown,
         });
         engine.set_router(Arc::clone(&router) as Arc<dyn Router>);
@@ -238,6 +241,17 @@ impl TierRouter {
         tokio::spawn(replica.run(client, self.origin.clone(), self.shutdown.child_token()));
     }
 
+    /// Adds rows written here to every read of `dataset` (read-your-writes at an edge). Such
+    /// queries always run here, so the local rows are never left out by a whole-query forward.
+    pub fn add_local_writes(&self, dataset: &str, rows: Arc<dyn datafusion::catalog::TableProvider>) {
+        self.local_writes.write().unwrap_or_else(|p| p.into_inner()).insert(key(dataset), rows);
+    }
+
+    /// The schema of an upstream dataset, once the catalog has been read.
+    pub fn upstream_schema(&self, dataset: &str) -> Option<arrow::datatypes::SchemaRef> {
+        self.remote.read().unwrap_or_else(|p| p.into_inner()).get(&key(dataset)).map(|r| Arc::clone(&r.entry.schema))
+    }
+
     /// The upstream client to the default platform, for the tier's own calls (health).
     pub fn default_client(&self) -> Option<&UpstreamClient> {
         self.default_upstream.map(|i| &self.upstreams[i].client)
@@ -258,6 +272,8 @@ impl Router for TierRouter {
         }
         let remote = self.remote.read().unwrap_or_else(|p| p.into_inner());
         let replicas = self.replicas.read().unwrap_or_else(|p| p.into_inner());
+        let local_writes = self.local_writes.read().unwrap_or_else(|p| p.into_inner());
+        let mut with_local_writes = false;
         let mut local_scans = 0usize;
         let mut remote_upstreams = HashSet::new();
         let mut first_miss: Option<(RouteReason, String)> = None;
@@ -312,6 +328,33 @@ impl Router for TierRouter {
                         Some(replica) => ScanRoute::Local(Arc::clone(replica)),
                     }
                 };
+                let decision = match (decision, local_writes.get(&key(&name))) {
+                    (decision, None) => decision,
+                    (decision, Some(rows)) => {
+                        with_local_writes = true;
+                        let base: Arc<dyn datafusion::catalog::TableProvider> = match &decision {
+                            ScanRoute::Local(replica) => replica.table(),
+                            ScanRoute::Remote { .. } => {
+                                datafusion::catalog::default_table_source::source_as_provider(&scan.source)?
+                            }
+                        };
+                        scan.source = provider_as_source(Arc::new(WithLocalWrites::new(base, Arc::clone(rows))));
+                        match decision {
+                            ScanRoute::Local(replica) => {
+                                local_scans += 1;
+                                if let Some(s) = replica.snapshot() {
+                                    versions.push(VersionRead {
+                                        dataset: replica.name().to_string(),
+                                        version: s.version,
+                                        age_ms: age(Some(s.refreshed_at)),
+                                    });
+                                }
+                                return Ok(Transformed::yes(LogicalPlan::TableScan(scan)));
+                            }
+                            remote_route => remote_route,
+                        }
+                    }
+                };
                 match decision {
                     ScanRoute::Local(replica) => {
                         local_scans += 1;
@@ -357,7 +400,7 @@ impl Router for TierRouter {
             _ => None,
         };
         match target {
-            Some(upstream) if can_forward => Ok(Routing::Forward {
+            Some(upstream) if can_forward && !with_local_writes => Ok(Routing::Forward {
                 info: RouteInfo { route: Route::Forwarded, reason, detail, versions: Vec::new() },
                 upstream,
             }),

@@ -216,3 +216,49 @@ impl ExecutionPlan for UpstreamExec {
         Ok(Box::pin(RecordBatchStreamAdapter::new(schema, batches)))
     }
 }
+
+/// A dataset as seen at an edge: the platform's rows (replica or upstream) plus rows written
+/// here and not yet confirmed by the platform, so a writer reads its own writes at once.
+pub struct WithLocalWrites {
+    base: Arc<dyn TableProvider>,
+    local: Arc<dyn TableProvider>,
+}
+
+impl fmt::Debug for WithLocalWrites {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WithLocalWrites").finish()
+    }
+}
+
+impl WithLocalWrites {
+    pub fn new(base: Arc<dyn TableProvider>, local: Arc<dyn TableProvider>) -> Self {
+        Self { base, local }
+    }
+}
+
+#[async_trait]
+impl TableProvider for WithLocalWrites {
+    fn schema(&self) -> SchemaRef {
+        self.base.schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn supports_filters_pushdown(&self, filters: &[&Expr]) -> DfResult<Vec<TableProviderFilterPushDown>> {
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let base = self.base.scan(state, projection, filters, limit).await?;
+        let local = self.local.scan(state, projection, filters, limit).await?;
+        datafusion::physical_plan::union::UnionExec::try_new(vec![base, local])
+    }
+}

@@ -149,6 +149,23 @@ pub fn params_from_ipc(bytes: &[u8]) -> Result<Vec<ScalarValue>, StrataError> {
     Ok(values)
 }
 
+/// Record batches as one Arrow IPC stream (an edge upload).
+pub fn batches_to_ipc(schema: &Schema, batches: &[RecordBatch]) -> Result<Bytes, StrataError> {
+    let mut out = Vec::new();
+    let mut writer = StreamWriter::try_new(&mut out, schema)?;
+    for batch in batches {
+        writer.write(batch)?;
+    }
+    writer.finish()?;
+    drop(writer);
+    Ok(Bytes::from(out))
+}
+
+pub fn batches_from_ipc(bytes: &[u8]) -> Result<Vec<RecordBatch>, StrataError> {
+    let reader = StreamReader::try_new(std::io::Cursor::new(bytes), None)?;
+    Ok(reader.collect::<Result<Vec<_>, _>>()?)
+}
+
 /// Decodes a stream of frames into record batches of the schema the frames announce.
 pub fn decode_frames<S>(frames: S, expected: SchemaRef) -> SendableRecordBatchStream
 where

@@ -1,0 +1,73 @@
+//! The edge-agent tier: a sidecar for unreliable networks. It replicates and forwards like
+//! an app-sidecar (the same router) and accepts writes into `edge.writable` datasets: each
+//! write is durable in a local log before it is acknowledged, visible to local queries at
+//! once, and uploaded to the platform in order, applied there exactly once.
+
+pub mod log;
+pub mod writes;
+
+use std::sync::Arc;
+
+use strata_core::{Config, Engine, StrataError};
+use strata_serving::{ServeError, Servers};
+use strata_upstream::TierRouter;
+use tokio_util::sync::CancellationToken;
+
+use crate::log::IngestLog;
+use crate::writes::EdgeWrites;
+
+/// Why the edge agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    #[error(transparent)]
+    Engine(#[from] StrataError),
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+}
+
+/// A sidecar's checks, plus the edge section.
+pub fn validate(config: &Config) -> Result<(), StrataError> {
+    if config.edge.is_none() {
+        return Err(StrataError::Config(
+            "edge-agent needs `edge: {id: <unique name>, data_dir: <path>}` (its identity and where its log lives)"
+                .into(),
+        ));
+    }
+    if config.upstream.is_none() {
+        return Err(StrataError::Config(
+            "edge-agent needs `upstream: {endpoints: [http://platform:50051]}` (the platform it uploads to)".into(),
+        ));
+    }
+    if !config.peers.is_empty() {
+        return Err(StrataError::Config("peers: only a platform-service has peer regions".into()));
+    }
+    Ok(())
+}
+
+/// Opens the log (repairing a torn tail), builds the router, binds the servers, and starts
+/// replication and the uploader.
+pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Servers, EdgeError> {
+    validate(config)?;
+    let (Some(edge), Some(upstream)) = (config.edge.clone(), &config.upstream) else { unreachable!("validated above") };
+    let engine = Engine::new(config)?;
+    let router = TierRouter::for_sidecar(engine.clone(), "edge", upstream, config.replicas.clone(), shutdown.clone())?;
+    let dir = edge.data_dir.join("ingest");
+    let max = edge.max_log_size.0;
+    let (log, recovery) = tokio::task::spawn_blocking(move || IngestLog::open(&dir, max))
+        .await
+        .map_err(|e| StrataError::Internal(format!("cannot open the ingest log: {e}")))??;
+    if recovery.truncated_bytes > 0 {
+        tracing::error!(
+            bytes = recovery.truncated_bytes,
+            "ingest log had a torn tail (a crash mid-write); it was cut off, every acknowledged write before it is intact"
+        );
+    }
+    let client =
+        router.default_client().cloned().ok_or_else(|| StrataError::Internal("edge without upstream".into()))?;
+    let writes = EdgeWrites::new(edge, log, recovery, Arc::clone(&router));
+    engine.set_writes(Arc::clone(&writes) as Arc<dyn strata_core::writes::LocalWrites>);
+    tokio::spawn(Arc::clone(&writes).upload(client, shutdown.clone()));
+    let servers = strata_serving::start(engine.clone(), &config.server, "edge", shutdown.clone()).await?;
+    engine.start(shutdown);
+    Ok(servers)
+}

@@ -1,0 +1,278 @@
+//! The edge-agent's write path against a real platform and PostgreSQL sink: writes survive
+//! a platform outage and a `kill -9` of the agent, and land in the sink exactly once.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use strata_integration_tests::free_port;
+use strata_integration_tests::postgres::PgServer;
+use strata_integration_tests::tier::Tier;
+
+fn platform_config(pg: &PgServer) -> String {
+    format!(
+        "region: eu\ndatasets:\n  - name: readings\n    from: postgres:public.readings\n    params: {}\n    writable: true\n    acceleration: {{}}\n",
+        pg.params_yaml()
+    )
+}
+
+fn edge_config(platform: SocketAddr, data_dir: &std::path::Path, max_log: &str) -> String {
+    format!(
+        "region: eu\nupstream:\n  endpoints: [http://{platform}]\n  call_timeout: 1s\n  breaker_open_for: 200ms\nreplicas:\n  - name: readings\nedge:\n  id: edge-1\n  data_dir: {}\n  max_log_size: {max_log}\n  writable: [readings]\n",
+        data_dir.display()
+    )
+}
+
+async fn seed(pg: &PgServer) {
+    pg.connect()
+        .await
+        .batch_execute(
+            "CREATE TABLE readings (writer integer NOT NULL, n bigint NOT NULL, celsius double precision NOT NULL);
+             INSERT INTO readings SELECT 0, g, 20.0 FROM generate_series(1, 10) g;",
+        )
+        .await
+        .expect("seed");
+}
+
+fn addrs() -> (SocketAddr, SocketAddr) {
+    let a = |p: u16| format!("127.0.0.1:{p}").parse().expect("addr");
+    (a(free_port()), a(free_port()))
+}
+
+/// One NDJSON batch of `rows` rows for writer `w` starting at `n`.
+fn batch(w: i64, n: i64, rows: i64) -> String {
+    (0..rows).map(|k| format!("{{\"writer\": {w}, \"n\": {}, \"celsius\": {}.25}}\n", n + k, (n + k) % 40)).collect()
+}
+
+async fn post(client: &reqwest::Client, edge: SocketAddr, body: String) -> Result<(u16, String), String> {
+    let r = client
+        .post(format!("http://{edge}/v1/ingest/readings"))
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = r.status().as_u16();
+    Ok((status, r.text().await.unwrap_or_default()))
+}
+
+async fn sink_rows(pg: &PgServer) -> Vec<(i32, i64)> {
+    let rows = pg.connect().await.query("SELECT writer, n FROM readings WHERE writer > 0", &[]).await.expect("query");
+    rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+}
+
+async fn wait_drained(edge: &Tier, pg: &PgServer, expected_at_least: usize) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if sink_rows(pg).await.len() >= expected_at_least {
+            // Then give the uploader a moment to prove nothing more (no duplicate) arrives.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            return;
+        }
+        assert!(Instant::now() < deadline, "edge did not drain its log; logs:\n{}", edge.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn edge_writes_survive_an_outage_and_kill_9_and_land_exactly_once() {
+    let pg = PgServer::start();
+    seed(&pg).await;
+    let (flight, http) = addrs();
+    let mut platform = Tier::start_at("platform-service", &platform_config(&pg), flight, http).await;
+    platform.wait_ready(Duration::from_secs(30)).await;
+    let data = tempfile::tempdir().expect("data dir");
+    let config = edge_config(flight, data.path(), "256MiB");
+    let mut edge = Tier::start("edge-agent", &config).await;
+    edge.wait_ready(Duration::from_secs(30)).await;
+    for _ in 0..100 {
+        if edge.dataset("readings").await["state"] == "ready" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The platform goes away; apps keep writing, and read their own writes from the edge.
+    platform.kill();
+    let client = reqwest::Client::new();
+    let (status, body) = post(&client, edge.http_addr, batch(9, 1, 3)).await.expect("write");
+    assert_eq!(status, 200, "{body}");
+    let acked: Arc<Mutex<HashSet<(i32, i64)>>> = Arc::new(Mutex::new((1..=3).map(|n| (9, n)).collect()));
+    let (rows, route, _) = edge.routed("SELECT count(*) AS n FROM readings WHERE writer = 9", &[]).await;
+    assert_eq!(rows[0]["n"], 3, "read-your-writes while the platform is down (route {route})");
+
+    // Concurrent writers; the agent is killed with SIGKILL in the middle and restarted.
+    const WRITERS: i64 = 4;
+    const BATCHES: i64 = 600;
+    let target = Arc::new(Mutex::new(edge.http_addr));
+    let in_flight_at_kill: Arc<Mutex<HashMap<i64, i64>>> = Arc::new(Mutex::new(HashMap::new()));
+    let mut tasks = Vec::new();
+    for w in 1..=WRITERS {
+        let (client, acked, target, in_flight) =
+            (client.clone(), Arc::clone(&acked), Arc::clone(&target), Arc::clone(&in_flight_at_kill));
+        tasks.push(tokio::spawn(async move {
+            let mut failures = 0;
+            for b in 0..BATCHES {
+                let n = b * 5 + 1;
+                let addr = *target.lock().expect("lock");
+                in_flight.lock().expect("lock").insert(w, n);
+                match post(&client, addr, batch(w, n, 5)).await {
+                    Ok((200, _)) => acked.lock().expect("lock").extend((n..n + 5).map(|k| (w as i32, k))),
+                    Ok((status, body)) => panic!("write refused with {status}: {body}"),
+                    Err(_) => {
+                        failures += 1;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+            failures
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    edge.kill();
+    let acked_before_kill = acked.lock().expect("lock").len();
+    let edge = Tier::start("edge-agent", &config).await;
+    *target.lock().expect("lock") = edge.http_addr;
+    let mut lost_in_flight = 0;
+    for t in tasks {
+        lost_in_flight += t.await.expect("writer");
+    }
+    let acked = acked.lock().expect("lock").clone();
+    assert!(acked_before_kill > 100 && acked.len() > acked_before_kill, "writes before and after the kill");
+
+    // The platform returns: the log drains on its own, each batch applied once.
+    let _platform = Tier::start_at("platform-service", &platform_config(&pg), flight, http).await;
+    wait_drained(&edge, &pg, acked.len()).await;
+    let sink = sink_rows(&pg).await;
+    let distinct: HashSet<(i32, i64)> = sink.iter().copied().collect();
+    assert_eq!(distinct.len(), sink.len(), "duplicates in the sink");
+    let missing: Vec<_> = acked.difference(&distinct).take(5).collect();
+    assert!(missing.is_empty(), "{} acknowledged rows lost, e.g. {missing:?}", acked.difference(&distinct).count());
+    // Rows beyond the acknowledged ones can only be writes in flight when the agent died
+    // (durable, but their answer never reached the writer): at most one batch per writer.
+    let extra = distinct.difference(&acked).count();
+    assert!(extra <= 5 * WRITERS as usize, "{extra} unacknowledged rows in the sink");
+    assert!(lost_in_flight <= 2 * WRITERS as usize + 20, "{lost_in_flight} writes failed around the restart");
+
+    // The edge's own view converges to the platform's.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (rows, _, _) = edge.routed("SELECT count(*) AS n FROM readings", &[]).await;
+        if rows[0]["n"].as_u64() == Some(sink.len() as u64 + 10) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "edge view {} != sink {}", rows[0]["n"], sink.len() + 10);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_retried_upload_is_acknowledged_but_not_applied_twice() {
+    use strata_proto::v1::IngestRequest;
+    use strata_proto::v1::tier_service_client::TierServiceClient;
+    let pg = PgServer::start();
+    seed(&pg).await;
+    let platform = Tier::start("platform-service", &platform_config(&pg)).await;
+    platform.wait_ready(Duration::from_secs(30)).await;
+    let schema = std::sync::Arc::new(arrow::datatypes::Schema::new(vec![
+        arrow::datatypes::Field::new("writer", arrow::datatypes::DataType::Int32, false),
+        arrow::datatypes::Field::new("n", arrow::datatypes::DataType::Int64, false),
+        arrow::datatypes::Field::new("celsius", arrow::datatypes::DataType::Float64, false),
+    ]));
+    let rows = arrow::array::RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            std::sync::Arc::new(arrow::array::Int32Array::from(vec![7, 7])),
+            std::sync::Arc::new(arrow::array::Int64Array::from(vec![1, 2])),
+            std::sync::Arc::new(arrow::array::Float64Array::from(vec![1.5, 2.5])),
+        ],
+    )
+    .expect("batch");
+    let mut ipc = Vec::new();
+    {
+        let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut ipc, &schema).expect("writer");
+        w.write(&rows).expect("write");
+        w.finish().expect("finish");
+    }
+    let mut client = TierServiceClient::connect(format!("http://{}", platform.flight_addr)).await.expect("connect");
+    let request = IngestRequest {
+        edge_id: "edge-7".into(),
+        seq: 41,
+        dataset: "readings".into(),
+        batch: ipc.into(),
+        context: None,
+    };
+    // The first attempt is applied; its acknowledgement "is lost" (the platform could die
+    // right after its commit), so the edge sends the same batch id again.
+    let first = client.ingest(request.clone()).await.expect("first").into_inner();
+    let again = client.ingest(request).await.expect("retry").into_inner();
+    assert_eq!((first.duplicate, first.rows), (false, 2));
+    assert!(again.duplicate, "the retry is recognised by its batch id");
+    assert_eq!(sink_rows(&pg).await.iter().filter(|(w, _)| *w == 7).count(), 2, "applied exactly once");
+    // The platform's accelerated copy saw them once too.
+    assert_eq!(platform.rows("SELECT count(*) AS n FROM readings WHERE writer = 7").await[0]["n"], 2);
+}
+
+#[tokio::test]
+async fn a_full_log_refuses_writes_with_a_clear_error_and_accepts_again_after_upload() {
+    let pg = PgServer::start();
+    seed(&pg).await;
+    let (flight, http) = addrs();
+    let mut platform = Tier::start_at("platform-service", &platform_config(&pg), flight, http).await;
+    platform.wait_ready(Duration::from_secs(30)).await;
+    let data = tempfile::tempdir().expect("data dir");
+    let edge = Tier::start("edge-agent", &edge_config(flight, data.path(), "24KiB")).await;
+    edge.wait_ready(Duration::from_secs(30)).await;
+    platform.kill();
+    let client = reqwest::Client::new();
+    let mut accepted = 0;
+    let refusal = loop {
+        let (status, body) = post(&client, edge.http_addr, batch(3, accepted * 5 + 1, 5)).await.expect("write");
+        if status != 200 {
+            break (status, body);
+        }
+        accepted += 1;
+        assert!(accepted < 10_000, "the log bound is never enforced");
+    };
+    assert_eq!(refusal.0, 503, "{}", refusal.1);
+    assert!(refusal.1.contains("log_full") && refusal.1.contains("edge.max_log_size"), "{}", refusal.1);
+    let _platform = Tier::start_at("platform-service", &platform_config(&pg), flight, http).await;
+    wait_drained(&edge, &pg, accepted as usize * 5).await;
+    let (status, body) = post(&client, edge.http_addr, batch(3, 1_000_000, 5)).await.expect("write");
+    assert_eq!(status, 200, "accepted again once the log drained: {body}");
+}
+
+#[tokio::test]
+async fn a_torn_log_tail_is_cut_off_on_restart_and_earlier_writes_still_upload() {
+    let pg = PgServer::start();
+    seed(&pg).await;
+    let (flight, http) = addrs();
+    let mut platform = Tier::start_at("platform-service", &platform_config(&pg), flight, http).await;
+    platform.wait_ready(Duration::from_secs(30)).await;
+    let data = tempfile::tempdir().expect("data dir");
+    let config = edge_config(flight, data.path(), "64MiB");
+    let mut edge = Tier::start("edge-agent", &config).await;
+    edge.wait_ready(Duration::from_secs(30)).await;
+    platform.kill();
+    let client = reqwest::Client::new();
+    for b in 0..10 {
+        assert_eq!(post(&client, edge.http_addr, batch(5, b * 5 + 1, 5)).await.expect("write").0, 200);
+    }
+    edge.kill();
+    // A crash while the last record was being written: its final bytes never reached the disk.
+    let segment = std::fs::read_dir(data.path().join("ingest"))
+        .expect("log dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "log"))
+        .expect("segment");
+    let len = std::fs::metadata(&segment).expect("meta").len();
+    std::fs::OpenOptions::new().write(true).open(&segment).expect("open").set_len(len - 9).expect("cut");
+    let edge = Tier::start("edge-agent", &config).await;
+    assert!(edge.logs().contains("torn tail"), "the truncation is reported:\n{}", edge.logs());
+    let _platform = Tier::start_at("platform-service", &platform_config(&pg), flight, http).await;
+    wait_drained(&edge, &pg, 45).await;
+    let mut sink: Vec<i64> = sink_rows(&pg).await.into_iter().map(|(_, n)| n).collect();
+    sink.sort();
+    assert_eq!(sink, (1..=45).collect::<Vec<_>>(), "the nine intact batches, once each");
+}
