@@ -276,3 +276,91 @@ async fn a_torn_log_tail_is_cut_off_on_restart_and_earlier_writes_still_upload()
     sink.sort();
     assert_eq!(sink, (1..=45).collect::<Vec<_>>(), "the nine intact batches, once each");
 }
+
+fn signal(tier: &Tier, sig: &str) {
+    let status =
+        std::process::Command::new("kill").arg(format!("-{sig}")).arg(tier.pid().to_string()).status().expect("kill");
+    assert!(status.success(), "kill -{sig}");
+}
+
+#[tokio::test]
+async fn restarted_with_the_platform_unreachable_the_edge_serves_from_disk_then_catches_up_by_increment() {
+    let pg = PgServer::start();
+    pg.connect()
+        .await
+        .batch_execute(
+            "CREATE TABLE events (id bigint NOT NULL, at timestamp NOT NULL);
+             INSERT INTO events SELECT g, timestamp '2025-01-01' + g * interval '1 second' FROM generate_series(1, 3000) g;
+             CREATE TABLE sites (site text NOT NULL);
+             INSERT INTO sites VALUES ('north'), ('south');",
+        )
+        .await
+        .expect("seed");
+    let platform = Tier::start(
+        "platform-service",
+        &format!(
+            "region: eu\ndatasets:\n  - name: events\n    from: postgres:public.events\n    params: {p}\n    acceleration: {{refresh: append, time_column: at}}\n  - name: sites\n    from: postgres:public.sites\n    params: {p}\n    acceleration: {{}}\n",
+            p = pg.params_yaml()
+        ),
+    )
+    .await;
+    platform.wait_ready(Duration::from_secs(30)).await;
+    let data = tempfile::tempdir().expect("data dir");
+    let config = format!(
+        "region: eu\nupstream:\n  endpoints: [http://{}]\n  call_timeout: 1s\nreplicas:\n  - name: events\n    max_staleness: 1s\n  - name: sites\n    max_staleness: 1s\n    on_stale: refuse\nedge:\n  id: edge-2\n  data_dir: {}\n",
+        platform.flight_addr,
+        data.path().display()
+    );
+    let mut edge = Tier::start("edge-agent", &config).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while edge.dataset("events").await["version"] != 1 || edge.dataset("sites").await["version"] != 1 {
+        assert!(Instant::now() < deadline, "replicas not loaded:\n{}", edge.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    edge.kill();
+
+    // While the agent is down the source grows and the platform refreshes (an append);
+    // then the platform becomes unreachable (frozen, as behind a dead link).
+    pg.connect()
+        .await
+        .batch_execute("INSERT INTO events SELECT g, timestamp '2025-01-01' + g * interval '1 second' FROM generate_series(3001, 3050) g")
+        .await
+        .expect("insert");
+    assert_eq!(platform.post("/v1/datasets/events/refresh").await.1["version"], 2);
+    signal(&platform, "STOP");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    let started = Instant::now();
+    let edge = Tier::start("edge-agent", &config).await;
+    edge.wait_ready(Duration::from_secs(10)).await;
+    let ready_after = started.elapsed();
+    let (rows, route, headers) = {
+        let (status, body, headers) = edge.sql_with("SELECT count(*) AS n FROM events", &[]).await;
+        assert_eq!(status, 200, "{body}\n{}", edge.logs());
+        (body, headers.get("strata-route").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string(), headers)
+    };
+    assert_eq!((rows[0]["n"].as_i64(), route.as_str()), (Some(3000), "local"), "answered from disk");
+    let warning = headers.get("strata-warning").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    assert!(warning.contains("max_staleness"), "stale data is served with a warning: {warning:?}");
+    let (status, body, _) = edge.sql_with("SELECT * FROM sites", &[]).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.to_string().contains("max_staleness"), "{body}");
+    let events = edge.dataset("events").await;
+    assert!(events["staleness_seconds"].as_f64().unwrap_or_default() >= 1.0, "{events}");
+    assert!(ready_after < Duration::from_secs(10));
+
+    // The link returns: replication resumes from the version on disk, by increment.
+    signal(&platform, "CONT");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = edge.dataset("events").await;
+        if status["version"] == 2 {
+            assert_eq!(status["replication"]["snapshots"], 0, "no full re-copy: {status}");
+            assert_eq!(status["replication"]["increments"], 1, "{status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no catch-up: {status}\n{}", edge.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(edge.rows("SELECT count(*) AS n FROM events").await[0]["n"], 3050);
+}

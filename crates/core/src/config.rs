@@ -132,6 +132,23 @@ pub struct ReplicaConfig {
     /// Caps the replication bandwidth of this dataset, so a large snapshot does not starve the app.
     #[serde(default)]
     pub max_rate: Option<ByteSize>,
+    /// A local copy older than this (the platform unreachable, or its own copy stale) is
+    /// served with a warning or refused, per `on_stale`.
+    #[serde(default, with = "opt_duration")]
+    pub max_staleness: Option<Duration>,
+    #[serde(default)]
+    pub on_stale: OnStale,
+}
+
+/// What a query gets from a copy older than `max_staleness`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnStale {
+    /// The rows, with a `strata-warning` saying how old they are.
+    #[default]
+    Warn,
+    /// A clear error naming the dataset, its age and the limit.
+    Refuse,
 }
 
 /// A platform serving another region.

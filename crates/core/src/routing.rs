@@ -94,11 +94,20 @@ pub struct RouteInfo {
     /// Human-readable detail: which table and why.
     pub detail: String,
     pub versions: Vec<VersionRead>,
+    /// Something the client should know about the answer (a copy past its max staleness).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 impl RouteInfo {
     pub fn local(detail: impl Into<String>) -> Self {
-        Self { route: Route::Local, reason: RouteReason::Local, detail: detail.into(), versions: Vec::new() }
+        Self {
+            route: Route::Local,
+            reason: RouteReason::Local,
+            detail: detail.into(),
+            versions: Vec::new(),
+            warning: None,
+        }
     }
 
     /// `dataset=version@age_ms` pairs, comma separated: the `strata-versions` header.

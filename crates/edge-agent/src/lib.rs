@@ -50,7 +50,13 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Serve
     validate(config)?;
     let (Some(edge), Some(upstream)) = (config.edge.clone(), &config.upstream) else { unreachable!("validated above") };
     let engine = Engine::new(config)?;
-    let router = TierRouter::for_sidecar(engine.clone(), "edge", upstream, config.replicas.clone(), shutdown.clone())?;
+    let router = TierRouter::for_edge(
+        engine.clone(),
+        upstream,
+        config.replicas.clone(),
+        edge.data_dir.join("replicas"),
+        shutdown.clone(),
+    )?;
     let dir = edge.data_dir.join("ingest");
     let max = edge.max_log_size.0;
     let (log, recovery) = tokio::task::spawn_blocking(move || IngestLog::open(&dir, max))

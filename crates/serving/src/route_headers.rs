@@ -24,7 +24,12 @@ pub fn pairs(route: &RouteInfo) -> [(&'static str, String); 4] {
     ]
 }
 
+pub const WARNING_HEADER: &str = "strata-warning";
+
 pub fn insert_grpc(metadata: &mut tonic::metadata::MetadataMap, route: &RouteInfo) {
+    if let Some(Ok(value)) = route.warning.as_deref().map(|w| ascii(w).parse()) {
+        metadata.insert(WARNING_HEADER, value);
+    }
     for (name, value) in pairs(route) {
         if let Ok(value) = value.parse() {
             metadata.insert(name, value);
@@ -33,6 +38,9 @@ pub fn insert_grpc(metadata: &mut tonic::metadata::MetadataMap, route: &RouteInf
 }
 
 pub fn insert_http(headers: &mut axum::http::HeaderMap, route: &RouteInfo) {
+    if let Some(Ok(value)) = route.warning.as_deref().map(|w| axum::http::HeaderValue::from_str(&ascii(w))) {
+        headers.insert(WARNING_HEADER, value);
+    }
     for (name, value) in pairs(route) {
         if let Ok(value) = axum::http::HeaderValue::from_str(&value) {
             headers.insert(name, value);

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::client::UpstreamClient;
+use crate::disk::{DiskStore, Manifest};
 use crate::table::Origin;
 use crate::wire;
 
@@ -44,11 +45,25 @@ pub struct Replica {
     progress: Mutex<Progress>,
     /// The upstream epoch the held version belongs to (0 = none).
     epoch: std::sync::atomic::AtomicU64,
+    /// Where the copy is kept on disk (edge agents), with the manifest of the held version.
+    store: Option<DiskStore>,
+    manifest: Mutex<Option<Manifest>>,
+    home_region: String,
 }
 
 impl Replica {
     /// A replica of a dataset with `schema`; the `where:` predicate must plan against it.
     pub fn new(config: ReplicaConfig, schema: SchemaRef) -> Result<Self, StrataError> {
+        Self::with_store(config, schema, None, String::new())
+    }
+
+    /// A replica kept on disk in `store` (restored from it by [`Replica::restore`]).
+    pub fn with_store(
+        config: ReplicaConfig,
+        schema: SchemaRef,
+        store: Option<DiskStore>,
+        home_region: String,
+    ) -> Result<Self, StrataError> {
         let (predicate, predicate_bytes) = match &config.predicate {
             Some(sql) => {
                 let df_schema = DFSchema::try_from(schema.as_ref().clone())?;
@@ -74,11 +89,42 @@ impl Replica {
             predicate_bytes,
             progress: Mutex::new(progress),
             epoch: std::sync::atomic::AtomicU64::new(0),
+            store,
+            manifest: Mutex::new(None),
+            home_region,
         })
     }
 
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// Serves the copy stored on disk, if any, as the held version (before any upstream
+    /// contact); replication then resumes from it.
+    pub fn restore(&self, manifest: Manifest, batches: Vec<RecordBatch>) {
+        let made_at = UNIX_EPOCH + Duration::from_millis(manifest.refreshed_at_unix_ms);
+        self.table.swap(Snapshot::new(batches, manifest.version).made_at(made_at));
+        self.epoch.store(manifest.epoch, std::sync::atomic::Ordering::SeqCst);
+        info!(dataset = %self.name(), version = manifest.version, "replica restored from disk");
+        *self.manifest.lock().unwrap_or_else(|p| p.into_inner()) = Some(manifest);
+    }
+
+    /// Why the held copy is too old to serve without comment, if it is.
+    pub fn staleness(&self) -> Option<String> {
+        let limit = self.config.max_staleness?;
+        let age = self.snapshot()?.refreshed_at.elapsed().unwrap_or_default();
+        (age > limit).then(|| {
+            format!(
+                "the local copy of `{}` is {}s old, over its max_staleness of {}s (is the platform reachable?)",
+                self.name(),
+                age.as_secs(),
+                limit.as_secs()
+            )
+        })
+    }
+
+    pub fn on_stale(&self) -> strata_core::config::OnStale {
+        self.config.on_stale
     }
 
     /// The local copy queries read.
@@ -196,20 +242,23 @@ impl Replica {
         let made_at = UNIX_EPOCH + Duration::from_millis(begin.refreshed_at_unix_ms.max(0) as u64);
         let kind = ChangeKind::try_from(begin.kind).unwrap_or(ChangeKind::Unspecified);
         let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+        let epoch = begin.epoch;
         match kind {
             ChangeKind::Snapshot => {
+                let batches = self.persist(&schema, batches, epoch, begin.version, made_at, false)?;
                 self.table.swap(Snapshot::new(batches, begin.version).made_at(made_at));
-                self.epoch.store(begin.epoch, std::sync::atomic::Ordering::SeqCst);
+                self.epoch.store(epoch, std::sync::atomic::Ordering::SeqCst);
                 self.progress().status.snapshots += 1;
             }
             ChangeKind::Append => {
-                let same_epoch = self.epoch.load(std::sync::atomic::Ordering::SeqCst) == begin.epoch;
+                let same_epoch = self.epoch.load(std::sync::atomic::Ordering::SeqCst) == epoch;
                 let Some(current) = self.snapshot().filter(|s| same_epoch && s.version == begin.base_version) else {
                     return Err(StrataError::Internal(format!(
                         "replication: an increment on version {} arrived, but this replica holds another; resubscribing",
                         begin.base_version
                     )));
                 };
+                let batches = self.persist(&schema, batches, epoch, begin.version, made_at, true)?;
                 self.table.swap(Snapshot::appended(&current, batches, begin.version).made_at(made_at));
                 self.progress().status.increments += 1;
             }
@@ -220,6 +269,35 @@ impl Replica {
         self.progress().last_error = None;
         info!(dataset = %self.name(), version = begin.version, ?kind, rows, "replica updated");
         Ok(())
+    }
+
+    /// Writes a version to the disk store (when there is one) and returns its rows as read
+    /// back memory-mapped; without a store, the rows as they are.
+    fn persist(
+        &self,
+        schema: &SchemaRef,
+        batches: Vec<RecordBatch>,
+        epoch: u64,
+        version: u64,
+        made_at: SystemTime,
+        append: bool,
+    ) -> Result<Vec<RecordBatch>, StrataError> {
+        let Some(store) = &self.store else { return Ok(batches) };
+        let mut held = self.manifest.lock().unwrap_or_else(|p| p.into_inner());
+        let files = match (append, held.as_ref()) {
+            (true, Some(m)) => m.files.clone(),
+            _ => Vec::new(),
+        };
+        let manifest = Manifest {
+            epoch,
+            version,
+            refreshed_at_unix_ms: made_at.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64,
+            home_region: self.home_region.clone(),
+            files,
+        };
+        let (manifest, mapped) = store.write(schema, &batches, manifest)?;
+        *held = Some(manifest);
+        Ok(mapped)
     }
 
     /// The replica's status for `/v1/datasets`.
@@ -392,7 +470,13 @@ mod tests {
             Field::new("region", DataType::Utf8, true),
             Field::new("amount", DataType::Int64, true),
         ]));
-        let config = ReplicaConfig { name: "orders".into(), predicate: Some(predicate.into()), max_rate: None };
+        let config = ReplicaConfig {
+            name: "orders".into(),
+            predicate: Some(predicate.into()),
+            max_rate: None,
+            max_staleness: None,
+            on_stale: Default::default(),
+        };
         Replica::new(config, schema).expect("replica")
     }
 
@@ -426,7 +510,13 @@ mod tests {
     #[test]
     fn a_bad_predicate_names_the_replica() {
         let schema = Arc::new(Schema::new(vec![Field::new("region", DataType::Utf8, true)]));
-        let config = ReplicaConfig { name: "orders".into(), predicate: Some("nope = 1".into()), max_rate: None };
+        let config = ReplicaConfig {
+            name: "orders".into(),
+            predicate: Some("nope = 1".into()),
+            max_rate: None,
+            max_staleness: None,
+            on_stale: Default::default(),
+        };
         let err = Replica::new(config, schema).err().expect("must fail").to_string();
         assert!(err.contains("orders") && err.contains("nope"), "{err}");
     }

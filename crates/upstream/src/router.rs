@@ -52,6 +52,8 @@ pub struct TierRouter {
     remote: RwLock<HashMap<String, Remote>>,
     replica_configs: Vec<ReplicaConfig>,
     replicas: RwLock<HashMap<String, Arc<Replica>>>,
+    /// Where replicas are kept on disk (edge agents); in memory when `None`.
+    disk: Option<std::path::PathBuf>,
     /// Rows written at this tier and not yet confirmed upstream, by dataset (edge agents).
     local_writes: RwLock<HashMap<String, Arc<dyn datafusion::catalog::TableProvider>>>,
     shutdown: CancellationToken,
@@ -71,6 +73,30 @@ impl TierRouter {
         replicas: Vec<ReplicaConfig>,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, StrataError> {
+        Self::downstream(engine, tier, upstream, replicas, None, shutdown)
+    }
+
+    /// An edge agent's router: a sidecar's, with replicas kept on disk under `disk`. Copies
+    /// found there are served at once, before the platform is reachable, and readiness does
+    /// not wait for the platform.
+    pub fn for_edge(
+        engine: Engine,
+        upstream: &UpstreamConfig,
+        replicas: Vec<ReplicaConfig>,
+        disk: std::path::PathBuf,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, StrataError> {
+        Self::downstream(engine, "edge", upstream, replicas, Some(disk), shutdown)
+    }
+
+    fn downstream(
+        engine: Engine,
+        tier: &str,
+        upstream: &UpstreamConfig,
+        replicas: Vec<ReplicaConfig>,
+        disk: Option<std::path::PathBuf>,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, StrataError> {
         let client = UpstreamClient::new(&upstream.endpoints, upstream)?;
         let label = upstream.endpoints.join(",");
         Ok(Self::build(
@@ -78,7 +104,7 @@ impl TierRouter {
             tier,
             vec![Upstream { client, label, only_region: None }],
             Some(0),
-            replicas,
+            (replicas, disk),
             upstream.catalog_interval,
             shutdown,
         ))
@@ -99,7 +125,7 @@ impl TierRouter {
                 only_region: Some(peer.region.clone()),
             });
         }
-        Ok(Self::build(engine, "platform", upstreams, None, Vec::new(), settings.catalog_interval, shutdown))
+        Ok(Self::build(engine, "platform", upstreams, None, (Vec::new(), None), settings.catalog_interval, shutdown))
     }
 
     fn build(
@@ -107,7 +133,7 @@ impl TierRouter {
         tier: &str,
         upstreams: Vec<Upstream>,
         default_upstream: Option<usize>,
-        replica_configs: Vec<ReplicaConfig>,
+        (replica_configs, disk): (Vec<ReplicaConfig>, Option<std::path::PathBuf>),
         catalog_interval: Duration,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
@@ -120,13 +146,18 @@ impl TierRouter {
             remote: RwLock::new(HashMap::new()),
             replica_configs,
             replicas: RwLock::new(HashMap::new()),
+            disk,
             local_writes: RwLock::new(HashMap::new()),
             shutdown,
         });
         engine.set_router(Arc::clone(&router) as Arc<dyn Router>);
-        // Readiness waits for the first catalog of every upstream.
+        router.restore_from_disk();
+        // Readiness waits for the first catalog of every upstream, except at an edge, which
+        // must come up (and serve its disk copies) while the platform is unreachable.
         for index in 0..router.upstreams.len() {
-            engine.add_startup_task();
+            if router.disk.is_none() {
+                engine.add_startup_task();
+            }
             let r = Arc::clone(&router);
             tokio::spawn(async move { r.sync_catalog(index, catalog_interval).await });
         }
@@ -148,7 +179,9 @@ impl TierRouter {
                     if std::mem::take(&mut first) {
                         info!(upstream = %upstream.label, "upstream catalog loaded");
                         self.report_missing_replicas();
-                        self.engine.startup_task_done();
+                        if self.disk.is_none() {
+                            self.engine.startup_task_done();
+                        }
                     }
                     backoff = Duration::from_millis(100);
                     interval
@@ -206,6 +239,60 @@ impl TierRouter {
         }
     }
 
+    fn store(&self, name: &str) -> Option<crate::disk::DiskStore> {
+        self.disk.as_ref().map(|d| crate::disk::DiskStore::new(d.join(key(name))))
+    }
+
+    /// Registers and starts every replica found on disk, as the catalog saw it when stored.
+    fn restore_from_disk(&self) {
+        let Some(default) = self.default_upstream else { return };
+        for config in &self.replica_configs {
+            let Some(store) = self.store(&config.name) else { return };
+            let (manifest, schema, batches) = match store.load() {
+                Ok(Some(found)) => found,
+                Ok(None) => continue,
+                Err(err) => {
+                    error!(dataset = %config.name, error = %err, "cannot restore the replica from disk; it will be copied again");
+                    continue;
+                }
+            };
+            let entry = CatalogEntry {
+                name: config.name.clone(),
+                schema: Arc::clone(&schema),
+                home_region: manifest.home_region.clone(),
+                version: manifest.version,
+                rows: batches.iter().map(|b| b.num_rows() as u64).sum(),
+                refreshed_at: Some(std::time::UNIX_EPOCH + Duration::from_millis(manifest.refreshed_at_unix_ms)),
+                accelerated: true,
+            };
+            let table = UpstreamTable::new(
+                entry.name.clone(),
+                Arc::clone(&schema),
+                self.upstreams[default].client.clone(),
+                self.origin.clone(),
+            );
+            if let Err(err) = self.engine.register_table(&entry.name, Arc::new(table)) {
+                warn!(dataset = %entry.name, error = %err, "cannot register a restored replica");
+                continue;
+            }
+            let name = key(&entry.name);
+            self.remote
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(name.clone(), Remote { entry: entry.clone(), upstream: default });
+            match Replica::with_store(config.clone(), schema, Some(store), manifest.home_region.clone()) {
+                Ok(replica) => {
+                    let replica = Arc::new(replica);
+                    replica.restore(manifest, batches);
+                    self.replicas.write().unwrap_or_else(|p| p.into_inner()).insert(name, Arc::clone(&replica));
+                    let client = self.upstreams[default].client.clone();
+                    tokio::spawn(replica.run(client, self.origin.clone(), self.shutdown.child_token()));
+                }
+                Err(err) => warn!(dataset = %entry.name, error = %err, "restored replica not started"),
+            }
+        }
+    }
+
     /// A replica the platform does not list is a config mistake; say so once, by name.
     fn report_missing_replicas(&self) {
         let remote = self.remote.read().unwrap_or_else(|p| p.into_inner());
@@ -229,7 +316,12 @@ impl TierRouter {
             warn!(dataset = %entry.name, "the platform does not accelerate this dataset, so it cannot be replicated; queries on it are forwarded");
             return;
         }
-        let replica = match Replica::new(config.clone(), Arc::clone(&entry.schema)) {
+        let replica = match Replica::with_store(
+            config.clone(),
+            Arc::clone(&entry.schema),
+            self.store(name),
+            entry.home_region.clone(),
+        ) {
             Ok(r) => Arc::new(r),
             Err(err) => {
                 warn!(dataset = %entry.name, error = %err, "replica not started; queries on it are forwarded");
@@ -274,6 +366,7 @@ impl Router for TierRouter {
         let replicas = self.replicas.read().unwrap_or_else(|p| p.into_inner());
         let local_writes = self.local_writes.read().unwrap_or_else(|p| p.into_inner());
         let mut with_local_writes = false;
+        let mut stale_warning: Option<String> = None;
         let mut local_scans = 0usize;
         let mut remote_upstreams = HashSet::new();
         let mut first_miss: Option<(RouteReason, String)> = None;
@@ -325,7 +418,19 @@ impl Router for TierRouter {
                             ),
                             forces_forward: false,
                         },
-                        Some(replica) => ScanRoute::Local(Arc::clone(replica)),
+                        Some(replica) => {
+                            if let Some(message) = replica.staleness() {
+                                match replica.on_stale() {
+                                    strata_core::config::OnStale::Refuse => {
+                                        return Err(datafusion::error::DataFusionError::External(Box::new(
+                                            StrataError::DatasetUnavailable { name: name.clone(), reason: message },
+                                        )));
+                                    }
+                                    strata_core::config::OnStale::Warn => stale_warning = Some(message),
+                                }
+                            }
+                            ScanRoute::Local(Arc::clone(replica))
+                        }
                     }
                 };
                 let decision = match (decision, local_writes.get(&key(&name))) {
@@ -389,6 +494,7 @@ impl Router for TierRouter {
         let Some((reason, detail)) = forced.clone().or(first_miss) else {
             let mut info = RouteInfo::local("every table is answered from this tier's copies");
             info.versions = versions;
+            info.warning = stale_warning;
             return Ok(Routing::Run { plan, info });
         };
         let single_upstream = (local_scans == 0 && remote_upstreams.len() == 1)
@@ -401,10 +507,13 @@ impl Router for TierRouter {
         };
         match target {
             Some(upstream) if can_forward && !with_local_writes => Ok(Routing::Forward {
-                info: RouteInfo { route: Route::Forwarded, reason, detail, versions: Vec::new() },
+                info: RouteInfo { route: Route::Forwarded, reason, detail, versions: Vec::new(), warning: None },
                 upstream,
             }),
-            _ => Ok(Routing::Run { plan, info: RouteInfo { route: Route::Mixed, reason, detail, versions } }),
+            _ => Ok(Routing::Run {
+                plan,
+                info: RouteInfo { route: Route::Mixed, reason, detail, versions, warning: stale_warning },
+            }),
         }
     }
 
