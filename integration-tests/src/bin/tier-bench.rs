@@ -2,8 +2,9 @@
 //! the sidecar answering from its replica, the same query forwarded by the sidecar to the
 //! platform, the platform directly, and a bare tier-protocol `Health` call as the floor.
 //!
-//! `cargo run -p strata-integration-tests --bin tier-bench -- [iterations] [rows]`
-//! (build the tier binaries first: `cargo build --workspace --bins`).
+//! `tier-bench [iterations] [rows]` (the tier binaries must be built next to it), and
+//! `tier-bench ingest [batches] [rows-per-batch] [writers]`: edge ingest throughput over HTTP,
+//! every batch fsynced before it is acknowledged, with the platform and its PostgreSQL sink up.
 
 #![allow(clippy::print_stdout)]
 
@@ -42,6 +43,9 @@ fn summary(name: &str, mut samples: Vec<Duration>, floor: Option<f64>) -> f64 {
 
 #[tokio::main]
 async fn main() {
+    if std::env::args().nth(1).as_deref() == Some("ingest") {
+        return ingest().await;
+    }
     let mut args = std::env::args().skip(1);
     let iterations: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(2000);
     let rows: i64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(100_000);
@@ -124,4 +128,86 @@ async fn main() {
     summary("platform directly", d, Some(base));
     let local_status = sidecar.dataset("points").await;
     println!("replica: version {} rows {}", local_status["version"], local_status["rows"]);
+}
+
+async fn ingest() {
+    let mut args = std::env::args().skip(2);
+    let batches: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(2000);
+    let rows: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(100);
+    let writers: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(4);
+    let pg = strata_integration_tests::postgres::PgServer::start();
+    pg.connect()
+        .await
+        .batch_execute(
+            "CREATE TABLE readings (writer integer NOT NULL, n bigint NOT NULL, celsius double precision NOT NULL)",
+        )
+        .await
+        .expect("table");
+    let platform = Tier::start(
+        "platform-service",
+        &format!(
+            "region: eu\ndatasets:\n  - name: readings\n    from: postgres:public.readings\n    params: {}\n    writable: true\n",
+            pg.params_yaml()
+        ),
+    )
+    .await;
+    platform.wait_ready(Duration::from_secs(30)).await;
+    let data = tempfile::tempdir().expect("dir");
+    let edge = Tier::start(
+        "edge-agent",
+        &format!(
+            "region: eu\nupstream:\n  endpoints: [http://{}]\nedge:\n  id: bench\n  data_dir: {}\n  writable: [readings]\n",
+            platform.flight_addr,
+            data.path().display()
+        ),
+    )
+    .await;
+    edge.wait_ready(Duration::from_secs(30)).await;
+    let url = edge.url("/v1/ingest/readings");
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut latencies = Vec::new();
+            for b in (w..batches).step_by(writers) {
+                let body: String = (0..rows)
+                    .map(|k| format!("{{\"writer\": {w}, \"n\": {}, \"celsius\": 21.5}}\n", b * rows + k))
+                    .collect();
+                let t = Instant::now();
+                let r = client
+                    .post(&url)
+                    .header("content-type", "application/x-ndjson")
+                    .body(body)
+                    .send()
+                    .await
+                    .expect("post");
+                assert_eq!(r.status().as_u16(), 200);
+                latencies.push(t.elapsed());
+            }
+            latencies
+        }));
+    }
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await.expect("writer"));
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    println!(
+        "edge ingest: {batches} batches x {rows} rows, {writers} writers, fsync per batch: {:.0} batches/s, {:.0} rows/s",
+        batches as f64 / elapsed,
+        (batches * rows) as f64 / elapsed
+    );
+    summary("acknowledged write latency", latencies, None);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let n: i64 = pg.connect().await.query_one("SELECT count(*) FROM readings", &[]).await.expect("count").get(0);
+        if n as usize >= batches * rows {
+            println!("all rows in the PostgreSQL sink {:.1} s after the first write", started.elapsed().as_secs_f64());
+            break;
+        }
+        assert!(Instant::now() < deadline, "upload did not finish");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
