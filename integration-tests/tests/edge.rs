@@ -57,6 +57,22 @@ async fn post(client: &reqwest::Client, edge: SocketAddr, body: String) -> Resul
     Ok((status, r.text().await.unwrap_or_default()))
 }
 
+/// A platform on fixed addresses (so it can be restarted where the edge expects it) and an
+/// edge agent with the given log bound, both ready.
+async fn platform_and_edge(
+    pg: &PgServer,
+    max_log: &str,
+) -> (Tier, Tier, String, tempfile::TempDir, SocketAddr, SocketAddr) {
+    let (flight, http) = addrs();
+    let platform = Tier::start_at("platform-service", &platform_config(pg), flight, http).await;
+    platform.wait_ready(Duration::from_secs(30)).await;
+    let data = tempfile::tempdir().expect("data dir");
+    let config = edge_config(flight, data.path(), max_log);
+    let edge = Tier::start("edge-agent", &config).await;
+    edge.wait_ready(Duration::from_secs(30)).await;
+    (platform, edge, config, data, flight, http)
+}
+
 async fn sink_rows(pg: &PgServer) -> Vec<(i32, i64)> {
     let rows = pg.connect().await.query("SELECT writer, n FROM readings WHERE writer > 0", &[]).await.expect("query");
     rows.iter().map(|r| (r.get(0), r.get(1))).collect()
@@ -79,13 +95,7 @@ async fn wait_drained(edge: &Tier, pg: &PgServer, expected_at_least: usize) {
 async fn edge_writes_survive_an_outage_and_kill_9_and_land_exactly_once() {
     let pg = PgServer::start();
     seed(&pg).await;
-    let (flight, http) = addrs();
-    let mut platform = Tier::start_at("platform-service", &platform_config(&pg), flight, http).await;
-    platform.wait_ready(Duration::from_secs(30)).await;
-    let data = tempfile::tempdir().expect("data dir");
-    let config = edge_config(flight, data.path(), "256MiB");
-    let mut edge = Tier::start("edge-agent", &config).await;
-    edge.wait_ready(Duration::from_secs(30)).await;
+    let (mut platform, mut edge, config, _data, flight, http) = platform_and_edge(&pg, "256MiB").await;
     for _ in 0..100 {
         if edge.dataset("readings").await["state"] == "ready" {
             break;
@@ -218,12 +228,7 @@ async fn a_retried_upload_is_acknowledged_but_not_applied_twice() {
 async fn a_full_log_refuses_writes_with_a_clear_error_and_accepts_again_after_upload() {
     let pg = PgServer::start();
     seed(&pg).await;
-    let (flight, http) = addrs();
-    let mut platform = Tier::start_at("platform-service", &platform_config(&pg), flight, http).await;
-    platform.wait_ready(Duration::from_secs(30)).await;
-    let data = tempfile::tempdir().expect("data dir");
-    let edge = Tier::start("edge-agent", &edge_config(flight, data.path(), "24KiB")).await;
-    edge.wait_ready(Duration::from_secs(30)).await;
+    let (mut platform, edge, _config, _data, flight, http) = platform_and_edge(&pg, "24KiB").await;
     platform.kill();
     let client = reqwest::Client::new();
     let mut accepted = 0;
@@ -247,13 +252,7 @@ async fn a_full_log_refuses_writes_with_a_clear_error_and_accepts_again_after_up
 async fn a_torn_log_tail_is_cut_off_on_restart_and_earlier_writes_still_upload() {
     let pg = PgServer::start();
     seed(&pg).await;
-    let (flight, http) = addrs();
-    let mut platform = Tier::start_at("platform-service", &platform_config(&pg), flight, http).await;
-    platform.wait_ready(Duration::from_secs(30)).await;
-    let data = tempfile::tempdir().expect("data dir");
-    let config = edge_config(flight, data.path(), "64MiB");
-    let mut edge = Tier::start("edge-agent", &config).await;
-    edge.wait_ready(Duration::from_secs(30)).await;
+    let (mut platform, mut edge, config, data, flight, http) = platform_and_edge(&pg, "64MiB").await;
     platform.kill();
     let client = reqwest::Client::new();
     for b in 0..10 {

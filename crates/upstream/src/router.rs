@@ -433,9 +433,10 @@ impl Router for TierRouter {
                         }
                     }
                 };
-                let decision = match (decision, local_writes.get(&key(&name))) {
-                    (decision, None) => decision,
-                    (decision, Some(rows)) => {
+                // Rows written here and not yet confirmed upstream are read along with the table.
+                let with_local = match local_writes.get(&key(&name)) {
+                    None => None,
+                    Some(rows) => {
                         with_local_writes = true;
                         let base: Arc<dyn datafusion::catalog::TableProvider> = match &decision {
                             ScanRoute::Local(replica) => replica.table(),
@@ -443,21 +444,7 @@ impl Router for TierRouter {
                                 datafusion::catalog::default_table_source::source_as_provider(&scan.source)?
                             }
                         };
-                        scan.source = provider_as_source(Arc::new(WithLocalWrites::new(base, Arc::clone(rows))));
-                        match decision {
-                            ScanRoute::Local(replica) => {
-                                local_scans += 1;
-                                if let Some(s) = replica.snapshot() {
-                                    versions.push(VersionRead {
-                                        dataset: replica.name().to_string(),
-                                        version: s.version,
-                                        age_ms: age(Some(s.refreshed_at)),
-                                    });
-                                }
-                                return Ok(Transformed::yes(LogicalPlan::TableScan(scan)));
-                            }
-                            remote_route => remote_route,
-                        }
+                        Some(provider_as_source(Arc::new(WithLocalWrites::new(base, Arc::clone(rows)))))
                     }
                 };
                 match decision {
@@ -470,10 +457,13 @@ impl Router for TierRouter {
                                 age_ms: age(Some(s.refreshed_at)),
                             });
                         }
-                        scan.source = provider_as_source(replica.table());
+                        scan.source = with_local.unwrap_or_else(|| provider_as_source(replica.table()));
                         Ok(Transformed::yes(LogicalPlan::TableScan(scan)))
                     }
                     ScanRoute::Remote { reason, detail, forces_forward } => {
+                        if let Some(source) = with_local {
+                            scan.source = source;
+                        }
                         remote_upstreams.insert(r.upstream);
                         versions.push(VersionRead {
                             dataset: r.entry.name.clone(),
