@@ -241,11 +241,42 @@ async fn a_full_log_refuses_writes_with_a_clear_error_and_accepts_again_after_up
         assert!(accepted < 10_000, "the log bound is never enforced");
     };
     assert_eq!(refusal.0, 503, "{}", refusal.1);
+    // Flight SQL bulk ingest meets the same bound, with the same clear error.
+    let mut flight_client = edge.flight().await;
+    let schema = std::sync::Arc::new(arrow::datatypes::Schema::new(vec![
+        arrow::datatypes::Field::new("writer", arrow::datatypes::DataType::Int32, false),
+        arrow::datatypes::Field::new("n", arrow::datatypes::DataType::Int64, false),
+        arrow::datatypes::Field::new("celsius", arrow::datatypes::DataType::Float64, false),
+    ]));
+    let rows = arrow::array::RecordBatch::try_new(
+        schema,
+        vec![
+            std::sync::Arc::new(arrow::array::Int32Array::from(vec![4])),
+            std::sync::Arc::new(arrow::array::Int64Array::from(vec![1])),
+            std::sync::Arc::new(arrow::array::Float64Array::from(vec![1.0])),
+        ],
+    )
+    .expect("batch");
+    let command = arrow_flight::sql::CommandStatementIngest { table: "readings".into(), ..Default::default() };
+    let err = flight_client
+        .execute_ingest(command.clone(), futures::stream::iter([Ok(rows.clone())]))
+        .await
+        .expect_err("the log is full");
+    assert!(err.to_string().contains("edge.max_log_size"), "{err}");
     assert!(refusal.1.contains("log_full") && refusal.1.contains("edge.max_log_size"), "{}", refusal.1);
     let _platform = Tier::start_at("platform-service", &platform_config(&pg), flight, http).await;
     wait_drained(&edge, &pg, accepted as usize * 5).await;
     let (status, body) = post(&client, edge.http_addr, batch(3, 1_000_000, 5)).await.expect("write");
     assert_eq!(status, 200, "accepted again once the log drained: {body}");
+    let ingested =
+        flight_client.execute_ingest(command, futures::stream::iter([Ok(rows)])).await.expect("Flight SQL ingest");
+    assert_eq!(ingested, 1);
+    wait_drained(&edge, &pg, accepted as usize * 5 + 6).await;
+    assert_eq!(
+        sink_rows(&pg).await.iter().filter(|(w, _)| *w == 4).count(),
+        1,
+        "the Flight SQL write reached the sink"
+    );
 }
 
 #[tokio::test]

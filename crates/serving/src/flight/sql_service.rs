@@ -14,8 +14,8 @@ use arrow_flight::sql::{
     ActionClosePreparedStatementRequest, ActionCreatePreparedStatementRequest, ActionCreatePreparedStatementResult,
     CommandGetCatalogs, CommandGetCrossReference, CommandGetDbSchemas, CommandGetExportedKeys, CommandGetImportedKeys,
     CommandGetPrimaryKeys, CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables, CommandGetXdbcTypeInfo,
-    CommandPreparedStatementQuery, CommandPreparedStatementUpdate, CommandStatementQuery, CommandStatementUpdate,
-    DoPutPreparedStatementResult, ProstMessageExt, SqlInfo, TicketStatementQuery,
+    CommandPreparedStatementQuery, CommandPreparedStatementUpdate, CommandStatementIngest, CommandStatementQuery,
+    CommandStatementUpdate, DoPutPreparedStatementResult, ProstMessageExt, SqlInfo, TicketStatementQuery,
 };
 use arrow_flight::{
     Action, FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest, HandshakeResponse, IpcMessage, SchemaAsIpc,
@@ -509,6 +509,27 @@ impl FlightSqlService for StrataFlightSql {
         // Planning applies the read-only check, so writes get the same clear error as queries.
         self.engine.plan(&command.query).await.map_err(|e| to_grpc(&e))?;
         Err(Status::invalid_argument("statement updates must be writes; use a query command for SELECT"))
+    }
+
+    /// Bulk ingest (ADBC `adbc_ingest`, Flight SQL `CommandStatementIngest`) into a writable
+    /// dataset of an edge agent; answers once the rows are durable.
+    async fn do_put_statement_ingest(
+        &self,
+        command: CommandStatementIngest,
+        request: Request<PeekableFlightDataStream>,
+    ) -> Result<i64, Status> {
+        let writes = self.engine.writes().ok_or_else(|| {
+            to_grpc(&strata_core::StrataError::NotSupported(
+                "this tier accepts no writes; write to an edge-agent".into(),
+            ))
+        })?;
+        let data = request.into_inner().map_err(|s| FlightError::Tonic(Box::new(s)));
+        let batches: Vec<RecordBatch> = arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(data)
+            .try_collect()
+            .await
+            .map_err(|e| Status::invalid_argument(format!("cannot read the ingested rows: {e}")))?;
+        let receipt = writes.write(&command.table, batches).await.map_err(|e| to_grpc(&e))?;
+        Ok(receipt.rows as i64)
     }
 
     async fn do_action_create_prepared_statement(
