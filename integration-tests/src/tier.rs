@@ -203,6 +203,12 @@ impl Tier {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// The status of one dataset from `/v1/datasets`, if it is listed yet.
+    pub async fn find_dataset(&self, name: &str) -> Option<Value> {
+        let (_, body) = self.get_json("/v1/datasets").await;
+        body["datasets"].as_array().and_then(|d| d.iter().find(|d| d["name"] == name).cloned())
+    }
+
     /// The status of one dataset from `/v1/datasets`.
     pub async fn dataset(&self, name: &str) -> Value {
         let (_, body) = self.get_json("/v1/datasets").await;

@@ -97,7 +97,7 @@ async fn edge_writes_survive_an_outage_and_kill_9_and_land_exactly_once() {
     seed(&pg).await;
     let (mut platform, mut edge, config, _data, flight, http) = platform_and_edge(&pg, "256MiB").await;
     for _ in 0..100 {
-        if edge.dataset("readings").await["state"] == "ready" {
+        if edge.find_dataset("readings").await.is_some_and(|d| d["state"] == "ready") {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -343,7 +343,13 @@ async fn restarted_with_the_platform_unreachable_the_edge_serves_from_disk_then_
     );
     let mut edge = Tier::start("edge-agent", &config).await;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while edge.dataset("events").await["version"] != 1 || edge.dataset("sites").await["version"] != 1 {
+    loop {
+        let version = |d: Option<serde_json::Value>| d.map(|d| d["version"].clone());
+        if version(edge.find_dataset("events").await) == Some(1.into())
+            && version(edge.find_dataset("sites").await) == Some(1.into())
+        {
+            break;
+        }
         assert!(Instant::now() < deadline, "replicas not loaded:\n{}", edge.logs());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -393,4 +399,34 @@ async fn restarted_with_the_platform_unreachable_the_edge_serves_from_disk_then_
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(edge.rows("SELECT count(*) AS n FROM events").await[0]["n"], 3050);
+}
+
+#[tokio::test]
+async fn a_replica_over_max_disk_is_not_stored_and_says_why_while_queries_still_answer() {
+    let pg = PgServer::start();
+    seed(&pg).await;
+    pg.connect()
+        .await
+        .batch_execute("INSERT INTO readings SELECT 1, g, 1.5 FROM generate_series(1, 5000) g")
+        .await
+        .expect("rows");
+    let platform = Tier::start("platform-service", &platform_config(&pg)).await;
+    platform.wait_ready(Duration::from_secs(30)).await;
+    let data = tempfile::tempdir().expect("data dir");
+    let config = edge_config(platform.flight_addr, data.path(), "1MiB")
+        .replace("  max_log_size:", "  max_disk: 16KiB\n  max_log_size:");
+    let edge = Tier::start("edge-agent", &config).await;
+    edge.wait_ready(Duration::from_secs(30)).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let status = edge.find_dataset("readings").await.unwrap_or_default();
+        if status["last_error"].as_str().is_some_and(|e| e.contains("edge.max_disk")) {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "no error reported: {status}\n{}", edge.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status["state"], "loading", "nothing half-stored is served: {status}");
+    let (rows, route, reason) = edge.routed("SELECT count(*) AS n FROM readings", &[]).await;
+    assert_eq!((rows[0]["n"].as_i64(), route.as_str(), reason.as_str()), (Some(5010), "forwarded", "cold_start"));
 }

@@ -52,9 +52,17 @@ pub struct EdgeConfig {
     /// Bound on the ingest log; writes beyond it are refused (back-pressure), never dropped.
     #[serde(default = "default_max_log_size")]
     pub max_log_size: ByteSize,
+    /// Bound on the replicas kept on disk; a version that would exceed it is not stored (the
+    /// previous one keeps serving) and the dataset reports the error.
+    #[serde(default = "default_max_disk")]
+    pub max_disk: ByteSize,
     /// Datasets apps may write into here; each must be `writable` on the platform.
     #[serde(default)]
     pub writable: Vec<String>,
+}
+
+fn default_max_disk() -> ByteSize {
+    ByteSize(10 << 30)
 }
 
 fn default_max_log_size() -> ByteSize {

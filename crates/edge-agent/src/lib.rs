@@ -54,7 +54,7 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Serve
         engine.clone(),
         upstream,
         config.replicas.clone(),
-        edge.data_dir.join("replicas"),
+        (edge.data_dir.join("replicas"), edge.max_disk.0),
         shutdown.clone(),
     )?;
     let dir = edge.data_dir.join("ingest");

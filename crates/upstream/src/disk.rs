@@ -33,10 +33,27 @@ pub struct Manifest {
     pub files: Vec<String>,
 }
 
-/// The directory of one replica.
+/// The directory of one replica, under a root shared by all replicas and bounded in size.
 #[derive(Debug, Clone)]
 pub struct DiskStore {
     dir: PathBuf,
+    root: PathBuf,
+    max_bytes: u64,
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 fn io(what: &str, path: &Path, e: impl std::fmt::Display) -> StrataError {
@@ -44,8 +61,9 @@ fn io(what: &str, path: &Path, e: impl std::fmt::Display) -> StrataError {
 }
 
 impl DiskStore {
-    pub fn new(dir: PathBuf) -> Self {
-        Self { dir }
+    /// The store of replica `name` under `root`, all replicas together bounded by `max_bytes`.
+    pub fn new(root: &Path, name: &str, max_bytes: u64) -> Self {
+        Self { dir: root.join(name), root: root.to_path_buf(), max_bytes }
     }
 
     /// The stored version, its schema and its rows (memory-mapped), if any.
@@ -76,6 +94,16 @@ impl DiskStore {
         batches: &[RecordBatch],
         mut manifest: Manifest,
     ) -> Result<(Manifest, Vec<RecordBatch>), StrataError> {
+        // Checked before anything is written: running out leaves the stored version intact.
+        let incoming: u64 = batches.iter().map(|b| b.get_array_memory_size() as u64).sum();
+        let replaced = if manifest.files.is_empty() { dir_bytes(&self.dir) } else { 0 };
+        let used = dir_bytes(&self.root).saturating_sub(replaced);
+        if used + incoming > self.max_bytes {
+            return Err(StrataError::ResourcesExhausted(format!(
+                "replica store full: version {} needs about {incoming} bytes, {used} of {} are used (edge.max_disk); the previous version keeps serving",
+                manifest.version, self.max_bytes
+            )));
+        }
         fs::create_dir_all(&self.dir).map_err(|e| io("cannot create", &self.dir, e))?;
         let name = format!("{:020}.arrow", manifest.version);
         let path = self.dir.join(&name);
@@ -110,11 +138,9 @@ impl DiskStore {
         Ok((manifest, rows))
     }
 
-    /// Bytes of the stored files.
+    /// Bytes of this replica's files.
     pub fn bytes(&self) -> u64 {
-        fs::read_dir(&self.dir)
-            .map(|entries| entries.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
-            .unwrap_or(0)
+        dir_bytes(&self.dir)
     }
 }
 
@@ -164,7 +190,7 @@ mod tests {
     #[test]
     fn versions_round_trip_through_the_manifest() {
         let dir = tempfile::tempdir().expect("dir");
-        let store = DiskStore::new(dir.path().join("orders"));
+        let store = DiskStore::new(dir.path(), "orders", 1 << 30);
         assert!(store.load().expect("load").is_none());
         let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
         let batch =
@@ -185,5 +211,13 @@ mod tests {
         let (_, _, rows) = store.load().expect("load").expect("stored");
         assert_eq!(rows, vec![batch(vec![9])]);
         assert_eq!(fs::read_dir(dir.path().join("orders")).expect("list").count(), 2, "one data file and the manifest");
+
+        // Out of space: a clear error, and the stored version is untouched.
+        let small = DiskStore::new(dir.path(), "orders", 100);
+        let next = Manifest { version: 4, files: vec![], ..store.load().expect("load").expect("stored").0 };
+        let err = small.write(&schema, &[batch((0..1000).collect())], next).expect_err("over the bound");
+        assert!(err.to_string().contains("edge.max_disk"), "{err}");
+        let (manifest, _, rows) = store.load().expect("load").expect("stored");
+        assert_eq!((manifest.version, rows), (3, vec![batch(vec![9])]));
     }
 }

@@ -52,8 +52,8 @@ pub struct TierRouter {
     remote: RwLock<HashMap<String, Remote>>,
     replica_configs: Vec<ReplicaConfig>,
     replicas: RwLock<HashMap<String, Arc<Replica>>>,
-    /// Where replicas are kept on disk (edge agents); in memory when `None`.
-    disk: Option<std::path::PathBuf>,
+    /// Where replicas are kept on disk (edge agents) and the bound on their size; in memory when `None`.
+    disk: Option<(std::path::PathBuf, u64)>,
     /// Rows written at this tier and not yet confirmed upstream, by dataset (edge agents).
     local_writes: RwLock<HashMap<String, Arc<dyn datafusion::catalog::TableProvider>>>,
     shutdown: CancellationToken,
@@ -83,7 +83,7 @@ impl TierRouter {
         engine: Engine,
         upstream: &UpstreamConfig,
         replicas: Vec<ReplicaConfig>,
-        disk: std::path::PathBuf,
+        disk: (std::path::PathBuf, u64),
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, StrataError> {
         Self::downstream(engine, "edge", upstream, replicas, Some(disk), shutdown)
@@ -94,7 +94,7 @@ impl TierRouter {
         tier: &str,
         upstream: &UpstreamConfig,
         replicas: Vec<ReplicaConfig>,
-        disk: Option<std::path::PathBuf>,
+        disk: Option<(std::path::PathBuf, u64)>,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, StrataError> {
         let client = UpstreamClient::new(&upstream.endpoints, upstream)?;
@@ -133,7 +133,7 @@ impl TierRouter {
         tier: &str,
         upstreams: Vec<Upstream>,
         default_upstream: Option<usize>,
-        (replica_configs, disk): (Vec<ReplicaConfig>, Option<std::path::PathBuf>),
+        (replica_configs, disk): (Vec<ReplicaConfig>, Option<(std::path::PathBuf, u64)>),
         catalog_interval: Duration,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
@@ -240,7 +240,7 @@ impl TierRouter {
     }
 
     fn store(&self, name: &str) -> Option<crate::disk::DiskStore> {
-        self.disk.as_ref().map(|d| crate::disk::DiskStore::new(d.join(key(name))))
+        self.disk.as_ref().map(|(root, max)| crate::disk::DiskStore::new(root, &key(name), *max))
     }
 
     /// Registers and starts every replica found on disk, as the catalog saw it when stored.
