@@ -4,7 +4,9 @@
 //!
 //! `tier-bench [iterations] [rows]` (the tier binaries must be built next to it), and
 //! `tier-bench ingest [batches] [rows-per-batch] [writers]`: edge ingest throughput over HTTP,
-//! every batch fsynced before it is acknowledged, with the platform and its PostgreSQL sink up.
+//! every batch fsynced before it is acknowledged, with the platform and its PostgreSQL sink up;
+//! and `tier-bench restart [megabytes]`: an edge agent's time from restart to ready and to a
+//! first answer with that much replica data on disk and the platform stopped, and its RSS.
 
 #![allow(clippy::print_stdout)]
 
@@ -43,8 +45,10 @@ fn summary(name: &str, mut samples: Vec<Duration>, floor: Option<f64>) -> f64 {
 
 #[tokio::main]
 async fn main() {
-    if std::env::args().nth(1).as_deref() == Some("ingest") {
-        return ingest().await;
+    match std::env::args().nth(1).as_deref() {
+        Some("ingest") => return ingest().await,
+        Some("restart") => return restart().await,
+        _ => {}
     }
     let mut args = std::env::args().skip(1);
     let iterations: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(2000);
@@ -210,4 +214,101 @@ async fn ingest() {
         assert!(Instant::now() < deadline, "upload did not finish");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Resident memory of a process, from /proc (kB).
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+async fn restart() {
+    let megabytes: usize = std::env::args().nth(2).and_then(|a| a.parse().ok()).unwrap_or(1024);
+    let dir = tempfile::tempdir().expect("dir");
+    let schema =
+        Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false), Field::new("v", DataType::Utf8, false)]));
+    let path = dir.path().join("big.parquet");
+    let mut writer =
+        ArrowWriter::try_new(std::fs::File::create(&path).expect("file"), schema.clone(), None).expect("writer");
+    let payload = "x".repeat(120);
+    let rows_per_mb = 1024 * 1024 / 136;
+    let total = (megabytes * rows_per_mb) as i64;
+    for start in (0..total).step_by(65_536) {
+        let ids: Vec<i64> = (start..(start + 65_536).min(total)).collect();
+        let values: Vec<&str> = ids.iter().map(|_| payload.as_str()).collect();
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![Arc::new(Int64Array::from(ids)), Arc::new(StringArray::from(values))],
+        )
+        .expect("batch");
+        writer.write(&batch).expect("write");
+    }
+    writer.close().expect("close");
+    let platform = Tier::start(
+        "platform-service",
+        &format!(
+            "region: eu\nlimits:\n  memory_limit: 8GiB\n  max_message_size: 64MiB\ndatasets:\n  - name: big\n    from: file:{}\n    acceleration: {{}}\n",
+            path.display()
+        ),
+    )
+    .await;
+    platform.wait_ready(Duration::from_secs(1800)).await;
+    let data = dir.path().join("edge");
+    let config = format!(
+        "region: eu\nupstream:\n  endpoints: [http://{}]\n  call_timeout: 1s\nreplicas:\n  - name: big\nedge:\n  id: bench\n  data_dir: {}\n  max_disk: 100GiB\n",
+        platform.flight_addr,
+        data.display()
+    );
+    let mut edge = Tier::start("edge-agent", &config).await;
+    let copied = Instant::now();
+    loop {
+        if edge.find_dataset("big").await.is_some_and(|d| d["state"] == "ready") {
+            break;
+        }
+        assert!(copied.elapsed() < Duration::from_secs(3600), "replica never loaded");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let on_disk: u64 = walk(&data.join("replicas"));
+    println!("replicated {} MB to the edge's disk in {:.1} s", on_disk / 1_000_000, copied.elapsed().as_secs_f64());
+    edge.kill();
+    let stop = std::process::Command::new("kill").arg("-STOP").arg(platform.pid().to_string()).status().expect("kill");
+    assert!(stop.success());
+    let started = Instant::now();
+    let edge = Tier::start("edge-agent", &config).await;
+    edge.wait_ready(Duration::from_secs(600)).await;
+    let ready = started.elapsed();
+    let rows = edge.rows("SELECT count(*) AS n FROM big").await;
+    let answered = started.elapsed();
+    let rss_idle = rss_kb(edge.pid());
+    let _ = edge.rows("SELECT max(length(v)) AS m FROM big").await;
+    let rss_scanned = rss_kb(edge.pid());
+    let _ = std::process::Command::new("kill").arg("-CONT").arg(platform.pid().to_string()).status();
+    println!(
+        "restart with {} MB on disk, platform unreachable: ready in {:.2} s, first answer ({} rows) in {:.2} s; RSS {} MB after restart, {} MB after a full scan (file-backed pages)",
+        on_disk / 1_000_000,
+        ready.as_secs_f64(),
+        rows[0]["n"],
+        answered.as_secs_f64(),
+        rss_idle / 1024,
+        rss_scanned / 1024
+    );
+}
+
+fn walk(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => walk(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
 }
