@@ -70,6 +70,12 @@ async fn platform_and_edge(
     let config = edge_config(flight, data.path(), max_log);
     let edge = Tier::start("edge-agent", &config).await;
     edge.wait_ready(Duration::from_secs(30)).await;
+    // An edge is ready before it reaches the platform; wait until it knows the dataset.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !edge.find_dataset("readings").await.is_some_and(|d| d["state"] == "ready") {
+        assert!(Instant::now() < deadline, "the edge never loaded readings:\n{}", edge.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     (platform, edge, config, data, flight, http)
 }
 
@@ -96,12 +102,6 @@ async fn edge_writes_survive_an_outage_and_kill_9_and_land_exactly_once() {
     let pg = PgServer::start();
     seed(&pg).await;
     let (mut platform, mut edge, config, _data, flight, http) = platform_and_edge(&pg, "256MiB").await;
-    for _ in 0..100 {
-        if edge.find_dataset("readings").await.is_some_and(|d| d["state"] == "ready") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 
     // The platform goes away; apps keep writing, and read their own writes from the edge.
     platform.kill();
