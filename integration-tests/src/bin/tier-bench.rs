@@ -23,6 +23,25 @@ use strata_proto::v1::HealthRequest;
 use strata_proto::v1::tier_service_client::TierServiceClient;
 use tonic::transport::Channel;
 
+/// A Parquet file of `rows` rows `(id, v)`, `v` made from the id by `value`.
+fn write_points(path: &std::path::Path, rows: i64, value: impl Fn(i64) -> String) {
+    let schema =
+        Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false), Field::new("v", DataType::Utf8, false)]));
+    let mut writer =
+        ArrowWriter::try_new(std::fs::File::create(path).expect("file"), schema.clone(), None).expect("writer");
+    for start in (0..rows).step_by(65_536) {
+        let ids: Vec<i64> = (start..(start + 65_536).min(rows)).collect();
+        let values: Vec<String> = ids.iter().map(|i| value(*i)).collect();
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![Arc::new(Int64Array::from(ids)), Arc::new(StringArray::from(values))],
+        )
+        .expect("batch");
+        writer.write(&batch).expect("write");
+    }
+    writer.close().expect("close");
+}
+
 async fn connect(addr: std::net::SocketAddr) -> Channel {
     Channel::from_shared(format!("http://{addr}")).expect("uri").tcp_nodelay(true).connect().await.expect("connect")
 }
@@ -54,22 +73,8 @@ async fn main() {
     let iterations: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(2000);
     let rows: i64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(100_000);
     let dir = tempfile::tempdir().expect("dir");
-    let schema =
-        Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false), Field::new("v", DataType::Utf8, false)]));
     let path = dir.path().join("points.parquet");
-    let mut writer =
-        ArrowWriter::try_new(std::fs::File::create(&path).expect("file"), schema.clone(), None).expect("writer");
-    for start in (0..rows).step_by(8192) {
-        let ids: Vec<i64> = (start..(start + 8192).min(rows)).collect();
-        let values: Vec<String> = ids.iter().map(|i| format!("value-{i}")).collect();
-        let batch = RecordBatch::try_new(
-            schema.clone(),
-            vec![Arc::new(Int64Array::from(ids)), Arc::new(StringArray::from(values))],
-        )
-        .expect("batch");
-        writer.write(&batch).expect("write");
-    }
-    writer.close().expect("close");
+    write_points(&path, rows, |i| format!("value-{i}"));
 
     let platform = Tier::start(
         "platform-service",
@@ -233,25 +238,10 @@ fn rss_mb(pid: u32) -> (u64, u64) {
 async fn restart() {
     let megabytes: usize = std::env::args().nth(2).and_then(|a| a.parse().ok()).unwrap_or(1024);
     let dir = tempfile::tempdir().expect("dir");
-    let schema =
-        Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false), Field::new("v", DataType::Utf8, false)]));
     let path = dir.path().join("big.parquet");
-    let mut writer =
-        ArrowWriter::try_new(std::fs::File::create(&path).expect("file"), schema.clone(), None).expect("writer");
     // Distinct values, so the bytes on disk are really there (no shared string buffers).
     let rows_per_mb = 1024 * 1024 / 144;
-    let total = (megabytes * rows_per_mb) as i64;
-    for start in (0..total).step_by(65_536) {
-        let ids: Vec<i64> = (start..(start + 65_536).min(total)).collect();
-        let values: Vec<String> = ids.iter().map(|i| format!("{i:0>120}")).collect();
-        let batch = RecordBatch::try_new(
-            schema.clone(),
-            vec![Arc::new(Int64Array::from(ids)), Arc::new(StringArray::from(values))],
-        )
-        .expect("batch");
-        writer.write(&batch).expect("write");
-    }
-    writer.close().expect("close");
+    write_points(&path, (megabytes * rows_per_mb) as i64, |i| format!("{i:0>120}"));
     let platform = Tier::start(
         "platform-service",
         &format!(
