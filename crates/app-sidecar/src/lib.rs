@@ -18,15 +18,7 @@ pub enum SidecarError {
 
 /// Checks what only a sidecar needs: an upstream to replicate from and forward to.
 pub fn validate(config: &Config) -> Result<(), StrataError> {
-    if config.upstream.is_none() {
-        return Err(StrataError::Config(
-            "app-sidecar needs `upstream: {endpoints: [http://platform:50051]}` (the platform it replicates from and forwards to)".into(),
-        ));
-    }
-    if !config.peers.is_empty() {
-        return Err(StrataError::Config("peers: only a platform-service has peer regions".into()));
-    }
-    Ok(())
+    strata_upstream::validate_downstream(config, "app-sidecar")
 }
 
 /// Builds the engine and the router, binds the servers and starts replication. Ready once

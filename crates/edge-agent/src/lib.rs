@@ -33,15 +33,7 @@ pub fn validate(config: &Config) -> Result<(), StrataError> {
                 .into(),
         ));
     }
-    if config.upstream.is_none() {
-        return Err(StrataError::Config(
-            "edge-agent needs `upstream: {endpoints: [http://platform:50051]}` (the platform it uploads to)".into(),
-        ));
-    }
-    if !config.peers.is_empty() {
-        return Err(StrataError::Config("peers: only a platform-service has peer regions".into()));
-    }
-    Ok(())
+    strata_upstream::validate_downstream(config, "edge-agent")
 }
 
 /// Opens the log (repairing a torn tail), builds the router, binds the servers, and starts

@@ -12,3 +12,17 @@ pub mod wire;
 
 pub use client::UpstreamClient;
 pub use router::TierRouter;
+
+/// What every tier with an upstream (sidecar, edge agent) needs from its config: `tier`
+/// names it in the error.
+pub fn validate_downstream(config: &strata_core::Config, tier: &str) -> Result<(), strata_core::StrataError> {
+    if config.upstream.is_none() {
+        return Err(strata_core::StrataError::Config(format!(
+            "{tier} needs `upstream: {{endpoints: [http://platform:50051]}}` (the platform it replicates from and forwards to)"
+        )));
+    }
+    if !config.peers.is_empty() {
+        return Err(strata_core::StrataError::Config("peers: only a platform-service has peer regions".into()));
+    }
+    Ok(())
+}
