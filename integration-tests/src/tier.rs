@@ -56,6 +56,18 @@ impl Tier {
         }
     }
 
+    /// Starts `binary` under a command prefix (`ip netns exec <ns>`), listening on `flight`
+    /// and `http` (addresses the prefix's network can bind).
+    pub async fn start_under(prefix: &[&str], binary: &str, config: &str, flight: &str, http: &str) -> Self {
+        let dir = tempfile::Builder::new().prefix("strata-tier-").tempdir().expect("temp dir");
+        let config_path = dir.path().join("strata.yaml");
+        std::fs::write(&config_path, config).expect("write config");
+        match Self::spawn_command(prefix, binary, &config_path, dir, flight, http).await {
+            Ok(tier) => tier,
+            Err(exited) => panic!("{binary} exited with {:?}:\n{}", exited.code, exited.stderr),
+        }
+    }
+
     async fn spawn_with_config_file(binary: &str, config_path: &Path, dir: tempfile::TempDir) -> Result<Self, Exited> {
         Self::spawn_inner(binary, config_path, dir, "127.0.0.1:0", "127.0.0.1:0").await
     }
@@ -67,10 +79,29 @@ impl Tier {
         flight: &str,
         http: &str,
     ) -> Result<Self, Exited> {
+        Self::spawn_command(&[], binary, config_path, dir, flight, http).await
+    }
+
+    async fn spawn_command(
+        prefix: &[&str],
+        binary: &str,
+        config_path: &Path,
+        dir: tempfile::TempDir,
+        flight: &str,
+        http: &str,
+    ) -> Result<Self, Exited> {
         let exe = crate::bin_dir().join(binary);
         assert!(exe.exists(), "{} is not built: run `cargo build --workspace --bins` first", exe.display());
         let log = dir.path().join("stderr.log");
-        let mut child = Command::new(&exe)
+        let mut command = match prefix.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(&exe);
+                c
+            }
+            None => Command::new(&exe),
+        };
+        let mut child = command
             .arg("--config")
             .arg(config_path)
             .args(["--flight-addr", flight, "--http-addr", http])

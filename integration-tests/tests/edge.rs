@@ -139,7 +139,12 @@ async fn edge_writes_survive_an_outage_and_kill_9_and_land_exactly_once() {
             failures
         }));
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Kill once a good share has been acknowledged (how long that takes depends on the machine).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acked.lock().expect("lock").len() < 300 {
+        assert!(Instant::now() < deadline, "writes too slow to test a kill in the middle");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     edge.kill();
     let acked_before_kill = acked.lock().expect("lock").len();
     let edge = Tier::start("edge-agent", &config).await;
@@ -179,7 +184,6 @@ async fn edge_writes_survive_an_outage_and_kill_9_and_land_exactly_once() {
 
 #[tokio::test]
 async fn a_retried_upload_is_acknowledged_but_not_applied_twice() {
-    use strata_proto::v1::IngestRequest;
     use strata_proto::v1::tier_service_client::TierServiceClient;
     let pg = PgServer::start();
     seed(&pg).await;
@@ -199,29 +203,41 @@ async fn a_retried_upload_is_acknowledged_but_not_applied_twice() {
         ],
     )
     .expect("batch");
-    let mut ipc = Vec::new();
-    {
+    let ipc = |rows: &arrow::array::RecordBatch| {
+        let mut ipc = Vec::new();
         let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut ipc, &schema).expect("writer");
-        w.write(&rows).expect("write");
+        w.write(rows).expect("write");
         w.finish().expect("finish");
-    }
-    let mut client = TierServiceClient::connect(format!("http://{}", platform.flight_addr)).await.expect("connect");
-    let request = IngestRequest {
+        drop(w);
+        ipc
+    };
+    let upload = |batches: Vec<(u64, &arrow::array::RecordBatch)>| strata_proto::v1::IngestRequest {
         edge_id: "edge-7".into(),
-        seq: 41,
-        dataset: "readings".into(),
-        batch: ipc.into(),
+        batches: batches
+            .into_iter()
+            .map(|(seq, rows)| strata_proto::v1::IngestBatch {
+                seq,
+                dataset: "readings".into(),
+                batch: ipc(rows).into(),
+            })
+            .collect(),
         context: None,
     };
+    let mut client = TierServiceClient::connect(format!("http://{}", platform.flight_addr)).await.expect("connect");
     // The first attempt is applied; its acknowledgement "is lost" (the platform could die
-    // right after its commit), so the edge sends the same batch id again.
-    let first = client.ingest(request.clone()).await.expect("first").into_inner();
-    let again = client.ingest(request).await.expect("retry").into_inner();
-    assert_eq!((first.duplicate, first.rows), (false, 2));
-    assert!(again.duplicate, "the retry is recognised by its batch id");
-    assert_eq!(sink_rows(&pg).await.iter().filter(|(w, _)| *w == 7).count(), 2, "applied exactly once");
+    // right after its commit), so the edge sends the same batch id again, this time grouped
+    // with a batch that is new.
+    let first = client.ingest(upload(vec![(41, &rows)])).await.expect("first").into_inner();
+    let again = client.ingest(upload(vec![(41, &rows), (42, &rows.slice(0, 1))])).await.expect("retry").into_inner();
+    assert_eq!((first.duplicates, first.rows), (0, 2));
+    assert_eq!(
+        (again.duplicates, again.rows),
+        (1, 1),
+        "the retried batch is recognised by its id, the new one applied"
+    );
+    assert_eq!(sink_rows(&pg).await.iter().filter(|(w, _)| *w == 7).count(), 3, "each batch applied exactly once");
     // The platform's accelerated copy saw them once too.
-    assert_eq!(platform.rows("SELECT count(*) AS n FROM readings WHERE writer = 7").await[0]["n"], 2);
+    assert_eq!(platform.rows("SELECT count(*) AS n FROM readings WHERE writer = 7").await[0]["n"], 3);
 }
 
 #[tokio::test]

@@ -2,11 +2,13 @@
 //! PostgreSQL, real Flight SQL clients. One test binary with modules, to link once.
 
 mod bad_input;
+mod bench;
 mod clients;
 mod config_errors;
 mod edge;
 mod federation;
 mod golden;
+mod results_cache;
 mod tiers;
 mod tpch;
 mod tpch_tiers;

@@ -28,6 +28,8 @@ pub struct Snapshot {
     pub bytes: usize,
     /// Increases by one with every change of content.
     pub version: u64,
+    /// Unique in this process and never reused: what the results cache keys answers by.
+    pub id: u64,
     pub refreshed_at: SystemTime,
     /// Earlier versions this one only appended to, as (version, its batch count), oldest
     /// first: a subscriber holding one of them needs just the batches after that count.
@@ -43,7 +45,9 @@ impl Snapshot {
         let batches: Vec<RecordBatch> = batches.into_iter().filter(|b| b.num_rows() > 0).collect();
         let rows = batches.iter().map(RecordBatch::num_rows).sum();
         let bytes = batches.iter().map(RecordBatch::get_array_memory_size).sum();
-        Self { batches, rows, bytes, version, refreshed_at: SystemTime::now(), lineage: Vec::new() }
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self { batches, rows, bytes, version, id, refreshed_at: SystemTime::now(), lineage: Vec::new() }
     }
 
     /// `previous` plus `added` rows as `version`, remembering that it only appended.

@@ -39,6 +39,35 @@ pub struct Config {
     /// Edge-agent settings: identity, local storage, writable datasets.
     #[serde(default)]
     pub edge: Option<EdgeConfig>,
+    #[serde(default)]
+    pub results_cache: ResultsCacheConfig,
+}
+
+/// Bounds of the results cache (answers of queries over local accelerated copies, valid
+/// exactly as long as the snapshots they read are served).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResultsCacheConfig {
+    /// Total bytes of cached answers; `0` turns the cache off.
+    #[serde(default = "default_cache_bytes")]
+    pub max_bytes: ByteSize,
+    /// Answers larger than this stream to their client and are not cached.
+    #[serde(default = "default_cache_entry_bytes")]
+    pub max_entry_bytes: ByteSize,
+}
+
+impl Default for ResultsCacheConfig {
+    fn default() -> Self {
+        Self { max_bytes: default_cache_bytes(), max_entry_bytes: default_cache_entry_bytes() }
+    }
+}
+
+fn default_cache_bytes() -> ByteSize {
+    ByteSize(256 << 20)
+}
+
+fn default_cache_entry_bytes() -> ByteSize {
+    ByteSize(16 << 20)
 }
 
 /// What an edge agent keeps on its own disk.

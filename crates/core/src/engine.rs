@@ -54,9 +54,45 @@ struct Inner {
     sinks: std::collections::HashMap<String, Arc<crate::sink::PostgresSink>>,
     /// The local write path, on tiers that accept writes (edge agents).
     writes: std::sync::RwLock<Option<Arc<dyn crate::writes::LocalWrites>>>,
+    /// Answers of queries over local copies (none when `results_cache.max_bytes` is 0).
+    results: Option<crate::results_cache::ResultsCache>,
+    /// Plans by SQL text: a repeated or prepared statement is parsed and planned once.
+    plans: moka::sync::Cache<String, Arc<CachedPlan>>,
+}
+
+type ProviderRef = Arc<dyn datafusion::catalog::TableProvider>;
+
+/// What the plan cache keeps per SQL text.
+struct CachedPlan {
+    planned: PlannedQuery,
+    /// The optimized plan, for statements without parameters.
+    optimized: Option<LogicalPlan>,
+    /// Calls only immutable functions (see [`crate::results_cache::is_deterministic`]).
+    deterministic: bool,
+    /// The providers the plan reads: it is valid while the catalog still serves these.
+    tables: Vec<(datafusion::common::TableReference, ProviderRef)>,
+}
+
+/// Plans kept by SQL text.
+const PLAN_CACHE_ENTRIES: u64 = 4096;
+
+/// Every table the plan scans, with the provider it was planned against.
+fn table_providers(plan: &LogicalPlan) -> Vec<(datafusion::common::TableReference, ProviderRef)> {
+    use datafusion::common::tree_node::TreeNodeRecursion;
+    let mut tables = Vec::new();
+    let _ = plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node
+            && let Ok(provider) = datafusion::catalog::default_table_source::source_as_provider(&scan.source)
+        {
+            tables.push((scan.table_name.clone(), provider));
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    tables
 }
 
 /// A planned query: its logical plan and what a client needs before executing it.
+#[derive(Clone)]
 pub struct PlannedQuery {
     pub plan: LogicalPlan,
     /// Schema of the result rows.
@@ -111,6 +147,8 @@ impl Engine {
                     })
                     .collect(),
                 writes: std::sync::RwLock::new(None),
+                results: crate::results_cache::ResultsCache::new(&config.results_cache),
+                plans: moka::sync::Cache::new(PLAN_CACHE_ENTRIES),
             }),
         })
     }
@@ -176,14 +214,35 @@ impl Engine {
         self.inner.writes.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Applies a batch an edge agent uploaded, exactly once per `(edge_id, seq)`: into the
-    /// dataset's PostgreSQL table and, when accelerated, its local copy.
+    /// Applies consecutive batches an edge agent uploaded, each exactly once per
+    /// `(edge_id, seq)`: into the dataset's PostgreSQL table and, when accelerated, its
+    /// local copy. Runs of one dataset share a transaction; the result is per request.
     pub async fn apply_ingest(
         &self,
-        dataset: &str,
         edge_id: &str,
-        seq: u64,
-        batches: Vec<arrow::array::RecordBatch>,
+        batches: Vec<(u64, String, Vec<arrow::array::RecordBatch>)>,
+    ) -> Result<crate::sink::Applied> {
+        let mut total = crate::sink::Applied::default();
+        let mut offset = 0;
+        let mut batches = batches.into_iter().peekable();
+        while let Some((seq, dataset, rows)) = batches.next() {
+            let mut run = vec![(seq, rows)];
+            while let Some((seq, _, rows)) = batches.next_if(|(_, d, _)| d.eq_ignore_ascii_case(&dataset)) {
+                run.push((seq, rows));
+            }
+            let applied = self.apply_run(edge_id, &dataset, run.clone()).await?;
+            total.fresh.extend(applied.fresh.iter().map(|i| i + offset));
+            total.rows += applied.rows;
+            offset += run.len();
+        }
+        Ok(total)
+    }
+
+    async fn apply_run(
+        &self,
+        edge_id: &str,
+        dataset: &str,
+        mut run: Vec<crate::sink::EdgeBatch>,
     ) -> Result<crate::sink::Applied> {
         let sink = self.inner.sinks.get(&dataset.to_ascii_lowercase()).ok_or_else(|| {
             StrataError::NotSupported(format!(
@@ -191,16 +250,22 @@ impl Engine {
             ))
         })?;
         let ds = self.find(dataset).ok_or_else(|| StrataError::UnknownDataset(dataset.to_string()))?;
-        let batches = match ds.provider() {
-            Some(provider) => {
-                let expected = provider.schema();
-                batches.iter().map(|b| crate::writes::conform(b, &expected, dataset)).collect::<Result<Vec<_>>>()?
+        if let Some(provider) = ds.provider() {
+            let expected = provider.schema();
+            for (_, batches) in &mut run {
+                *batches = batches
+                    .iter()
+                    .map(|b| crate::writes::conform(b, &expected, dataset))
+                    .collect::<Result<Vec<_>>>()?;
             }
-            None => batches,
-        };
-        let applied = sink.apply(edge_id, seq, &batches).await?;
-        if !applied.duplicate {
-            ds.append_rows(batches).await;
+        }
+        let applied = sink.apply(edge_id, &run).await?;
+        let added: Vec<arrow::array::RecordBatch> =
+            applied.fresh.iter().flat_map(|i| std::mem::take(&mut run[*i].1)).collect();
+        if let Some(first) = added.first() {
+            // One batch per upload keeps the copy's batch count proportional to uploads, not writes.
+            let one = arrow::compute::concat_batches(&first.schema(), &added)?;
+            ds.append_rows(vec![one]).await;
         }
         Ok(applied)
     }
@@ -315,6 +380,11 @@ impl Engine {
         let _ = rx.wait_for(|r| *r).await;
     }
 
+    /// The results cache, if on: (bytes held, entries).
+    pub fn results_cache_size(&self) -> Option<(u64, u64)> {
+        self.inner.results.as_ref().map(|c| (c.bytes(), c.entries()))
+    }
+
     /// Region this engine serves.
     pub fn region(&self) -> &str {
         &self.inner.region
@@ -365,6 +435,39 @@ impl Engine {
 
     /// Parses and plans one read-only statement without running it.
     pub async fn plan(&self, sql: &str) -> Result<PlannedQuery> {
+        Ok(self.plan_cached(sql).await?.planned.clone())
+    }
+
+    /// The plan of `sql` from the plan cache, planned now if it is not there or if a table
+    /// it reads has been registered anew since (a reconnected source, a new replica).
+    async fn plan_cached(&self, sql: &str) -> Result<Arc<CachedPlan>> {
+        if let Some(hit) = self.inner.plans.get(sql)
+            && self.still_registered(&hit.tables).await
+        {
+            return Ok(hit);
+        }
+        let planned = self.plan_uncached(sql).await?;
+        let deterministic = crate::results_cache::is_deterministic(&planned.plan);
+        // A statement without parameters optimizes the same every time: keep that too.
+        let optimized = (deterministic && planned.parameters.fields().is_empty())
+            .then(|| self.inner.ctx.state().optimize(&planned.plan))
+            .transpose()?;
+        let entry = Arc::new(CachedPlan { tables: table_providers(&planned.plan), planned, optimized, deterministic });
+        self.inner.plans.insert(sql.to_string(), Arc::clone(&entry));
+        Ok(entry)
+    }
+
+    async fn still_registered(&self, tables: &[(datafusion::common::TableReference, ProviderRef)]) -> bool {
+        for (name, provider) in tables {
+            match self.inner.ctx.table_provider(name.clone()).await {
+                Ok(current) if Arc::ptr_eq(&current, provider) => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    async fn plan_uncached(&self, sql: &str) -> Result<PlannedQuery> {
         let state = self.inner.ctx.state();
         let statement = state.sql_to_statement(sql, &datafusion::common::config::Dialect::Generic)?;
         check_read_only(&statement)?;
@@ -431,16 +534,25 @@ impl Engine {
         let wall_deadline = std::time::SystemTime::now() + limits.query_timeout;
         let observer = self.inner.observer.read().unwrap_or_else(|p| p.into_inner()).clone();
         let start = async {
-            let (plan, forward) = match &input {
-                QueryInput::Sql { sql, params } => {
-                    let planned = self.plan(sql).await?;
-                    (bind_parameters(planned.plan, &planned.parameters, params.clone())?, true)
-                }
-                QueryInput::Plan(plan) => (plan.clone(), false),
-            };
-            let schema = Arc::new(plan.schema().as_arrow().clone());
             let state = self.inner.ctx.state();
-            let plan = state.optimize(&plan)?;
+            let (plan, schema, forward, deterministic) = match &input {
+                QueryInput::Sql { sql, params } => {
+                    let cached = self.plan_cached(sql).await?;
+                    let schema = Arc::clone(&cached.planned.schema);
+                    let plan = match (&cached.optimized, params.is_empty()) {
+                        (Some(optimized), true) => optimized.clone(),
+                        _ => {
+                            let planned = cached.planned.clone();
+                            state.optimize(&bind_parameters(planned.plan, &planned.parameters, params.clone())?)?
+                        }
+                    };
+                    (plan, schema, true, cached.deterministic)
+                }
+                QueryInput::Plan(plan) => {
+                    let schema = Arc::new(plan.schema().as_arrow().clone());
+                    (state.optimize(plan)?, schema, false, crate::results_cache::is_deterministic(plan))
+                }
+            };
             let routing = match self.router() {
                 Some(router) => router.route(plan, options, forward)?,
                 None => Routing::Run { plan, info: RouteInfo::local("every table is served by this tier") },
@@ -450,9 +562,22 @@ impl Engine {
                     self.add_local_versions(&plan, &mut info);
                     // Already optimized (routing needs the pushed-down filters): plan it physically
                     // without a second optimizer pass.
-                    let physical = state.query_planner().create_physical_plan(&plan, &state).await?;
-                    let stream = datafusion::physical_plan::execute_stream(physical, self.inner.ctx.task_ctx())?;
-                    Ok::<_, StrataError>((stream, info))
+                    let execute = || async {
+                        let physical = state.query_planner().create_physical_plan(&plan, &state).await?;
+                        Ok(datafusion::physical_plan::execute_stream(physical, self.inner.ctx.task_ctx())?)
+                    };
+                    let cache = self.inner.results.as_ref().filter(|_| deterministic);
+                    if let Some((cache, key)) = cache.and_then(|c| Some((c, c.key(&plan)?))) {
+                        match cache.get_or_run(key, execute()).await? {
+                            Some((stream, status)) => {
+                                info.cache = Some(status);
+                                return Ok((stream, info));
+                            }
+                            // Waited for an answer too large to share: run it here, uncached.
+                            None => info.cache = Some(crate::results_cache::CacheStatus::Bypass),
+                        }
+                    }
+                    Ok::<_, StrataError>((execute().await?, info))
                 }
                 Routing::Forward { info, upstream } => {
                     let (QueryInput::Sql { sql, params }, Some(router)) = (&input, self.router()) else {

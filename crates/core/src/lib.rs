@@ -9,6 +9,7 @@ pub mod error;
 pub mod plan_codec;
 pub mod query;
 pub mod refresh;
+pub mod results_cache;
 pub mod routing;
 pub mod sink;
 pub mod source;

@@ -97,6 +97,9 @@ pub struct RouteInfo {
     /// Something the client should know about the answer (a copy past its max staleness).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
+    /// Whether the answer came from the results cache (only for answers it may hold).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<crate::results_cache::CacheStatus>,
 }
 
 impl RouteInfo {
@@ -107,6 +110,7 @@ impl RouteInfo {
             detail: detail.into(),
             versions: Vec::new(),
             warning: None,
+            cache: None,
         }
     }
 

@@ -19,13 +19,17 @@ use crate::error::{Result, StrataError};
 /// PostgreSQL allows 65535 parameters per statement.
 const MAX_PARAMS: usize = 60_000;
 
-/// What applying one batch did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What applying a run of batches did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Applied {
-    /// The id had been applied before; nothing was written this time.
-    pub duplicate: bool,
+    /// Indexes (into the run) of the batches applied now; the others had been applied
+    /// before and were skipped.
+    pub fresh: Vec<usize>,
     pub rows: u64,
 }
+
+/// One edge batch: its sequence number and rows.
+pub type EdgeBatch = (u64, Vec<RecordBatch>);
 
 /// The writer of one writable dataset's table.
 pub struct PostgresSink {
@@ -82,14 +86,15 @@ impl PostgresSink {
         StrataError::Source { dataset: self.dataset.clone(), message }
     }
 
-    /// Applies `batches` as batch `(edge_id, seq)` unless that id was applied before.
-    pub async fn apply(&self, edge_id: &str, seq: u64, batches: &[RecordBatch]) -> Result<Applied> {
+    /// Applies each batch of `run` (consecutive batches of `edge_id`) whose id was not
+    /// applied before, all in one transaction.
+    pub async fn apply(&self, edge_id: &str, run: &[EdgeBatch]) -> Result<Applied> {
         let mut guard = self.client.lock().await;
         if guard.as_ref().is_none_or(|c| c.is_closed()) {
             *guard = Some(self.connect().await?);
         }
         let Some(client) = guard.as_mut() else { return Err(self.error("no connection".into())) };
-        let outcome = self.apply_in(client, edge_id, seq, batches).await;
+        let outcome = self.apply_in(client, edge_id, run).await;
         if outcome.is_err() {
             // A failed transaction may leave the connection unusable: reconnect next time.
             *guard = None;
@@ -97,56 +102,71 @@ impl PostgresSink {
         outcome
     }
 
-    async fn apply_in(
-        &self,
-        client: &mut tokio_postgres::Client,
-        edge_id: &str,
-        seq: u64,
-        batches: &[RecordBatch],
-    ) -> Result<Applied> {
-        let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
-        let seq_i64 =
-            i64::try_from(seq).map_err(|_| StrataError::Plan(format!("batch sequence {seq} is too large")))?;
+    async fn apply_in(&self, client: &mut tokio_postgres::Client, edge_id: &str, run: &[EdgeBatch]) -> Result<Applied> {
+        let seqs = run
+            .iter()
+            .map(|(seq, _)| {
+                i64::try_from(*seq).map_err(|_| StrataError::Plan(format!("batch sequence {seq} is too large")))
+            })
+            .collect::<Result<Vec<i64>>>()?;
+        let counts: Vec<i64> =
+            run.iter().map(|(_, batches)| batches.iter().map(RecordBatch::num_rows).sum::<usize>() as i64).collect();
         let tx = client.transaction().await.map_err(|e| self.error(e.to_string()))?;
-        let fresh = tx
-            .execute(
-                "INSERT INTO strata_ingest_applied (edge_id, seq, dataset, rows) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-                &[&edge_id, &seq_i64, &self.dataset, &(rows as i64)],
+        // The ids are recorded in the same transaction as the rows: a batch is applied
+        // exactly when its id is new.
+        let inserted = tx
+            .query(
+                "INSERT INTO strata_ingest_applied (edge_id, seq, dataset, rows)
+                 SELECT $1, s, $2, r FROM unnest($3::bigint[], $4::bigint[]) AS t(s, r)
+                 ON CONFLICT DO NOTHING RETURNING seq",
+                &[&edge_id, &self.dataset, &seqs, &counts],
             )
             .await
             .map_err(|e| self.error(e.to_string()))?;
-        if fresh == 0 {
-            tx.rollback().await.map_err(|e| self.error(e.to_string()))?;
-            info!(dataset = %self.dataset, edge_id, seq, "duplicate upload acknowledged, not applied again");
-            return Ok(Applied { duplicate: true, rows: 0 });
+        let new_ids: std::collections::HashSet<i64> = inserted.iter().map(|row| row.get::<_, i64>(0)).collect();
+        let fresh: Vec<usize> = (0..run.len()).filter(|i| new_ids.contains(&seqs[*i])).collect();
+        if fresh.len() < run.len() {
+            info!(dataset = %self.dataset, edge_id, skipped = run.len() - fresh.len(), "retried upload: batches applied before are not applied again");
         }
-        for batch in batches.iter().filter(|b| b.num_rows() > 0) {
-            let columns: Vec<String> = batch.schema().fields().iter().map(|f| quote(f.name())).collect();
-            let width = columns.len().max(1);
-            let per_statement = (MAX_PARAMS / width).max(1);
-            let mut start = 0;
-            while start < batch.num_rows() {
-                let end = (start + per_statement).min(batch.num_rows());
-                let mut values: Vec<Box<dyn ToSql + Sync + Send>> = Vec::with_capacity((end - start) * width);
-                let mut tuples = Vec::with_capacity(end - start);
-                for row in start..end {
-                    let mut placeholders = Vec::with_capacity(width);
-                    for column in batch.columns() {
-                        values.push(to_sql(&ScalarValue::try_from_array(column, row)?)?);
-                        placeholders.push(format!("${}", values.len()));
-                    }
-                    tuples.push(format!("({})", placeholders.join(", ")));
+        let batches: Vec<&RecordBatch> =
+            fresh.iter().flat_map(|i| run[*i].1.iter()).filter(|b| b.num_rows() > 0).collect();
+        let rows = self.insert(&tx, &batches).await?;
+        tx.commit().await.map_err(|e| self.error(format!("commit failed: {e}")))?;
+        Ok(Applied { fresh, rows })
+    }
+
+    /// Inserts the rows of `batches` in as few statements as the parameter limit allows.
+    async fn insert(&self, tx: &tokio_postgres::Transaction<'_>, batches: &[&RecordBatch]) -> Result<u64> {
+        let Some(first) = batches.first() else { return Ok(0) };
+        let columns: Vec<String> = first.schema().fields().iter().map(|f| quote(f.name())).collect();
+        let width = columns.len().max(1);
+        let per_statement = (MAX_PARAMS / width).max(1);
+        let mut values: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+        let mut tuples: Vec<String> = Vec::new();
+        let mut rows = 0u64;
+        let total: usize = batches.iter().map(|b| b.num_rows()).sum();
+        for batch in batches {
+            for row in 0..batch.num_rows() {
+                let mut placeholders = Vec::with_capacity(width);
+                for column in batch.columns() {
+                    values.push(to_sql(&ScalarValue::try_from_array(column, row)?)?);
+                    placeholders.push(format!("${}", values.len()));
                 }
-                let statement =
-                    format!("INSERT INTO {} ({}) VALUES {}", self.table, columns.join(", "), tuples.join(", "));
-                let params: Vec<&(dyn ToSql + Sync)> =
-                    values.iter().map(|v| v.as_ref() as &(dyn ToSql + Sync)).collect();
-                tx.execute(&statement, &params).await.map_err(|e| self.error(format!("insert failed: {e}")))?;
-                start = end;
+                tuples.push(format!("({})", placeholders.join(", ")));
+                rows += 1;
+                if tuples.len() == per_statement || rows as usize == total {
+                    let statement =
+                        format!("INSERT INTO {} ({}) VALUES {}", self.table, columns.join(", "), tuples.join(", "));
+                    let params: Vec<&(dyn ToSql + Sync)> =
+                        values.iter().map(|v| v.as_ref() as &(dyn ToSql + Sync)).collect();
+                    tx.execute(&statement, &params).await.map_err(|e| self.error(format!("insert failed: {e}")))?;
+                    drop(params);
+                    values.clear();
+                    tuples.clear();
+                }
             }
         }
-        tx.commit().await.map_err(|e| self.error(format!("commit failed: {e}")))?;
-        Ok(Applied { duplicate: false, rows: rows as u64 })
+        Ok(rows)
     }
 }
 

@@ -4,6 +4,7 @@
 //! once, and uploaded to the platform in order, applied there exactly once.
 
 pub mod log;
+pub mod pending;
 pub mod writes;
 
 use std::sync::Arc;

@@ -9,17 +9,22 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use strata_core::StrataError;
-use strata_core::accelerator::{AcceleratedTable, Snapshot};
 use strata_core::config::EdgeConfig;
 use strata_core::routing::QueryOptions;
 use strata_core::writes::{LocalWrites, WriteReceipt};
-use strata_proto::v1::IngestRequest;
+use strata_proto::v1::{IngestBatch, IngestRequest};
 use strata_upstream::{TierRouter, UpstreamClient, wire};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::log::{Entry, IngestLog, Recovery};
+use crate::pending::PendingTable;
+
+/// One upload carries at most this many batches ...
+const MAX_UPLOAD_BATCHES: usize = 2048;
+/// ... and at most about this many bytes of log records (a single larger batch goes alone).
+const MAX_UPLOAD_BYTES: u64 = 8 << 20;
 
 /// The write path of one edge agent.
 pub struct EdgeWrites {
@@ -29,7 +34,7 @@ pub struct EdgeWrites {
     /// Written and not yet confirmed by the platform, in sequence order.
     pending: Arc<Mutex<VecDeque<Entry>>>,
     /// Per writable dataset, the pending rows as a table local queries union in.
-    tables: Mutex<Vec<(String, Arc<AcceleratedTable>)>>,
+    tables: Mutex<Vec<(String, Arc<PendingTable>)>>,
     wake: Notify,
 }
 
@@ -43,19 +48,18 @@ impl EdgeWrites {
             config,
             log: Arc::new(log),
             router,
-            pending: Arc::new(Mutex::new(recovery.pending.into_iter().collect())),
+            pending: Arc::new(Mutex::new(VecDeque::new())),
             tables: Mutex::new(Vec::new()),
             wake: Notify::new(),
         });
-        let datasets: Vec<String> = lock(&writes.pending).iter().map(|e| e.dataset.clone()).collect();
-        for dataset in datasets {
-            let schema = lock(&writes.pending)
-                .iter()
-                .find(|e| e.dataset == dataset)
-                .and_then(|e| e.batches.first().map(|b| b.schema()));
-            if let Some(schema) = schema {
-                writes.table(&dataset, schema);
+        for entry in recovery.pending {
+            if let Some(schema) = entry.batches.first().map(|b| b.schema()) {
+                let table = writes.table(&entry.dataset, schema);
+                if let Err(err) = table.push(entry.seq, &entry.batches) {
+                    warn!(seq = entry.seq, error = %err, "a recovered write cannot be shown to local queries");
+                }
             }
+            lock(&writes.pending).push_back(entry);
         }
         writes
     }
@@ -65,50 +69,60 @@ impl EdgeWrites {
     }
 
     /// The pending-rows table of `dataset`, created (and hooked into routing) on first use.
-    fn table(&self, dataset: &str, schema: SchemaRef) -> Arc<AcceleratedTable> {
+    fn table(&self, dataset: &str, schema: SchemaRef) -> Arc<PendingTable> {
         let mut tables = lock(&self.tables);
         if let Some((_, t)) = tables.iter().find(|(n, _)| n.eq_ignore_ascii_case(dataset)) {
             return Arc::clone(t);
         }
-        let table = Arc::new(AcceleratedTable::new(dataset, schema));
+        let table = PendingTable::new(schema);
         tables.push((dataset.to_string(), Arc::clone(&table)));
         drop(tables);
-        self.rebuild(dataset);
         self.router.add_local_writes(dataset, Arc::clone(&table) as Arc<dyn datafusion::catalog::TableProvider>);
         table
     }
 
-    /// Makes the pending table of `dataset` hold exactly its unconfirmed rows.
-    fn rebuild(&self, dataset: &str) {
-        let Some(table) =
-            lock(&self.tables).iter().find(|(n, _)| n.eq_ignore_ascii_case(dataset)).map(|(_, t)| Arc::clone(t))
-        else {
-            return;
-        };
-        let batches: Vec<RecordBatch> = lock(&self.pending)
-            .iter()
-            .filter(|e| e.dataset.eq_ignore_ascii_case(dataset))
-            .flat_map(|e| e.batches.iter().cloned())
-            .collect();
-        let version = table.snapshot().map_or(1, |s| s.version + 1);
-        table.swap(Snapshot::new(batches, version));
+    /// The oldest pending batches, as many as one upload carries.
+    fn next_upload(&self) -> Vec<Entry> {
+        let pending = lock(&self.pending);
+        let mut group = Vec::new();
+        let mut bytes = 0;
+        for entry in pending.iter() {
+            if !group.is_empty() && (group.len() == MAX_UPLOAD_BATCHES || bytes + entry.bytes > MAX_UPLOAD_BYTES) {
+                break;
+            }
+            bytes += entry.bytes;
+            group.push(entry.clone());
+        }
+        group
     }
 
-    /// Ships pending batches in order until `shutdown`, retrying each until the platform confirms it.
+    /// Forgets every write up to `seq` once the platform confirmed it.
+    fn confirmed_through(&self, seq: u64) {
+        let mut pending = lock(&self.pending);
+        while pending.front().is_some_and(|e| e.seq <= seq) {
+            pending.pop_front();
+        }
+        for (_, table) in lock(&self.tables).iter() {
+            table.confirm_through(seq);
+        }
+    }
+
+    /// Ships pending batches in order until `shutdown`, retrying each group until the platform confirms it.
     pub async fn upload(self: Arc<Self>, client: UpstreamClient, shutdown: CancellationToken) {
         let mut backoff = Duration::from_millis(50);
         loop {
-            let next = lock(&self.pending).front().cloned();
-            let Some(entry) = next else {
+            let group = self.next_upload();
+            let Some(last) = group.last().map(|e| e.seq) else {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = self.wake.notified() => continue,
                 }
             };
-            let request = match self.request(&entry) {
+            let first = group[0].seq;
+            let request = match self.request(&group) {
                 Ok(r) => r,
                 Err(err) => {
-                    warn!(seq = entry.seq, error = %err, "cannot encode a pending batch");
+                    warn!(first, last, error = %err, "cannot encode pending batches");
                     return;
                 }
             };
@@ -119,28 +133,27 @@ impl EdgeWrites {
             match outcome {
                 Ok(response) => {
                     let log = Arc::clone(&self.log);
-                    let seq = entry.seq;
-                    match tokio::task::spawn_blocking(move || log.confirm(seq)).await {
+                    match tokio::task::spawn_blocking(move || log.confirm(last)).await {
                         Ok(Ok(())) => {}
                         Ok(Err(err)) => {
-                            warn!(seq, error = %err, "cannot record the upload; it will be retried (and not applied twice)")
+                            warn!(last, error = %err, "cannot record the upload; it will be retried (and not applied twice)")
                         }
-                        Err(err) => warn!(seq, error = %err, "upload bookkeeping task failed"),
+                        Err(err) => warn!(last, error = %err, "upload bookkeeping task failed"),
                     }
-                    {
-                        let mut pending = lock(&self.pending);
-                        if pending.front().is_some_and(|e| e.seq == seq) {
-                            pending.pop_front();
-                        }
-                    }
-                    self.rebuild(&entry.dataset);
-                    if response.duplicate {
-                        info!(seq, "upload was a retry of an applied batch");
+                    self.confirmed_through(last);
+                    debug!(first, last, rows = response.rows, "uploaded");
+                    if response.duplicates > 0 {
+                        info!(
+                            first,
+                            last,
+                            duplicates = response.duplicates,
+                            "upload retried batches the platform had applied"
+                        );
                     }
                     backoff = Duration::from_millis(50);
                 }
                 Err(err) => {
-                    warn!(seq = entry.seq, error = %err, retry_in_ms = backoff.as_millis() as u64, "upload failed; kept in the log");
+                    warn!(first, last, error = %err, retry_in_ms = backoff.as_millis() as u64, "upload failed; kept in the log");
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         _ = tokio::time::sleep(backoff) => {}
@@ -151,14 +164,25 @@ impl EdgeWrites {
         }
     }
 
-    fn request(&self, entry: &Entry) -> Result<IngestRequest, StrataError> {
-        let schema =
-            entry.batches.first().map(|b| b.schema()).ok_or_else(|| StrataError::Internal("empty batch".into()))?;
+    fn request(&self, group: &[Entry]) -> Result<IngestRequest, StrataError> {
+        let batches = group
+            .iter()
+            .map(|entry| {
+                let schema = entry
+                    .batches
+                    .first()
+                    .map(|b| b.schema())
+                    .ok_or_else(|| StrataError::Internal("empty batch".into()))?;
+                Ok(IngestBatch {
+                    seq: entry.seq,
+                    dataset: entry.dataset.clone(),
+                    batch: wire::batches_to_ipc(&schema, &entry.batches)?,
+                })
+            })
+            .collect::<Result<Vec<_>, StrataError>>()?;
         Ok(IngestRequest {
             edge_id: self.config.id.clone(),
-            seq: entry.seq,
-            dataset: entry.dataset.clone(),
-            batch: wire::batches_to_ipc(&schema, &entry.batches)?,
+            batches,
             context: Some(wire::context(&QueryOptions::default(), "edge", "", None)),
         })
     }
@@ -200,18 +224,20 @@ impl LocalWrites for EdgeWrites {
         let table = self.table(&name, schema);
         let (log, pending) = (Arc::clone(&self.log), Arc::clone(&self.pending));
         let (n, b) = (name.clone(), batches);
-        // Appending and queueing under one lock keeps the upload order the log order.
+        // Appending and queueing under one lock keeps the upload order the log order, and a
+        // write is visible locally before the uploader can confirm (and drop) it.
         let seq = tokio::task::spawn_blocking(move || {
             let mut pending = lock(&pending);
             let entry = log.append(&n, &b)?;
             let seq = entry.seq;
+            if let Err(err) = table.push(seq, &entry.batches) {
+                warn!(seq, error = %err, "a durable write cannot be shown to local queries");
+            }
             pending.push_back(entry);
             Ok::<_, StrataError>(seq)
         })
         .await
         .map_err(|e| StrataError::Internal(format!("write task failed: {e}")))??;
-        self.rebuild(&name);
-        drop(table);
         self.wake.notify_one();
         Ok(WriteReceipt { dataset: name, seq, rows })
     }

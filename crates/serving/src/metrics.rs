@@ -6,10 +6,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use strata_core::results_cache::CacheStatus;
 use strata_core::routing::{Route, RouteInfo, RouteReason};
 use strata_core::{Engine, Outcome};
 
 const ROUTES: [Route; 3] = [Route::Local, Route::Forwarded, Route::Mixed];
+const CACHE: [CacheStatus; 3] = [CacheStatus::Hit, CacheStatus::Miss, CacheStatus::Bypass];
 
 const BUCKETS: [f64; 14] =
     [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0];
@@ -25,6 +27,8 @@ pub struct Metrics {
     sum_micros: AtomicU64,
     /// Queries by (route, reason), indexed `route * reasons + reason`.
     routes: [AtomicU64; ROUTES.len() * RouteReason::ALL.len()],
+    /// Results cache outcomes: hit, miss, bypass.
+    cache: [AtomicU64; 3],
 }
 
 impl Metrics {
@@ -43,6 +47,9 @@ impl Metrics {
             let r = ROUTES.iter().position(|x| *x == route.route).unwrap_or(0);
             let why = RouteReason::ALL.iter().position(|x| *x == route.reason).unwrap_or(0);
             self.routes[r * RouteReason::ALL.len() + why].fetch_add(1, Ordering::Relaxed);
+            if let Some(status) = route.cache {
+                self.cache[CACHE.iter().position(|c| *c == status).unwrap_or(0)].fetch_add(1, Ordering::Relaxed);
+            }
         }
         let counter = match outcome {
             Outcome::Ok => &self.ok,
@@ -92,6 +99,20 @@ impl Metrics {
                     let _ = writeln!(out, "strata_query_routes_total{{route=\"{route}\",reason=\"{reason}\"}} {n}");
                 }
             }
+        }
+
+        let _ = writeln!(out, "# HELP strata_results_cache_total Queries the results cache could hold, by outcome.");
+        let _ = writeln!(out, "# TYPE strata_results_cache_total counter");
+        for (status, c) in CACHE.iter().zip(&self.cache) {
+            let _ = writeln!(out, "strata_results_cache_total{{result=\"{}\"}} {}", status.as_str(), get(c));
+        }
+        if let Some((bytes, entries)) = engine.results_cache_size() {
+            let _ = writeln!(out, "# HELP strata_results_cache_bytes Bytes of answers held by the results cache.");
+            let _ = writeln!(out, "# TYPE strata_results_cache_bytes gauge");
+            let _ = writeln!(out, "strata_results_cache_bytes {bytes}");
+            let _ = writeln!(out, "# HELP strata_results_cache_entries Answers held by the results cache.");
+            let _ = writeln!(out, "# TYPE strata_results_cache_entries gauge");
+            let _ = writeln!(out, "strata_results_cache_entries {entries}");
         }
 
         let datasets = engine.datasets();

@@ -1,7 +1,8 @@
 //! How an answer reports where it ran and how fresh it is, the same on every interface:
 //! `strata-route` (local | forwarded | mixed), `strata-route-reason`, `strata-route-detail`
 //! and `strata-versions` (`dataset=version@age`), plus the request header that asks for the
-//! authoritative copy (`strata-consistency: strong`).
+//! authoritative copy (`strata-consistency: strong`); `strata-cache` (HIT | MISS | BYPASS)
+//! on answers the results cache may hold.
 
 use strata_core::routing::{QueryOptions, RouteInfo};
 use strata_upstream::wire::{CONSISTENCY_HEADER, ROUTE_HEADER, ROUTE_REASON_HEADER, VERSIONS_HEADER};
@@ -25,10 +26,15 @@ pub fn pairs(route: &RouteInfo) -> [(&'static str, String); 4] {
 }
 
 pub const WARNING_HEADER: &str = "strata-warning";
+/// HIT, MISS or BYPASS, on answers the results cache may hold.
+pub const CACHE_HEADER: &str = "strata-cache";
 
 pub fn insert_grpc(metadata: &mut tonic::metadata::MetadataMap, route: &RouteInfo) {
     if let Some(Ok(value)) = route.warning.as_deref().map(|w| ascii(w).parse()) {
         metadata.insert(WARNING_HEADER, value);
+    }
+    if let Some(status) = route.cache {
+        metadata.insert(CACHE_HEADER, tonic::metadata::MetadataValue::from_static(status.as_str()));
     }
     for (name, value) in pairs(route) {
         if let Ok(value) = value.parse() {
@@ -40,6 +46,9 @@ pub fn insert_grpc(metadata: &mut tonic::metadata::MetadataMap, route: &RouteInf
 pub fn insert_http(headers: &mut axum::http::HeaderMap, route: &RouteInfo) {
     if let Some(Ok(value)) = route.warning.as_deref().map(|w| axum::http::HeaderValue::from_str(&ascii(w))) {
         headers.insert(WARNING_HEADER, value);
+    }
+    if let Some(status) = route.cache {
+        headers.insert(CACHE_HEADER, axum::http::HeaderValue::from_static(status.as_str()));
     }
     for (name, value) in pairs(route) {
         if let Ok(value) = axum::http::HeaderValue::from_str(&value) {

@@ -113,11 +113,18 @@ impl TierService for Tier {
 
     async fn ingest(&self, request: Request<IngestRequest>) -> Result<Response<IngestResponse>, Status> {
         let request = request.into_inner();
-        let batches = wire::batches_from_ipc(&request.batch).map_err(grpc)?;
-        let applied =
-            self.engine.apply_ingest(&request.dataset, &request.edge_id, request.seq, batches).await.map_err(grpc)?;
-        debug!(dataset = %request.dataset, edge = %request.edge_id, seq = request.seq, duplicate = applied.duplicate, "edge batch");
-        Ok(Response::new(IngestResponse { duplicate: applied.duplicate, rows: applied.rows }))
+        let count = request.batches.len() as u64;
+        let batches = request
+            .batches
+            .into_iter()
+            .map(|b| Ok((b.seq, b.dataset, wire::batches_from_ipc(&b.batch)?)))
+            .collect::<Result<Vec<_>, StrataError>>()
+            .map_err(grpc)?;
+        let first = batches.first().map_or(0, |b| b.0);
+        let applied = self.engine.apply_ingest(&request.edge_id, batches).await.map_err(grpc)?;
+        let duplicates = count - applied.fresh.len() as u64;
+        debug!(edge = %request.edge_id, first_seq = first, count, duplicates, rows = applied.rows, "edge batches");
+        Ok(Response::new(IngestResponse { duplicates, rows: applied.rows }))
     }
 
     async fn health(&self, _request: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {

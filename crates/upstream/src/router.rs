@@ -497,12 +497,19 @@ impl Router for TierRouter {
         };
         match target {
             Some(upstream) if can_forward && !with_local_writes => Ok(Routing::Forward {
-                info: RouteInfo { route: Route::Forwarded, reason, detail, versions: Vec::new(), warning: None },
+                info: RouteInfo {
+                    route: Route::Forwarded,
+                    reason,
+                    detail,
+                    versions: Vec::new(),
+                    warning: None,
+                    cache: None,
+                },
                 upstream,
             }),
             _ => Ok(Routing::Run {
                 plan,
-                info: RouteInfo { route: Route::Mixed, reason, detail, versions, warning: stale_warning },
+                info: RouteInfo { route: Route::Mixed, reason, detail, versions, warning: stale_warning, cache: None },
             }),
         }
     }

@@ -6,7 +6,11 @@
 //! `tier-bench ingest [batches] [rows-per-batch] [writers]`: edge ingest throughput over HTTP,
 //! every batch fsynced before it is acknowledged, with the platform and its PostgreSQL sink up;
 //! and `tier-bench restart [megabytes]`: an edge agent's time from restart to ready and to a
-//! first answer with that much replica data on disk and the platform stopped, and its RSS.
+//! first answer with that much replica data on disk and the platform stopped, and its RSS;
+//! and `tier-bench outage [seconds] [batches-per-second] [rows-per-batch]`: writers keep a
+//! steady rate at the edge while the platform is down for that long, then the platform comes
+//! back and the bench reports how long the edge takes to upload the backlog into PostgreSQL
+//! (writes keep going during the catch-up).
 
 #![allow(clippy::print_stdout)]
 
@@ -67,6 +71,7 @@ async fn main() {
     match std::env::args().nth(1).as_deref() {
         Some("ingest") => return ingest().await,
         Some("restart") => return restart().await,
+        Some("outage") => return outage().await,
         _ => {}
     }
     let mut args = std::env::args().skip(1);
@@ -219,6 +224,134 @@ async fn ingest() {
         assert!(Instant::now() < deadline, "upload did not finish");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+async fn outage() {
+    let mut args = std::env::args().skip(2);
+    let seconds: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(600);
+    let rate: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(100);
+    let rows: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(100);
+    let pg = strata_integration_tests::postgres::PgServer::start();
+    pg.connect()
+        .await
+        .batch_execute(
+            "CREATE TABLE readings (writer integer NOT NULL, n bigint NOT NULL, celsius double precision NOT NULL)",
+        )
+        .await
+        .expect("table");
+    let platform_config = format!(
+        "region: eu\ndatasets:\n  - name: readings\n    from: postgres:public.readings\n    params: {}\n    writable: true\n",
+        pg.params_yaml()
+    );
+    let mut platform = Tier::start("platform-service", &platform_config).await;
+    platform.wait_ready(Duration::from_secs(30)).await;
+    let (flight, http) = (platform.flight_addr, platform.http_addr);
+    let data = tempfile::tempdir().expect("dir");
+    let edge = Tier::start(
+        "edge-agent",
+        &format!(
+            "region: eu\nupstream:\n  endpoints: [http://{flight}]\n  call_timeout: 2s\nedge:\n  id: bench\n  data_dir: {}\n  writable: [readings]\n  max_log_size: 8GiB\n",
+            data.path().display()
+        ),
+    )
+    .await;
+    edge.wait_ready(Duration::from_secs(30)).await;
+    // The edge learns the dataset's columns from the platform's catalog once.
+    while edge.find_dataset("readings").await.is_none() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    platform.kill();
+    let acknowledged = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let url = edge.url("/v1/ingest/readings");
+    let writer = {
+        let (acknowledged, stop) = (Arc::clone(&acknowledged), stop.clone());
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut b = 0usize;
+            let mut latencies = Vec::new();
+            let began = Instant::now();
+            while !stop.is_cancelled() {
+                tick.tick().await;
+                let t = Instant::now();
+                let body: String = (0..rows)
+                    .map(|k| format!("{{\"writer\": 1, \"n\": {}, \"celsius\": 21.5}}\n", b * rows + k))
+                    .collect();
+                let r = client
+                    .post(&url)
+                    .header("content-type", "application/x-ndjson")
+                    .body(body)
+                    .send()
+                    .await
+                    .expect("post");
+                assert_eq!(r.status().as_u16(), 200, "{}", r.text().await.unwrap_or_default());
+                acknowledged.fetch_add(rows as u64, std::sync::atomic::Ordering::SeqCst);
+                latencies.push((began.elapsed(), t.elapsed()));
+                b += 1;
+            }
+            latencies
+        })
+    };
+    let outage_started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let backlog = acknowledged.load(std::sync::atomic::Ordering::SeqCst);
+    let log_bytes = walk(&data.path().join("ingest"));
+    println!(
+        "outage of {seconds} s at {rate} batches/s x {rows} rows: {backlog} rows ({} batches, {} MB of log) waiting",
+        backlog / rows as u64,
+        log_bytes / 1_000_000
+    );
+    let back = Instant::now();
+    let platform = Tier::start_at("platform-service", &platform_config, flight, http).await;
+    platform.wait_ready(Duration::from_secs(60)).await;
+    let sink = pg.connect().await;
+    let caught_up = loop {
+        let n: i64 = sink.query_one("SELECT count(*) FROM readings", &[]).await.expect("count").get(0);
+        if n as u64 >= backlog {
+            break back.elapsed();
+        }
+        assert!(back.elapsed() < Duration::from_secs(3600), "catch-up did not finish");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    stop.cancel();
+    let latencies = writer.await.expect("writer");
+    // Write latency must not grow with the backlog: compare the outage's first and last minute.
+    let window = |from: f64, to: f64| {
+        let mut w: Vec<Duration> = latencies
+            .iter()
+            .filter(|(at, _)| at.as_secs_f64() >= from && at.as_secs_f64() < to)
+            .map(|(_, l)| *l)
+            .collect();
+        w.sort();
+        w.get(w.len() / 2).copied().unwrap_or_default()
+    };
+    let minute = 60f64.min(seconds as f64 / 4.0);
+    println!(
+        "acknowledged write latency p50: {:.1} ms in the outage's first {minute:.0} s, {:.1} ms in its last {minute:.0} s",
+        window(0.0, minute).as_secs_f64() * 1e3,
+        window(seconds as f64 - minute, seconds as f64).as_secs_f64() * 1e3
+    );
+    let total = acknowledged.load(std::sync::atomic::Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let n: i64 = sink.query_one("SELECT count(*) FROM readings", &[]).await.expect("count").get(0);
+        if n as u64 == total {
+            break;
+        }
+        assert!(n as u64 <= total, "the sink holds {n} rows, more than the {total} acknowledged");
+        assert!(Instant::now() < deadline, "the sink holds {n} of {total} rows");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let distinct: i64 = sink.query_one("SELECT count(DISTINCT n) FROM readings", &[]).await.expect("distinct").get(0);
+    assert_eq!(distinct as u64, total, "duplicates in the sink");
+    println!(
+        "platform back after {:.0} s: the {backlog}-row backlog was in PostgreSQL {:.1} s later ({:.0} rows/s while writes continued); {total} rows in the sink, no duplicates",
+        back.duration_since(outage_started).as_secs_f64(),
+        caught_up.as_secs_f64(),
+        backlog as f64 / caught_up.as_secs_f64()
+    );
 }
 
 /// Resident memory of a process from /proc, in MB: (heap and other anonymous, file-backed).

@@ -1,0 +1,123 @@
+//! Bulk transfer: a large result over Flight DoGet against a raw TCP copy of as many bytes
+//! on the same loopback.
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::{ArrayRef, Int64Array, RecordBatch};
+use arrow::datatypes::{DataType, Field, Schema};
+use arrow_flight::sql::client::FlightSqlServiceClient;
+use datafusion::parquet::arrow::ArrowWriter;
+use futures::StreamExt;
+use strata_integration_tests::tier::Tier;
+
+use crate::paths::channel;
+use crate::report::{Figure, Scenario};
+
+const COLUMNS: usize = 8;
+
+/// Moves `bytes` of Arrow (eight Int64 columns) out of the platform, and as many raw bytes
+/// over a TCP socket; reports both rates and their ratio.
+pub async fn run(bytes: u64) -> anyhow::Result<Scenario> {
+    let rows = (bytes / (COLUMNS as u64 * 8)) as i64;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("bulk.parquet");
+    let schema = Arc::new(Schema::new(
+        (0..COLUMNS).map(|c| Field::new(format!("c{c}"), DataType::Int64, false)).collect::<Vec<_>>(),
+    ));
+    let mut writer = ArrowWriter::try_new(std::fs::File::create(&path)?, Arc::clone(&schema), None)?;
+    for start in (0..rows).step_by(1 << 20) {
+        let end = (start + (1 << 20)).min(rows);
+        let columns: Vec<ArrayRef> = (0..COLUMNS as i64)
+            .map(|c| Arc::new(Int64Array::from_iter_values((start..end).map(|i| i.wrapping_mul(c + 1)))) as ArrayRef)
+            .collect();
+        writer.write(&RecordBatch::try_new(Arc::clone(&schema), columns)?)?;
+    }
+    writer.close()?;
+    let platform = Tier::start(
+        "platform-service",
+        &format!(
+            "region: eu\nlimits:\n  max_result_rows: {}\n  query_timeout: 600s\n  memory_limit: 8GiB\ndatasets:\n  - name: bulk\n    from: file:{}\n    acceleration: {{}}\n",
+            rows + 1,
+            path.display()
+        ),
+    )
+    .await;
+    platform.wait_ready(Duration::from_secs(1800)).await;
+
+    let mut client = FlightSqlServiceClient::new(channel(platform.flight_addr).await?);
+    let mut best_flight = f64::MAX;
+    let mut moved = 0u64;
+    for _ in 0..3 {
+        let started = Instant::now();
+        let info = client.execute("SELECT * FROM bulk".into(), None).await?;
+        let mut got_rows = 0usize;
+        moved = 0;
+        for endpoint in info.endpoint {
+            let ticket = endpoint.ticket.ok_or_else(|| anyhow::anyhow!("no ticket"))?;
+            let mut stream = client.do_get(ticket).await?;
+            while let Some(batch) = stream.next().await {
+                let batch = batch?;
+                got_rows += batch.num_rows();
+                moved += batch.columns().iter().map(|c| c.to_data().buffers()[0].len() as u64).sum::<u64>();
+            }
+        }
+        anyhow::ensure!(got_rows as i64 == rows, "DoGet returned {got_rows} rows, expected {rows}");
+        best_flight = best_flight.min(started.elapsed().as_secs_f64());
+    }
+    let flight_rate = moved as f64 / best_flight;
+
+    let best_tcp = (0..3).map(|_| raw_tcp_copy(moved)).collect::<std::io::Result<Vec<f64>>>()?;
+    let tcp_rate = moved as f64 / best_tcp.into_iter().fold(f64::MAX, f64::min);
+    let gb = |r: f64| r / 1e9;
+    Ok(Scenario {
+        name: format!("Bulk transfer of {:.2} GB of Arrow (best of 3)", moved as f64 / 1e9),
+        baseline: "raw TCP loopback copy of the same number of bytes".into(),
+        results: Vec::new(),
+        table: None,
+        figures: vec![
+            Figure::new("raw TCP loopback", gb(tcp_rate), "GB/s", Some(1.0)),
+            Figure::new(
+                "Flight SQL DoGet (decoded into batches)",
+                gb(flight_rate),
+                "GB/s",
+                Some(flight_rate / tcp_rate),
+            ),
+        ],
+    })
+}
+
+/// Seconds to copy `bytes` from one thread to another over a loopback TCP socket.
+fn raw_tcp_copy(bytes: u64) -> std::io::Result<f64> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let sender = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut socket, _) = listener.accept()?;
+        let chunk = vec![7u8; 1 << 20];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            socket.write_all(&chunk[..n])?;
+            left -= n as u64;
+        }
+        Ok(())
+    });
+    let started = Instant::now();
+    let mut socket = std::net::TcpStream::connect(addr)?;
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut got = 0u64;
+    while got < bytes {
+        let n = socket.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    sender.join().map_err(|_| std::io::Error::other("sender panicked"))??;
+    if got != bytes {
+        return Err(std::io::Error::other(format!("raw copy moved {got} of {bytes} bytes")));
+    }
+    Ok(elapsed)
+}

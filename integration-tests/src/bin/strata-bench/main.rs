@@ -1,0 +1,119 @@
+//! `strata-bench`: starts the real tier binaries on localhost and measures each scenario
+//! against its baseline in the same run (see docs/performance.md for the latest figures).
+//!
+//! `strata-bench` runs everything at full size (1M-row tables, TPC-H SF1, 1 GB transfer);
+//! `strata-bench --quick` runs the same code on small data with few iterations, which CI
+//! uses to keep the harness working (it never asserts on times).
+
+#![allow(clippy::print_stdout)]
+
+mod bulk;
+mod measure;
+mod netns;
+mod paths;
+mod points;
+mod report;
+mod tpch;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::measure::Effort;
+use crate::report::Report;
+
+#[derive(Parser)]
+#[command(about = "Strata's benchmark harness: tier paths against their baselines, side by side")]
+struct Args {
+    /// Small data and few iterations: checks the harness, the figures mean little.
+    #[arg(long)]
+    quick: bool,
+    /// Scenarios to run (comma separated): lookup, aggregate, dashboard, footprint, netns,
+    /// bulk, tpch. `netns` needs root; without it the scenario is skipped with the reason.
+    #[arg(long, value_delimiter = ',', default_value = "lookup,aggregate,dashboard,footprint,netns,bulk,tpch")]
+    only: Vec<String>,
+    /// Where to write the results as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Python with the `duckdb` package, for TPC-H's DuckDB column.
+    #[arg(long, env = "STRATA_BENCH_PYTHON")]
+    python: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let wants = |name: &str| args.only.iter().any(|o| o == name);
+    let (rows, lookups, bulk_bytes, scale, rounds) =
+        if args.quick { (20_000, 200, 16 << 20, 0.01, 1) } else { (1_000_000, 5_000, 1 << 30, 1.0, 3) };
+    let lookup_effort = Effort {
+        iterations: lookups,
+        warmup: lookups / 10,
+        throughput_for: Duration::from_millis(if args.quick { 200 } else { 3000 }),
+        concurrency: &[1, 8, 64],
+    };
+    let aggregate_effort = Effort { iterations: lookups / 50, warmup: 2, ..lookup_effort };
+    let dashboard_effort = Effort { iterations: lookups / 10, warmup: 8, ..lookup_effort };
+
+    let mut scenarios = Vec::new();
+    if ["lookup", "aggregate", "dashboard", "footprint", "netns"].iter().any(|s| wants(s)) {
+        eprintln!("setting up {rows} rows in PostgreSQL, a platform and a sidecar");
+        let points = points::Points::start(rows).await?;
+        if wants("footprint") {
+            scenarios.push(points.footprint().await?);
+        }
+        if wants("lookup") {
+            eprintln!("point lookups");
+            scenarios.push(points.lookup(lookup_effort).await?);
+        }
+        if wants("aggregate") {
+            eprintln!("aggregates");
+            scenarios.push(points.aggregate(aggregate_effort).await?);
+        }
+        if wants("dashboard") {
+            eprintln!("dashboard, results cache on and off");
+            scenarios.push(points.dashboard(dashboard_effort).await?);
+        }
+        if wants("netns") {
+            eprintln!("point lookups across an emulated network hop");
+            match netns::run(&points.parquet, rows, lookup_effort).await {
+                Ok(scenario) => scenarios.push(scenario),
+                Err(err) => eprintln!("emulated-hop scenario skipped: {err:#}"),
+            }
+        }
+    }
+    if wants("bulk") {
+        eprintln!("bulk transfer");
+        scenarios.push(bulk::run(bulk_bytes).await?);
+    }
+    if wants("tpch") {
+        eprintln!("TPC-H SF{scale}");
+        scenarios.push(tpch::run(scale, rounds, args.python.as_deref()).await?);
+    }
+
+    let report = Report {
+        commit: git_commit(),
+        profile: if cfg!(debug_assertions) { "debug" } else { "release" },
+        quick: args.quick,
+        machine: report::machine(),
+        scenarios,
+    };
+    println!("{}", report.markdown());
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+        eprintln!("results written to {}", path.display());
+    }
+    Ok(())
+}
+
+fn git_commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(strata_integration_tests::workspace_root())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}

@@ -1,0 +1,121 @@
+//! An emulated network hop: the platform runs in its own network namespace behind a veth
+//! pair whose both ends delay every packet by 0.5 ms (`tc netem`), the sidecar on the host.
+//! Local answers stay on loopback; forwarded ones pay the hop. Needs root (CAP_NET_ADMIN).
+
+use std::process::Command;
+use std::time::Duration;
+
+use strata_integration_tests::tier::Tier;
+
+use crate::measure::{Effort, measure, with_ratios};
+use crate::paths::{Flight, Floor, Query};
+use crate::report::Scenario;
+
+const HOST_IP: &str = "10.213.7.1";
+const NS_IP: &str = "10.213.7.2";
+
+/// The namespace and its veth pair; removed when dropped.
+struct Namespace {
+    name: String,
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let output = Command::new("ip").args(args).output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    Ok(())
+}
+
+fn tc(prefix: &[&str], dev: &str, delay: &str) -> anyhow::Result<()> {
+    let mut args: Vec<&str> = prefix.to_vec();
+    args.extend(["tc", "qdisc", "add", "dev", dev, "root", "netem", "delay", delay]);
+    let output = Command::new(args[0]).args(&args[1..]).output()?;
+    anyhow::ensure!(output.status.success(), "{}: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim());
+    Ok(())
+}
+
+impl Namespace {
+    fn create(delay: &str) -> anyhow::Result<Self> {
+        let name = format!("strata-bench-{}", std::process::id());
+        let host_dev = format!("sb{}h", std::process::id() % 100_000);
+        let ns_dev = format!("sb{}n", std::process::id() % 100_000);
+        ip(&["netns", "add", &name])?;
+        let ns = Self { name };
+        ip(&["link", "add", &host_dev, "type", "veth", "peer", "name", &ns_dev])?;
+        ip(&["link", "set", &ns_dev, "netns", &ns.name])?;
+        ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", &host_dev])?;
+        ip(&["link", "set", &host_dev, "up"])?;
+        let exec = ["ip", "netns", "exec", ns.name.as_str()];
+        let in_ns = |args: &[&str]| -> anyhow::Result<()> {
+            let mut all: Vec<&str> = vec!["netns", "exec", &ns.name, "ip"];
+            all.extend(args);
+            ip(&all)
+        };
+        in_ns(&["addr", "add", &format!("{NS_IP}/24"), "dev", &ns_dev])?;
+        in_ns(&["link", "set", &ns_dev, "up"])?;
+        in_ns(&["link", "set", "lo", "up"])?;
+        tc(&[], &host_dev, delay)?;
+        tc(&exec, &ns_dev, delay)?;
+        Ok(ns)
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes its veth end, and with it the host end.
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// The lookup scenario across the emulated hop.
+pub async fn run(parquet: &std::path::Path, rows: i64, effort: Effort) -> anyhow::Result<Scenario> {
+    let ns = Namespace::create("0.5ms")?;
+    let platform = Tier::start_under(
+        &["ip", "netns", "exec", &ns.name],
+        "platform-service",
+        &format!(
+            "region: eu\nlimits:\n  max_concurrent_queries: 256\ndatasets:\n  - name: points\n    from: file:{}\n    acceleration: {{}}\n",
+            parquet.display()
+        ),
+        &format!("{NS_IP}:0"),
+        &format!("{NS_IP}:0"),
+    )
+    .await;
+    platform.wait_ready(Duration::from_secs(600)).await;
+    let sidecar = Tier::start(
+        "app-sidecar",
+        &format!(
+            "region: eu\nlimits:\n  max_concurrent_queries: 256\nupstream:\n  endpoints: [http://{}]\n  call_timeout: 10s\nreplicas:\n  - name: points\n",
+            platform.flight_addr
+        ),
+    )
+    .await;
+    sidecar.wait_ready(Duration::from_secs(600)).await;
+    let started = std::time::Instant::now();
+    while sidecar.find_dataset("points").await.is_none_or(|d| d["state"] != "ready") {
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(1200), "the replica never crossed the hop");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let query = Query::Lookup { rows };
+    let (s, p) = (sidecar.flight_addr, platform.flight_addr);
+    let results = vec![
+        measure("tonic unary round trip across the hop (floor)", &Floor { addr: p }, effort, 1).await?,
+        measure("sidecar local (Flight SQL, loopback)", &Flight { addr: s, query, strong: false }, effort, 1).await?,
+        measure("sidecar forwarded across the hop", &Flight { addr: s, query, strong: true }, effort, 1).await?,
+        measure("platform directly across the hop", &Flight { addr: p, query, strong: false }, effort, 1).await?,
+    ];
+    drop(sidecar);
+    drop(platform);
+    drop(ns);
+    Ok(Scenario {
+        name: format!("Point lookup across an emulated hop (netem 0.5 ms each way), {rows} rows"),
+        baseline: "tonic unary round trip across the hop (floor)".into(),
+        results: with_ratios(results, "tonic unary round trip across the hop (floor)"),
+        figures: Vec::new(),
+        table: None,
+    })
+}

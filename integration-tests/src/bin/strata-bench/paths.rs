@@ -1,0 +1,213 @@
+//! The ways a benchmark query can be answered: through a tier over Flight SQL, by
+//! PostgreSQL, by DataFusion in-process, and a bare tier-protocol call as the floor.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow_flight::sql::client::FlightSqlServiceClient;
+use async_trait::async_trait;
+use datafusion::prelude::SessionContext;
+use futures::TryStreamExt;
+use strata_proto::v1::HealthRequest;
+use strata_proto::v1::tier_service_client::TierServiceClient;
+use tonic::transport::Channel;
+
+use crate::measure::{Probe, ProbeFactory};
+
+/// The question a probe asks on every call.
+#[derive(Debug, Clone, Copy)]
+pub enum Query {
+    /// One row by key, the key changing with every call so no answer repeats back to back.
+    Lookup { rows: i64 },
+    /// GROUP BY over the whole table.
+    Aggregate,
+    /// A dashboard's handful of queries, asked over and over (10 rows each).
+    Dashboard,
+}
+
+/// Queries a dashboard repeats: each returns 10 rows.
+pub const DASHBOARD: [&str; 4] = [
+    "SELECT grp % 10 AS g, count(*) AS n FROM points GROUP BY grp % 10",
+    "SELECT id, amount FROM points ORDER BY amount DESC, id LIMIT 10",
+    "SELECT grp, avg(amount) AS mean FROM points WHERE grp < 10 GROUP BY grp",
+    "SELECT id % 10 AS bucket, max(amount) AS top FROM points GROUP BY id % 10",
+];
+
+impl Query {
+    fn sql(self, i: usize) -> String {
+        match self {
+            Query::Lookup { rows } => format!("SELECT v FROM points WHERE id = {}", key(i, rows)),
+            Query::Aggregate => AGGREGATE.to_string(),
+            Query::Dashboard => DASHBOARD[i % DASHBOARD.len()].to_string(),
+        }
+    }
+}
+
+pub const AGGREGATE: &str = "SELECT grp, count(*) AS n, sum(amount) AS total FROM points GROUP BY grp";
+
+fn key(i: usize, rows: i64) -> i64 {
+    (i as i64).wrapping_mul(7919).rem_euclid(rows)
+}
+
+pub async fn channel(addr: SocketAddr) -> anyhow::Result<Channel> {
+    Ok(Channel::from_shared(format!("http://{addr}"))?.tcp_nodelay(true).connect().await?)
+}
+
+/// A tier's Flight SQL endpoint: `execute` (GetFlightInfo) then `DoGet`, as ADBC does.
+pub struct Flight {
+    pub addr: SocketAddr,
+    pub query: Query,
+    /// Sends `strata-consistency: strong`, so a sidecar forwards the query to its platform.
+    pub strong: bool,
+}
+
+struct FlightProbe {
+    client: FlightSqlServiceClient<Channel>,
+    query: Query,
+}
+
+#[async_trait]
+impl ProbeFactory for Flight {
+    async fn probe(&self) -> anyhow::Result<Box<dyn Probe>> {
+        let mut client = FlightSqlServiceClient::new(channel(self.addr).await?);
+        if self.strong {
+            client.set_header("strata-consistency", "strong");
+        }
+        Ok(Box::new(FlightProbe { client, query: self.query }))
+    }
+}
+
+#[async_trait]
+impl Probe for FlightProbe {
+    async fn call(&mut self, i: usize) -> anyhow::Result<usize> {
+        let info = self.client.execute(self.query.sql(i), None).await?;
+        let mut rows = 0;
+        for endpoint in info.endpoint {
+            let ticket = endpoint.ticket.ok_or_else(|| anyhow::anyhow!("endpoint without ticket"))?;
+            let batches: Vec<RecordBatch> = self.client.do_get(ticket).await?.try_collect().await?;
+            rows += batches.iter().map(RecordBatch::num_rows).sum::<usize>();
+        }
+        Ok(rows)
+    }
+}
+
+/// Plain Flight: one `DoGet` whose ticket carries the SQL (as pyarrow.flight sends it), one
+/// round trip instead of Flight SQL's two.
+pub struct FlightTicket {
+    pub addr: SocketAddr,
+    pub query: Query,
+}
+
+struct FlightTicketProbe {
+    client: arrow_flight::flight_service_client::FlightServiceClient<Channel>,
+    query: Query,
+}
+
+#[async_trait]
+impl ProbeFactory for FlightTicket {
+    async fn probe(&self) -> anyhow::Result<Box<dyn Probe>> {
+        let client = arrow_flight::flight_service_client::FlightServiceClient::new(channel(self.addr).await?);
+        Ok(Box::new(FlightTicketProbe { client, query: self.query }))
+    }
+}
+
+#[async_trait]
+impl Probe for FlightTicketProbe {
+    async fn call(&mut self, i: usize) -> anyhow::Result<usize> {
+        let ticket = arrow_flight::Ticket::new(serde_json::json!({ "sql": self.query.sql(i) }).to_string());
+        let data = self.client.do_get(ticket).await?.into_inner().map_err(arrow_flight::error::FlightError::from);
+        let batches: Vec<RecordBatch> =
+            arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(data).try_collect().await?;
+        Ok(batches.iter().map(RecordBatch::num_rows).sum())
+    }
+}
+
+/// The tier protocol's `Health` call: a tonic unary round trip that does no work.
+pub struct Floor {
+    pub addr: SocketAddr,
+}
+
+struct FloorProbe(TierServiceClient<Channel>);
+
+#[async_trait]
+impl ProbeFactory for Floor {
+    async fn probe(&self) -> anyhow::Result<Box<dyn Probe>> {
+        Ok(Box::new(FloorProbe(TierServiceClient::new(channel(self.addr).await?))))
+    }
+}
+
+#[async_trait]
+impl Probe for FloorProbe {
+    async fn call(&mut self, _i: usize) -> anyhow::Result<usize> {
+        self.0.health(HealthRequest {}).await?;
+        Ok(1)
+    }
+}
+
+/// PostgreSQL directly, with a prepared statement (as `pgbench -M prepared`).
+pub struct Postgres {
+    pub port: u16,
+    pub query: Query,
+}
+
+struct PostgresProbe {
+    client: tokio_postgres::Client,
+    statement: tokio_postgres::Statement,
+    query: Query,
+}
+
+#[async_trait]
+impl ProbeFactory for Postgres {
+    async fn probe(&self) -> anyhow::Result<Box<dyn Probe>> {
+        let (client, connection) = tokio_postgres::connect(
+            &format!("host=127.0.0.1 port={} user=postgres dbname=postgres", self.port),
+            tokio_postgres::NoTls,
+        )
+        .await?;
+        tokio::spawn(connection);
+        let sql = match self.query {
+            Query::Lookup { .. } => "SELECT v FROM points WHERE id = $1",
+            Query::Aggregate | Query::Dashboard => AGGREGATE,
+        };
+        let statement = client.prepare(sql).await?;
+        Ok(Box::new(PostgresProbe { client, statement, query: self.query }))
+    }
+}
+
+#[async_trait]
+impl Probe for PostgresProbe {
+    async fn call(&mut self, i: usize) -> anyhow::Result<usize> {
+        let rows = match self.query {
+            Query::Lookup { rows } => self.client.query(&self.statement, &[&key(i, rows)]).await?,
+            Query::Aggregate | Query::Dashboard => self.client.query(&self.statement, &[]).await?,
+        };
+        Ok(rows.len())
+    }
+}
+
+/// DataFusion in this process over the same data in memory: no network, no tier.
+pub struct InProcess {
+    pub ctx: Arc<SessionContext>,
+    pub query: Query,
+}
+
+struct InProcessProbe {
+    ctx: Arc<SessionContext>,
+    query: Query,
+}
+
+#[async_trait]
+impl ProbeFactory for InProcess {
+    async fn probe(&self) -> anyhow::Result<Box<dyn Probe>> {
+        Ok(Box::new(InProcessProbe { ctx: Arc::clone(&self.ctx), query: self.query }))
+    }
+}
+
+#[async_trait]
+impl Probe for InProcessProbe {
+    async fn call(&mut self, i: usize) -> anyhow::Result<usize> {
+        let batches = self.ctx.sql(&self.query.sql(i)).await?.collect().await?;
+        Ok(batches.iter().map(RecordBatch::num_rows).sum())
+    }
+}

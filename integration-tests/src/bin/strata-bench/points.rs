@@ -1,0 +1,274 @@
+//! Scenarios over one `points` table (id, grp, amount, v): point lookups and a GROUP BY,
+//! through the tiers and against PostgreSQL and in-process DataFusion on the same rows; and
+//! the footprint of the tiers holding it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::{Float64Array, Int64Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use datafusion::datasource::MemTable;
+use datafusion::parquet::arrow::ArrowWriter;
+use datafusion::prelude::SessionContext;
+use strata_integration_tests::postgres::PgServer;
+use strata_integration_tests::tier::Tier;
+
+use crate::measure::{Effort, measure, with_ratios};
+use crate::paths::{Flight, FlightTicket, Floor, InProcess, Postgres, Query};
+use crate::report::{Figure, Scenario};
+
+/// The table in every form the scenarios need, and the tiers serving it.
+pub struct Points {
+    pub rows: i64,
+    pub pg: PgServer,
+    pub platform: Tier,
+    pub sidecar: Tier,
+    /// A second sidecar like the first, with its results cache turned off.
+    pub uncached: Tier,
+    pub sidecar_ready_after: Duration,
+    pub ctx: Arc<SessionContext>,
+    /// Arrow memory of the table as DataFusion holds it in-process.
+    pub arrow_bytes: usize,
+    /// The table as a Parquet file (the platforms' source).
+    pub parquet: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn batches(rows: i64) -> Vec<RecordBatch> {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int64, false),
+        Field::new("grp", DataType::Int64, false),
+        Field::new("amount", DataType::Float64, false),
+        Field::new("v", DataType::Utf8, false),
+    ]));
+    (0..rows)
+        .step_by(65_536)
+        .map(|start| {
+            let ids: Vec<i64> = (start..(start + 65_536).min(rows)).collect();
+            RecordBatch::try_new(
+                Arc::clone(&schema),
+                vec![
+                    Arc::new(Int64Array::from_iter_values(ids.iter().copied())),
+                    Arc::new(Int64Array::from_iter_values(ids.iter().map(|i| i % 1000))),
+                    Arc::new(Float64Array::from_iter_values(ids.iter().map(|i| (i % 977) as f64 * 0.5))),
+                    Arc::new(StringArray::from_iter_values(ids.iter().map(|i| format!("value-{i}")))),
+                ],
+            )
+            .expect("batch")
+        })
+        .collect()
+}
+
+impl Points {
+    pub async fn start(rows: i64) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("points.parquet");
+        let data = batches(rows);
+        let mut writer = ArrowWriter::try_new(std::fs::File::create(&path)?, data[0].schema(), None)?;
+        for batch in &data {
+            writer.write(batch)?;
+        }
+        writer.close()?;
+        let arrow_bytes = data.iter().map(RecordBatch::get_array_memory_size).sum();
+        let ctx = SessionContext::new();
+        ctx.register_table("points", Arc::new(MemTable::try_new(data[0].schema(), vec![data])?))?;
+
+        let pg = PgServer::start();
+        pg.connect()
+            .await
+            .batch_execute(&format!(
+                "CREATE TABLE points (id bigint PRIMARY KEY, grp bigint NOT NULL, amount double precision NOT NULL, v text NOT NULL);
+                 INSERT INTO points SELECT i, i % 1000, (i % 977) * 0.5, 'value-' || i FROM generate_series(0, {}) i;",
+                rows - 1
+            ))
+            .await?;
+        pg.connect().await.batch_execute("VACUUM ANALYZE points").await?;
+
+        let platform_config = format!(
+            "region: eu\nlimits:\n  max_concurrent_queries: 256\ndatasets:\n  - name: points\n    from: file:{}\n    acceleration: {{}}\n",
+            path.display()
+        );
+        let platform = Tier::start("platform-service", &platform_config).await;
+        platform.wait_ready(Duration::from_secs(600)).await;
+        let started = Instant::now();
+        let sidecar = Tier::start(
+            "app-sidecar",
+            &format!(
+                "region: eu\nlimits:\n  max_concurrent_queries: 256\nupstream:\n  endpoints: [http://{}]\nreplicas:\n  - name: points\n",
+                platform.flight_addr
+            ),
+        )
+        .await;
+        sidecar.wait_ready(Duration::from_secs(600)).await;
+        while sidecar.find_dataset("points").await.is_none_or(|d| d["state"] != "ready") {
+            anyhow::ensure!(started.elapsed() < Duration::from_secs(600), "the sidecar's replica never loaded");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let sidecar_ready_after = started.elapsed();
+        let uncached = Tier::start(
+            "app-sidecar",
+            &format!(
+                "region: eu\nlimits:\n  max_concurrent_queries: 256\nresults_cache:\n  max_bytes: 0\nupstream:\n  endpoints: [http://{}]\nreplicas:\n  - name: points\n",
+                platform.flight_addr
+            ),
+        )
+        .await;
+        uncached.wait_ready(Duration::from_secs(600)).await;
+        while uncached.find_dataset("points").await.is_none_or(|d| d["state"] != "ready") {
+            anyhow::ensure!(started.elapsed() < Duration::from_secs(1200), "the second sidecar's replica never loaded");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(Self {
+            rows,
+            pg,
+            platform,
+            sidecar,
+            uncached,
+            sidecar_ready_after,
+            ctx: Arc::new(ctx),
+            arrow_bytes,
+            parquet: path,
+            _dir: dir,
+        })
+    }
+
+    /// Point lookup by key: the sidecar locally, forwarded, the platform, PostgreSQL, the floor.
+    pub async fn lookup(&self, effort: Effort) -> anyhow::Result<Scenario> {
+        let query = Query::Lookup { rows: self.rows };
+        let (sidecar, platform) = (self.sidecar.flight_addr, self.platform.flight_addr);
+        let results = vec![
+            measure("tonic unary round trip (floor)", &Floor { addr: platform }, effort, 1).await?,
+            measure("PostgreSQL, prepared, indexed", &Postgres { port: self.pg.port, query }, effort, 1).await?,
+            measure("sidecar local (Flight SQL)", &Flight { addr: sidecar, query, strong: false }, effort, 1).await?,
+            measure("sidecar local (plain Flight, SQL ticket)", &FlightTicket { addr: sidecar, query }, effort, 1)
+                .await?,
+            measure("sidecar forwarded to platform", &Flight { addr: sidecar, query, strong: true }, effort, 1).await?,
+            measure("platform directly (Flight SQL)", &Flight { addr: platform, query, strong: false }, effort, 1)
+                .await?,
+            measure("DataFusion in-process (no network)", &InProcess { ctx: Arc::clone(&self.ctx), query }, effort, 1)
+                .await?,
+        ];
+        Ok(Scenario {
+            name: format!("Point lookup by key, {} rows", self.rows),
+            baseline: "PostgreSQL, prepared, indexed".into(),
+            results: with_ratios(results, "PostgreSQL, prepared, indexed"),
+            figures: Vec::new(),
+            table: None,
+        })
+    }
+
+    /// GROUP BY over the whole table: the sidecar locally vs PostgreSQL vs DataFusion in-process.
+    pub async fn aggregate(&self, effort: Effort) -> anyhow::Result<Scenario> {
+        let query = Query::Aggregate;
+        let groups = 1000.min(self.rows as usize);
+        let results = vec![
+            measure("PostgreSQL", &Postgres { port: self.pg.port, query }, effort, groups).await?,
+            measure(
+                "sidecar local (Flight SQL)",
+                &Flight { addr: self.sidecar.flight_addr, query, strong: false },
+                effort,
+                groups,
+            )
+            .await?,
+            measure("DataFusion in-process", &InProcess { ctx: Arc::clone(&self.ctx), query }, effort, groups).await?,
+        ];
+        Ok(Scenario {
+            name: format!("Aggregate (GROUP BY grp) over {} rows", self.rows),
+            baseline: "PostgreSQL".into(),
+            results: with_ratios(results, "PostgreSQL"),
+            figures: Vec::new(),
+            table: None,
+        })
+    }
+
+    /// A dashboard's queries repeated: the sidecar with its results cache against the same
+    /// sidecar without one.
+    pub async fn dashboard(&self, effort: Effort) -> anyhow::Result<Scenario> {
+        let query = Query::Dashboard;
+        let results = vec![
+            measure(
+                "sidecar, results cache off",
+                &Flight { addr: self.uncached.flight_addr, query, strong: false },
+                effort,
+                10,
+            )
+            .await?,
+            measure(
+                "sidecar, results cache on",
+                &Flight { addr: self.sidecar.flight_addr, query, strong: false },
+                effort,
+                10,
+            )
+            .await?,
+        ];
+        Ok(Scenario {
+            name: format!("Dashboard: 4 queries repeated over {} rows", self.rows),
+            baseline: "sidecar, results cache off".into(),
+            results: with_ratios(results, "sidecar, results cache off"),
+            figures: Vec::new(),
+            table: None,
+        })
+    }
+
+    /// Idle RSS, accelerated memory against the Arrow size, sidecar start-to-ready.
+    pub async fn footprint(&self) -> anyhow::Result<Scenario> {
+        let idle = Tier::start(
+            "app-sidecar",
+            &format!("region: eu\nupstream:\n  endpoints: [http://{}]\n", self.platform.flight_addr),
+        )
+        .await;
+        idle.wait_ready(Duration::from_secs(60)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let idle_rss = rss_bytes(idle.pid()).0;
+        let empty = Tier::start("platform-service", "region: eu\ndatasets: []\n").await;
+        empty.wait_ready(Duration::from_secs(60)).await;
+        let empty_rss = rss_bytes(empty.pid()).0;
+        let loaded_rss = rss_bytes(self.platform.pid()).0;
+        let sidecar_rss = rss_bytes(self.sidecar.pid()).0;
+        let held = loaded_rss.saturating_sub(empty_rss);
+        let mb = |b: u64| b as f64 / 1e6;
+        Ok(Scenario {
+            name: "Footprint".into(),
+            baseline: "Arrow size of the table in-process".into(),
+            results: Vec::new(),
+            table: None,
+            figures: vec![
+                Figure::new("idle sidecar RSS (no replicas)", mb(idle_rss), "MB", None),
+                Figure::new("platform RSS, no datasets", mb(empty_rss), "MB", None),
+                Figure::new(
+                    format!("Arrow size of points ({} rows)", self.rows),
+                    mb(self.arrow_bytes as u64),
+                    "MB",
+                    None,
+                ),
+                Figure::new(
+                    "platform memory held for points (RSS over an empty platform)",
+                    mb(held),
+                    "MB",
+                    Some(held as f64 / self.arrow_bytes as f64),
+                ),
+                Figure::new("sidecar RSS with the points replica", mb(sidecar_rss), "MB", None),
+                Figure::new(
+                    "sidecar start to ready, one replicated dataset",
+                    self.sidecar_ready_after.as_secs_f64() * 1e3,
+                    "ms",
+                    None,
+                ),
+            ],
+        })
+    }
+}
+
+/// Resident memory of a process: (anonymous, file-backed) bytes.
+pub fn rss_bytes(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    (field("RssAnon:"), field("RssFile:"))
+}

@@ -1,0 +1,42 @@
+//! The benchmark harness keeps working: `strata-bench --quick` runs every scenario against
+//! the real binaries and reports every path with its baseline. Times are never asserted.
+
+use strata_integration_tests::bin_dir;
+
+#[tokio::test]
+async fn quick_benchmark_reports_every_scenario_against_its_baseline() {
+    let dir = tempfile::tempdir().expect("dir");
+    let json = dir.path().join("bench.json");
+    let output = tokio::process::Command::new(bin_dir().join("strata-bench"))
+        .args(["--quick", "--json"])
+        .arg(&json)
+        .output()
+        .await
+        .expect("run strata-bench");
+    assert!(output.status.success(), "strata-bench failed:\n{}", String::from_utf8_lossy(&output.stderr));
+    let markdown = String::from_utf8_lossy(&output.stdout);
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).expect("json")).expect("parse");
+    let scenarios = report["scenarios"].as_array().expect("scenarios");
+    let names: Vec<&str> = scenarios.iter().filter_map(|s| s["name"].as_str()).collect();
+    for wanted in ["Footprint", "Point lookup", "Aggregate", "Dashboard", "Bulk transfer", "TPC-H"] {
+        assert!(names.iter().any(|n| n.starts_with(wanted)), "no {wanted} scenario in {names:?}");
+    }
+    for scenario in scenarios {
+        let baseline = scenario["baseline"].as_str().expect("baseline");
+        for path in scenario["results"].as_array().expect("results") {
+            assert!(path["p50_us"].as_f64().is_some_and(|v| v > 0.0), "{path}");
+            assert!(path["p99_us"].as_f64() >= path["p50_us"].as_f64(), "{path}");
+            let concurrency: Vec<u64> = path["throughput"]
+                .as_array()
+                .expect("throughput")
+                .iter()
+                .filter_map(|t| t["concurrency"].as_u64())
+                .collect();
+            assert_eq!(concurrency, [1, 8, 64], "{path}");
+            assert!(path["p50_ratio"].as_f64().is_some(), "every path has a ratio to `{baseline}`: {path}");
+        }
+        assert!(markdown.contains(scenario["name"].as_str().expect("name")), "the table lists {}", scenario["name"]);
+    }
+    let tpch = scenarios.iter().find(|s| s["name"].as_str().is_some_and(|n| n.starts_with("TPC-H"))).expect("tpch");
+    assert_eq!(tpch["table"]["rows"].as_array().expect("rows").len(), 23, "22 queries and the total");
+}
