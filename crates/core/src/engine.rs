@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::catalog::MemorySchemaProvider;
 use datafusion::common::ScalarValue;
+use datafusion::execution::SessionState;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::logical_expr::LogicalPlan;
@@ -58,6 +59,11 @@ struct Inner {
     results: Option<crate::results_cache::ResultsCache>,
     /// Plans by SQL text: a repeated or prepared statement is parsed and planned once.
     plans: moka::sync::Cache<String, Arc<CachedPlan>>,
+    /// One session state for planning, shared instead of cloned per query (a clone copies
+    /// every function registry); the catalog inside it is shared with `ctx`.
+    planning: SessionState,
+    /// Likewise the execution context every query runs in.
+    task_ctx: Arc<datafusion::execution::TaskContext>,
 }
 
 type ProviderRef = Arc<dyn datafusion::catalog::TableProvider>;
@@ -65,8 +71,9 @@ type ProviderRef = Arc<dyn datafusion::catalog::TableProvider>;
 /// What the plan cache keeps per SQL text.
 struct CachedPlan {
     planned: PlannedQuery,
-    /// The optimized plan, for statements without parameters.
-    optimized: Option<LogicalPlan>,
+    /// The optimized plan of a deterministic statement without parameters (it optimizes the
+    /// same every time), set by its first run.
+    optimized: std::sync::OnceLock<LogicalPlan>,
     /// Calls only immutable functions (see [`crate::results_cache::is_deterministic`]).
     deterministic: bool,
     /// The providers the plan reads: it is valid while the catalog still serves these.
@@ -129,7 +136,6 @@ impl Engine {
         let (ready, _) = watch::channel(false);
         Ok(Self {
             inner: Arc::new(Inner {
-                ctx,
                 datasets,
                 admission: Arc::new(Semaphore::new(limits.max_concurrent_queries)),
                 limits,
@@ -149,6 +155,9 @@ impl Engine {
                 writes: std::sync::RwLock::new(None),
                 results: crate::results_cache::ResultsCache::new(&config.results_cache),
                 plans: moka::sync::Cache::new(PLAN_CACHE_ENTRIES),
+                planning: ctx.state(),
+                task_ctx: ctx.task_ctx(),
+                ctx,
             }),
         })
     }
@@ -416,7 +425,7 @@ impl Engine {
 
     /// Runs a plan shipped by another tier as datafusion-proto bytes.
     pub async fn execute_encoded_plan(&self, bytes: &[u8], options: &QueryOptions) -> Result<QueryStream> {
-        let plan = crate::plan_codec::decode_plan(bytes, &self.inner.ctx).await?;
+        let plan = crate::plan_codec::decode_plan(bytes, &self.inner.ctx, &self.inner.task_ctx)?;
         self.execute_plan(plan, options).await
     }
 
@@ -448,11 +457,12 @@ impl Engine {
         }
         let planned = self.plan_uncached(sql).await?;
         let deterministic = crate::results_cache::is_deterministic(&planned.plan);
-        // A statement without parameters optimizes the same every time: keep that too.
-        let optimized = (deterministic && planned.parameters.fields().is_empty())
-            .then(|| self.inner.ctx.state().optimize(&planned.plan))
-            .transpose()?;
-        let entry = Arc::new(CachedPlan { tables: table_providers(&planned.plan), planned, optimized, deterministic });
+        let entry = Arc::new(CachedPlan {
+            tables: table_providers(&planned.plan),
+            planned,
+            optimized: std::sync::OnceLock::new(),
+            deterministic,
+        });
         self.inner.plans.insert(sql.to_string(), Arc::clone(&entry));
         Ok(entry)
     }
@@ -468,7 +478,7 @@ impl Engine {
     }
 
     async fn plan_uncached(&self, sql: &str) -> Result<PlannedQuery> {
-        let state = self.inner.ctx.state();
+        let state = &self.inner.planning;
         let statement = state.sql_to_statement(sql, &datafusion::common::config::Dialect::Generic)?;
         check_read_only(&statement)?;
         let plan = state.statement_to_plan(statement).await.map_err(|e| self.explain_plan_error(e.into()))?;
@@ -534,24 +544,47 @@ impl Engine {
         let wall_deadline = std::time::SystemTime::now() + limits.query_timeout;
         let observer = self.inner.observer.read().unwrap_or_else(|p| p.into_inner()).clone();
         let start = async {
-            let state = self.inner.ctx.state();
-            let (plan, schema, forward, deterministic) = match &input {
-                QueryInput::Sql { sql, params } => {
-                    let cached = self.plan_cached(sql).await?;
+            let cached = match &input {
+                QueryInput::Sql { sql, .. } => Some(self.plan_cached(sql).await?),
+                QueryInput::Plan(_) => None,
+            };
+            let deterministic = match (&cached, &input) {
+                (Some(cached), _) => cached.deterministic,
+                (None, QueryInput::Plan(plan)) => crate::results_cache::is_deterministic(plan),
+                (None, QueryInput::Sql { .. }) => false,
+            };
+            // The shared planning state serves every deterministic query; one that calls
+            // `now()` gets a state of its own, stamped with its start time.
+            let own_state;
+            let state: &SessionState = if deterministic {
+                &self.inner.planning
+            } else {
+                own_state = self.inner.ctx.state();
+                &own_state
+            };
+            let (plan, schema, forward) = match (&input, &cached) {
+                (QueryInput::Sql { params, .. }, Some(cached)) => {
                     let schema = Arc::clone(&cached.planned.schema);
-                    let plan = match (&cached.optimized, params.is_empty()) {
-                        (Some(optimized), true) => optimized.clone(),
+                    let reuse = deterministic && params.is_empty() && cached.planned.parameters.fields().is_empty();
+                    let plan = match cached.optimized.get() {
+                        Some(optimized) if reuse => optimized.clone(),
                         _ => {
                             let planned = cached.planned.clone();
-                            state.optimize(&bind_parameters(planned.plan, &planned.parameters, params.clone())?)?
+                            let optimized =
+                                state.optimize(&bind_parameters(planned.plan, &planned.parameters, params.clone())?)?;
+                            if reuse {
+                                let _ = cached.optimized.set(optimized.clone());
+                            }
+                            optimized
                         }
                     };
-                    (plan, schema, true, cached.deterministic)
+                    (plan, schema, true)
                 }
-                QueryInput::Plan(plan) => {
+                (QueryInput::Plan(plan), _) => {
                     let schema = Arc::new(plan.schema().as_arrow().clone());
-                    (state.optimize(plan)?, schema, false, crate::results_cache::is_deterministic(plan))
+                    (state.optimize(plan)?, schema, false)
                 }
+                (QueryInput::Sql { .. }, None) => return Err(StrataError::Internal("SQL without a plan".into())),
             };
             let routing = match self.router() {
                 Some(router) => router.route(plan, options, forward)?,
@@ -563,8 +596,8 @@ impl Engine {
                     // Already optimized (routing needs the pushed-down filters): plan it physically
                     // without a second optimizer pass.
                     let execute = || async {
-                        let physical = state.query_planner().create_physical_plan(&plan, &state).await?;
-                        Ok(datafusion::physical_plan::execute_stream(physical, self.inner.ctx.task_ctx())?)
+                        let physical = state.query_planner().create_physical_plan(&plan, state).await?;
+                        Ok(datafusion::physical_plan::execute_stream(physical, Arc::clone(&self.inner.task_ctx))?)
                     };
                     let cache = self.inner.results.as_ref().filter(|_| deterministic);
                     if let Some((cache, key)) = cache.and_then(|c| Some((c, c.key(&plan)?))) {

@@ -2,11 +2,10 @@
 //! sending tier's placeholder for a remote table encodes nothing, and the receiving tier
 //! resolves the name against its own catalog, so a plan can only read what the receiver serves.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
-use datafusion::catalog::TableProvider;
+use datafusion::catalog::{CatalogProvider, TableProvider};
 use datafusion::common::{TableReference, plan_err};
 use datafusion::error::Result as DfResult;
 use datafusion::execution::TaskContext;
@@ -16,29 +15,32 @@ use datafusion_proto::bytes::{
     logical_plan_from_bytes_with_extension_codec, logical_plan_to_bytes_with_extension_codec,
 };
 use datafusion_proto::logical_plan::LogicalExtensionCodec;
+use futures::FutureExt;
 
 use crate::error::{Result, StrataError};
 
-/// Encodes table scans by name only.
+/// Encodes table scans by name only; decodes them against a catalog, looking up just the
+/// tables the plan names.
 #[derive(Debug, Default)]
 pub struct ByNameCodec {
-    /// Tables a decoded plan may read, by lower-cased name (`table` or `schema.table`).
-    tables: HashMap<String, Arc<dyn TableProvider>>,
+    catalog: Option<Arc<dyn CatalogProvider>>,
 }
 
 impl ByNameCodec {
-    /// A codec for decoding against these tables.
-    pub fn with_tables(tables: HashMap<String, Arc<dyn TableProvider>>) -> Self {
-        Self { tables }
+    /// A codec for decoding against the tables of `catalog`.
+    pub fn with_catalog(catalog: Arc<dyn CatalogProvider>) -> Self {
+        Self { catalog: Some(catalog) }
     }
-}
 
-fn key(table_ref: &TableReference) -> String {
-    match table_ref.schema() {
-        Some(schema) if schema != crate::engine::DEFAULT_SCHEMA => format!("{schema}.{}", table_ref.table()),
-        _ => table_ref.table().to_string(),
+    fn lookup(&self, table_ref: &TableReference) -> Option<Arc<dyn TableProvider>> {
+        let catalog = self.catalog.as_ref()?;
+        let schema_name = table_ref.schema().unwrap_or(crate::engine::DEFAULT_SCHEMA);
+        let schema = catalog.schema(schema_name).or_else(|| catalog.schema(&schema_name.to_ascii_lowercase()))?;
+        let table = table_ref.table();
+        // The engine's schemas are in memory: their lookups complete on the first poll.
+        let find = |name: &str| schema.table(name).now_or_never().and_then(|r| r.ok()).flatten();
+        find(table).or_else(|| find(&table.to_ascii_lowercase()))
     }
-    .to_ascii_lowercase()
 }
 
 impl LogicalExtensionCodec for ByNameCodec {
@@ -57,7 +59,7 @@ impl LogicalExtensionCodec for ByNameCodec {
         schema: SchemaRef,
         _ctx: &TaskContext,
     ) -> DfResult<Arc<dyn TableProvider>> {
-        let Some(provider) = self.tables.get(&key(table_ref)) else {
+        let Some(provider) = self.lookup(table_ref) else {
             return plan_err!("table `{table_ref}` is not served by this tier");
         };
         // The sender planned against the schema it was advertised; refuse a drifted table
@@ -67,7 +69,7 @@ impl LogicalExtensionCodec for ByNameCodec {
                 "table `{table_ref}` changed schema since the sender's catalog was read; retry after it refreshes"
             );
         }
-        Ok(Arc::clone(provider))
+        Ok(provider)
     }
 
     fn try_encode_table_provider(
@@ -86,24 +88,9 @@ pub fn encode_plan(plan: &LogicalPlan) -> Result<bytes::Bytes> {
 }
 
 /// Deserializes a shipped plan against the tables of `ctx`'s default catalog.
-pub async fn decode_plan(bytes: &[u8], ctx: &SessionContext) -> Result<LogicalPlan> {
-    let mut tables = HashMap::new();
-    if let Some(catalog) = ctx.catalog(crate::engine::CATALOG) {
-        for schema_name in catalog.schema_names() {
-            let Some(schema) = catalog.schema(&schema_name) else { continue };
-            for table in schema.table_names() {
-                if let Ok(Some(provider)) = schema.table(&table).await {
-                    let name = if schema_name == crate::engine::DEFAULT_SCHEMA {
-                        table.to_ascii_lowercase()
-                    } else {
-                        format!("{schema_name}.{table}").to_ascii_lowercase()
-                    };
-                    tables.insert(name, provider);
-                }
-            }
-        }
-    }
-    let codec = ByNameCodec::with_tables(tables);
-    logical_plan_from_bytes_with_extension_codec(bytes, &ctx.task_ctx(), &codec)
+pub fn decode_plan(bytes: &[u8], ctx: &SessionContext, task_ctx: &TaskContext) -> Result<LogicalPlan> {
+    let catalog =
+        ctx.catalog(crate::engine::CATALOG).ok_or_else(|| StrataError::Internal("default catalog missing".into()))?;
+    logical_plan_from_bytes_with_extension_codec(bytes, task_ctx, &ByNameCodec::with_catalog(catalog))
         .map_err(|e| StrataError::Plan(format!("cannot decode the shipped plan: {e}")))
 }

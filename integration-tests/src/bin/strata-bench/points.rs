@@ -142,6 +142,13 @@ impl Points {
             measure("sidecar local (Flight SQL)", &Flight { addr: sidecar, query, strong: false }, effort, 1).await?,
             measure("sidecar local (plain Flight, SQL ticket)", &FlightTicket { addr: sidecar, query }, effort, 1)
                 .await?,
+            measure(
+                "sidecar local, results cache off",
+                &Flight { addr: self.uncached.flight_addr, query, strong: false },
+                effort,
+                1,
+            )
+            .await?,
             measure("sidecar forwarded to platform", &Flight { addr: sidecar, query, strong: true }, effort, 1).await?,
             measure("platform directly (Flight SQL)", &Flight { addr: platform, query, strong: false }, effort, 1)
                 .await?,
