@@ -65,6 +65,13 @@ pub struct IngestLog {
     dir: PathBuf,
     max_bytes: u64,
     state: Mutex<State>,
+    /// Held while one writer fsyncs for everyone who appended before it (group commit).
+    sync: Mutex<()>,
+    /// Every record up to this sequence number is on disk.
+    synced_through: std::sync::atomic::AtomicU64,
+    /// Set by a failed fsync: the kernel may have dropped the unsynced pages, so nothing
+    /// written since can be trusted until a restart re-reads the log.
+    poisoned: std::sync::atomic::AtomicBool,
 }
 
 fn io(what: &str, path: &Path, e: std::io::Error) -> StrataError {
@@ -141,6 +148,9 @@ impl IngestLog {
             dir: dir.to_path_buf(),
             max_bytes,
             state: Mutex::new(State { segments, file: None, next_seq, uploaded_through, total_bytes }),
+            sync: Mutex::new(()),
+            synced_through: std::sync::atomic::AtomicU64::new(next_seq - 1),
+            poisoned: std::sync::atomic::AtomicBool::new(false),
         };
         info!(pending = recovery.pending.len(), uploaded_through, "ingest log opened");
         Ok((log, recovery))
@@ -153,6 +163,54 @@ impl IngestLog {
     /// Appends one batch durably and returns its sequence number. Refuses (never drops) a
     /// write that would take the log past its bound.
     pub fn append(&self, dataset: &str, batches: &[RecordBatch]) -> Result<Entry, StrataError> {
+        let entry = self.append_unsynced(dataset, batches)?;
+        self.sync_through(entry.seq)?;
+        Ok(entry)
+    }
+
+    /// Makes every record up to `seq` durable. Writers that appended while another one was
+    /// syncing share its next fsync (group commit): one fsync per group, not per batch.
+    pub fn sync_through(&self, seq: u64) -> Result<(), StrataError> {
+        use std::sync::atomic::Ordering;
+        let _turn = self.sync.lock().unwrap_or_else(|p| p.into_inner());
+        self.check_poisoned()?;
+        if self.synced_through.load(Ordering::SeqCst) >= seq {
+            return Ok(());
+        }
+        let (file, written) = {
+            let state = self.state();
+            let file =
+                state.file.as_ref().map(File::try_clone).transpose().map_err(|e| io("cannot reopen", &self.dir, e))?;
+            (file, state.next_seq - 1)
+        };
+        if let Some(file) = file
+            && let Err(err) = file.sync_data()
+        {
+            self.poisoned.store(true, Ordering::SeqCst);
+            return Err(io("cannot sync", &self.dir, err));
+        }
+        self.synced_through.store(written, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Every record up to this sequence number is durable (the uploader ships no further).
+    pub fn synced_through(&self) -> u64 {
+        self.synced_through.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn check_poisoned(&self) -> Result<(), StrataError> {
+        if self.poisoned.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StrataError::Internal(
+                "ingest log: an fsync failed, so recent records may not be on disk; writes are refused until the agent restarts and re-reads its log".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Appends one batch without waiting for the disk; [`IngestLog::sync_through`] its
+    /// sequence number before acknowledging it.
+    pub fn append_unsynced(&self, dataset: &str, batches: &[RecordBatch]) -> Result<Entry, StrataError> {
+        self.check_poisoned()?;
         let ipc = encode_batches(batches)?;
         let name = dataset.as_bytes();
         let name_len = u16::try_from(name.len()).map_err(|_| StrataError::Plan("dataset name too long".into()))?;
@@ -179,6 +237,11 @@ impl IngestLog {
 
         let rotate = state.segments.last().is_none_or(|s| s.bytes >= SEGMENT_BYTES) || state.file.is_none();
         if rotate {
+            // Records of the segment being left behind must be durable before the next
+            // segment's are: the sync after this write only covers the new file.
+            if let Some(previous) = state.file.as_ref() {
+                previous.sync_data().map_err(|e| io("cannot sync", &self.dir, e))?;
+            }
             let reuse = state.segments.last().filter(|s| s.bytes < SEGMENT_BYTES).map(|s| s.path.clone());
             let path = reuse.unwrap_or_else(|| self.dir.join(format!("{seq:020}.log")));
             let file =
@@ -193,9 +256,11 @@ impl IngestLog {
             return Err(StrataError::Internal("ingest log: no segment".into()));
         };
         let path = &self.dir;
-        file.write_all(&record).map_err(|e| io("cannot write", path, e))?;
-        // The write is acknowledged only after this returns.
-        file.sync_data().map_err(|e| io("cannot sync", path, e))?;
+        if let Err(err) = file.write_all(&record) {
+            // A partial record may be on disk now; only a restart (which cuts it off) may write again.
+            self.poisoned.store(true, std::sync::atomic::Ordering::SeqCst);
+            return Err(io("cannot write", path, err));
+        }
         state.next_seq += 1;
         state.total_bytes += size;
         if let Some(segment) = state.segments.last_mut() {
@@ -323,6 +388,44 @@ mod tests {
         assert_eq!(recovery.pending.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![3, 4, 5]);
         assert_eq!(recovery.pending[0].batches[0], batch(&[2, 3]));
         assert_eq!(log.append("readings", &[batch(&[9])]).expect("append").seq, 6, "sequence continues");
+    }
+
+    #[test]
+    fn concurrent_writers_sharing_fsyncs_lose_and_reorder_nothing() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (log, _) = IngestLog::open(dir.path(), 1 << 26).expect("open");
+        let log = Arc::new(log);
+        let writers: Vec<_> = (0..8i64)
+            .map(|w| {
+                let log = Arc::clone(&log);
+                std::thread::spawn(move || {
+                    (0..50i64)
+                        .map(|i| {
+                            let entry = log.append_unsynced("readings", &[batch(&[w, i])]).expect("append");
+                            log.sync_through(entry.seq).expect("sync");
+                            assert!(log.synced_through() >= entry.seq, "acknowledged before durable");
+                            entry.seq
+                        })
+                        .collect::<Vec<u64>>()
+                })
+            })
+            .collect();
+        let mut seqs: Vec<u64> = writers.into_iter().flat_map(|w| w.join().expect("writer")).collect();
+        seqs.sort();
+        assert_eq!(seqs, (1..=400).collect::<Vec<u64>>());
+        drop(log);
+        let (_, recovery) = IngestLog::open(dir.path(), 1 << 26).expect("reopen");
+        assert_eq!(recovery.pending.len(), 400);
+        assert_eq!(recovery.truncated_bytes, 0);
+        let mut per_writer: std::collections::HashMap<i64, Vec<i64>> = std::collections::HashMap::new();
+        for entry in &recovery.pending {
+            let values =
+                entry.batches[0].column(0).as_any().downcast_ref::<Int64Array>().expect("i64").values().to_vec();
+            per_writer.entry(values[0]).or_default().push(values[1]);
+        }
+        for (writer, order) in per_writer {
+            assert_eq!(order, (0..50).collect::<Vec<i64>>(), "writer {writer}'s records out of order");
+        }
     }
 
     #[test]

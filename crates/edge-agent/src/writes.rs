@@ -1,5 +1,6 @@
-//! Edge writes: durable in the local log before they are acknowledged, visible to local
-//! queries at once, and uploaded to the platform in order until it confirms each batch.
+//! Edge writes: durable in the local log before they are acknowledged (concurrent writers
+//! share fsyncs), visible to local queries at once, and uploaded to the platform in order,
+//! never before they are durable, until it confirms each batch.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -81,12 +82,13 @@ impl EdgeWrites {
         table
     }
 
-    /// The oldest pending batches, as many as one upload carries.
+    /// The oldest pending batches that are durable, as many as one upload carries.
     fn next_upload(&self) -> Vec<Entry> {
+        let durable = self.log.synced_through();
         let pending = lock(&self.pending);
         let mut group = Vec::new();
         let mut bytes = 0;
-        for entry in pending.iter() {
+        for entry in pending.iter().take_while(|e| e.seq <= durable) {
             if !group.is_empty() && (group.len() == MAX_UPLOAD_BATCHES || bytes + entry.bytes > MAX_UPLOAD_BYTES) {
                 break;
             }
@@ -227,13 +229,18 @@ impl LocalWrites for EdgeWrites {
         // Appending and queueing under one lock keeps the upload order the log order, and a
         // write is visible locally before the uploader can confirm (and drop) it.
         let seq = tokio::task::spawn_blocking(move || {
-            let mut pending = lock(&pending);
-            let entry = log.append(&n, &b)?;
-            let seq = entry.seq;
-            if let Err(err) = table.push(seq, &entry.batches) {
-                warn!(seq, error = %err, "a durable write cannot be shown to local queries");
-            }
-            pending.push_back(entry);
+            let seq = {
+                let mut pending = lock(&pending);
+                let entry = log.append_unsynced(&n, &b)?;
+                let seq = entry.seq;
+                if let Err(err) = table.push(seq, &entry.batches) {
+                    warn!(seq, error = %err, "a write cannot be shown to local queries");
+                }
+                pending.push_back(entry);
+                seq
+            };
+            // Acknowledged only once durable; concurrent writers share one fsync.
+            log.sync_through(seq)?;
             Ok::<_, StrataError>(seq)
         })
         .await

@@ -257,7 +257,9 @@ async fn outage() {
     .await;
     edge.wait_ready(Duration::from_secs(30)).await;
     // The edge learns the dataset's columns from the platform's catalog once.
-    while edge.find_dataset("readings").await.is_none() {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while edge.sql("SELECT count(*) AS n FROM readings").await.0 != 200 {
+        assert!(Instant::now() < deadline, "the edge never learned `readings`:\n{}", edge.logs());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     platform.kill();
