@@ -194,7 +194,7 @@ const VIEW_SLICE_BYTES: usize = 1 << 20;
 /// A batch with string/binary view columns, cut into slices whose view buffers hold only
 /// their own bytes. The encoder would otherwise split the batch itself and send every
 /// shared data buffer again with each slice (measured: 3.4x the bytes on the wire and disk).
-fn compact_views(batch: RecordBatch) -> Vec<RecordBatch> {
+pub fn compact_views(batch: RecordBatch) -> Vec<RecordBatch> {
     use arrow::array::{ArrayRef, AsArray};
     use arrow::datatypes::DataType;
     let has_views = batch.columns().iter().any(|c| matches!(c.data_type(), DataType::Utf8View | DataType::BinaryView));

@@ -159,10 +159,16 @@ pub(crate) fn encode_with_metadata(
     max_message_size: usize,
     app_metadata: bytes::Bytes,
 ) -> DoGetStream {
+    // Slices of view arrays would each carry the whole shared data buffers: compact first.
+    let batches = batches
+        .map_ok(|b| futures::stream::iter(strata_upstream::wire::compact_views(b).into_iter().map(Ok)))
+        .try_flatten();
     let stream = FlightDataEncoderBuilder::new()
         .with_schema(schema)
         .with_metadata(app_metadata)
-        .with_max_flight_data_size((max_message_size / 2).max(64 * 1024))
+        // About 2 MiB per message, whatever the server accepts: clients decode up to 4 MiB
+        // by default (tonic, grpc), and the encoder's split can overshoot its target.
+        .with_max_flight_data_size((max_message_size / 2).clamp(64 * 1024, 2 << 20))
         .build(batches)
         .map_err(Status::from);
     Box::pin(stream)

@@ -57,39 +57,44 @@ async fn main() -> anyhow::Result<()> {
     let dashboard_effort = Effort { iterations: lookups / 10, warmup: 8, ..lookup_effort };
 
     let mut scenarios = Vec::new();
+    // A scenario that fails is reported and the others still run.
+    let mut keep = |name: &str, outcome: anyhow::Result<report::Scenario>| match outcome {
+        Ok(scenario) => {
+            println!("{}", scenario_markdown(&scenario));
+            scenarios.push(scenario);
+        }
+        Err(err) => eprintln!("{name} failed: {err:#}"),
+    };
     if ["lookup", "aggregate", "dashboard", "footprint", "netns"].iter().any(|s| wants(s)) {
         eprintln!("setting up {rows} rows in PostgreSQL, a platform and a sidecar");
         let points = points::Points::start(rows).await?;
         if wants("footprint") {
-            scenarios.push(points.footprint().await?);
+            keep("footprint", points.footprint().await);
         }
         if wants("lookup") {
             eprintln!("point lookups");
-            scenarios.push(points.lookup(lookup_effort).await?);
+            keep("lookup", points.lookup(lookup_effort).await);
         }
         if wants("aggregate") {
             eprintln!("aggregates");
-            scenarios.push(points.aggregate(aggregate_effort).await?);
+            keep("aggregate", points.aggregate(aggregate_effort).await);
         }
         if wants("dashboard") {
             eprintln!("dashboard, results cache on and off");
-            scenarios.push(points.dashboard(dashboard_effort).await?);
+            keep("dashboard", points.dashboard(dashboard_effort).await);
         }
         if wants("netns") {
             eprintln!("point lookups across an emulated network hop");
-            match netns::run(&points.parquet, rows, lookup_effort).await {
-                Ok(scenario) => scenarios.push(scenario),
-                Err(err) => eprintln!("emulated-hop scenario skipped: {err:#}"),
-            }
+            keep("emulated hop", netns::run(&points.parquet, rows, lookup_effort).await);
         }
     }
     if wants("bulk") {
         eprintln!("bulk transfer");
-        scenarios.push(bulk::run(bulk_bytes).await?);
+        keep("bulk", bulk::run(bulk_bytes).await);
     }
     if wants("tpch") {
         eprintln!("TPC-H SF{scale}");
-        scenarios.push(tpch::run(scale, rounds, args.python.as_deref()).await?);
+        keep("tpch", tpch::run(scale, rounds, args.python.as_deref()).await);
     }
 
     let report = Report {
@@ -99,12 +104,27 @@ async fn main() -> anyhow::Result<()> {
         machine: report::machine(),
         scenarios,
     };
-    println!("{}", report.markdown());
+    println!("## All scenarios\n\n{}", report.markdown());
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
         eprintln!("results written to {}", path.display());
     }
     Ok(())
+}
+
+fn scenario_markdown(scenario: &report::Scenario) -> String {
+    Report {
+        commit: String::new(),
+        profile: "",
+        quick: false,
+        machine: String::new(),
+        scenarios: vec![scenario.clone()],
+    }
+    .markdown()
+    .lines()
+    .skip(1)
+    .collect::<Vec<_>>()
+    .join("\n")
 }
 
 fn git_commit() -> String {

@@ -177,6 +177,13 @@ impl Points {
                 groups,
             )
             .await?,
+            measure(
+                "sidecar local, results cache off",
+                &Flight { addr: self.uncached.flight_addr, query, strong: false },
+                effort,
+                groups,
+            )
+            .await?,
             measure("DataFusion in-process", &InProcess { ctx: Arc::clone(&self.ctx), query }, effort, groups).await?,
         ];
         Ok(Scenario {
