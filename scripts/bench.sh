@@ -9,8 +9,8 @@ cd "$(dirname "$0")/.."
 target_dir="${CARGO_TARGET_DIR:-target}"
 venv="$target_dir/bench-venv"
 # DuckDB is TPC-H's peer column; the harness leaves the column out if it cannot be installed.
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import duckdb' 2>/dev/null; then
-  python3 -m venv "$venv" && "$venv/bin/pip" install --quiet --disable-pip-version-check duckdb || true
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import duckdb, pyarrow" 2>/dev/null; then
+  python3 -m venv "$venv" && "$venv/bin/pip" install --quiet --disable-pip-version-check duckdb pyarrow || true
 fi
 export STRATA_BENCH_PYTHON="$(cd "$venv" && pwd)/bin/python"
 
