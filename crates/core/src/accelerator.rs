@@ -142,14 +142,23 @@ impl TableProvider for AcceleratedTable {
             name: self.name.clone(),
             reason: "its first load has not finished".into(),
         })?;
-        // Spread batches round-robin so every core gets a share of the scan.
-        let partitions = state.config().target_partitions().max(1).min(snapshot.batches.len().max(1));
-        let mut parts: Vec<Vec<RecordBatch>> = vec![Vec::new(); partitions];
-        for (i, batch) in snapshot.batches.iter().enumerate() {
-            parts[i % partitions].push(batch.clone());
-        }
-        let source =
-            MemorySourceConfig::try_new(&parts, Arc::clone(&self.schema), projection.cloned())?.with_limit(limit);
-        Ok(datafusion::datasource::source::DataSourceExec::from_data_source(source))
+        memory_scan(state, &self.schema, &snapshot.batches, projection, limit)
     }
+}
+
+/// A scan over batches held in memory, spread round-robin so every core gets a share.
+pub fn memory_scan(
+    state: &dyn Session,
+    schema: &SchemaRef,
+    batches: &[RecordBatch],
+    projection: Option<&Vec<usize>>,
+    limit: Option<usize>,
+) -> DfResult<Arc<dyn ExecutionPlan>> {
+    let partitions = state.config().target_partitions().max(1).min(batches.len().max(1));
+    let mut parts: Vec<Vec<RecordBatch>> = vec![Vec::new(); partitions];
+    for (i, batch) in batches.iter().enumerate() {
+        parts[i % partitions].push(batch.clone());
+    }
+    let source = MemorySourceConfig::try_new(&parts, Arc::clone(schema), projection.cloned())?.with_limit(limit);
+    Ok(datafusion::datasource::source::DataSourceExec::from_data_source(source))
 }

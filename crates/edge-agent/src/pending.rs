@@ -13,8 +13,6 @@ use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::datasource::TableType;
-use datafusion::datasource::memory::MemorySourceConfig;
-use datafusion::datasource::source::DataSourceExec;
 use datafusion::error::Result as DfResult;
 use datafusion::logical_expr::Expr;
 use datafusion::physical_plan::ExecutionPlan;
@@ -139,14 +137,7 @@ impl TableProvider for PendingTable {
         limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
         let batches = self.rows().batches();
-        let partitions = state.config().target_partitions().max(1).min(batches.len().max(1));
-        let mut parts: Vec<Vec<RecordBatch>> = vec![Vec::new(); partitions];
-        for (i, batch) in batches.into_iter().enumerate() {
-            parts[i % partitions].push(batch);
-        }
-        let source =
-            MemorySourceConfig::try_new(&parts, Arc::clone(&self.schema), projection.cloned())?.with_limit(limit);
-        Ok(DataSourceExec::from_data_source(source))
+        strata_core::accelerator::memory_scan(state, &self.schema, &batches, projection, limit)
     }
 }
 

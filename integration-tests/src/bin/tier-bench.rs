@@ -144,11 +144,9 @@ async fn main() {
     println!("replica: version {} rows {}", local_status["version"], local_status["rows"]);
 }
 
-async fn ingest() {
-    let mut args = std::env::args().skip(2);
-    let batches: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(2000);
-    let rows: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(100);
-    let writers: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(4);
+/// A throwaway PostgreSQL with an empty `readings` table, and the config of a platform that
+/// takes edge writes into it.
+async fn readings_sink() -> (strata_integration_tests::postgres::PgServer, String) {
     let pg = strata_integration_tests::postgres::PgServer::start();
     pg.connect()
         .await
@@ -157,14 +155,20 @@ async fn ingest() {
         )
         .await
         .expect("table");
-    let platform = Tier::start(
-        "platform-service",
-        &format!(
-            "region: eu\ndatasets:\n  - name: readings\n    from: postgres:public.readings\n    params: {}\n    writable: true\n",
-            pg.params_yaml()
-        ),
-    )
-    .await;
+    let config = format!(
+        "region: eu\ndatasets:\n  - name: readings\n    from: postgres:public.readings\n    params: {}\n    writable: true\n",
+        pg.params_yaml()
+    );
+    (pg, config)
+}
+
+async fn ingest() {
+    let mut args = std::env::args().skip(2);
+    let batches: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(2000);
+    let rows: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(100);
+    let writers: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(4);
+    let (pg, platform_config) = readings_sink().await;
+    let platform = Tier::start("platform-service", &platform_config).await;
     platform.wait_ready(Duration::from_secs(30)).await;
     let data = tempfile::tempdir().expect("dir");
     let edge = Tier::start(
@@ -231,18 +235,7 @@ async fn outage() {
     let seconds: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(600);
     let rate: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(100);
     let rows: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(100);
-    let pg = strata_integration_tests::postgres::PgServer::start();
-    pg.connect()
-        .await
-        .batch_execute(
-            "CREATE TABLE readings (writer integer NOT NULL, n bigint NOT NULL, celsius double precision NOT NULL)",
-        )
-        .await
-        .expect("table");
-    let platform_config = format!(
-        "region: eu\ndatasets:\n  - name: readings\n    from: postgres:public.readings\n    params: {}\n    writable: true\n",
-        pg.params_yaml()
-    );
+    let (pg, platform_config) = readings_sink().await;
     let mut platform = Tier::start("platform-service", &platform_config).await;
     platform.wait_ready(Duration::from_secs(30)).await;
     let (flight, http) = (platform.flight_addr, platform.http_addr);
