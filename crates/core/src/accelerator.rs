@@ -14,10 +14,11 @@ use datafusion::catalog::{Session, TableProvider};
 use datafusion::datasource::TableType;
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::error::Result as DfResult;
-use datafusion::logical_expr::Expr;
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
 use datafusion::physical_plan::ExecutionPlan;
 
 use crate::error::StrataError;
+use crate::zone_map::{BatchZone, ZoneMaps};
 
 /// One immutable version of an accelerated dataset.
 #[derive(Debug)]
@@ -34,6 +35,8 @@ pub struct Snapshot {
     /// Earlier versions this one only appended to, as (version, its batch count), oldest
     /// first: a subscriber holding one of them needs just the batches after that count.
     pub lineage: Vec<(u64, usize)>,
+    /// Per-batch min/max, so scans skip the batches their filters rule out.
+    pub zones: ZoneMaps,
 }
 
 /// How many earlier versions a snapshot remembers for incremental publishing.
@@ -42,25 +45,39 @@ const MAX_LINEAGE: usize = 256;
 impl Snapshot {
     /// A snapshot over `batches`, with row and byte counts derived from them.
     pub fn new(batches: Vec<RecordBatch>, version: u64) -> Self {
+        Self::with_known_zones(batches, version, &[])
+    }
+
+    /// [`Snapshot::new`], taking the zone maps of leading batches from `known`.
+    fn with_known_zones(batches: Vec<RecordBatch>, version: u64, known: &[Arc<BatchZone>]) -> Self {
         let batches: Vec<RecordBatch> = batches.into_iter().filter(|b| b.num_rows() > 0).collect();
         let rows = batches.iter().map(RecordBatch::num_rows).sum();
         let bytes = batches.iter().map(RecordBatch::get_array_memory_size).sum();
         static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Self { batches, rows, bytes, version, id, refreshed_at: SystemTime::now(), lineage: Vec::new() }
+        let zones = ZoneMaps::new(known);
+        Self { batches, rows, bytes, version, id, refreshed_at: SystemTime::now(), lineage: Vec::new(), zones }
     }
 
     /// `previous` plus `added` rows as `version`, remembering that it only appended.
     pub fn appended(previous: &Snapshot, added: Vec<RecordBatch>, version: u64) -> Self {
         let mut batches = previous.batches.clone();
         batches.extend(added);
-        let mut next = Self::new(batches, version);
+        let mut next = Self::with_known_zones(batches, version, previous.zones.zones());
         next.lineage = previous.lineage.clone();
         next.lineage.push((previous.version, previous.batches.len()));
         if next.lineage.len() > MAX_LINEAGE {
             next.lineage.drain(..next.lineage.len() - MAX_LINEAGE);
         }
         next
+    }
+
+    /// The same content as a new snapshot (a refresh that found nothing new), keeping the
+    /// version, its lineage and its zone maps.
+    pub fn confirmed(previous: &Snapshot) -> Self {
+        let mut same = Self::with_known_zones(previous.batches.clone(), previous.version, previous.zones.zones());
+        same.lineage = previous.lineage.clone();
+        same
     }
 
     /// Sets when this version was made (a replica keeps its upstream's time, so its age is honest).
@@ -131,18 +148,29 @@ impl TableProvider for AcceleratedTable {
         TableType::Base
     }
 
+    /// Filters prune batches by their zone maps; DataFusion still applies them to the rows.
+    fn supports_filters_pushdown(&self, filters: &[&Expr]) -> DfResult<Vec<TableProviderFilterPushDown>> {
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+    }
+
     async fn scan(
         &self,
         state: &dyn Session,
         projection: Option<&Vec<usize>>,
-        _filters: &[Expr],
+        filters: &[Expr],
         limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
         let snapshot = self.snapshot().ok_or_else(|| StrataError::DatasetUnavailable {
             name: self.name.clone(),
             reason: "its first load has not finished".into(),
         })?;
-        memory_scan(state, &self.schema, &snapshot.batches, projection, limit)
+        if filters.is_empty() {
+            return memory_scan(state, &self.schema, &snapshot.batches, projection, limit);
+        }
+        let keep = snapshot.zones.keep(state, &self.schema, &snapshot.batches, filters);
+        let kept: Vec<RecordBatch> =
+            snapshot.batches.iter().zip(keep).filter(|(_, keep)| *keep).map(|(b, _)| b.clone()).collect();
+        memory_scan(state, &self.schema, &kept, projection, limit)
     }
 }
 
@@ -161,4 +189,61 @@ pub fn memory_scan(
     }
     let source = MemorySourceConfig::try_new(&parts, Arc::clone(schema), projection.cloned())?.with_limit(limit);
     Ok(datafusion::datasource::source::DataSourceExec::from_data_source(source))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::prelude::SessionContext;
+
+    /// 3 batches of 100 rows, ids 0..300 in order.
+    fn table() -> Arc<AcceleratedTable> {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("v", DataType::Utf8, false),
+        ]));
+        let batches = (0..3)
+            .map(|b| {
+                let ids: Vec<i64> = (b * 100..b * 100 + 100).collect();
+                let vs: Vec<String> = ids.iter().map(|i| format!("v{i}")).collect();
+                RecordBatch::try_new(
+                    Arc::clone(&schema),
+                    vec![Arc::new(Int64Array::from(ids)), Arc::new(StringArray::from(vs))],
+                )
+                .expect("batch")
+            })
+            .collect();
+        let table = Arc::new(AcceleratedTable::new("t", schema));
+        table.swap(Snapshot::new(batches, 1));
+        table
+    }
+
+    async fn rows(ctx: &SessionContext, sql: &str) -> Vec<String> {
+        let batches = ctx.sql(sql).await.expect("plan").collect().await.expect("run");
+        arrow::util::pretty::pretty_format_batches(&batches)
+            .expect("format")
+            .to_string()
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn lookups_read_only_the_batch_holding_the_key() {
+        let table = table();
+        let ctx = SessionContext::new();
+        ctx.register_table("t", Arc::clone(&table) as Arc<dyn TableProvider>).expect("register");
+        let filter = datafusion::logical_expr::col("id").eq(datafusion::logical_expr::lit(150i64));
+        let plan = table.scan(&ctx.state(), None, &[filter], None).await.expect("scan");
+        let scanned = datafusion::physical_plan::collect(plan, ctx.task_ctx()).await.expect("collect");
+        assert_eq!(scanned.iter().map(RecordBatch::num_rows).sum::<usize>(), 100, "one batch of three");
+
+        // The filter still applies to the rows of the kept batches: answers are exact.
+        assert_eq!(rows(&ctx, "SELECT v FROM t WHERE id = 150").await[3], "| v150 |");
+        assert_eq!(rows(&ctx, "SELECT count(*) AS n FROM t WHERE id >= 95 AND id < 205").await[3], "| 110 |");
+        assert_eq!(rows(&ctx, "SELECT count(*) AS n FROM t WHERE id = 1000").await[3], "| 0 |");
+        assert_eq!(rows(&ctx, "SELECT count(*) AS n FROM t WHERE id % 100 = 0").await[3], "| 3 |");
+    }
 }

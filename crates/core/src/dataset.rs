@@ -301,9 +301,7 @@ impl Dataset {
             table.swap(Snapshot::new(batches, next_version));
         } else if let Some(prev) = previous {
             // Nothing new: keep the version, but record that the copy was confirmed fresh.
-            let mut same = Snapshot::new(prev.batches.clone(), prev.version);
-            same.lineage = prev.lineage.clone();
-            table.swap(same);
+            table.swap(Snapshot::confirmed(&prev));
         }
         Ok(fetched)
     }

@@ -24,7 +24,8 @@ use crate::dataset::{Dataset, DatasetStatus};
 use crate::error::{Result, StrataError};
 use crate::query::{QueryObserver, QueryStream, next_query_id};
 use crate::routing::{
-    CatalogEntry, ForwardQuery, QueryOptions, RouteInfo, Routing, SharedRouter, VersionRead, scanned_tables,
+    CatalogEntry, ForwardQuery, QueryOptions, RouteInfo, RouteReason, Routing, SharedRouter, VersionRead,
+    scanned_tables,
 };
 use crate::source::SourceConnector;
 
@@ -71,8 +72,8 @@ type ProviderRef = Arc<dyn datafusion::catalog::TableProvider>;
 /// What the plan cache keeps per SQL text.
 struct CachedPlan {
     planned: PlannedQuery,
-    /// The optimized plan of a deterministic statement without parameters (it optimizes the
-    /// same every time), set by its first run.
+    /// The optimized generic plan of a deterministic statement (placeholders left in), set
+    /// by its first run; executions bind their parameters into it.
     optimized: std::sync::OnceLock<LogicalPlan>,
     /// Calls only immutable functions (see [`crate::results_cache::is_deterministic`]).
     deterministic: bool,
@@ -562,23 +563,21 @@ impl Engine {
                 own_state = self.inner.ctx.state();
                 &own_state
             };
+            // A query the router must forward whatever its filters say (cross-region, strong
+            // consistency) goes upstream as the client's SQL, without optimizing it here.
+            if let (QueryInput::Sql { sql, params }, Some(cached), Some(router)) = (&input, &cached, self.router())
+                && let Routing::Forward { info, upstream } = router.route(cached.planned.plan.clone(), options, true)?
+                && matches!(info.reason, RouteReason::CrossRegion | RouteReason::StrongConsistency)
+            {
+                let schema = Arc::clone(&cached.planned.schema);
+                return router
+                    .forward(ForwardQuery { sql, params, schema }, options, info, upstream, wall_deadline)
+                    .await;
+            }
             let (plan, schema, forward) = match (&input, &cached) {
                 (QueryInput::Sql { params, .. }, Some(cached)) => {
                     let schema = Arc::clone(&cached.planned.schema);
-                    let reuse = deterministic && params.is_empty() && cached.planned.parameters.fields().is_empty();
-                    let plan = match cached.optimized.get() {
-                        Some(optimized) if reuse => optimized.clone(),
-                        _ => {
-                            let planned = cached.planned.clone();
-                            let optimized =
-                                state.optimize(&bind_parameters(planned.plan, &planned.parameters, params.clone())?)?;
-                            if reuse {
-                                let _ = cached.optimized.set(optimized.clone());
-                            }
-                            optimized
-                        }
-                    };
-                    (plan, schema, true)
+                    (self.optimized(cached, deterministic, state, params)?, schema, true)
                 }
                 (QueryInput::Plan(plan), _) => {
                     let schema = Arc::new(plan.schema().as_arrow().clone());
@@ -644,6 +643,32 @@ impl Engine {
             observer,
             route,
         ))
+    }
+
+    /// The optimized plan of a cached statement with `params` bound. A deterministic
+    /// statement whose parameter types are all known is optimized once, placeholders and
+    /// all, and each execution binds its values into that generic plan (as PostgreSQL does
+    /// for prepared statements): a lookup by key skips the optimizer. Anything else, or a
+    /// generic plan the optimizer refuses, is bound first and optimized per execution.
+    fn optimized(
+        &self,
+        cached: &CachedPlan,
+        deterministic: bool,
+        state: &SessionState,
+        params: &[ScalarValue],
+    ) -> Result<LogicalPlan> {
+        let planned = &cached.planned;
+        let generic = deterministic && planned.parameters.fields().iter().all(|f| f.data_type() != &DataType::Null);
+        if generic {
+            let optimized = match cached.optimized.get() {
+                Some(optimized) => Some(optimized),
+                None => state.optimize(&planned.plan).ok().map(|o| cached.optimized.get_or_init(|| o)),
+            };
+            if let Some(optimized) = optimized {
+                return bind_parameters(optimized.clone(), &planned.parameters, params.to_vec());
+            }
+        }
+        Ok(state.optimize(&bind_parameters(planned.plan.clone(), &planned.parameters, params.to_vec())?)?)
     }
 
     /// Adds the version and age of every configured dataset the plan reads here.

@@ -14,6 +14,7 @@ pub mod routing;
 pub mod sink;
 pub mod source;
 pub mod writes;
+pub mod zone_map;
 
 pub use config::Config;
 pub use dataset::DatasetStatus;

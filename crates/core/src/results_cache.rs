@@ -66,9 +66,21 @@ enum Failure {
     TooLarge(TooLarge),
 }
 
+/// What an answer is cached by: the optimized plan (compared structurally, not as text:
+/// rendering a plan costs more than a point lookup) and the snapshots it read.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CacheKey {
+    plan: LogicalPlan,
+    snapshots: Vec<(String, u64)>,
+}
+
+/// What a key is counted as against `max_bytes` (a plan shares most of its memory with the
+/// plan cache; this stands for the part it holds alone).
+const KEY_BYTES: usize = 1024;
+
 /// The cache of one tier.
 pub struct ResultsCache {
-    entries: moka::future::Cache<String, Arc<CachedResult>>,
+    entries: moka::future::Cache<CacheKey, Arc<CachedResult>>,
     max_entry_bytes: usize,
     /// Hashes of keys whose answers did not fit an entry: not collected again.
     too_large: Mutex<HashSet<u64>>,
@@ -86,8 +98,8 @@ impl ResultsCache {
         }
         let entries = moka::future::Cache::builder()
             .max_capacity(config.max_bytes.0)
-            .weigher(|key: &String, value: &Arc<CachedResult>| {
-                u32::try_from(key.len() + value.bytes).unwrap_or(u32::MAX)
+            .weigher(|_: &CacheKey, value: &Arc<CachedResult>| {
+                u32::try_from(KEY_BYTES + value.bytes).unwrap_or(u32::MAX)
             })
             .build();
         Some(Self {
@@ -101,27 +113,19 @@ impl ResultsCache {
     /// The key of optimized `plan`, if its answer may be cached: every table it scans is a
     /// local accelerated copy with a loaded snapshot (the caller checked, on the plan before
     /// optimization, that it is deterministic).
-    pub fn key(&self, plan: &LogicalPlan) -> Option<String> {
+    pub fn key(&self, plan: &LogicalPlan) -> Option<CacheKey> {
         let snapshots = snapshots_read(plan)?;
-        let mut key = plan.display_indent_schema().to_string();
-        for (name, id) in snapshots {
-            key.push_str(&format!("\n@{name}#{id}"));
-        }
-        Some(key)
-    }
-
-    fn hash(&self, key: &str) -> u64 {
-        self.hasher.hash_one(key)
+        Some(CacheKey { plan: plan.clone(), snapshots })
     }
 
     /// The answer for `key`: cached, or produced by `run` once for all concurrent callers.
     /// `None` when the caller waited for an answer that turned out too large to share: it
     /// runs the query itself, uncached.
-    pub async fn get_or_run<F>(&self, key: String, run: F) -> Result<Option<(SendableRecordBatchStream, CacheStatus)>>
+    pub async fn get_or_run<F>(&self, key: CacheKey, run: F) -> Result<Option<(SendableRecordBatchStream, CacheStatus)>>
     where
         F: std::future::Future<Output = Result<SendableRecordBatchStream>>,
     {
-        let hash = self.hash(&key);
+        let hash = self.hasher.hash_one(&key);
         if lock(&self.too_large).contains(&hash) {
             return Ok(Some((run.await?, CacheStatus::Bypass)));
         }

@@ -4,11 +4,12 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use arrow::array::RecordBatch;
+use arrow::array::{Int64Array, RecordBatch};
+use arrow::datatypes::{DataType, Field, Schema};
 use arrow_flight::sql::client::FlightSqlServiceClient;
 use async_trait::async_trait;
 use datafusion::prelude::SessionContext;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use strata_proto::v1::HealthRequest;
 use strata_proto::v1::tier_service_client::TierServiceClient;
 use tonic::transport::Channel;
@@ -35,6 +36,14 @@ pub const DASHBOARD: [&str; 4] = [
 ];
 
 impl Query {
+    /// The statement with the key as a parameter (`$1`), and the key of call `i`.
+    fn prepared(self, i: usize) -> (String, Option<i64>) {
+        match self {
+            Query::Lookup { rows } => ("SELECT v FROM points WHERE id = $1".into(), Some(key(i, rows))),
+            other => (other.sql(i), None),
+        }
+    }
+
     fn sql(self, i: usize) -> String {
         match self {
             Query::Lookup { rows } => format!("SELECT v FROM points WHERE id = {}", key(i, rows)),
@@ -82,6 +91,48 @@ impl ProbeFactory for Flight {
 impl Probe for FlightProbe {
     async fn call(&mut self, i: usize) -> anyhow::Result<usize> {
         let info = self.client.execute(self.query.sql(i), None).await?;
+        let mut rows = 0;
+        for endpoint in info.endpoint {
+            let ticket = endpoint.ticket.ok_or_else(|| anyhow::anyhow!("endpoint without ticket"))?;
+            let batches: Vec<RecordBatch> = self.client.do_get(ticket).await?.try_collect().await?;
+            rows += batches.iter().map(RecordBatch::num_rows).sum::<usize>();
+        }
+        Ok(rows)
+    }
+}
+
+/// A tier's Flight SQL endpoint with a prepared statement, as ADBC and JDBC run a query
+/// with parameters: prepared once per connection, then per call the key is bound (`DoPut`),
+/// `GetFlightInfo` and `DoGet`.
+pub struct FlightPrepared {
+    pub addr: SocketAddr,
+    pub query: Query,
+}
+
+struct FlightPreparedProbe {
+    client: FlightSqlServiceClient<Channel>,
+    statement: arrow_flight::sql::client::PreparedStatement<Channel>,
+    query: Query,
+}
+
+#[async_trait]
+impl ProbeFactory for FlightPrepared {
+    async fn probe(&self) -> anyhow::Result<Box<dyn Probe>> {
+        let mut client = FlightSqlServiceClient::new(channel(self.addr).await?);
+        let statement = client.prepare(self.query.prepared(0).0, None).await?;
+        Ok(Box::new(FlightPreparedProbe { client, statement, query: self.query }))
+    }
+}
+
+#[async_trait]
+impl Probe for FlightPreparedProbe {
+    async fn call(&mut self, i: usize) -> anyhow::Result<usize> {
+        if let (_, Some(key)) = self.query.prepared(i) {
+            let schema = Arc::new(Schema::new(vec![Field::new("$1", DataType::Int64, false)]));
+            self.statement
+                .set_parameters(RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(vec![key]))])?)?;
+        }
+        let info = self.statement.execute().await?;
         let mut rows = 0;
         for endpoint in info.endpoint {
             let ticket = endpoint.ticket.ok_or_else(|| anyhow::anyhow!("endpoint without ticket"))?;
@@ -183,6 +234,39 @@ impl Probe for PostgresProbe {
             Query::Aggregate | Query::Dashboard => self.client.query(&self.statement, &[]).await?,
         };
         Ok(rows.len())
+    }
+}
+
+/// Strata's engine in this process over its accelerated copy: the tier's query path (plan
+/// cache, generic plans, zone maps, results cache) without a network or a protocol.
+pub struct Engine {
+    pub engine: strata_core::Engine,
+    pub query: Query,
+}
+
+struct EngineProbe {
+    engine: strata_core::Engine,
+    query: Query,
+}
+
+#[async_trait]
+impl ProbeFactory for Engine {
+    async fn probe(&self) -> anyhow::Result<Box<dyn Probe>> {
+        Ok(Box::new(EngineProbe { engine: self.engine.clone(), query: self.query }))
+    }
+}
+
+#[async_trait]
+impl Probe for EngineProbe {
+    async fn call(&mut self, i: usize) -> anyhow::Result<usize> {
+        let (sql, key) = self.query.prepared(i);
+        let params = key.map(|k| vec![datafusion::common::ScalarValue::Int64(Some(k))]).unwrap_or_default();
+        let mut stream = self.engine.execute(&sql, params).await?;
+        let mut rows = 0;
+        while let Some(batch) = stream.next().await {
+            rows += batch?.num_rows();
+        }
+        Ok(rows)
     }
 }
 

@@ -14,7 +14,7 @@ use strata_integration_tests::postgres::PgServer;
 use strata_integration_tests::tier::Tier;
 
 use crate::measure::{Effort, measure, with_ratios};
-use crate::paths::{Flight, FlightTicket, Floor, InProcess, Postgres, Query};
+use crate::paths::{Engine, Flight, FlightPrepared, FlightTicket, Floor, InProcess, Postgres, Query};
 use crate::report::{Figure, Scenario};
 
 /// The table in every form the scenarios need, and the tiers serving it.
@@ -27,6 +27,9 @@ pub struct Points {
     pub uncached: Tier,
     pub sidecar_ready_after: Duration,
     pub ctx: Arc<SessionContext>,
+    /// Strata's engine in this process, accelerating the same Parquet file.
+    pub engine: strata_core::Engine,
+    _engine_shutdown: tokio_util::sync::DropGuard,
     /// Arrow memory of the table as DataFusion holds it in-process.
     pub arrow_bytes: usize,
     /// The table as a Parquet file (the platforms' source).
@@ -118,9 +121,16 @@ impl Points {
             anyhow::ensure!(started.elapsed() < Duration::from_secs(1200), "the second sidecar's replica never loaded");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        let engine_config = strata_core::Config::parse(&platform_config, "strata-bench engine")?;
+        let engine = strata_core::Engine::new(&engine_config)?;
+        let engine_shutdown = tokio_util::sync::CancellationToken::new();
+        engine.start(engine_shutdown.clone());
+        tokio::time::timeout(Duration::from_secs(600), engine.wait_ready()).await?;
         Ok(Self {
             rows,
             pg,
+            engine,
+            _engine_shutdown: engine_shutdown.drop_guard(),
             platform,
             sidecar,
             uncached,
@@ -139,6 +149,8 @@ impl Points {
         let results = vec![
             measure("tonic unary round trip (floor)", &Floor { addr: platform }, effort, 1).await?,
             measure("PostgreSQL, prepared, indexed", &Postgres { port: self.pg.port, query }, effort, 1).await?,
+            measure("sidecar local (Flight SQL, prepared)", &FlightPrepared { addr: sidecar, query }, effort, 1)
+                .await?,
             measure("sidecar local (Flight SQL)", &Flight { addr: sidecar, query, strong: false }, effort, 1).await?,
             measure("sidecar local (plain Flight, SQL ticket)", &FlightTicket { addr: sidecar, query }, effort, 1)
                 .await?,
@@ -152,6 +164,13 @@ impl Points {
             measure("sidecar forwarded to platform", &Flight { addr: sidecar, query, strong: true }, effort, 1).await?,
             measure("platform directly (Flight SQL)", &Flight { addr: platform, query, strong: false }, effort, 1)
                 .await?,
+            measure(
+                "Strata engine in-process (prepared, no network)",
+                &Engine { engine: self.engine.clone(), query },
+                effort,
+                1,
+            )
+            .await?,
             measure("DataFusion in-process (no network)", &InProcess { ctx: Arc::clone(&self.ctx), query }, effort, 1)
                 .await?,
         ];

@@ -1,0 +1,247 @@
+//! Zone maps: the min, max and null count of every column of every batch of a snapshot,
+//! computed once when the snapshot is made, so a scan skips the batches its filters rule
+//! out. A lookup by key then reads the one batch whose range holds the key instead of the
+//! whole copy, and a range filter on a time column reads only the batches of that range.
+//!
+//! The statistics feed DataFusion's own `PruningPredicate` (the one that prunes Parquet row
+//! groups), so every predicate it understands (comparisons, `IN`, `BETWEEN`, `IS NULL`,
+//! conjunctions and disjunctions of those) prunes here too.
+
+use std::collections::HashSet;
+use std::sync::{Arc, OnceLock};
+
+use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, UInt64Array};
+use arrow::datatypes::{DataType, SchemaRef};
+use datafusion::catalog::Session;
+use datafusion::common::{Column, DFSchema, ScalarValue, pruning::PruningStatistics};
+use datafusion::functions_aggregate::min_max::{MaxAccumulator, MinAccumulator};
+use datafusion::logical_expr::{Accumulator, Expr, utils::conjunction};
+use datafusion::physical_optimizer::pruning::PruningPredicateBuilder;
+
+/// Statistics of one batch: per column `(min, max)`, `None` where the type has no tracked
+/// order (nested types) or the column is all null; and per column the null count.
+#[derive(Debug)]
+pub struct BatchZone {
+    bounds: Vec<Option<(ScalarValue, ScalarValue)>>,
+    nulls: Vec<u64>,
+    rows: u64,
+}
+
+impl BatchZone {
+    /// Reads one pass over every column of `batch`.
+    pub fn of(batch: &RecordBatch) -> Self {
+        let bounds = batch.columns().iter().map(bounds_of).collect();
+        let nulls = batch.columns().iter().map(|c| c.null_count() as u64).collect();
+        Self { bounds, nulls, rows: batch.num_rows() as u64 }
+    }
+}
+
+fn orderable(data_type: &DataType) -> bool {
+    data_type.is_primitive()
+        || matches!(
+            data_type,
+            DataType::Boolean
+                | DataType::Utf8
+                | DataType::LargeUtf8
+                | DataType::Utf8View
+                | DataType::Binary
+                | DataType::LargeBinary
+                | DataType::BinaryView
+                | DataType::FixedSizeBinary(_)
+        )
+}
+
+fn bounds_of(column: &ArrayRef) -> Option<(ScalarValue, ScalarValue)> {
+    if !orderable(column.data_type()) || column.null_count() == column.len() {
+        return None;
+    }
+    let mut min = MinAccumulator::try_new(column.data_type()).ok()?;
+    let mut max = MaxAccumulator::try_new(column.data_type()).ok()?;
+    min.update_batch(std::slice::from_ref(column)).ok()?;
+    max.update_batch(std::slice::from_ref(column)).ok()?;
+    Some((min.evaluate().ok()?, max.evaluate().ok()?))
+}
+
+/// The zone maps of one snapshot, computed on the first filtered scan (a copy restored
+/// from disk is not read whole at start-up for them) and reusing the zones of the snapshot
+/// it appended to.
+#[derive(Debug, Default)]
+pub struct ZoneMaps {
+    /// Zones of leading batches, known from the snapshot this one appended to.
+    known: Vec<Arc<BatchZone>>,
+    built: OnceLock<Built>,
+}
+
+#[derive(Debug)]
+struct Built {
+    zones: Vec<Arc<BatchZone>>,
+    /// Per column: (min per batch, max per batch, null count per batch).
+    columns: Vec<(Option<ArrayRef>, Option<ArrayRef>, ArrayRef)>,
+    rows: ArrayRef,
+}
+
+impl ZoneMaps {
+    /// Zone maps whose leading batches are described by `known`.
+    pub fn new(known: &[Arc<BatchZone>]) -> Self {
+        Self { known: known.to_vec(), built: OnceLock::new() }
+    }
+
+    /// The per-batch zones computed so far, to carry over into a snapshot that appends.
+    pub fn zones(&self) -> &[Arc<BatchZone>] {
+        self.built.get().map_or(&self.known, |b| &b.zones)
+    }
+
+    fn built(&self, schema: &SchemaRef, batches: &[RecordBatch]) -> &Built {
+        self.built.get_or_init(|| {
+            let mut zones: Vec<Arc<BatchZone>> = self.known.iter().take(batches.len()).cloned().collect();
+            zones.extend(batches[zones.len()..].iter().map(|b| Arc::new(BatchZone::of(b))));
+            let columns = schema
+                .fields()
+                .iter()
+                .enumerate()
+                .map(|(i, field)| {
+                    let side = |pick: fn(&(ScalarValue, ScalarValue)) -> &ScalarValue| -> Option<ArrayRef> {
+                        if zones.iter().all(|z| z.bounds.get(i).is_none_or(Option::is_none)) {
+                            return None;
+                        }
+                        let values = zones.iter().map(|z| match z.bounds.get(i).and_then(Option::as_ref) {
+                            Some(b) => pick(b).clone(),
+                            None => ScalarValue::try_from(field.data_type()).unwrap_or(ScalarValue::Null),
+                        });
+                        ScalarValue::iter_to_array(values).ok().filter(|a| a.data_type() == field.data_type())
+                    };
+                    let nulls: ArrayRef = Arc::new(UInt64Array::from_iter_values(
+                        zones.iter().map(|z| z.nulls.get(i).copied().unwrap_or(z.rows)),
+                    ));
+                    (side(|b| &b.0), side(|b| &b.1), nulls)
+                })
+                .collect();
+            let rows = Arc::new(UInt64Array::from_iter_values(zones.iter().map(|z| z.rows)));
+            Built { zones, columns, rows }
+        })
+    }
+
+    /// Which of `batches` may hold rows matching every one of `filters` (all of them when
+    /// the filters cannot be used for pruning). Never drops a batch that could match.
+    pub fn keep(
+        &self,
+        state: &dyn Session,
+        schema: &SchemaRef,
+        batches: &[RecordBatch],
+        filters: &[Expr],
+    ) -> Vec<bool> {
+        let all = vec![true; batches.len()];
+        let Some(predicate) = conjunction(filters.iter().cloned()) else { return all };
+        let Ok(df_schema) = DFSchema::try_from(Arc::clone(schema)) else { return all };
+        let Ok(physical) = state.create_physical_expr(predicate, &df_schema) else { return all };
+        let Some(pruning) = PruningPredicateBuilder::new().with_file_schema(Arc::clone(schema)).build(physical) else {
+            return all;
+        };
+        let stats = SnapshotStatistics { schema, built: self.built(schema, batches) };
+        pruning.prune(&stats).ok().filter(|keep| keep.len() == batches.len()).unwrap_or(all)
+    }
+}
+
+struct SnapshotStatistics<'a> {
+    schema: &'a SchemaRef,
+    built: &'a Built,
+}
+
+impl SnapshotStatistics<'_> {
+    fn column(&self, column: &Column) -> Option<&(Option<ArrayRef>, Option<ArrayRef>, ArrayRef)> {
+        let index = self.schema.index_of(&column.name).ok()?;
+        self.built.columns.get(index)
+    }
+}
+
+impl PruningStatistics for SnapshotStatistics<'_> {
+    fn min_values(&self, column: &Column) -> Option<ArrayRef> {
+        self.column(column)?.0.clone()
+    }
+
+    fn max_values(&self, column: &Column) -> Option<ArrayRef> {
+        self.column(column)?.1.clone()
+    }
+
+    fn num_containers(&self) -> usize {
+        self.built.zones.len()
+    }
+
+    fn null_counts(&self, column: &Column) -> Option<ArrayRef> {
+        Some(Arc::clone(&self.column(column)?.2))
+    }
+
+    fn row_counts(&self) -> Option<ArrayRef> {
+        Some(Arc::clone(&self.built.rows))
+    }
+
+    fn contained(&self, _column: &Column, _values: &HashSet<ScalarValue>) -> Option<BooleanArray> {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Int64Array, StringArray};
+    use arrow::datatypes::{Field, Schema};
+    use datafusion::logical_expr::{col, lit};
+    use datafusion::prelude::SessionContext;
+
+    fn batches() -> (SchemaRef, Vec<RecordBatch>) {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("name", DataType::Utf8, true),
+        ]));
+        let batch = |from: i64| {
+            let ids: Vec<i64> = (from..from + 100).collect();
+            let names: Vec<Option<String>> = ids.iter().map(|i| (i % 7 != 0).then(|| format!("n{i:05}"))).collect();
+            RecordBatch::try_new(
+                Arc::clone(&schema),
+                vec![Arc::new(Int64Array::from(ids)), Arc::new(StringArray::from(names))],
+            )
+            .expect("batch")
+        };
+        (Arc::clone(&schema), vec![batch(0), batch(100), batch(200)])
+    }
+
+    #[test]
+    fn keeps_only_batches_that_may_match() {
+        let (schema, data) = batches();
+        let maps = ZoneMaps::new(&[]);
+        let state = SessionContext::new().state();
+        let keep = |filter: Expr| maps.keep(&state, &schema, &data, &[filter]);
+        assert_eq!(keep(col("id").eq(lit(150i64))), vec![false, true, false]);
+        assert_eq!(keep(col("id").gt_eq(lit(199i64))), vec![false, true, true]);
+        assert_eq!(keep(col("id").in_list(vec![lit(5i64), lit(250i64)], false)), vec![true, false, true]);
+        assert_eq!(keep(col("name").eq(lit("n00150"))), vec![false, true, false]);
+        assert_eq!(keep(col("id").eq(lit(1000i64))), vec![false, false, false]);
+        // Not prunable: every batch is kept.
+        assert_eq!(keep((col("id") % lit(2i64)).eq(lit(0i64))), vec![true; 3]);
+        assert_eq!(maps.keep(&state, &schema, &data, &[]), vec![true; 3]);
+    }
+
+    #[test]
+    fn appended_snapshots_reuse_known_zones() {
+        let (schema, data) = batches();
+        let state = SessionContext::new().state();
+        let first = ZoneMaps::new(&[]);
+        assert_eq!(first.keep(&state, &schema, &data[..2], &[col("id").eq(lit(50i64))]), vec![true, false]);
+        let second = ZoneMaps::new(first.zones());
+        assert_eq!(second.keep(&state, &schema, &data, &[col("id").eq(lit(250i64))]), vec![false, false, true]);
+        assert!(Arc::ptr_eq(&first.zones()[0], &second.zones()[0]));
+    }
+
+    #[test]
+    fn batches_whose_column_is_all_null_match_no_comparison() {
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, true)]));
+        let batch = RecordBatch::try_new(Arc::clone(&schema), vec![arrow::array::new_null_array(&DataType::Int64, 4)])
+            .expect("batch");
+        let maps = ZoneMaps::new(&[]);
+        let state = SessionContext::new().state();
+        let data = [batch];
+        assert_eq!(maps.keep(&state, &schema, &data, &[col("x").eq(lit(1i64))]), vec![false]);
+        assert_eq!(maps.keep(&state, &schema, &data, &[col("x").is_not_null()]), vec![false]);
+        assert_eq!(maps.keep(&state, &schema, &data, &[col("x").is_null()]), vec![true]);
+    }
+}
