@@ -11,6 +11,8 @@ use datafusion::execution::SessionState;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::logical_expr::LogicalPlan;
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_planner::DefaultPhysicalPlanner;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::Statement as DfStatement;
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
@@ -63,6 +65,8 @@ struct Inner {
     /// One session state for planning, shared instead of cloned per query (a clone copies
     /// every function registry); the catalog inside it is shared with `ctx`.
     planning: SessionState,
+    /// The planning state without physical optimizer rules (see [`Engine::physical_plan`]).
+    planning_without_physical_rules: SessionState,
     /// Likewise the execution context every query runs in.
     task_ctx: Arc<datafusion::execution::TaskContext>,
 }
@@ -157,6 +161,11 @@ impl Engine {
                 results: crate::results_cache::ResultsCache::new(&config.results_cache),
                 plans: moka::sync::Cache::new(PLAN_CACHE_ENTRIES),
                 planning: ctx.state(),
+                planning_without_physical_rules: datafusion::execution::SessionStateBuilder::new_from_existing(
+                    ctx.state(),
+                )
+                .with_physical_optimizer_rules(Vec::new())
+                .build(),
                 task_ctx: ctx.task_ctx(),
                 ctx,
             }),
@@ -595,7 +604,7 @@ impl Engine {
                     // Already optimized (routing needs the pushed-down filters): plan it physically
                     // without a second optimizer pass.
                     let execute = || async {
-                        let physical = state.query_planner().create_physical_plan(&plan, state).await?;
+                        let physical = self.physical_plan(&plan, state, deterministic).await?;
                         Ok(datafusion::physical_plan::execute_stream(physical, Arc::clone(&self.inner.task_ctx))?)
                     };
                     let cache = self.inner.results.as_ref().filter(|_| deterministic);
@@ -671,6 +680,29 @@ impl Engine {
         Ok(state.optimize(&bind_parameters(planned.plan.clone(), &planned.parameters, params.to_vec())?)?)
     }
 
+    /// The physical plan of optimized `plan`. The physical optimizer's rules place
+    /// repartitions, sorts and coalesces and push work into file scans; a plan that only
+    /// projects, filters and limits one in-memory scan of a single partition (a lookup the
+    /// zone maps narrowed to one batch) needs none of them, and running them costs more than
+    /// the lookup itself. Such a plan runs as the planner made it; any other is optimized
+    /// as usual.
+    async fn physical_plan(
+        &self,
+        plan: &LogicalPlan,
+        state: &SessionState,
+        deterministic: bool,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        if !deterministic {
+            return Ok(state.query_planner().create_physical_plan(plan, state).await?);
+        }
+        let bare = &self.inner.planning_without_physical_rules;
+        let initial = bare.query_planner().create_physical_plan(plan, bare).await?;
+        if runs_as_planned(initial.as_ref()) {
+            return Ok(initial);
+        }
+        Ok(DefaultPhysicalPlanner::default().optimize_physical_plan(initial, state, |_, _| {})?)
+    }
+
     /// Adds the version and age of every configured dataset the plan reads here.
     fn add_local_versions(&self, plan: &LogicalPlan, info: &mut RouteInfo) {
         for name in scanned_tables(plan) {
@@ -690,6 +722,22 @@ impl Engine {
 enum QueryInput<'a> {
     Sql { sql: &'a str, params: Vec<ScalarValue> },
     Plan(LogicalPlan),
+}
+
+/// True for a single-partition chain of projections, filters and limits over one in-memory
+/// scan: a plan no physical optimizer rule needs to change for it to run correctly.
+fn runs_as_planned(plan: &dyn ExecutionPlan) -> bool {
+    use datafusion::datasource::memory::MemorySourceConfig;
+    use datafusion::datasource::source::DataSourceExec;
+    if plan.properties().output_partitioning().partition_count() != 1 {
+        return false;
+    }
+    let chain = matches!(plan.name(), "ProjectionExec" | "FilterExec" | "GlobalLimitExec" | "LocalLimitExec");
+    match plan.children().as_slice() {
+        [child] if chain => runs_as_planned(child.as_ref()),
+        [] => plan.downcast_ref::<DataSourceExec>().is_some_and(|s| s.data_source().is::<MemorySourceConfig>()),
+        _ => false,
+    }
 }
 
 /// Refuses plans that write or change the catalog: shipped plans bypass the SQL check.
