@@ -91,14 +91,22 @@ impl ProbeFactory for Flight {
 impl Probe for FlightProbe {
     async fn call(&mut self, i: usize) -> anyhow::Result<usize> {
         let info = self.client.execute(self.query.sql(i), None).await?;
-        let mut rows = 0;
-        for endpoint in info.endpoint {
-            let ticket = endpoint.ticket.ok_or_else(|| anyhow::anyhow!("endpoint without ticket"))?;
-            let batches: Vec<RecordBatch> = self.client.do_get(ticket).await?.try_collect().await?;
-            rows += batches.iter().map(RecordBatch::num_rows).sum::<usize>();
-        }
-        Ok(rows)
+        fetch_rows(&mut self.client, info).await
     }
+}
+
+/// Fetches every endpoint of `info` with DoGet and counts the rows.
+async fn fetch_rows(
+    client: &mut FlightSqlServiceClient<Channel>,
+    info: arrow_flight::FlightInfo,
+) -> anyhow::Result<usize> {
+    let mut rows = 0;
+    for endpoint in info.endpoint {
+        let ticket = endpoint.ticket.ok_or_else(|| anyhow::anyhow!("endpoint without ticket"))?;
+        let batches: Vec<RecordBatch> = client.do_get(ticket).await?.try_collect().await?;
+        rows += batches.iter().map(RecordBatch::num_rows).sum::<usize>();
+    }
+    Ok(rows)
 }
 
 /// A tier's Flight SQL endpoint with a prepared statement, as ADBC and JDBC run a query
@@ -133,13 +141,7 @@ impl Probe for FlightPreparedProbe {
                 .set_parameters(RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(vec![key]))])?)?;
         }
         let info = self.statement.execute().await?;
-        let mut rows = 0;
-        for endpoint in info.endpoint {
-            let ticket = endpoint.ticket.ok_or_else(|| anyhow::anyhow!("endpoint without ticket"))?;
-            let batches: Vec<RecordBatch> = self.client.do_get(ticket).await?.try_collect().await?;
-            rows += batches.iter().map(RecordBatch::num_rows).sum::<usize>();
-        }
-        Ok(rows)
+        fetch_rows(&mut self.client, info).await
     }
 }
 
