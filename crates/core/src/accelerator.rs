@@ -42,10 +42,47 @@ pub struct Snapshot {
 /// How many earlier versions a snapshot remembers for incremental publishing.
 const MAX_LINEAGE: usize = 256;
 
+/// `batch` with every string/binary view column that holds data buffers it does not use
+/// rewritten to hold only its own bytes. A Parquet reader's view arrays point into whole
+/// decoded pages shared by many batches (short strings are inlined and need no buffer at
+/// all); kept as they are, a copy would pin those pages, and a one-row answer sliced from it
+/// would carry them onto the wire.
+pub fn compact_views(batch: RecordBatch) -> RecordBatch {
+    use arrow::array::{Array, ArrayRef, AsArray};
+    use arrow::datatypes::DataType;
+    /// Unused bytes a view column may keep before it is worth copying.
+    const SLACK: usize = 64 * 1024;
+    let wasteful = |col: &ArrayRef| match col.data_type() {
+        DataType::Utf8View => {
+            let a = col.as_string_view();
+            a.data_buffers().iter().map(|b| b.len()).sum::<usize>() > a.total_buffer_bytes_used() * 2 + SLACK
+        }
+        DataType::BinaryView => {
+            let a = col.as_binary_view();
+            a.data_buffers().iter().map(|b| b.len()).sum::<usize>() > a.total_buffer_bytes_used() * 2 + SLACK
+        }
+        _ => false,
+    };
+    if !batch.columns().iter().any(wasteful) {
+        return batch;
+    }
+    let columns: Vec<ArrayRef> = batch
+        .columns()
+        .iter()
+        .map(|c| match c.data_type() {
+            DataType::Utf8View if wasteful(c) => std::sync::Arc::new(c.as_string_view().gc()) as ArrayRef,
+            DataType::BinaryView if wasteful(c) => std::sync::Arc::new(c.as_binary_view().gc()) as ArrayRef,
+            _ => std::sync::Arc::clone(c),
+        })
+        .collect();
+    RecordBatch::try_new(batch.schema(), columns).unwrap_or(batch)
+}
+
 impl Snapshot {
-    /// A snapshot over `batches`, with row and byte counts derived from them.
+    /// A snapshot over `batches` (their view columns compacted, see [`compact_views`]), with
+    /// row and byte counts derived from them.
     pub fn new(batches: Vec<RecordBatch>, version: u64) -> Self {
-        Self::with_known_zones(batches, version, &[])
+        Self::with_known_zones(batches.into_iter().map(compact_views).collect(), version, &[])
     }
 
     /// [`Snapshot::new`], taking the zone maps of leading batches from `known`.
@@ -62,7 +99,7 @@ impl Snapshot {
     /// `previous` plus `added` rows as `version`, remembering that it only appended.
     pub fn appended(previous: &Snapshot, added: Vec<RecordBatch>, version: u64) -> Self {
         let mut batches = previous.batches.clone();
-        batches.extend(added);
+        batches.extend(added.into_iter().map(compact_views));
         let mut next = Self::with_known_zones(batches, version, previous.zones.zones());
         next.lineage = previous.lineage.clone();
         next.lineage.push((previous.version, previous.batches.len()));
@@ -245,5 +282,39 @@ mod tests {
         assert_eq!(rows(&ctx, "SELECT count(*) AS n FROM t WHERE id >= 95 AND id < 205").await[3], "| 110 |");
         assert_eq!(rows(&ctx, "SELECT count(*) AS n FROM t WHERE id = 1000").await[3], "| 0 |");
         assert_eq!(rows(&ctx, "SELECT count(*) AS n FROM t WHERE id % 100 = 0").await[3], "| 3 |");
+    }
+
+    #[test]
+    fn view_columns_keep_only_their_own_bytes() {
+        use arrow::array::{Array, AsArray, StringViewArray};
+        let schema = Arc::new(Schema::new(vec![Field::new("s", DataType::Utf8View, false)]));
+        // 10,000 strings longer than the 12 bytes a view inlines, in one shared buffer.
+        let long: StringViewArray =
+            (0..10_000).map(|i| Some(format!("a string longer than twelve bytes {i}"))).collect();
+        let whole = RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(long)]).expect("batch");
+        let buffer_bytes =
+            |b: &RecordBatch| b.column(0).as_string_view().data_buffers().iter().map(|d| d.len()).sum::<usize>();
+
+        // A one-row slice pinned every byte; compacted it holds its own string only.
+        let one = compact_views(whole.slice(5, 1));
+        assert_eq!(one.column(0).as_string_view().value(0), "a string longer than twelve bytes 5");
+        assert!(buffer_bytes(&one) < 100, "{} bytes kept for one row", buffer_bytes(&one));
+
+        // Short strings are inlined in their views: no buffer needs keeping at all.
+        let short = StringViewArray::from_iter_values(["a", "bb"]);
+        let padded = StringViewArray::try_new(
+            short.views().clone(),
+            vec![arrow::buffer::Buffer::from_vec(vec![0u8; 1 << 20])],
+            None,
+        )
+        .expect("views");
+        let short = compact_views(RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(padded)]).expect("batch"));
+        assert_eq!(buffer_bytes(&short), 0);
+        assert_eq!(short.column(0).as_string_view().value(1), "bb");
+
+        // A column that uses its buffer is left alone (no copy).
+        let kept = compact_views(whole.clone());
+        assert!(Arc::ptr_eq(kept.column(0), whole.column(0)));
+        assert_eq!(kept.column(0).len(), 10_000);
     }
 }

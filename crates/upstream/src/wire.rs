@@ -202,6 +202,11 @@ pub fn compact_views(batch: RecordBatch) -> Vec<RecordBatch> {
         return vec![batch];
     }
     let bytes = batch.get_array_memory_size().max(1);
+    // Small enough for one frame: only view columns pinning buffers they do not use are
+    // rewritten (a one-row answer filtered out of a whole batch), not every view column.
+    if bytes <= VIEW_SLICE_BYTES {
+        return vec![strata_core::accelerator::compact_views(batch)];
+    }
     let rows_per_slice = (batch.num_rows() * VIEW_SLICE_BYTES / bytes).clamp(1, batch.num_rows());
     let mut out = Vec::new();
     let mut offset = 0;
