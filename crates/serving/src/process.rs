@@ -20,6 +20,13 @@ use crate::telemetry::{self, LogFormat};
 /// Exit code for an unusable config (EX_USAGE), so supervisors do not restart-loop on it.
 pub const EXIT_CONFIG: u8 = 64;
 
+/// Every tier allocates through jemalloc: a refresh frees a whole source read's transient
+/// buffers (decoded Parquet pages, IPC frames) at once, and glibc's malloc kept them
+/// resident, so a loaded copy cost 1.4x its Arrow size. jemalloc's background thread
+/// returns such memory within its decay time (`.cargo/config.toml` sets it).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// The flags every tier takes.
 #[derive(clap::Args, Debug, Clone)]
 pub struct TierArgs {
