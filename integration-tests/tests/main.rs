@@ -8,6 +8,7 @@ mod config_errors;
 mod edge;
 mod federation;
 mod golden;
+mod parameterize;
 mod results_cache;
 mod tiers;
 mod tpch;

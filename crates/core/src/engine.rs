@@ -26,8 +26,7 @@ use crate::dataset::{Dataset, DatasetStatus};
 use crate::error::{Result, StrataError};
 use crate::query::{QueryObserver, QueryStream, next_query_id};
 use crate::routing::{
-    CatalogEntry, ForwardQuery, QueryOptions, RouteInfo, RouteReason, Routing, SharedRouter, VersionRead,
-    scanned_tables,
+    CatalogEntry, ForwardQuery, QueryOptions, RouteInfo, Routing, SharedRouter, VersionRead, scanned_tables,
 };
 use crate::source::SourceConnector;
 
@@ -77,12 +76,22 @@ type ProviderRef = Arc<dyn datafusion::catalog::TableProvider>;
 struct CachedPlan {
     planned: PlannedQuery,
     /// The optimized generic plan of a deterministic statement (placeholders left in), set
-    /// by its first run; executions bind their parameters into it.
-    optimized: std::sync::OnceLock<LogicalPlan>,
+    /// by its first run; executions bind their parameters into it. `None` when the optimizer
+    /// refused the plan with its placeholders: it is not tried again.
+    optimized: std::sync::OnceLock<Option<LogicalPlan>>,
     /// Calls only immutable functions (see [`crate::results_cache::is_deterministic`]).
     deterministic: bool,
     /// The providers the plan reads: it is valid while the catalog still serves these.
     tables: Vec<(datafusion::common::TableReference, ProviderRef)>,
+}
+
+impl CachedPlan {
+    /// True when `values` fill this plan's parameters with exactly the types it expects.
+    fn binds(&self, values: &[ScalarValue]) -> bool {
+        let fields = self.planned.parameters.fields();
+        fields.len() == values.len()
+            && fields.iter().zip(values).all(|(f, v)| crate::parameterize::binds_exactly(v, f.data_type()))
+    }
 }
 
 /// Plans kept by SQL text.
@@ -404,6 +413,12 @@ impl Engine {
         self.inner.results.as_ref().map(|c| (c.bytes(), c.entries()))
     }
 
+    /// Plans in the plan cache: one per SQL text, or per shape for literal SQL (metrics).
+    pub fn cached_plans(&self) -> u64 {
+        self.inner.plans.run_pending_tasks();
+        self.inner.plans.entry_count()
+    }
+
     /// Region this engine serves.
     pub fn region(&self) -> &str {
         &self.inner.region
@@ -457,15 +472,56 @@ impl Engine {
         Ok(self.plan_cached(sql).await?.planned.clone())
     }
 
+    /// The schema of the rows `sql` returns, from the plan its shape shares (see
+    /// [`Engine::plan_for_text`]): what GetFlightInfo answers before the query runs.
+    pub async fn result_schema(&self, sql: &str) -> Result<SchemaRef> {
+        Ok(Arc::clone(&self.plan_for_text(sql).await?.0.planned.schema))
+    }
+
     /// The plan of `sql` from the plan cache, planned now if it is not there or if a table
     /// it reads has been registered anew since (a reconnected source, a new replica).
     async fn plan_cached(&self, sql: &str) -> Result<Arc<CachedPlan>> {
-        if let Some(hit) = self.inner.plans.get(sql)
-            && self.still_registered(&hit.tables).await
-        {
+        if let Some(hit) = self.cached(sql).await {
             return Ok(hit);
         }
-        let planned = self.plan_uncached(sql).await?;
+        let statement = self.parse(sql)?;
+        self.plan_and_cache(sql.to_string(), statement).await
+    }
+
+    /// The plan for SQL sent without parameters, and the values to bind into it. A query
+    /// whose comparison literals can be taken out (see [`crate::parameterize`]) shares the
+    /// cached plan of its shape and binds its own literals, when each has exactly the type
+    /// the plan expects; any other is planned as written.
+    async fn plan_for_text(&self, sql: &str) -> Result<(Arc<CachedPlan>, Vec<ScalarValue>)> {
+        if let Some(hit) = self.cached(sql).await {
+            return Ok((hit, Vec::new()));
+        }
+        let statement = self.parse(sql)?;
+        if let Some(shape) = crate::parameterize::parameterize(sql, &statement) {
+            let planned = match self.cached(&shape.key).await {
+                Some(hit) => Some(hit),
+                None => self.plan_and_cache(shape.key, shape.statement).await.ok(),
+            };
+            if let Some(planned) = planned.filter(|p| p.binds(&shape.values)) {
+                return Ok((planned, shape.values));
+            }
+        }
+        Ok((self.plan_and_cache(sql.to_string(), statement).await?, Vec::new()))
+    }
+
+    async fn cached(&self, key: &str) -> Option<Arc<CachedPlan>> {
+        let hit = self.inner.plans.get(key)?;
+        self.still_registered(&hit.tables).await.then_some(hit)
+    }
+
+    fn parse(&self, sql: &str) -> Result<DfStatement> {
+        let statement = self.inner.planning.sql_to_statement(sql, &datafusion::common::config::Dialect::Generic)?;
+        check_read_only(&statement)?;
+        Ok(statement)
+    }
+
+    async fn plan_and_cache(&self, key: String, statement: DfStatement) -> Result<Arc<CachedPlan>> {
+        let planned = self.plan_statement(statement).await?;
         let deterministic = crate::results_cache::is_deterministic(&planned.plan);
         let entry = Arc::new(CachedPlan {
             tables: table_providers(&planned.plan),
@@ -473,7 +529,7 @@ impl Engine {
             optimized: std::sync::OnceLock::new(),
             deterministic,
         });
-        self.inner.plans.insert(sql.to_string(), Arc::clone(&entry));
+        self.inner.plans.insert(key, Arc::clone(&entry));
         Ok(entry)
     }
 
@@ -487,10 +543,8 @@ impl Engine {
         true
     }
 
-    async fn plan_uncached(&self, sql: &str) -> Result<PlannedQuery> {
+    async fn plan_statement(&self, statement: DfStatement) -> Result<PlannedQuery> {
         let state = &self.inner.planning;
-        let statement = state.sql_to_statement(sql, &datafusion::common::config::Dialect::Generic)?;
-        check_read_only(&statement)?;
         let plan = state.statement_to_plan(statement).await.map_err(|e| self.explain_plan_error(e.into()))?;
         let schema = Arc::new(plan.schema().as_arrow().clone());
         let parameters = parameter_schema(&plan)?;
@@ -554,9 +608,14 @@ impl Engine {
         let wall_deadline = std::time::SystemTime::now() + limits.query_timeout;
         let observer = self.inner.observer.read().unwrap_or_else(|p| p.into_inner()).clone();
         let start = async {
-            let cached = match &input {
-                QueryInput::Sql { sql, .. } => Some(self.plan_cached(sql).await?),
-                QueryInput::Plan(_) => None,
+            // The values bound into the plan: the client's, or the literals taken out of its SQL.
+            let (cached, bound) = match &input {
+                QueryInput::Sql { sql, params } if params.is_empty() => {
+                    let (cached, literals) = self.plan_for_text(sql).await?;
+                    (Some(cached), literals)
+                }
+                QueryInput::Sql { sql, params } => (Some(self.plan_cached(sql).await?), params.clone()),
+                QueryInput::Plan(_) => (None, Vec::new()),
             };
             let deterministic = match (&cached, &input) {
                 (Some(cached), _) => cached.deterministic,
@@ -575,8 +634,7 @@ impl Engine {
             // A query the router must forward whatever its filters say (cross-region, strong
             // consistency) goes upstream as the client's SQL, without optimizing it here.
             if let (QueryInput::Sql { sql, params }, Some(cached), Some(router)) = (&input, &cached, self.router())
-                && let Routing::Forward { info, upstream } = router.route(cached.planned.plan.clone(), options, true)?
-                && matches!(info.reason, RouteReason::CrossRegion | RouteReason::StrongConsistency)
+                && let Some((info, upstream)) = router.forced_forward(&cached.planned.plan, options)?
             {
                 let schema = Arc::clone(&cached.planned.schema);
                 return router
@@ -584,9 +642,9 @@ impl Engine {
                     .await;
             }
             let (plan, schema, forward) = match (&input, &cached) {
-                (QueryInput::Sql { params, .. }, Some(cached)) => {
+                (QueryInput::Sql { .. }, Some(cached)) => {
                     let schema = Arc::clone(&cached.planned.schema);
-                    (self.optimized(cached, deterministic, state, params)?, schema, true)
+                    (self.optimized(cached, deterministic, state, &bound)?, schema, true)
                 }
                 (QueryInput::Plan(plan), _) => {
                     let schema = Arc::new(plan.schema().as_arrow().clone());
@@ -669,10 +727,7 @@ impl Engine {
         let planned = &cached.planned;
         let generic = deterministic && planned.parameters.fields().iter().all(|f| f.data_type() != &DataType::Null);
         if generic {
-            let optimized = match cached.optimized.get() {
-                Some(optimized) => Some(optimized),
-                None => state.optimize(&planned.plan).ok().map(|o| cached.optimized.get_or_init(|| o)),
-            };
+            let optimized = cached.optimized.get_or_init(|| state.optimize(&planned.plan).ok());
             if let Some(optimized) = optimized {
                 return bind_parameters(optimized.clone(), &planned.parameters, params.to_vec());
             }

@@ -6,6 +6,7 @@ pub mod config;
 pub mod dataset;
 pub mod engine;
 pub mod error;
+mod parameterize;
 pub mod plan_codec;
 pub mod query;
 pub mod refresh;

@@ -184,6 +184,14 @@ pub trait Router: Send + Sync {
     /// come from client SQL (sub-plans); they must run here.
     fn route(&self, plan: LogicalPlan, options: &QueryOptions, can_forward: bool) -> Result<Routing>;
 
+    /// The forward a query takes whatever its filters say (a cross-region table, strong
+    /// consistency), decided from the tables an unoptimized plan scans: such a query goes
+    /// upstream without being optimized here. `None` when that is not certain; [`Router::route`]
+    /// then decides on the optimized plan.
+    fn forced_forward(&self, _plan: &LogicalPlan, _options: &QueryOptions) -> Result<Option<(RouteInfo, usize)>> {
+        Ok(None)
+    }
+
     /// Runs a whole query upstream. The returned info reports the upstream's own versions.
     async fn forward(
         &self,

@@ -115,6 +115,10 @@ impl Metrics {
             let _ = writeln!(out, "strata_results_cache_entries {entries}");
         }
 
+        let _ = writeln!(out, "# HELP strata_plan_cache_entries Plans kept by SQL text or shape.");
+        let _ = writeln!(out, "# TYPE strata_plan_cache_entries gauge");
+        let _ = writeln!(out, "strata_plan_cache_entries {}", engine.cached_plans());
+
         let datasets = engine.datasets();
         let families: [(&str, &str, &str); 6] = [
             ("strata_dataset_rows", "gauge", "Rows in the accelerated copy."),

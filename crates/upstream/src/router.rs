@@ -15,6 +15,7 @@ use strata_core::config::{ReplicaConfig, UpstreamConfig};
 use strata_core::dataset::DatasetStatus;
 use strata_core::routing::{
     CatalogEntry, ForwardQuery, QueryOptions, Route, RouteInfo, RouteReason, Router, Routing, VersionRead,
+    scanned_tables,
 };
 use strata_core::{Engine, StrataError};
 use strata_proto::v1::{ExecuteRequest, ListDatasetsRequest, SqlQuery, execute_request};
@@ -348,6 +349,17 @@ impl TierRouter {
     pub fn default_client(&self) -> Option<&UpstreamClient> {
         self.default_upstream.map(|i| &self.upstreams[i].client)
     }
+
+    /// Why a scan of remote table `name` must go upstream whatever the query's filters say.
+    fn forced_reason(&self, name: &str, r: &Remote, options: &QueryOptions) -> Option<(RouteReason, String)> {
+        if r.entry.home_region != self.origin.region {
+            Some((RouteReason::CrossRegion, format!("`{name}` is homed in region `{}`", r.entry.home_region)))
+        } else if options.strong_consistency {
+            Some((RouteReason::StrongConsistency, "the client asked for strong consistency".into()))
+        } else {
+            None
+        }
+    }
 }
 
 /// A route decision for one scan.
@@ -356,12 +368,17 @@ enum ScanRoute {
     Remote { reason: RouteReason, detail: String, forces_forward: bool },
 }
 
+fn check_hops(options: &QueryOptions) -> strata_core::Result<()> {
+    if options.hops > MAX_HOPS {
+        return Err(StrataError::Plan(format!("query crossed more than {MAX_HOPS} platforms; check `peers:`")));
+    }
+    Ok(())
+}
+
 #[async_trait]
 impl Router for TierRouter {
     fn route(&self, plan: LogicalPlan, options: &QueryOptions, can_forward: bool) -> strata_core::Result<Routing> {
-        if options.hops > MAX_HOPS {
-            return Err(StrataError::Plan(format!("query crossed more than {MAX_HOPS} platforms; check `peers:`")));
-        }
+        check_hops(options)?;
         let remote = self.remote.read().unwrap_or_else(|p| p.into_inner());
         let replicas = self.replicas.read().unwrap_or_else(|p| p.into_inner());
         let local_writes = self.local_writes.read().unwrap_or_else(|p| p.into_inner());
@@ -386,18 +403,8 @@ impl Router for TierRouter {
                     local_scans += 1;
                     return Ok(Transformed::no(LogicalPlan::TableScan(scan)));
                 };
-                let decision = if r.entry.home_region != self.origin.region {
-                    ScanRoute::Remote {
-                        reason: RouteReason::CrossRegion,
-                        detail: format!("`{name}` is homed in region `{}`", r.entry.home_region),
-                        forces_forward: true,
-                    }
-                } else if options.strong_consistency {
-                    ScanRoute::Remote {
-                        reason: RouteReason::StrongConsistency,
-                        detail: "the client asked for strong consistency".into(),
-                        forces_forward: true,
-                    }
+                let decision = if let Some((reason, detail)) = self.forced_reason(&name, r, options) {
+                    ScanRoute::Remote { reason, detail, forces_forward: true }
                 } else {
                     match replicas.get(&key(&name)) {
                         None => ScanRoute::Remote {
@@ -512,6 +519,43 @@ impl Router for TierRouter {
                 info: RouteInfo { route: Route::Mixed, reason, detail, versions, warning: stale_warning, cache: None },
             }),
         }
+    }
+
+    /// Reads only the scanned names: no plan is cloned or rewritten. Certain only when every
+    /// forced table goes to one upstream and no scanned table has unconfirmed local writes
+    /// (those make the query run mixed here).
+    fn forced_forward(
+        &self,
+        plan: &LogicalPlan,
+        options: &QueryOptions,
+    ) -> strata_core::Result<Option<(RouteInfo, usize)>> {
+        check_hops(options)?;
+        let remote = self.remote.read().unwrap_or_else(|p| p.into_inner());
+        let local_writes = self.local_writes.read().unwrap_or_else(|p| p.into_inner());
+        let mut forced = None;
+        let mut upstreams = HashSet::new();
+        let mut unforced_scans = 0usize;
+        for name in scanned_tables(plan) {
+            if local_writes.contains_key(&key(&name)) {
+                return Ok(None);
+            }
+            match remote.get(&key(&name)) {
+                Some(r) => match self.forced_reason(&name, r, options) {
+                    Some(reason) => {
+                        upstreams.insert(r.upstream);
+                        forced.get_or_insert(reason);
+                    }
+                    None => unforced_scans += 1,
+                },
+                None => unforced_scans += 1,
+            }
+        }
+        let Some((reason, detail)) = forced else { return Ok(None) };
+        let single_upstream = (unforced_scans == 0 && upstreams.len() == 1).then(|| upstreams.into_iter().next());
+        let Some(upstream) = self.default_upstream.or(single_upstream.flatten()) else { return Ok(None) };
+        let info =
+            RouteInfo { route: Route::Forwarded, reason, detail, versions: Vec::new(), warning: None, cache: None };
+        Ok(Some((info, upstream)))
     }
 
     async fn forward(

@@ -46,7 +46,7 @@ impl StrataFlightSql {
 
     /// Schema of a statement's result, planned but not run.
     pub(crate) async fn statement_schema(&self, sql: &str) -> Result<SchemaRef, Status> {
-        self.engine.plan(sql).await.map(|p| p.schema).map_err(|e| to_grpc(&e))
+        self.engine.result_schema(sql).await.map_err(|e| to_grpc(&e))
     }
 
     /// Runs a statement once per bound parameter row and streams all results as one.

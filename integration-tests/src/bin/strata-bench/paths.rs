@@ -244,25 +244,30 @@ impl Probe for PostgresProbe {
 pub struct Engine {
     pub engine: strata_core::Engine,
     pub query: Query,
+    /// The key bound as a parameter; otherwise spelled into the SQL text.
+    pub prepared: bool,
 }
 
 struct EngineProbe {
     engine: strata_core::Engine,
     query: Query,
+    prepared: bool,
 }
 
 #[async_trait]
 impl ProbeFactory for Engine {
     async fn probe(&self) -> anyhow::Result<Box<dyn Probe>> {
-        Ok(Box::new(EngineProbe { engine: self.engine.clone(), query: self.query }))
+        Ok(Box::new(EngineProbe { engine: self.engine.clone(), query: self.query, prepared: self.prepared }))
     }
 }
 
 #[async_trait]
 impl Probe for EngineProbe {
     async fn call(&mut self, i: usize) -> anyhow::Result<usize> {
-        let (sql, key) = self.query.prepared(i);
-        let params = key.map(|k| vec![datafusion::common::ScalarValue::Int64(Some(k))]).unwrap_or_default();
+        let (sql, params) = match self.query.prepared(i) {
+            (sql, Some(key)) if self.prepared => (sql, vec![datafusion::common::ScalarValue::Int64(Some(key))]),
+            _ => (self.query.sql(i), Vec::new()),
+        };
         let mut stream = self.engine.execute(&sql, params).await?;
         let mut rows = 0;
         while let Some(batch) = stream.next().await {

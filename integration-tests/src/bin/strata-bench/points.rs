@@ -166,7 +166,14 @@ impl Points {
                 .await?,
             measure(
                 "Strata engine in-process (prepared, no network)",
-                &Engine { engine: self.engine.clone(), query },
+                &Engine { engine: self.engine.clone(), query, prepared: true },
+                effort,
+                1,
+            )
+            .await?,
+            measure(
+                "Strata engine in-process (literal SQL, no network)",
+                &Engine { engine: self.engine.clone(), query, prepared: false },
                 effort,
                 1,
             )
