@@ -78,6 +78,12 @@ struct EndpointService {
     wait: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
+impl Clone for EndpointService {
+    fn clone(&self) -> Self {
+        Self { client: self.client.clone(), breaker: Arc::clone(&self.breaker), wait: None }
+    }
+}
+
 impl Service<Call> for EndpointService {
     type Response = Reply;
     type Error = BoxError;
@@ -167,7 +173,11 @@ impl Policy<Call, Reply, BoxError> for RetryUnreachable {
     }
 }
 
-type Stack = Timeout<Retry<RetryUnreachable, Buffer<Call, BoxFuture<'static, Result<Reply, BoxError>>>>>;
+/// One endpoint is called directly. Several are balanced behind a buffer (the balancer is
+/// not `Clone`), which costs every call a hop through the buffer's task.
+type Endpoints = tower::util::Either<Buffer<Call, BoxFuture<'static, Result<Reply, BoxError>>>, EndpointService>;
+
+type Stack = Timeout<Retry<RetryUnreachable, Endpoints>>;
 
 /// A shareable client of one upstream; clones share connections, breakers and budget.
 #[derive(Clone)]
@@ -202,20 +212,24 @@ impl UpstreamClient {
             let breaker = Arc::new(Breaker::new(endpoint, config.breaker_failures, config.breaker_open_for));
             let client = TierServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE);
             breakers.push(Arc::clone(&breaker));
-            services.push(PendingRequests::new(
-                EndpointService { client, breaker, wait: None },
-                CompleteOnResponse::default(),
-            ));
+            services.push(EndpointService { client, breaker, wait: None });
         }
-        let balance = Balance::new(ServiceList::new(services));
-        let buffer = Buffer::new(balance.map_future(|f| Box::pin(f) as BoxFuture<'static, _>), 1024);
+        let endpoints = if let [_] = services.as_slice()
+            && let Some(only) = services.pop()
+        {
+            tower::util::Either::Right(only)
+        } else {
+            let services = services.into_iter().map(|s| PendingRequests::new(s, CompleteOnResponse::default()));
+            let balance = Balance::new(ServiceList::new(services.collect::<Vec<_>>()));
+            tower::util::Either::Left(Buffer::new(balance.map_future(|f| Box::pin(f) as BoxFuture<'static, _>), 1024))
+        };
         let breakers = Arc::new(breakers);
         let policy = RetryUnreachable {
             budget: Arc::new(TpsBudget::new(Duration::from_secs(10), 5, config.retry_budget_percent / 100.0)),
             breakers: Arc::clone(&breakers),
             attempts: 0,
         };
-        let stack = Timeout::new(Retry::new(policy, buffer), config.call_timeout);
+        let stack = Timeout::new(Retry::new(policy, endpoints), config.call_timeout);
         Ok(Self { stack, breakers, call_timeout: config.call_timeout })
     }
 
