@@ -78,6 +78,33 @@ pub fn compact_views(batch: RecordBatch) -> RecordBatch {
     RecordBatch::try_new(batch.schema(), columns).unwrap_or(batch)
 }
 
+/// `batch` copied into buffers of its own, each exactly as large as its rows need. Arrays
+/// decoded from received IPC frames point into the transport's receive buffers, which are
+/// larger than the rows and would stay allocated as long as a replica holds the batch
+/// (measured: a replica's RSS at 1.5x its Arrow size).
+pub fn owned_copy(batch: RecordBatch) -> RecordBatch {
+    use arrow::array::{ArrayRef, MutableArrayData, make_array};
+    use arrow::datatypes::DataType;
+    let batch = compact_views(batch);
+    let columns: Vec<ArrayRef> = batch
+        .columns()
+        .iter()
+        .map(|c| match c.data_type() {
+            // Already rewritten to hold only their own bytes by `compact_views`.
+            DataType::Utf8View | DataType::BinaryView => std::sync::Arc::clone(c),
+            _ => {
+                let data = c.to_data();
+                let mut copy = MutableArrayData::new(vec![&data], false, data.len());
+                match copy.try_extend(0, 0, data.len()) {
+                    Ok(()) => make_array(copy.freeze()),
+                    Err(_) => std::sync::Arc::clone(c),
+                }
+            }
+        })
+        .collect();
+    RecordBatch::try_new(batch.schema(), columns).unwrap_or(batch)
+}
+
 impl Snapshot {
     /// A snapshot over `batches` (their view columns compacted, see [`compact_views`]), with
     /// row and byte counts derived from them.

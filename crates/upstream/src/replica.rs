@@ -239,6 +239,7 @@ impl Replica {
             wire::decode_frames(futures::stream::iter(frames.into_iter().map(Ok)), Arc::clone(&schema))
                 .try_collect()
                 .await?;
+        let batches: Vec<RecordBatch> = batches.into_iter().map(strata_core::accelerator::owned_copy).collect();
         let made_at = UNIX_EPOCH + Duration::from_millis(begin.refreshed_at_unix_ms.max(0) as u64);
         let kind = ChangeKind::try_from(begin.kind).unwrap_or(ChangeKind::Unspecified);
         let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();

@@ -262,9 +262,10 @@ impl Points {
         let idle_rss = rss_bytes(idle.pid()).0;
         let empty = Tier::start("platform-service", "region: eu\ndatasets: []\n").await;
         empty.wait_ready(Duration::from_secs(60)).await;
-        let empty_rss = rss_bytes(empty.pid()).0;
-        let loaded_rss = rss_bytes(self.platform.pid()).0;
-        let sidecar_rss = rss_bytes(self.sidecar.pid()).0;
+        let empty_rss = settled_rss(empty.pid()).await;
+        // Steady state: what a copy holds once the load's transient buffers are handed back.
+        let loaded_rss = settled_rss(self.platform.pid()).await;
+        let sidecar_rss = settled_rss(self.sidecar.pid()).await;
         let held = loaded_rss.saturating_sub(empty_rss);
         let mb = |b: u64| b as f64 / 1e6;
         Ok(Scenario {
@@ -297,6 +298,21 @@ impl Points {
             ],
         })
     }
+}
+
+/// Anonymous resident memory of a process once it stops falling (within 1% over half a
+/// second, or after 10 s): the allocator returns freed pages after its decay time.
+async fn settled_rss(pid: u32) -> u64 {
+    let mut last = rss_bytes(pid).0;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = rss_bytes(pid).0;
+        if now + now / 100 >= last {
+            return now.min(last);
+        }
+        last = now;
+    }
+    last
 }
 
 /// Resident memory of a process: (anonymous, file-backed) bytes.
