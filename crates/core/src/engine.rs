@@ -61,6 +61,9 @@ struct Inner {
     results: Option<crate::results_cache::ResultsCache>,
     /// Plans by SQL text: a repeated or prepared statement is parsed and planned once.
     plans: moka::sync::Cache<String, Arc<CachedPlan>>,
+    /// Shapes of literal SQL that DataFusion could not plan with placeholders: their texts
+    /// are planned as written without trying the shape again.
+    refused_shapes: moka::sync::Cache<String, ()>,
     /// One session state for planning, shared instead of cloned per query (a clone copies
     /// every function registry); the catalog inside it is shared with `ctx`.
     planning: SessionState,
@@ -169,6 +172,7 @@ impl Engine {
                 writes: std::sync::RwLock::new(None),
                 results: crate::results_cache::ResultsCache::new(&config.results_cache),
                 plans: moka::sync::Cache::new(PLAN_CACHE_ENTRIES),
+                refused_shapes: moka::sync::Cache::new(PLAN_CACHE_ENTRIES),
                 planning: ctx.state(),
                 planning_without_physical_rules: datafusion::execution::SessionStateBuilder::new_from_existing(
                     ctx.state(),
@@ -497,10 +501,18 @@ impl Engine {
             return Ok((hit, Vec::new()));
         }
         let statement = self.parse(sql)?;
-        if let Some(shape) = crate::parameterize::parameterize(sql, &statement) {
+        if let Some(shape) = crate::parameterize::parameterize(sql, &statement)
+            && !self.inner.refused_shapes.contains_key(&shape.key)
+        {
             let planned = match self.cached(&shape.key).await {
                 Some(hit) => Some(hit),
-                None => self.plan_and_cache(shape.key, shape.statement).await.ok(),
+                None => match self.plan_and_cache(shape.key.clone(), shape.statement).await {
+                    Ok(planned) => Some(planned),
+                    Err(_) => {
+                        self.inner.refused_shapes.insert(shape.key, ());
+                        None
+                    }
+                },
             };
             if let Some(planned) = planned.filter(|p| p.binds(&shape.values)) {
                 return Ok((planned, shape.values));
