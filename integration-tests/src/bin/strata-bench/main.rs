@@ -33,6 +33,10 @@ struct Args {
     /// bulk, tpch. `netns` needs root; without it the scenario is skipped with the reason.
     #[arg(long, value_delimiter = ',', default_value = "lookup,aggregate,dashboard,footprint,netns,bulk,tpch")]
     only: Vec<String>,
+    /// Measure only the paths whose names contain one of these (comma separated), for
+    /// profiling one path; a scenario's baseline is left out too unless named.
+    #[arg(long, value_delimiter = ',')]
+    paths: Vec<String>,
     /// Where to write the results as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -44,6 +48,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    measure::ONLY_PATHS.set(args.paths.clone()).ok();
     let wants = |name: &str| args.only.iter().any(|o| o == name);
     let (rows, lookups, bulk_bytes, scale, rounds) =
         if args.quick { (20_000, 200, 16 << 20, 0.01, 1) } else { (1_000_000, 5_000, 1 << 30, 1.0, 3) };

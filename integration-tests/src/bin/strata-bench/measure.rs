@@ -54,14 +54,33 @@ fn percentile(sorted: &[Duration], q: f64) -> f64 {
     sorted[i].as_secs_f64() * 1e6
 }
 
+/// Name fragments of the paths to measure (`--paths`); empty measures every path.
+pub static ONLY_PATHS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
+fn wanted(name: &str) -> bool {
+    ONLY_PATHS.get().is_none_or(|only| only.is_empty() || only.iter().any(|o| name.contains(o.as_str())))
+}
+
 /// Measures `factory`'s probe: latency at concurrency 1, then throughput at each concurrency.
 /// Every call must return `expect` rows (a wrong answer is an error, not a fast result).
+/// A path `--paths` leaves out comes back with no samples and is dropped by [`with_ratios`].
 pub async fn measure(
     name: &str,
     factory: &dyn ProbeFactory,
     effort: Effort,
     expect: usize,
 ) -> anyhow::Result<Measured> {
+    if !wanted(name) {
+        return Ok(Measured {
+            name: name.to_string(),
+            samples: 0,
+            p50_us: f64::NAN,
+            p99_us: f64::NAN,
+            p999_us: f64::NAN,
+            throughput: Vec::new(),
+            p50_ratio: None,
+        });
+    }
     let mut probe = factory.probe().await?;
     let check = |i: usize, rows: usize| {
         anyhow::ensure!(rows == expect, "{name}: call {i} returned {rows} rows, expected {expect}");
@@ -119,8 +138,10 @@ pub async fn measure(
     })
 }
 
-/// Fills in every path's ratio to the baseline (the entry named `baseline`).
+/// Fills in every path's ratio to the baseline (the entry named `baseline`), leaving out
+/// the paths that were not measured.
 pub fn with_ratios(mut rows: Vec<Measured>, baseline: &str) -> Vec<Measured> {
+    rows.retain(|m| m.samples > 0);
     let base = rows.iter().find(|m| m.name == baseline).map(|m| m.p50_us);
     for row in &mut rows {
         row.p50_ratio = base.map(|b| row.p50_us / b);

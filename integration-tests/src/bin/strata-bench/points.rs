@@ -267,6 +267,7 @@ impl Points {
         let loaded_rss = settled_rss(self.platform.pid()).await;
         let sidecar_rss = settled_rss(self.sidecar.pid()).await;
         let held = loaded_rss.saturating_sub(empty_rss);
+        let replica_held = sidecar_rss.saturating_sub(idle_rss);
         let mb = |b: u64| b as f64 / 1e6;
         Ok(Scenario {
             name: "Footprint".into(),
@@ -289,6 +290,12 @@ impl Points {
                     Some(held as f64 / self.arrow_bytes as f64),
                 ),
                 Figure::new("sidecar RSS with the points replica", mb(sidecar_rss), "MB", None),
+                Figure::new(
+                    "sidecar memory held for the replica (RSS over an idle sidecar)",
+                    mb(replica_held),
+                    "MB",
+                    Some(replica_held as f64 / self.arrow_bytes as f64),
+                ),
                 Figure::new(
                     "sidecar start to ready, one replicated dataset",
                     self.sidecar_ready_after.as_secs_f64() * 1e3,
