@@ -232,6 +232,9 @@ pub struct LimitsConfig {
     pub max_message_size: ByteSize,
     pub max_request_body: ByteSize,
     pub max_concurrent_queries: usize,
+    /// Queries taking at least this long are logged at `info` with their SQL.
+    #[serde(with = "duration")]
+    pub slow_query: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -243,6 +246,7 @@ impl Default for LimitsConfig {
             max_message_size: ByteSize(16 << 20),
             max_request_body: ByteSize(1 << 20),
             max_concurrent_queries: 64,
+            slow_query: Duration::from_secs(1),
         }
     }
 }

@@ -214,6 +214,11 @@ impl Engine {
         *self.inner.router.write().unwrap_or_else(|p| p.into_inner()) = Some(router);
     }
 
+    /// True on tiers that may send queries upstream (sidecars, edge agents, platforms with peers).
+    pub fn has_router(&self) -> bool {
+        self.router().is_some()
+    }
+
     fn router(&self) -> Option<SharedRouter> {
         self.inner.router.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -714,9 +719,12 @@ impl Engine {
             id,
             stream,
             permit,
-            deadline,
-            limits.query_timeout,
-            limits.max_result_rows,
+            crate::query::StreamLimits {
+                deadline,
+                timeout: limits.query_timeout,
+                max_rows: limits.max_result_rows,
+                slow_query: limits.slow_query,
+            },
             started,
             span,
             observer,

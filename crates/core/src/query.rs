@@ -13,7 +13,7 @@ use datafusion::execution::SendableRecordBatchStream;
 use futures::{Stream, StreamExt};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Sleep;
-use tracing::{Span, info, warn};
+use tracing::{Span, debug, info, warn};
 
 use crate::error::StrataError;
 
@@ -38,6 +38,16 @@ pub enum Outcome {
 pub type QueryObserver =
     std::sync::Arc<dyn Fn(Outcome, u64, Duration, Option<&crate::routing::RouteInfo>) + Send + Sync>;
 
+/// The bounds a query streams under.
+pub(crate) struct StreamLimits {
+    pub deadline: tokio::time::Instant,
+    pub timeout: Duration,
+    pub max_rows: u64,
+    /// A query that takes longer is logged at `info` with its SQL; others at `debug` only
+    /// (one line per query would cost more than a lookup's execution at high rates).
+    pub slow_query: Duration,
+}
+
 /// Result batches of one query, streamed; never buffered whole.
 pub struct QueryStream {
     id: u64,
@@ -46,6 +56,7 @@ pub struct QueryStream {
     deadline: Pin<Box<Sleep>>,
     timeout: Duration,
     max_rows: u64,
+    slow_query: Duration,
     rows: u64,
     started: Instant,
     span: Span,
@@ -61,9 +72,7 @@ impl QueryStream {
         id: u64,
         inner: SendableRecordBatchStream,
         permit: OwnedSemaphorePermit,
-        deadline: tokio::time::Instant,
-        timeout: Duration,
-        max_rows: u64,
+        limits: StreamLimits,
         started: Instant,
         span: Span,
         observer: Option<QueryObserver>,
@@ -73,9 +82,10 @@ impl QueryStream {
             id,
             schema: inner.schema(),
             inner: Some(inner),
-            deadline: Box::pin(tokio::time::sleep_until(deadline)),
-            timeout,
-            max_rows,
+            deadline: Box::pin(tokio::time::sleep_until(limits.deadline)),
+            timeout: limits.timeout,
+            max_rows: limits.max_rows,
+            slow_query: limits.slow_query,
             rows: 0,
             started,
             span,
@@ -110,7 +120,10 @@ impl QueryStream {
         let elapsed = self.started.elapsed();
         let _enter = self.span.enter();
         match (outcome, error) {
-            (Outcome::Ok, _) => info!(rows = self.rows, ms = elapsed.as_secs_f64() * 1e3, "query finished"),
+            (Outcome::Ok, _) if elapsed >= self.slow_query => {
+                info!(rows = self.rows, ms = elapsed.as_secs_f64() * 1e3, "slow query finished")
+            }
+            (Outcome::Ok, _) => debug!(rows = self.rows, ms = elapsed.as_secs_f64() * 1e3, "query finished"),
             (_, Some(err)) => warn!(rows = self.rows, ms = elapsed.as_secs_f64() * 1e3, error = %err, "query failed"),
             (_, None) => info!(rows = self.rows, ms = elapsed.as_secs_f64() * 1e3, "query cancelled by the client"),
         }
