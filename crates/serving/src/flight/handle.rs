@@ -20,11 +20,15 @@ pub struct StatementHandle {
     /// Bound parameters as a base64 Arrow IPC stream; one execution per row.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub params: Option<String>,
+    /// The run GetFlightInfo started for this ticket on the replica that answered it (see
+    /// [`super::prefetch`]); without it, or elsewhere, DoGet executes the statement itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<u64>,
 }
 
 impl StatementHandle {
     pub fn new(sql: impl Into<String>) -> Self {
-        Self { v: 1, sql: sql.into(), params: None }
+        Self { v: 1, sql: sql.into(), params: None, run: None }
     }
 
     /// Attaches parameter rows from a client's DoPut.

@@ -1,6 +1,7 @@
 //! Arrow Flight SQL for every tier.
 
 mod handle;
+mod prefetch;
 mod service;
 mod session;
 mod sql_info;

@@ -29,19 +29,36 @@ use strata_core::Engine;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::handle::StatementHandle;
+use super::prefetch::Prefetcher;
 use super::{session, sql_info};
 use crate::status::to_grpc;
 
 type DoGetStream = <StrataFlightSql as FlightService>::DoGetStream;
 
-/// Flight SQL over the engine. Stateless: every handle and ticket carries its statement.
+/// Flight SQL over the engine. Stateless: every handle and ticket carries its statement
+/// (a run started early by GetFlightInfo is only a shortcut, see [`super::prefetch`]).
 pub struct StrataFlightSql {
     pub(crate) engine: Engine,
+    prefetcher: Prefetcher,
 }
 
 impl StrataFlightSql {
     pub fn new(engine: Engine) -> Self {
-        Self { engine }
+        Self { engine, prefetcher: Prefetcher::default() }
+    }
+
+    /// On a tier with an upstream, starts `handle`'s statement now and returns the id its
+    /// ticket carries (one parameter row only).
+    fn prefetch(&self, handle: &StatementHandle, metadata: &tonic::metadata::MetadataMap) -> Option<u64> {
+        if !self.engine.has_router() {
+            return None;
+        }
+        let mut rows = handle.parameter_rows().ok()?;
+        if rows.len() != 1 {
+            return None;
+        }
+        let options = crate::route_headers::options(&metadata.clone().into_headers());
+        self.prefetcher.start(&self.engine, &handle.sql, rows.pop().unwrap_or_default(), &options)
     }
 
     /// Schema of a statement's result, planned but not run.
@@ -62,9 +79,18 @@ impl StrataFlightSql {
         let engine = self.engine.clone();
         let sql = handle.sql;
         let mut rows = rows.into_iter();
-        // The first execution runs now, so planning errors become the RPC's status.
-        let first =
-            engine.execute_with(&sql, rows.next().unwrap_or_default(), &options).await.map_err(|e| to_grpc(&e))?;
+        // The first execution runs now (or was started by GetFlightInfo), so planning errors
+        // become the RPC's status.
+        let params = rows.next().unwrap_or_default();
+        let started = match handle.run {
+            Some(id) if rows.as_slice().is_empty() => self.prefetcher.take(id, &sql, &params, &options).await,
+            _ => None,
+        };
+        let first = match started {
+            Some(started) => started,
+            None => engine.execute_with(&sql, params, &options).await,
+        }
+        .map_err(|e| to_grpc(&e))?;
         let schema = first.schema();
         let route = first.route().clone();
         let rest = stream::iter(rows)
@@ -258,7 +284,9 @@ impl FlightSqlService for StrataFlightSql {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let schema = self.statement_schema(&query.query).await?;
-        let ticket = TicketStatementQuery { statement_handle: StatementHandle::new(query.query).encode() };
+        let mut handle = StatementHandle::new(query.query);
+        handle.run = self.prefetch(&handle, request.metadata());
+        let ticket = TicketStatementQuery { statement_handle: handle.encode() };
         let info = self.flight_info(&schema, ticket.as_any().encode_to_vec(), request.into_inner())?;
         Ok(Response::new(info))
     }
@@ -268,9 +296,11 @@ impl FlightSqlService for StrataFlightSql {
         query: CommandPreparedStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let handle = StatementHandle::decode(&query.prepared_statement_handle)?;
+        let mut handle = StatementHandle::decode(&query.prepared_statement_handle)?;
         let schema = self.statement_schema(&handle.sql).await?;
-        let info = self.flight_info(&schema, query.as_any().encode_to_vec(), request.into_inner())?;
+        handle.run = self.prefetch(&handle, request.metadata());
+        let ticket = CommandPreparedStatementQuery { prepared_statement_handle: handle.encode() };
+        let info = self.flight_info(&schema, ticket.as_any().encode_to_vec(), request.into_inner())?;
         Ok(Response::new(info))
     }
 
