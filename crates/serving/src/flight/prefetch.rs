@@ -27,7 +27,6 @@ fn max_waiting(engine: &Engine) -> usize {
 const EXPIRES_AFTER: Duration = Duration::from_secs(10);
 
 /// What a run was started for: a DoGet takes it only when it asks exactly the same.
-#[derive(PartialEq)]
 struct Request {
     sql: String,
     params: Vec<ScalarValue>,
@@ -43,6 +42,14 @@ impl Request {
             strong_consistency: options.strong_consistency,
             tenant: options.tenant.clone(),
         }
+    }
+
+    /// Whether a DoGet asks exactly this, compared in place (no copies on the DoGet path).
+    fn matches(&self, sql: &str, params: &[ScalarValue], options: &QueryOptions) -> bool {
+        self.sql == sql
+            && self.params == params
+            && self.strong_consistency == options.strong_consistency
+            && self.tenant == options.tenant
     }
 }
 
@@ -96,7 +103,7 @@ impl Prefetcher {
         let mut found = {
             let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
             match waiting.get(&id) {
-                Some(w) if w.request == Request::new(sql, params, options) => waiting.remove(&id)?,
+                Some(w) if w.request.matches(sql, params, options) => waiting.remove(&id)?,
                 _ => return None,
             }
         };
