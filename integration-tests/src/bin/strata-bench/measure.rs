@@ -1,5 +1,7 @@
 //! Latency and throughput of one probe, measured the same way for a path and its baseline.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -47,6 +49,32 @@ pub struct Measured {
     pub throughput: Vec<Throughput>,
     /// p50 of this path over the p50 of the scenario's baseline (same run).
     pub p50_ratio: Option<f64>,
+    /// CPU time each watched tier process spent per sequential call of this path: where a
+    /// path's time goes, and which process pays for it.
+    pub cpu_per_call: Vec<ProcessCpu>,
+}
+
+/// A tier process whose CPU time the scenario attributes to the calls of each path.
+#[derive(Debug, Clone)]
+pub struct Watched {
+    pub name: String,
+    pub pid: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ProcessCpu {
+    pub process: String,
+    pub us: f64,
+}
+
+/// Nanoseconds a process has run on a CPU, all its threads together (`schedstat`, which
+/// unlike `stat`'s clock ticks is exact enough to split among blocks of calls).
+fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok())
+        .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 fn percentile(sorted: &[Duration], q: f64) -> f64 {
@@ -61,87 +89,156 @@ fn wanted(name: &str) -> bool {
     ONLY_PATHS.get().is_none_or(|only| only.is_empty() || only.iter().any(|o| name.contains(o.as_str())))
 }
 
-/// Measures `factory`'s probe: latency at concurrency 1, then throughput at each concurrency.
+/// One path of a scenario: its name and how to connect to it.
+pub type Path<'a> = (&'a str, &'a dyn ProbeFactory);
+
+/// Blocks each path's sequential calls are split into; paths take turns block by block.
+const LATENCY_BLOCKS: usize = 10;
+/// Slices each throughput run is split into; paths take turns slice by slice.
+const THROUGHPUT_SLICES: u32 = 3;
+/// Call numbers each path owns: path `p` numbers its calls from `p * PATH_CALLS`, so no path
+/// answers a lookup from a results cache another path (or its own warm-up) filled.
+const PATH_CALLS: usize = 80_000;
+
+/// Measures the paths side by side: latency at concurrency 1, then throughput at each
+/// concurrency, with the paths taking turns in short blocks so that a noisy stretch of the
+/// machine falls on all of them alike instead of on whichever path ran then.
 /// Every call must return `expect` rows (a wrong answer is an error, not a fast result).
-/// A path `--paths` leaves out comes back with no samples and is dropped by [`with_ratios`].
-pub async fn measure(
-    name: &str,
-    factory: &dyn ProbeFactory,
+/// Paths `--paths` leaves out are not measured and do not appear in the result. The CPU time
+/// of the `watch`ed processes during each path's sequential calls is charged to that path.
+pub async fn measure_side_by_side(
+    paths: &[Path<'_>],
     effort: Effort,
     expect: usize,
-) -> anyhow::Result<Measured> {
-    if !wanted(name) {
-        return Ok(Measured {
-            name: name.to_string(),
-            samples: 0,
-            p50_us: f64::NAN,
-            p99_us: f64::NAN,
-            p999_us: f64::NAN,
-            throughput: Vec::new(),
-            p50_ratio: None,
-        });
-    }
-    let mut probe = factory.probe().await?;
-    let check = |i: usize, rows: usize| {
+    watch: &[Watched],
+) -> anyhow::Result<Vec<Measured>> {
+    let paths: Vec<(usize, &Path)> = paths
+        .iter()
+        .enumerate()
+        .map(|(p, path)| (p * PATH_CALLS, path))
+        .filter(|(_, (name, _))| wanted(name))
+        .collect();
+    let check = |name: &str, i: usize, rows: usize| {
         anyhow::ensure!(rows == expect, "{name}: call {i} returned {rows} rows, expected {expect}");
         Ok(())
     };
-    for i in 0..effort.warmup {
-        check(i, probe.call(i).await?)?;
+    let mut probes = Vec::with_capacity(paths.len());
+    for (first_call, (name, factory)) in &paths {
+        let mut probe = factory.probe().await?;
+        for i in 0..effort.warmup {
+            check(name, i, probe.call(first_call + i).await?)?;
+        }
+        probes.push(probe);
     }
-    let mut samples = Vec::with_capacity(effort.iterations);
-    for i in 0..effort.iterations {
-        let started = Instant::now();
-        let rows = probe.call(i).await?;
-        samples.push(started.elapsed());
-        check(i, rows)?;
+    let mut samples = vec![Vec::with_capacity(effort.iterations); paths.len()];
+    let mut cpu = vec![vec![0u64; watch.len()]; paths.len()];
+    let block = effort.iterations.div_ceil(LATENCY_BLOCKS).max(1);
+    for first in (0..effort.iterations).step_by(block) {
+        for (p, (first_call, (name, _))) in paths.iter().enumerate() {
+            let before: Vec<u64> = watch.iter().map(|w| cpu_ns(w.pid)).collect();
+            for i in first..(first + block).min(effort.iterations) {
+                let started = Instant::now();
+                let rows = probes[p].call(first_call + effort.warmup + i).await?;
+                samples[p].push(started.elapsed());
+                check(name, i, rows)?;
+            }
+            for (w, before) in before.into_iter().enumerate() {
+                cpu[p][w] += cpu_ns(watch[w].pid).saturating_sub(before);
+            }
+        }
     }
-    drop(probe);
-    samples.sort();
-    let mut throughput = Vec::new();
+    drop(probes);
+
+    let mut throughput = vec![Vec::new(); paths.len()];
+    let next_calls: Vec<_> = paths
+        .iter()
+        .map(|(first_call, _)| Arc::new(AtomicUsize::new(first_call + effort.warmup + effort.iterations)))
+        .collect();
     for &workers in effort.concurrency {
-        let mut probes = Vec::with_capacity(workers);
-        for _ in 0..workers {
-            probes.push(factory.probe().await?);
+        let mut pools = Vec::with_capacity(paths.len());
+        for (_, (_, factory)) in &paths {
+            let mut pool = Vec::with_capacity(workers);
+            for _ in 0..workers {
+                pool.push(factory.probe().await?);
+            }
+            pools.push(pool);
         }
-        let started = Instant::now();
-        let until = started + effort.throughput_for;
-        let tasks: Vec<_> = probes
-            .into_iter()
-            .enumerate()
-            .map(|(w, mut probe)| {
-                tokio::spawn(async move {
-                    let mut done = 0usize;
-                    while Instant::now() < until {
-                        let rows = probe.call(w * 7919 + done).await?;
-                        anyhow::ensure!(rows == expect, "call returned {rows} rows, expected {expect}");
-                        done += 1;
-                    }
-                    Ok(done)
-                })
-            })
-            .collect();
-        let mut ops = 0;
-        for task in tasks {
-            ops += task.await??;
+        let mut totals = vec![(0usize, Duration::ZERO); paths.len()];
+        for _ in 0..THROUGHPUT_SLICES {
+            for (p, pool) in pools.iter_mut().enumerate() {
+                let (ops, took) =
+                    run_concurrently(pool, &next_calls[p], effort.throughput_for / THROUGHPUT_SLICES, expect).await?;
+                totals[p].0 += ops;
+                totals[p].1 += took;
+            }
         }
-        throughput.push(Throughput { concurrency: workers, ops_per_s: ops as f64 / started.elapsed().as_secs_f64() });
+        for (p, (ops, took)) in totals.into_iter().enumerate() {
+            throughput[p].push(Throughput { concurrency: workers, ops_per_s: ops as f64 / took.as_secs_f64() });
+        }
     }
-    Ok(Measured {
-        name: name.to_string(),
-        samples: samples.len(),
-        p50_us: percentile(&samples, 0.5),
-        p99_us: percentile(&samples, 0.99),
-        p999_us: percentile(&samples, 0.999),
-        throughput,
-        p50_ratio: None,
-    })
+
+    Ok(paths
+        .iter()
+        .zip(samples.iter_mut().zip(throughput).zip(cpu))
+        .map(|((_, (name, _)), ((samples, throughput), cpu))| {
+            samples.sort();
+            let calls = samples.len().max(1) as f64;
+            let cpu_per_call = watch
+                .iter()
+                .zip(cpu)
+                .map(|(w, ns)| ProcessCpu { process: w.name.clone(), us: ns as f64 / 1e3 / calls })
+                .collect();
+            Measured {
+                name: name.to_string(),
+                samples: samples.len(),
+                p50_us: percentile(samples, 0.5),
+                p99_us: percentile(samples, 0.99),
+                p999_us: percentile(samples, 0.999),
+                throughput,
+                p50_ratio: None,
+                cpu_per_call,
+            }
+        })
+        .collect())
 }
 
-/// Fills in every path's ratio to the baseline (the entry named `baseline`), leaving out
-/// the paths that were not measured.
+/// Every probe of `pool` calling in its own task for `window`, numbering calls from
+/// `next_call`: (calls done, time taken). The probes (their connections) come back to the
+/// pool for the next slice.
+async fn run_concurrently(
+    pool: &mut Vec<Box<dyn Probe>>,
+    next_call: &Arc<AtomicUsize>,
+    window: Duration,
+    expect: usize,
+) -> anyhow::Result<(usize, Duration)> {
+    let started = Instant::now();
+    let until = started + window;
+    let tasks: Vec<_> = pool
+        .drain(..)
+        .map(|mut probe| {
+            let next_call = Arc::clone(next_call);
+            tokio::spawn(async move {
+                let mut done = 0usize;
+                while Instant::now() < until {
+                    let rows = probe.call(next_call.fetch_add(1, Ordering::Relaxed)).await?;
+                    anyhow::ensure!(rows == expect, "call returned {rows} rows, expected {expect}");
+                    done += 1;
+                }
+                Ok((probe, done))
+            })
+        })
+        .collect();
+    let mut ops = 0;
+    for task in tasks {
+        let (probe, done) = task.await??;
+        pool.push(probe);
+        ops += done;
+    }
+    Ok((ops, started.elapsed()))
+}
+
+/// Fills in every path's ratio to the baseline (the entry named `baseline`).
 pub fn with_ratios(mut rows: Vec<Measured>, baseline: &str) -> Vec<Measured> {
-    rows.retain(|m| m.samples > 0);
     let base = rows.iter().find(|m| m.name == baseline).map(|m| m.p50_us);
     for row in &mut rows {
         row.p50_ratio = base.map(|b| row.p50_us / b);

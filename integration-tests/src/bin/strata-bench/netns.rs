@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use strata_integration_tests::tier::Tier;
 
-use crate::measure::{Effort, measure, with_ratios};
+use crate::measure::{Effort, Path, Watched, measure_side_by_side, with_ratios};
 use crate::paths::{Flight, Floor, Query};
 use crate::report::Scenario;
 
@@ -107,12 +107,17 @@ pub async fn run(parquet: &std::path::Path, rows: i64, effort: Effort) -> anyhow
     }
     let query = Query::Lookup { rows };
     let (s, p) = (sidecar.flight_addr, platform.flight_addr);
-    let results = vec![
-        measure("tonic unary round trip across the hop (floor)", &Floor { addr: p }, effort, 1).await?,
-        measure("sidecar local (Flight SQL, loopback)", &Flight { addr: s, query, strong: false }, effort, 1).await?,
-        measure("sidecar forwarded across the hop", &Flight { addr: s, query, strong: true }, effort, 1).await?,
-        measure("platform directly across the hop", &Flight { addr: p, query, strong: false }, effort, 1).await?,
+    let paths: [Path; 4] = [
+        ("tonic unary round trip across the hop (floor)", &Floor { addr: p }),
+        ("sidecar local (Flight SQL, loopback)", &Flight { addr: s, query, strong: false }),
+        ("sidecar forwarded across the hop", &Flight { addr: s, query, strong: true }),
+        ("platform directly across the hop", &Flight { addr: p, query, strong: false }),
     ];
+    let watch = [
+        Watched { name: "sidecar".into(), pid: sidecar.pid() },
+        Watched { name: "platform".into(), pid: platform.pid() },
+    ];
+    let results = measure_side_by_side(&paths, effort, 1, &watch).await?;
     drop(sidecar);
     drop(platform);
     let hop = match &ns.no_delay {

@@ -13,7 +13,7 @@ use datafusion::prelude::SessionContext;
 use strata_integration_tests::postgres::PgServer;
 use strata_integration_tests::tier::Tier;
 
-use crate::measure::{Effort, measure, with_ratios};
+use crate::measure::{Effort, Path, Watched, measure_side_by_side, with_ratios};
 use crate::paths::{Engine, Flight, FlightPrepared, FlightTicket, Floor, InProcess, Postgres, Query};
 use crate::report::{Figure, Scenario};
 
@@ -142,45 +142,41 @@ impl Points {
         })
     }
 
+    /// The processes whose CPU time each path's calls are charged with: the tiers, and this
+    /// process (the clients, and the in-process paths' engine).
+    fn tiers(&self) -> [Watched; 4] {
+        [
+            Watched { name: "bench client".into(), pid: std::process::id() },
+            Watched { name: "sidecar".into(), pid: self.sidecar.pid() },
+            Watched { name: "sidecar, cache off".into(), pid: self.uncached.pid() },
+            Watched { name: "platform".into(), pid: self.platform.pid() },
+        ]
+    }
+
     /// Point lookup by key: the sidecar locally, forwarded, the platform, PostgreSQL, the floor.
     pub async fn lookup(&self, effort: Effort) -> anyhow::Result<Scenario> {
         let query = Query::Lookup { rows: self.rows };
         let (sidecar, platform) = (self.sidecar.flight_addr, self.platform.flight_addr);
-        let results = vec![
-            measure("tonic unary round trip (floor)", &Floor { addr: platform }, effort, 1).await?,
-            measure("PostgreSQL, prepared, indexed", &Postgres { port: self.pg.port, query }, effort, 1).await?,
-            measure("sidecar local (Flight SQL, prepared)", &FlightPrepared { addr: sidecar, query }, effort, 1)
-                .await?,
-            measure("sidecar local (Flight SQL)", &Flight { addr: sidecar, query, strong: false }, effort, 1).await?,
-            measure("sidecar local (plain Flight, SQL ticket)", &FlightTicket { addr: sidecar, query }, effort, 1)
-                .await?,
-            measure(
-                "sidecar local, results cache off",
-                &Flight { addr: self.uncached.flight_addr, query, strong: false },
-                effort,
-                1,
-            )
-            .await?,
-            measure("sidecar forwarded to platform", &Flight { addr: sidecar, query, strong: true }, effort, 1).await?,
-            measure("platform directly (Flight SQL)", &Flight { addr: platform, query, strong: false }, effort, 1)
-                .await?,
-            measure(
+        let paths: [Path; 11] = [
+            ("tonic unary round trip (floor)", &Floor { addr: platform }),
+            ("PostgreSQL, prepared, indexed", &Postgres { port: self.pg.port, query }),
+            ("sidecar local (Flight SQL, prepared)", &FlightPrepared { addr: sidecar, query }),
+            ("sidecar local (Flight SQL)", &Flight { addr: sidecar, query, strong: false }),
+            ("sidecar local (plain Flight, SQL ticket)", &FlightTicket { addr: sidecar, query }),
+            ("sidecar local, results cache off", &Flight { addr: self.uncached.flight_addr, query, strong: false }),
+            ("sidecar forwarded to platform", &Flight { addr: sidecar, query, strong: true }),
+            ("platform directly (Flight SQL)", &Flight { addr: platform, query, strong: false }),
+            (
                 "Strata engine in-process (prepared, no network)",
                 &Engine { engine: self.engine.clone(), query, prepared: true },
-                effort,
-                1,
-            )
-            .await?,
-            measure(
+            ),
+            (
                 "Strata engine in-process (literal SQL, no network)",
                 &Engine { engine: self.engine.clone(), query, prepared: false },
-                effort,
-                1,
-            )
-            .await?,
-            measure("DataFusion in-process (no network)", &InProcess { ctx: Arc::clone(&self.ctx), query }, effort, 1)
-                .await?,
+            ),
+            ("DataFusion in-process (no network)", &InProcess { ctx: Arc::clone(&self.ctx), query }),
         ];
+        let results = measure_side_by_side(&paths, effort, 1, &self.tiers()).await?;
         Ok(Scenario {
             name: format!("Point lookup by key, {} rows", self.rows),
             baseline: "PostgreSQL, prepared, indexed".into(),
@@ -194,24 +190,13 @@ impl Points {
     pub async fn aggregate(&self, effort: Effort) -> anyhow::Result<Scenario> {
         let query = Query::Aggregate;
         let groups = 1000.min(self.rows as usize);
-        let results = vec![
-            measure("PostgreSQL", &Postgres { port: self.pg.port, query }, effort, groups).await?,
-            measure(
-                "sidecar local (Flight SQL)",
-                &Flight { addr: self.sidecar.flight_addr, query, strong: false },
-                effort,
-                groups,
-            )
-            .await?,
-            measure(
-                "sidecar local, results cache off",
-                &Flight { addr: self.uncached.flight_addr, query, strong: false },
-                effort,
-                groups,
-            )
-            .await?,
-            measure("DataFusion in-process", &InProcess { ctx: Arc::clone(&self.ctx), query }, effort, groups).await?,
+        let paths: [Path; 4] = [
+            ("PostgreSQL", &Postgres { port: self.pg.port, query }),
+            ("sidecar local (Flight SQL)", &Flight { addr: self.sidecar.flight_addr, query, strong: false }),
+            ("sidecar local, results cache off", &Flight { addr: self.uncached.flight_addr, query, strong: false }),
+            ("DataFusion in-process", &InProcess { ctx: Arc::clone(&self.ctx), query }),
         ];
+        let results = measure_side_by_side(&paths, effort, groups, &self.tiers()).await?;
         Ok(Scenario {
             name: format!("Aggregate (GROUP BY grp) over {} rows", self.rows),
             baseline: "PostgreSQL".into(),
@@ -225,22 +210,11 @@ impl Points {
     /// sidecar without one.
     pub async fn dashboard(&self, effort: Effort) -> anyhow::Result<Scenario> {
         let query = Query::Dashboard;
-        let results = vec![
-            measure(
-                "sidecar, results cache off",
-                &Flight { addr: self.uncached.flight_addr, query, strong: false },
-                effort,
-                10,
-            )
-            .await?,
-            measure(
-                "sidecar, results cache on",
-                &Flight { addr: self.sidecar.flight_addr, query, strong: false },
-                effort,
-                10,
-            )
-            .await?,
+        let paths: [Path; 2] = [
+            ("sidecar, results cache off", &Flight { addr: self.uncached.flight_addr, query, strong: false }),
+            ("sidecar, results cache on", &Flight { addr: self.sidecar.flight_addr, query, strong: false }),
         ];
+        let results = measure_side_by_side(&paths, effort, 10, &self.tiers()).await?;
         Ok(Scenario {
             name: format!("Dashboard: 4 queries repeated over {} rows", self.rows),
             baseline: "sidecar, results cache off".into(),

@@ -86,6 +86,7 @@ impl Report {
                     }
                     out.push('\n');
                 }
+                out.push_str(&cpu_markdown(&scenario.results));
             }
             if !scenario.figures.is_empty() {
                 out.push_str("\n| figure | value | vs baseline |\n|---|---:|---:|\n");
@@ -106,6 +107,23 @@ impl Report {
         }
         out
     }
+}
+
+/// The CPU time each watched tier process spent per sequential call, a row per path; empty
+/// when the scenario watched no process.
+fn cpu_markdown(results: &[Measured]) -> String {
+    let Some(first) = results.iter().find(|m| !m.cpu_per_call.is_empty()) else { return String::new() };
+    let processes: Vec<&str> = first.cpu_per_call.iter().map(|c| c.process.as_str()).collect();
+    let mut out = format!(
+        "\nCPU time per sequential call, µs (all threads of each process):\n\n| path | {} |\n|---|{}\n",
+        processes.join(" | "),
+        "---:|".repeat(processes.len())
+    );
+    for m in results {
+        let cells: Vec<String> = m.cpu_per_call.iter().map(|c| format!("{:.0}", c.us)).collect();
+        out.push_str(&format!("| {} | {} |\n", m.name, cells.join(" | ")));
+    }
+    out
 }
 
 /// "2 cores, 23 GiB, <cpu model>" from /proc.

@@ -1,0 +1,87 @@
+//! `strata-instructions`: point lookups through Strata's engine in this process and nothing
+//! else, for `valgrind --tool=callgrind` to count. Instruction counts do not move with the
+//! machine's noise, so they compare two commits where timings on a shared 2-core VM cannot.
+//! `scripts/instructions.sh` runs it twice (few and many lookups) and reports the difference
+//! per lookup, which leaves out start-up and loading the table.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use arrow::array::{Int64Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use clap::Parser;
+use datafusion::common::ScalarValue;
+use datafusion::parquet::arrow::ArrowWriter;
+use futures::StreamExt;
+
+#[derive(Parser)]
+struct Args {
+    /// Rows in the table looked up.
+    #[arg(long, default_value_t = 100_000)]
+    rows: i64,
+    /// Lookups to run after the warm-up.
+    #[arg(long)]
+    lookups: usize,
+    /// Spell the key into the SQL text instead of binding it as a parameter.
+    #[arg(long)]
+    literal: bool,
+}
+
+/// Lookups before the counted ones, so plans and caches are warm in both runs alike.
+const WARMUP: usize = 50;
+
+// One thread: everything the engine does runs here, in the same order on every run.
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    anyhow::ensure!(args.rows > 0, "--rows must be positive");
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("points.parquet");
+    write_table(&path, args.rows)?;
+    let config = strata_core::Config::parse(
+        &format!(
+            "region: eu\ndatasets:\n  - name: points\n    from: file:{}\n    acceleration: {{}}\n",
+            path.display()
+        ),
+        "strata-instructions",
+    )?;
+    let engine = strata_core::Engine::new(&config)?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    engine.start(shutdown);
+    tokio::time::timeout(Duration::from_secs(600), engine.wait_ready()).await.context("the table never loaded")?;
+    for i in 0..WARMUP + args.lookups {
+        let key = (i as i64).wrapping_mul(7919).rem_euclid(args.rows);
+        let (sql, params) = if args.literal {
+            (format!("SELECT v FROM points WHERE id = {key}"), Vec::new())
+        } else {
+            ("SELECT v FROM points WHERE id = $1".to_string(), vec![ScalarValue::Int64(Some(key))])
+        };
+        let mut stream = engine.execute(&sql, params).await?;
+        let mut rows = 0;
+        while let Some(batch) = stream.next().await {
+            rows += batch?.num_rows();
+        }
+        anyhow::ensure!(rows == 1, "lookup of {key} returned {rows} rows");
+    }
+    Ok(())
+}
+
+fn write_table(path: &std::path::Path, rows: i64) -> anyhow::Result<()> {
+    let schema =
+        Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false), Field::new("v", DataType::Utf8, false)]));
+    let mut writer = ArrowWriter::try_new(std::fs::File::create(path)?, Arc::clone(&schema), None)?;
+    for start in (0..rows).step_by(65_536) {
+        let ids: Vec<i64> = (start..(start + 65_536).min(rows)).collect();
+        writer.write(&RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![
+                Arc::new(Int64Array::from_iter_values(ids.iter().copied())),
+                Arc::new(StringArray::from_iter_values(ids.iter().map(|i| format!("value-{i}")))),
+            ],
+        )?)?;
+    }
+    writer.close()?;
+    Ok(())
+}
