@@ -111,6 +111,12 @@ impl Prefetcher {
         Some(outcome.unwrap_or_else(|e| Err(StrataError::Internal(format!("a prefetched query stopped: {e}")))))
     }
 
+    /// Cancels run `id` (its statement turned out not to plan): no DoGet will come for it.
+    pub fn cancel(&self, id: u64) {
+        let cancelled = self.waiting.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        drop(cancelled);
+    }
+
     /// Runs waiting for their DoGet now.
     #[cfg(test)]
     fn waiting(&self) -> usize {
@@ -153,12 +159,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn runs_never_taken_are_bounded_and_give_their_permit_back_when_dropped() {
+    async fn runs_never_taken_are_bounded_and_give_their_permit_back_when_cancelled() {
         let engine = engine();
         let prefetcher = Prefetcher::default();
         let options = QueryOptions::default();
         // A quarter of the 4 permits may wait for a DoGet.
-        assert!(prefetcher.start(&engine, "SELECT 1", Vec::new(), &options).is_some());
+        let id = prefetcher.start(&engine, "SELECT 1", Vec::new(), &options).expect("started");
         assert!(prefetcher.start(&engine, "SELECT 2", Vec::new(), &options).is_none(), "bounded");
         assert_eq!(prefetcher.waiting(), 1);
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -168,8 +174,9 @@ mod tests {
             open.push(engine.execute("SELECT 1", Vec::new()).await.expect("admitted"));
         }
         assert!(matches!(engine.execute("SELECT 1", Vec::new()).await, Err(StrataError::Overloaded(_))));
-        // ...until the run is dropped, which cancels it and frees its permit.
-        prefetcher.waiting.lock().expect("lock").clear();
+        // ...until the run is cancelled, which frees its permit and its place.
+        prefetcher.cancel(id);
+        assert_eq!(prefetcher.waiting(), 0);
         assert_eq!(rows(engine.execute("SELECT 1", Vec::new()).await.expect("admitted")).await, 1);
         drop(open);
     }

@@ -61,6 +61,17 @@ impl StrataFlightSql {
         self.prefetcher.start(&self.engine, &handle.sql, rows.pop().unwrap_or_default(), &options)
     }
 
+    /// Schema of a statement started by [`Self::prefetch`]. It is planned after the run
+    /// starts, so a forwarded run's upstream call is already under way while this tier plans;
+    /// a statement that does not plan has its run cancelled.
+    async fn prefetched_schema(&self, handle: &StatementHandle) -> Result<SchemaRef, Status> {
+        let schema = self.statement_schema(&handle.sql).await;
+        if let (Err(_), Some(run)) = (&schema, handle.run) {
+            self.prefetcher.cancel(run);
+        }
+        schema
+    }
+
     /// Schema of a statement's result, planned but not run.
     pub(crate) async fn statement_schema(&self, sql: &str) -> Result<SchemaRef, Status> {
         self.engine.result_schema(sql).await.map_err(|e| to_grpc(&e))
@@ -283,9 +294,9 @@ impl FlightSqlService for StrataFlightSql {
         query: CommandStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let schema = self.statement_schema(&query.query).await?;
         let mut handle = StatementHandle::new(query.query);
         handle.run = self.prefetch(&handle, request.metadata());
+        let schema = self.prefetched_schema(&handle).await?;
         let ticket = TicketStatementQuery { statement_handle: handle.encode() };
         let info = self.flight_info(&schema, ticket.as_any().encode_to_vec(), request.into_inner())?;
         Ok(Response::new(info))
@@ -297,8 +308,8 @@ impl FlightSqlService for StrataFlightSql {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let mut handle = StatementHandle::decode(&query.prepared_statement_handle)?;
-        let schema = self.statement_schema(&handle.sql).await?;
         handle.run = self.prefetch(&handle, request.metadata());
+        let schema = self.prefetched_schema(&handle).await?;
         let ticket = CommandPreparedStatementQuery { prepared_statement_handle: handle.encode() };
         let info = self.flight_info(&schema, ticket.as_any().encode_to_vec(), request.into_inner())?;
         Ok(Response::new(info))
