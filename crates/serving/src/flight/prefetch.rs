@@ -113,6 +113,7 @@ impl Prefetcher {
 
     /// Cancels run `id` (its statement turned out not to plan): no DoGet will come for it.
     pub fn cancel(&self, id: u64) {
+        // Dropped (and so aborted) after the lock is released.
         let cancelled = self.waiting.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         drop(cancelled);
     }

@@ -1,4 +1,5 @@
-//! Latency and throughput of one probe, measured the same way for a path and its baseline.
+//! Latency, throughput and CPU time of a scenario's paths, measured the same way and side
+//! by side, so each path and its baseline see the same machine.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -54,7 +55,8 @@ pub struct Measured {
     pub cpu_per_call: Vec<ProcessCpu>,
 }
 
-/// A tier process whose CPU time the scenario attributes to the calls of each path.
+/// A process (a tier, or the bench itself) whose CPU time the scenario charges to the calls
+/// of each path.
 #[derive(Debug, Clone)]
 pub struct Watched {
     pub name: String,
