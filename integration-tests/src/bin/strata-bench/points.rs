@@ -144,7 +144,7 @@ impl Points {
 
     /// The processes whose CPU time each path's calls are charged with: the tiers, and this
     /// process (the clients, and the in-process paths' engine).
-    fn tiers(&self) -> [Watched; 4] {
+    fn watched(&self) -> [Watched; 4] {
         [
             Watched { name: "bench client".into(), pid: std::process::id() },
             Watched { name: "sidecar".into(), pid: self.sidecar.pid() },
@@ -176,7 +176,7 @@ impl Points {
             ),
             ("DataFusion in-process (no network)", &InProcess { ctx: Arc::clone(&self.ctx), query }),
         ];
-        let results = measure_side_by_side(&paths, effort, 1, &self.tiers()).await?;
+        let results = measure_side_by_side(&paths, effort, 1, &self.watched()).await?;
         Ok(Scenario {
             name: format!("Point lookup by key, {} rows", self.rows),
             baseline: "PostgreSQL, prepared, indexed".into(),
@@ -196,7 +196,7 @@ impl Points {
             ("sidecar local, results cache off", &Flight { addr: self.uncached.flight_addr, query, strong: false }),
             ("DataFusion in-process", &InProcess { ctx: Arc::clone(&self.ctx), query }),
         ];
-        let results = measure_side_by_side(&paths, effort, groups, &self.tiers()).await?;
+        let results = measure_side_by_side(&paths, effort, groups, &self.watched()).await?;
         Ok(Scenario {
             name: format!("Aggregate (GROUP BY grp) over {} rows", self.rows),
             baseline: "PostgreSQL".into(),
@@ -214,7 +214,7 @@ impl Points {
             ("sidecar, results cache off", &Flight { addr: self.uncached.flight_addr, query, strong: false }),
             ("sidecar, results cache on", &Flight { addr: self.sidecar.flight_addr, query, strong: false }),
         ];
-        let results = measure_side_by_side(&paths, effort, 10, &self.tiers()).await?;
+        let results = measure_side_by_side(&paths, effort, 10, &self.watched()).await?;
         Ok(Scenario {
             name: format!("Dashboard: 4 queries repeated over {} rows", self.rows),
             baseline: "sidecar, results cache off".into(),
