@@ -14,10 +14,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     // Arrow frames are passed on without copying.
     config.bytes(["."]);
-    tonic_prost_build::configure().file_descriptor_set_path(out.join("strata_v1_descriptor.bin")).compile_with_config(
-        config,
-        &protos,
-        &[root],
-    )?;
+    // Our codec: a message that does not decode is the caller's error (INVALID_ARGUMENT),
+    // not a server fault (tonic's INTERNAL).
+    tonic_prost_build::configure()
+        .codec_path("crate::codec::TierCodec")
+        .file_descriptor_set_path(out.join("strata_v1_descriptor.bin"))
+        .compile_with_config(config, &protos, &[root])?;
     Ok(())
 }

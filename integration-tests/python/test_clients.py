@@ -41,6 +41,26 @@ def test_parameters(conn):
         assert cur.fetchone() == (count,)
 
 
+def test_the_drivers_own_qmark_parameter_style(conn):
+    """ADBC's dbapi declares paramstyle 'qmark': `?` must work as written, numbered in order."""
+    assert flight_sql.paramstyle == "qmark"
+    with conn.cursor() as cur:
+        cur.execute("SELECT order_id FROM orders WHERE order_id = ?", parameters=(7,))
+        assert cur.fetchall() == [(7,)]
+        cur.execute(
+            "SELECT count(*) FROM orders WHERE amount > ? AND status = ?",
+            parameters=(100.0, "paid"),
+        )
+        (count,) = cur.fetchone()
+        cur.execute("SELECT count(*) FROM orders WHERE amount > 100.0 AND status = 'paid'")
+        assert cur.fetchone() == (count,)
+        # A `?` inside a string is text, not a placeholder.
+        cur.execute("SELECT '?' AS q, name FROM customers WHERE customer_id = ?", parameters=(3,))
+        assert cur.fetchall() == [("?", "Customer 003")]
+        cur.executemany("SELECT name FROM customers WHERE customer_id = ?", [(1,), (2,)])
+        assert cur.rowcount == 2
+
+
 def test_executemany_runs_once_per_parameter_row(conn):
     with conn.cursor() as cur:
         cur.executemany("SELECT name FROM customers WHERE customer_id = $1", [(1,), (2,), (3,)])
@@ -141,3 +161,23 @@ def test_grpc_reflection_lists_the_tier_service_and_calls_its_catalog():
     assert by_name["orders"].accelerated and by_name["orders"].version >= 1
     assert by_name["orders"].rows == 2000
     assert not by_name["customers"].accelerated
+
+
+def test_garbage_tier_protocol_messages_are_invalid_argument():
+    """Bytes that are no strata.v1 message are the caller's error, not an internal one, and
+    the server answers the next call."""
+    import grpc
+
+    target = URI.removeprefix("grpc://")
+    with grpc.insecure_channel(target) as channel:
+        for method in ["/strata.v1.TierService/Execute", "/strata.v1.TierService/Subscribe"]:
+            call = channel.unary_stream(method, request_serializer=None, response_deserializer=None)
+            with pytest.raises(grpc.RpcError) as refused:
+                list(call(b"\xff\xff\xff\xff\x0f garbage"))
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value
+        ingest = channel.unary_unary("/strata.v1.TierService/Ingest", request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as refused:
+            ingest(b"\x0a\xff\xff\xff\xff\x0f")
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value
+        health = channel.unary_unary("/strata.v1.TierService/Health", request_serializer=None, response_deserializer=None)
+        assert health(b"") is not None

@@ -50,3 +50,17 @@ async fn unset_secret_is_named() {
     .await;
     assert!(err.contains("STRATA_TEST_UNSET_SECRET") && err.contains("line 4"), "{err}");
 }
+
+#[tokio::test]
+async fn yaml_aliases_that_multiply_are_refused_quickly() {
+    // Nine levels of ten aliases each: a billion values from a few hundred bytes of YAML.
+    let mut config = String::from("x0: &x0 [a, a, a, a, a, a, a, a, a, a]\n");
+    for i in 1..10 {
+        config.push_str(&format!("x{i}: &x{i} [{}]\n", vec![format!("*x{}", i - 1); 10].join(", ")));
+    }
+    config.push_str("region: eu\n");
+    let started = std::time::Instant::now();
+    let err = rejected(&config).await;
+    assert!(err.contains("expands to more than 100000 values"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10), "took {:?}", started.elapsed());
+}

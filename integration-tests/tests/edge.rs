@@ -446,3 +446,125 @@ async fn a_replica_over_max_disk_is_not_stored_and_says_why_while_queries_still_
     let (rows, route, reason) = edge.routed("SELECT count(*) AS n FROM readings", &[]).await;
     assert_eq!((rows[0]["n"].as_i64(), route.as_str(), reason.as_str()), (Some(5010), "forwarded", "cold_start"));
 }
+
+#[tokio::test]
+async fn csv_columns_map_by_header_and_unknown_keys_are_refused() {
+    let pg = PgServer::start();
+    seed(&pg).await;
+    let (_platform, edge, _config, _data, _, _) = platform_and_edge(&pg, "64MiB").await;
+    let client = reqwest::Client::new();
+    let write = |content_type: &'static str, body: &'static str| {
+        client
+            .post(format!("http://{}/v1/ingest/readings", edge.http_addr))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+    };
+    // The header lists the columns in another order than the table: values go by name.
+    let response = write("text/csv", "celsius,n,writer\n7.5,42,9\n").await.expect("csv");
+    assert_eq!(response.status().as_u16(), 200, "{}", response.text().await.unwrap_or_default());
+    wait_drained(&edge, &pg, 1).await;
+    let row = pg
+        .connect()
+        .await
+        .query_one("SELECT writer, n, celsius FROM readings WHERE writer = 9", &[])
+        .await
+        .expect("the row");
+    assert_eq!((row.get::<_, i32>(0), row.get::<_, i64>(1), row.get::<_, f64>(2)), (9, 42, 7.5));
+
+    for (content_type, body, needle) in [
+        ("text/csv", "writer,n,vaule\n1,2,3\n", "`vaule`"),
+        ("text/csv", "writer,celsius\n1,2\n", "lacks column `n`"),
+        ("application/x-ndjson", "{\"writer\": 1, \"n\": 2, \"vaule\": 3}\n", "vaule"),
+    ] {
+        let response = write(content_type, body).await.expect("write");
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap_or_default();
+        assert_eq!(status, 400, "{body}: {text}");
+        assert!(text.contains(needle), "{body}: {text}");
+    }
+    // An Arrow stream whose message claims 2 GiB is refused without allocating it.
+    let response = client
+        .post(format!("http://{}/v1/ingest/readings", edge.http_addr))
+        .header("content-type", "application/vnd.apache.arrow.stream")
+        .body(crate::hostile::lying_ipc())
+        .send()
+        .await
+        .expect("arrow");
+    assert_eq!(response.status().as_u16(), 400);
+    assert!(response.text().await.unwrap_or_default().contains("claims a body"));
+    assert_eq!(sink_rows(&pg).await.len(), 1, "a refused write reached the sink");
+}
+
+#[tokio::test]
+async fn a_write_the_platform_refuses_for_good_is_set_aside_and_blocks_nothing() {
+    let pg = PgServer::start();
+    seed(&pg).await;
+    pg.connect().await.batch_execute("CREATE TABLE notes (id bigint NOT NULL, body text)").await.expect("notes table");
+    let platform_yaml = |notes_writable: bool| {
+        format!(
+            "{}  - name: notes\n    from: postgres:public.notes\n    params: {}\n    writable: {notes_writable}\n",
+            platform_config(&pg),
+            pg.params_yaml()
+        )
+    };
+    let (flight, http) = addrs();
+    let mut platform = Tier::start_at("platform-service", &platform_yaml(true), flight, http).await;
+    platform.wait_ready(Duration::from_secs(30)).await;
+    let data = tempfile::tempdir().expect("data dir");
+    let config = edge_config(flight, data.path(), "64MiB")
+        .replace("writable: [readings]", "writable: [readings, notes]")
+        .replace("  call_timeout: 1s\n", "  call_timeout: 1s\n  catalog_interval: 500ms\n");
+    let edge = Tier::start("edge-agent", &config).await;
+    edge.wait_ready(Duration::from_secs(30)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !edge.find_dataset("readings").await.is_some_and(|d| d["state"] == "ready") {
+        assert!(Instant::now() < deadline, "the edge never loaded readings:\n{}", edge.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let client = reqwest::Client::new();
+    let note = |id: i64| {
+        client
+            .post(format!("http://{}/v1/ingest/notes", edge.http_addr))
+            .header("content-type", "application/x-ndjson")
+            .body(format!("{{\"id\": {id}, \"body\": \"hello\"}}\n"))
+            .send()
+    };
+
+    // While the platform is away, a note and then readings are acknowledged; it comes back
+    // no longer accepting notes.
+    platform.kill();
+    let response = note(1).await.expect("note");
+    assert_eq!(response.status().as_u16(), 200, "{}", response.text().await.unwrap_or_default());
+    let (status, body) = post(&client, edge.http_addr, batch(5, 1, 3)).await.expect("readings");
+    assert_eq!(status, 200, "{body}");
+    let _platform = Tier::start_at("platform-service", &platform_yaml(false), flight, http).await;
+
+    // The refused note does not hold the readings back, and is kept, reported and counted.
+    wait_drained(&edge, &pg, 3).await;
+    let (_, datasets) = edge.get_json("/v1/datasets").await;
+    let letters = datasets["dead_letter"].as_array().cloned().unwrap_or_default();
+    assert_eq!(letters.len(), 1, "{datasets}");
+    assert_eq!((letters[0]["dataset"].as_str(), letters[0]["rows"].as_u64()), (Some("notes"), Some(1)), "{datasets}");
+    assert!(letters[0]["last_error"].as_str().unwrap_or_default().contains("notes"), "{datasets}");
+    let kept: Vec<_> = std::fs::read_dir(data.path().join("dead-letter"))
+        .expect("dead-letter area")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".notes.arrows"))
+        .collect();
+    assert_eq!(kept.len(), 1);
+    let metrics = reqwest::get(edge.url("/metrics")).await.expect("metrics").text().await.expect("text");
+    assert!(metrics.contains("strata_edge_dead_letter_records{dataset=\"notes\"} 1"), "{metrics}");
+
+    // Now that the platform says so, a new note is refused before it is acknowledged.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let response = note(2).await.expect("note");
+        if response.status().as_u16() == 501 {
+            assert!(response.text().await.unwrap_or_default().contains("does not accept edge writes"));
+            break;
+        }
+        assert!(Instant::now() < deadline, "the edge kept acknowledging notes:\n{}", edge.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -8,6 +8,7 @@ mod config_errors;
 mod edge;
 mod federation;
 mod golden;
+mod hostile;
 mod parameterize;
 mod results_cache;
 mod tiers;

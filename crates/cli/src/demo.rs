@@ -17,7 +17,7 @@ const CUSTOMERS: &str = include_str!("../../../examples/data/customers.csv");
 const ORDERS: &str = include_str!("../../../examples/data/orders.ndjson");
 
 pub fn main() -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match strata_serving::process::runtime() {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("error: cannot start the runtime: {err}");

@@ -209,6 +209,16 @@ pub struct ServerConfig {
     /// How long in-flight queries may run after SIGTERM before the process exits anyway.
     #[serde(with = "duration")]
     pub shutdown_grace: Duration,
+    /// Open client connections over all listeners; a connection beyond it is closed at
+    /// once (and logged). Keep it below the process's file descriptor limit.
+    pub max_connections: usize,
+    /// A new connection must send its first bytes (HTTP request line, HTTP/2 preface)
+    /// within this time, or it is closed: silent connections cannot hold descriptors.
+    #[serde(with = "duration")]
+    pub handshake_timeout: Duration,
+    /// A connection that sends and receives nothing for this long is closed.
+    #[serde(with = "duration")]
+    pub idle_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -217,6 +227,9 @@ impl Default for ServerConfig {
             flight_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             shutdown_grace: Duration::from_secs(30),
+            max_connections: 1024,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -235,6 +248,29 @@ pub struct LimitsConfig {
     /// Queries taking at least this long are logged at `info` with their SQL.
     #[serde(with = "duration")]
     pub slow_query: Duration,
+    /// Longest SQL text accepted, on every interface.
+    pub max_query_size: ByteSize,
+    /// Deepest nesting of expressions and subqueries a statement may have (after `k = 1 OR
+    /// k = 2 ...` chains are folded into IN lists): planning walks them recursively.
+    pub max_expression_depth: usize,
+    /// Bytes the plan cache may hold (SQL texts and their plans); texts longer than a
+    /// sixty-fourth of it are planned every time rather than cached.
+    pub plan_cache_size: ByteSize,
+    /// Version streams (replica subscriptions) a platform serves at once.
+    pub max_subscribers: usize,
+    /// Queries executing on this tier's cores at once; further admitted queries wait their
+    /// turn (within their timeout). Queries forwarded whole to another tier do not count.
+    /// Default: twice the number of cores.
+    pub max_running_queries: Option<usize>,
+}
+
+impl LimitsConfig {
+    /// `max_running_queries`, or its default.
+    pub fn running_queries(&self) -> usize {
+        self.max_running_queries
+            .unwrap_or_else(|| 2 * std::thread::available_parallelism().map_or(2, |n| n.get()))
+            .max(1)
+    }
 }
 
 impl Default for LimitsConfig {
@@ -247,6 +283,11 @@ impl Default for LimitsConfig {
             max_request_body: ByteSize(1 << 20),
             max_concurrent_queries: 64,
             slow_query: Duration::from_secs(1),
+            max_query_size: ByteSize(1 << 20),
+            max_expression_depth: 256,
+            plan_cache_size: ByteSize(64 << 20),
+            max_subscribers: 256,
+            max_running_queries: None,
         }
     }
 }
@@ -557,9 +598,12 @@ impl Config {
         Ok(config)
     }
 
-    /// Parses config text; `origin` names it in errors (usually the file path).
+    /// Parses config text; `origin` names it in errors (usually the file path). Its size
+    /// once YAML aliases are expanded is bounded first (see [`expanded_size_within`]).
     pub fn parse(text: &str, origin: &str) -> Result<Self> {
         let text = interpolate_env(text, |name| std::env::var(name).ok())
+            .map_err(|e| StrataError::Config(format!("{origin}: {e}")))?;
+        expanded_size_within(&text, MAX_EXPANDED_CONFIG_NODES)
             .map_err(|e| StrataError::Config(format!("{origin}: {e}")))?;
         let config: Config = serde_yaml::from_str(&text).map_err(|e| StrataError::Config(format!("{origin}: {e}")))?;
         config.validate().map_err(|e| StrataError::Config(format!("{origin}: {e}")))?;
@@ -793,5 +837,111 @@ mod tests {
         assert_eq!("16MiB".parse::<ByteSize>(), Ok(ByteSize(16 << 20)));
         assert_eq!("1GB".parse::<ByteSize>(), Ok(ByteSize(1_000_000_000)));
         assert!("1XB".parse::<ByteSize>().is_err());
+    }
+}
+
+/// Values (scalars, sequence items, mapping entries) a config may hold once YAML aliases are
+/// expanded: far above any real config, far below what a "billion laughs" file expands to.
+const MAX_EXPANDED_CONFIG_NODES: usize = 100_000;
+
+/// Refuses YAML whose aliases expand to more than `max` values. A 231 KB file of nested
+/// aliases grew the process to 1.86 GB while being deserialized; counting the expanded
+/// values without keeping any of them stops such a file after `max` steps.
+fn expanded_size_within(text: &str, max: usize) -> std::result::Result<(), String> {
+    use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+
+    struct Count<'a>(&'a std::cell::Cell<usize>, usize);
+
+    impl Count<'_> {
+        fn tick<E: serde::de::Error>(&self) -> std::result::Result<(), E> {
+            self.0.set(self.0.get() + 1);
+            if self.0.get() > self.1 {
+                return Err(E::custom(format!(
+                    "the config expands to more than {} values once its YAML aliases are resolved",
+                    self.1
+                )));
+            }
+            Ok(())
+        }
+    }
+
+    impl<'de> DeserializeSeed<'de> for Count<'_> {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Count<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("any YAML value")
+        }
+        fn visit_bool<E: serde::de::Error>(self, _: bool) -> std::result::Result<(), E> {
+            self.tick()
+        }
+        fn visit_i64<E: serde::de::Error>(self, _: i64) -> std::result::Result<(), E> {
+            self.tick()
+        }
+        fn visit_u64<E: serde::de::Error>(self, _: u64) -> std::result::Result<(), E> {
+            self.tick()
+        }
+        fn visit_f64<E: serde::de::Error>(self, _: f64) -> std::result::Result<(), E> {
+            self.tick()
+        }
+        fn visit_str<E: serde::de::Error>(self, _: &str) -> std::result::Result<(), E> {
+            self.tick()
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> std::result::Result<(), E> {
+            self.tick()
+        }
+        fn visit_none<E: serde::de::Error>(self) -> std::result::Result<(), E> {
+            self.tick()
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> std::result::Result<(), D::Error> {
+            self.tick()?;
+            d.deserialize_any(self)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<(), A::Error> {
+            self.tick()?;
+            while seq.next_element_seed(Count(self.0, self.1))?.is_some() {}
+            Ok(())
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<(), A::Error> {
+            self.tick()?;
+            while map.next_key_seed(Count(self.0, self.1))?.is_some() {
+                map.next_value_seed(Count(self.0, self.1))?;
+            }
+            Ok(())
+        }
+        fn visit_enum<A: serde::de::EnumAccess<'de>>(self, data: A) -> std::result::Result<(), A::Error> {
+            use serde::de::VariantAccess;
+            self.tick()?;
+            let ((), variant) = data.variant_seed(Count(self.0, self.1))?;
+            variant.newtype_variant_seed(Count(self.0, self.1))
+        }
+    }
+
+    let count = std::cell::Cell::new(0);
+    for document in serde_yaml::Deserializer::from_str(text) {
+        Count(&count, max).deserialize(document).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod alias_bound_tests {
+    #[test]
+    fn aliases_that_expand_past_the_bound_are_refused_quickly() {
+        let mut text = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..12 {
+            let refs = vec![format!("*a{}", i - 1); 10].join(", ");
+            text.push_str(&format!("a{i}: &a{i} [{refs}]\n"));
+        }
+        let err = super::Config::parse(&text, "laughs.yaml").expect_err("refused");
+        assert!(err.to_string().contains("expands to more than 100000 values"), "{err}");
+        // An ordinary config with an alias still parses.
+        let ok = "limits: &l {max_result_rows: 10}\ndatasets: []\n";
+        assert!(super::Config::parse(ok, "ok.yaml").is_ok());
     }
 }

@@ -47,6 +47,10 @@ struct Inner {
     limits: LimitsConfig,
     region: String,
     admission: Arc<Semaphore>,
+    /// Queries executing here at once (`limits.max_running_queries`); admitted queries past
+    /// it wait their turn. Sharing the cores among every admitted query made a burst of 64
+    /// one-second queries each take 32 s on two cores, and all of them time out.
+    running: Arc<Semaphore>,
     ready: watch::Sender<bool>,
     connector: SourceConnector,
     observer: std::sync::RwLock<Option<QueryObserver>>,
@@ -86,6 +90,8 @@ struct CachedPlan {
     deterministic: bool,
     /// The providers the plan reads: it is valid while the catalog still serves these.
     tables: Vec<(datafusion::common::TableReference, ProviderRef)>,
+    /// Expressions in the plan (its weight in the plan cache).
+    expressions: usize,
 }
 
 impl CachedPlan {
@@ -97,8 +103,34 @@ impl CachedPlan {
     }
 }
 
-/// Plans kept by SQL text.
-const PLAN_CACHE_ENTRIES: u64 = 4096;
+/// Bytes a cached plan is charged with beyond its text and expressions (nodes, schemas).
+const PLAN_OVERHEAD_BYTES: usize = 4096;
+/// Bytes charged per expression of a plan: an `Expr` node with its boxes and names.
+const EXPR_BYTES: usize = 256;
+
+/// What a plan cache entry is charged against `limits.plan_cache_size`: its SQL text, which
+/// the cache keeps as the key, and an estimate of the plan from its expression count (an
+/// IN list of 100,000 keys is a few hundred KB of text but tens of MB of expressions).
+fn plan_weight(text: &str, plan: &CachedPlan) -> u32 {
+    let expressions = plan.expressions;
+    let bytes = text.len() + PLAN_OVERHEAD_BYTES + expressions.saturating_mul(EXPR_BYTES);
+    u32::try_from(bytes).unwrap_or(u32::MAX)
+}
+
+/// Expressions in a plan and its subqueries, for [`plan_weight`].
+fn count_expressions(plan: &LogicalPlan) -> usize {
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    let mut count = 0usize;
+    let _ = plan.apply_with_subqueries(|node| {
+        node.apply_expressions(|expr| {
+            expr.apply(|_| {
+                count += 1;
+                Ok(TreeNodeRecursion::Continue)
+            })
+        })
+    });
+    count
+}
 
 /// Every table the plan scans, with the provider it was planned against.
 fn table_providers(plan: &LogicalPlan) -> Vec<(datafusion::common::TableReference, ProviderRef)> {
@@ -140,7 +172,9 @@ impl Engine {
             .with_create_default_catalog_and_schema(true)
             .with_information_schema(true)
             .with_target_partitions(std::thread::available_parallelism().map_or(2, |n| n.get()));
+        let pool = Arc::clone(&runtime.memory_pool);
         let ctx = SessionContext::new_with_config_rt(session, runtime);
+        crate::bounded_functions::register(&ctx, pool);
         let catalog = ctx.catalog(CATALOG).ok_or_else(|| StrataError::Internal("default catalog missing".into()))?;
         for ds in &config.datasets {
             if let Some((schema, _)) = ds.name.split_once('.')
@@ -155,6 +189,7 @@ impl Engine {
             inner: Arc::new(Inner {
                 datasets,
                 admission: Arc::new(Semaphore::new(limits.max_concurrent_queries)),
+                running: Arc::new(Semaphore::new(config.limits.running_queries())),
                 limits,
                 region: config.region.clone(),
                 ready,
@@ -171,8 +206,14 @@ impl Engine {
                     .collect(),
                 writes: std::sync::RwLock::new(None),
                 results: crate::results_cache::ResultsCache::new(&config.results_cache),
-                plans: moka::sync::Cache::new(PLAN_CACHE_ENTRIES),
-                refused_shapes: moka::sync::Cache::new(PLAN_CACHE_ENTRIES),
+                plans: moka::sync::Cache::builder()
+                    .max_capacity(config.limits.plan_cache_size.as_usize() as u64)
+                    .weigher(|text: &String, plan: &Arc<CachedPlan>| plan_weight(text, plan))
+                    .build(),
+                refused_shapes: moka::sync::Cache::builder()
+                    .max_capacity(config.limits.plan_cache_size.as_usize() as u64 / 8)
+                    .weigher(|text: &String, _: &()| u32::try_from(text.len()).unwrap_or(u32::MAX))
+                    .build(),
                 planning: ctx.state(),
                 planning_without_physical_rules: datafusion::execution::SessionStateBuilder::new_from_existing(
                     ctx.state(),
@@ -334,6 +375,7 @@ impl Engine {
                     rows: snapshot.as_ref().map_or(0, |s| s.rows as u64),
                     refreshed_at: snapshot.as_ref().map(|s| s.refreshed_at),
                     accelerated: d.config.accelerated().is_some(),
+                    writable: Some(self.inner.sinks.contains_key(&d.name().to_ascii_lowercase())),
                 })
             })
             .collect();
@@ -428,6 +470,12 @@ impl Engine {
         self.inner.plans.entry_count()
     }
 
+    /// Bytes charged to the plan cache (see `plan_weight`).
+    pub fn plan_cache_bytes(&self) -> u64 {
+        self.inner.plans.run_pending_tasks();
+        self.inner.plans.weighted_size()
+    }
+
     /// Region this engine serves.
     pub fn region(&self) -> &str {
         &self.inner.region
@@ -514,7 +562,9 @@ impl Engine {
                 None => match self.plan_and_cache(shape.key.clone(), shape.statement).await {
                     Ok(planned) => Some(planned),
                     Err(_) => {
-                        self.inner.refused_shapes.insert(shape.key, ());
+                        if shape.key.len() <= self.max_cached_text() {
+                            self.inner.refused_shapes.insert(shape.key, ());
+                        }
                         None
                     }
                 },
@@ -526,14 +576,26 @@ impl Engine {
         Ok((self.plan_and_cache(sql.to_string(), statement).await?, Vec::new()))
     }
 
+    /// Longest SQL text the plan cache keeps (a sixty-fourth of `limits.plan_cache_size`).
+    fn max_cached_text(&self) -> usize {
+        self.inner.limits.plan_cache_size.as_usize() / 64
+    }
+
     async fn cached(&self, key: &str) -> Option<Arc<CachedPlan>> {
         let hit = self.inner.plans.get(key)?;
         self.still_registered(&hit.tables).await.then_some(hit)
     }
 
+    /// Parses one statement within the configured bounds: its text's size, then (once
+    /// `?` placeholders are numbered and OR chains folded) its nesting depth.
     fn parse(&self, sql: &str) -> Result<DfStatement> {
-        let statement = self.inner.planning.sql_to_statement(sql, &datafusion::common::config::Dialect::Generic)?;
+        let limits = &self.inner.limits;
+        crate::statement_bounds::check_size(sql, limits.max_query_size.as_usize())?;
+        let sql = crate::placeholders::number_positional(sql)?;
+        let mut statement =
+            self.inner.planning.sql_to_statement(&sql, &datafusion::common::config::Dialect::Generic)?;
         check_read_only(&statement)?;
+        crate::statement_bounds::bound_statement(&mut statement, limits.max_expression_depth)?;
         Ok(statement)
     }
 
@@ -542,11 +604,15 @@ impl Engine {
         let deterministic = crate::results_cache::is_deterministic(&planned.plan);
         let entry = Arc::new(CachedPlan {
             tables: table_providers(&planned.plan),
+            expressions: count_expressions(&planned.plan),
             planned,
             optimized: std::sync::OnceLock::new(),
             deterministic,
         });
-        self.inner.plans.insert(key, Arc::clone(&entry));
+        // A text too large to be worth keeping is planned each time it comes.
+        if key.len() <= self.max_cached_text() {
+            self.inner.plans.insert(key, Arc::clone(&entry));
+        }
         Ok(entry)
     }
 
@@ -615,15 +681,29 @@ impl Engine {
 
     async fn run(&self, input: QueryInput<'_>, options: &QueryOptions, span: tracing::Span) -> Result<QueryStream> {
         let limits = &self.inner.limits;
-        let permit = Arc::clone(&self.inner.admission)
-            .try_acquire_owned()
-            .map_err(|_| StrataError::Overloaded(limits.max_concurrent_queries))?;
+        let observer = self.inner.observer.read().unwrap_or_else(|p| p.into_inner()).clone();
+        // Set by a query that runs here once it has a running slot (see `Inner::running`).
+        let mut running_slot = None;
+        let Ok(permit) = Arc::clone(&self.inner.admission).try_acquire_owned() else {
+            if let Some(observer) = &observer {
+                observer(crate::query::Outcome::Shed, 0, Duration::ZERO, None);
+            }
+            return Err(StrataError::Overloaded(limits.max_concurrent_queries));
+        };
         let id = next_query_id();
         span.record("id", id);
         let started = Instant::now();
-        let deadline = tokio::time::Instant::now() + limits.query_timeout;
-        let wall_deadline = std::time::SystemTime::now() + limits.query_timeout;
-        let observer = self.inner.observer.read().unwrap_or_else(|p| p.into_inner()).clone();
+        // The sooner of our own timeout and the caller's deadline (a forwarding tier's).
+        let mut budget = limits.query_timeout;
+        if let Some(caller) = options.deadline {
+            let left = caller.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+            if left.is_zero() {
+                return Err(StrataError::Timeout(Duration::ZERO));
+            }
+            budget = budget.min(left);
+        }
+        let deadline = tokio::time::Instant::now() + budget;
+        let wall_deadline = std::time::SystemTime::now() + budget;
         let start = async {
             // The values bound into the plan: the client's, or the literals taken out of its SQL.
             let (cached, bound) = match &input {
@@ -676,6 +756,9 @@ impl Engine {
             match routing {
                 Routing::Run { plan, mut info } => {
                     self.add_local_versions(&plan, &mut info);
+                    // Wait (within the deadline, first come first served) for one of the
+                    // slots that share this tier's cores.
+                    running_slot = Arc::clone(&self.inner.running).acquire_owned().await.ok();
                     // Already optimized (routing needs the pushed-down filters): plan it physically
                     // without a second optimizer pass.
                     let execute = || async {
@@ -712,16 +795,17 @@ impl Engine {
                 }
                 return Err(err);
             }
-            Err(_) => return Err(StrataError::Timeout(limits.query_timeout)),
+            Err(_) => return Err(StrataError::Timeout(budget)),
         };
         span.in_scope(|| tracing::debug!(route = %route, "routed"));
+        let running_slot = running_slot.take();
         Ok(QueryStream::new(
             id,
             stream,
             permit,
             crate::query::StreamLimits {
                 deadline,
-                timeout: limits.query_timeout,
+                timeout: budget,
                 max_rows: limits.max_result_rows,
                 slow_query: limits.slow_query,
             },
@@ -729,7 +813,8 @@ impl Engine {
             span,
             observer,
             route,
-        ))
+        )
+        .with_running_slot(running_slot))
     }
 
     /// The optimized plan of a cached statement with `params` bound. A deterministic

@@ -18,6 +18,12 @@ pub enum StrataError {
     #[error("{0}")]
     Plan(String),
 
+    /// A request is malformed or refused by a bound on what a tier accepts: bytes that do
+    /// not decode, a shipped plan that reads anything but named tables, an input over a
+    /// configured limit. The message names what is wrong (and the limit, if one).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+
     /// Only read queries run on the query path.
     #[error("only read-only queries are allowed; {0} statements are rejected")]
     ReadOnly(String),
@@ -80,6 +86,7 @@ impl StrataError {
             StrataError::Config(_) => "config",
             StrataError::Parse(_) => "parse",
             StrataError::Plan(_) => "plan",
+            StrataError::InvalidRequest(_) => "invalid_request",
             StrataError::ReadOnly(_) => "read_only",
             StrataError::NotSupported(_) => "not_supported",
             StrataError::UnknownDataset(_) => "unknown_dataset",
@@ -98,8 +105,9 @@ impl StrataError {
 
     /// An error another tier reported with `kind` and its full message.
     pub fn from_kind(kind: &str, message: String) -> Self {
-        const KINDS: [&str; 15] = [
+        const KINDS: [&str; 16] = [
             "log_full",
+            "invalid_request",
             "config",
             "parse",
             "plan",

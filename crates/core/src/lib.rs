@@ -2,11 +2,14 @@
 //! their refresh, and the read-only query path with its limits.
 
 pub mod accelerator;
+mod bounded_functions;
 pub mod config;
 pub mod dataset;
 pub mod engine;
 pub mod error;
+pub mod ipc;
 mod parameterize;
+mod placeholders;
 pub mod plan_codec;
 pub mod query;
 pub mod refresh;
@@ -14,6 +17,7 @@ pub mod results_cache;
 pub mod routing;
 pub mod sink;
 pub mod source;
+mod statement_bounds;
 pub mod writes;
 pub mod zone_map;
 

@@ -32,7 +32,8 @@ impl ByNameCodec {
         Self { catalog: Some(catalog) }
     }
 
-    fn lookup(&self, table_ref: &TableReference) -> Option<Arc<dyn TableProvider>> {
+    /// The provider this tier serves under `table_ref`, if any.
+    pub fn lookup(&self, table_ref: &TableReference) -> Option<Arc<dyn TableProvider>> {
         let catalog = self.catalog.as_ref()?;
         let schema_name = table_ref.schema().unwrap_or(crate::engine::DEFAULT_SCHEMA);
         let schema = catalog.schema(schema_name).or_else(|| catalog.schema(&schema_name.to_ascii_lowercase()))?;
@@ -87,10 +88,77 @@ pub fn encode_plan(plan: &LogicalPlan) -> Result<bytes::Bytes> {
     Ok(logical_plan_to_bytes_with_extension_codec(plan, &ByNameCodec::default())?)
 }
 
-/// Deserializes a shipped plan against the tables of `ctx`'s default catalog.
+/// Deserializes a shipped plan against the tables of `ctx`'s default catalog, and refuses
+/// it unless every leaf is a table of that catalog resolved by name (see [`check_leaves`]).
+///
+/// datafusion-proto decodes file scans, views and inline values itself, without asking our
+/// codec, and some of its decoders panic on malformed input (an empty CSV delimiter): a
+/// panic while decoding is caught here and reported as a bad plan, never as a crash.
 pub fn decode_plan(bytes: &[u8], ctx: &SessionContext, task_ctx: &TaskContext) -> Result<LogicalPlan> {
     let catalog =
         ctx.catalog(crate::engine::CATALOG).ok_or_else(|| StrataError::Internal("default catalog missing".into()))?;
-    logical_plan_from_bytes_with_extension_codec(bytes, task_ctx, &ByNameCodec::with_catalog(catalog))
-        .map_err(|e| StrataError::Plan(format!("cannot decode the shipped plan: {e}")))
+    let codec = ByNameCodec::with_catalog(Arc::clone(&catalog));
+    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        logical_plan_from_bytes_with_extension_codec(bytes, task_ctx, &codec)
+    }))
+    .map_err(|_| StrataError::InvalidRequest("the shipped plan is malformed (its decoder failed)".into()))?;
+    let plan = decoded.map_err(|e| StrataError::InvalidRequest(format!("cannot decode the shipped plan: {e}")))?;
+    check_leaves(&plan, &codec)?;
+    Ok(plan)
+}
+
+/// Refuses a plan unless each of its leaves (subqueries included) is a scan of a table this
+/// tier serves, the very provider its catalog holds under that name, or an empty relation.
+/// A shipped plan that scans files, memory tables, views or inline values could read
+/// anything the process can (`/etc/passwd`) or carry data of any size.
+pub fn check_leaves(plan: &LogicalPlan, codec: &ByNameCodec) -> Result<()> {
+    use datafusion::common::tree_node::TreeNodeRecursion;
+    let mut refused: Option<String> = None;
+    plan.apply_with_subqueries(|node| {
+        let problem = match node {
+            LogicalPlan::TableScan(scan) => {
+                let served = codec.lookup(&scan.table_name);
+                let provider = datafusion::catalog::default_table_source::source_as_provider(&scan.source).ok();
+                match (served, provider) {
+                    (Some(served), Some(provider)) if Arc::ptr_eq(&served, &provider) => None,
+                    (_, provider) => Some(format!(
+                        "a scan of `{}` that is not this tier's table of that name ({})",
+                        scan.table_name,
+                        provider.map_or_else(|| "an unknown source".to_string(), |p| leaf_kind(p.as_ref()))
+                    )),
+                }
+            }
+            LogicalPlan::Values(_) => Some("inline VALUES".to_string()),
+            LogicalPlan::Extension(_) => Some("an extension node".to_string()),
+            LogicalPlan::RecursiveQuery(_) => Some("a recursive query".to_string()),
+            _ => None,
+        };
+        if let Some(problem) = problem {
+            refused = Some(problem);
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    match refused {
+        Some(problem) => Err(StrataError::InvalidRequest(format!(
+            "shipped plans may only read tables of this tier's catalog by name; refused {problem}"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// A short name of a table provider's kind, for the error that refuses it.
+fn leaf_kind(provider: &dyn TableProvider) -> String {
+    use datafusion::datasource::listing::ListingTable;
+    use datafusion::datasource::{MemTable, ViewTable};
+    if let Some(listing) = provider.downcast_ref::<ListingTable>() {
+        let paths: Vec<String> = listing.table_paths().iter().map(|p| p.to_string()).collect();
+        format!("a file scan of {}", paths.join(", "))
+    } else if provider.downcast_ref::<MemTable>().is_some() {
+        "an inline memory table".to_string()
+    } else if provider.downcast_ref::<ViewTable>().is_some() {
+        "a view".to_string()
+    } else {
+        format!("a {:?} table", provider.table_type())
+    }
 }

@@ -31,6 +31,8 @@ pub enum Outcome {
     Error,
     /// The client went away before the end.
     Cancelled,
+    /// Refused at admission: `limits.max_concurrent_queries` were running.
+    Shed,
 }
 
 /// Called once when a query stream ends, with its outcome, rows and duration.
@@ -64,6 +66,8 @@ pub struct QueryStream {
     observer: Option<QueryObserver>,
     route: crate::routing::RouteInfo,
     _permit: OwnedSemaphorePermit,
+    /// A slot of `limits.max_running_queries`, held while a query that runs here streams.
+    _running: Option<OwnedSemaphorePermit>,
 }
 
 impl QueryStream {
@@ -93,7 +97,14 @@ impl QueryStream {
             observer,
             route,
             _permit: permit,
+            _running: None,
         }
+    }
+
+    /// Holds `slot` (of `limits.max_running_queries`) until the stream ends.
+    pub(crate) fn with_running_slot(mut self, slot: Option<OwnedSemaphorePermit>) -> Self {
+        self._running = slot;
+        self
     }
 
     /// The query id used in logs.

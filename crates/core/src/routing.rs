@@ -158,6 +158,9 @@ pub struct QueryOptions {
     pub origin_region: String,
     /// Platforms already crossed (loop guard).
     pub hops: u32,
+    /// When the caller stops waiting (a downstream tier's own deadline): the query ends by
+    /// then even if `limits.query_timeout` would allow longer.
+    pub deadline: Option<std::time::SystemTime>,
 }
 
 /// What the router decided for one planned query.
@@ -221,6 +224,8 @@ pub struct CatalogEntry {
     pub refreshed_at: Option<std::time::SystemTime>,
     /// Whether downstream tiers can replicate it.
     pub accelerated: bool,
+    /// Whether it accepts edge writes; `None` when the tier that listed it did not say.
+    pub writable: Option<bool>,
 }
 
 /// Names of the tables a plan scans, lower-cased, without catalog/schema when it is the default.

@@ -3,6 +3,7 @@
 //! write is durable in a local log before it is acknowledged, visible to local queries at
 //! once, and uploaded to the platform in order, applied there exactly once.
 
+pub mod dead_letter;
 pub mod log;
 pub mod pending;
 pub mod writes;
@@ -51,10 +52,14 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Serve
         shutdown.clone(),
     )?;
     let dir = edge.data_dir.join("ingest");
+    let dead_dir = edge.data_dir.join("dead-letter");
     let max = edge.max_log_size.0;
-    let (log, recovery) = tokio::task::spawn_blocking(move || IngestLog::open(&dir, max))
-        .await
-        .map_err(|e| StrataError::Internal(format!("cannot open the ingest log: {e}")))??;
+    let (log, recovery, dead_letters) = tokio::task::spawn_blocking(move || {
+        let (log, recovery) = IngestLog::open(&dir, max)?;
+        Ok::<_, StrataError>((log, recovery, crate::dead_letter::DeadLetters::open(&dead_dir)?))
+    })
+    .await
+    .map_err(|e| StrataError::Internal(format!("cannot open the ingest log: {e}")))??;
     if recovery.truncated_bytes > 0 {
         tracing::error!(
             bytes = recovery.truncated_bytes,
@@ -63,7 +68,7 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Serve
     }
     let client =
         router.default_client().cloned().ok_or_else(|| StrataError::Internal("edge without upstream".into()))?;
-    let writes = EdgeWrites::new(edge, log, recovery, Arc::clone(&router));
+    let writes = EdgeWrites::new(edge, log, recovery, Arc::clone(&router), dead_letters);
     engine.set_writes(Arc::clone(&writes) as Arc<dyn strata_core::writes::LocalWrites>);
     tokio::spawn(Arc::clone(&writes).upload(client, shutdown.clone()));
     let servers = strata_serving::start(engine.clone(), &config.server, "edge", shutdown.clone()).await?;

@@ -19,6 +19,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::dead_letter::DeadLetters;
 use crate::log::{Entry, IngestLog, Recovery};
 use crate::pending::PendingTable;
 
@@ -37,6 +38,15 @@ pub struct EdgeWrites {
     /// Per writable dataset, the pending rows as a table local queries union in.
     tables: Mutex<Vec<(String, Arc<PendingTable>)>>,
     wake: Notify,
+    /// Batches the platform refused for good, kept aside so they block no later write.
+    dead_letters: Arc<DeadLetters>,
+}
+
+/// Whether the platform's refusal of an upload is final: retrying the same batch can only
+/// be refused again (the dataset does not take edge writes there, or not these columns).
+/// Anything else (unreachable, overloaded, its database down) is retried.
+fn refused_for_good(err: &StrataError) -> bool {
+    matches!(err.kind(), "not_supported" | "unknown_dataset" | "plan" | "invalid_request" | "read_only" | "parse")
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -44,8 +54,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl EdgeWrites {
-    pub fn new(config: EdgeConfig, log: IngestLog, recovery: Recovery, router: Arc<TierRouter>) -> Arc<Self> {
+    pub fn new(
+        config: EdgeConfig,
+        log: IngestLog,
+        recovery: Recovery,
+        router: Arc<TierRouter>,
+        dead_letters: DeadLetters,
+    ) -> Arc<Self> {
         let writes = Arc::new(Self {
+            dead_letters: Arc::new(dead_letters),
             config,
             log: Arc::new(log),
             router,
@@ -82,14 +99,16 @@ impl EdgeWrites {
         table
     }
 
-    /// The oldest pending batches that are durable, as many as one upload carries.
-    fn next_upload(&self) -> Vec<Entry> {
+    /// The oldest pending batches that are durable, as many as one upload carries (only
+    /// the oldest one when `alone`).
+    fn next_upload(&self, alone: bool) -> Vec<Entry> {
         let durable = self.log.synced_through();
         let pending = lock(&self.pending);
         let mut group = Vec::new();
         let mut bytes = 0;
         for entry in pending.iter().take_while(|e| e.seq <= durable) {
-            if !group.is_empty() && (group.len() == MAX_UPLOAD_BATCHES || bytes + entry.bytes > MAX_UPLOAD_BYTES) {
+            let full = alone || group.len() == MAX_UPLOAD_BATCHES || bytes + entry.bytes > MAX_UPLOAD_BYTES;
+            if !group.is_empty() && full {
                 break;
             }
             bytes += entry.bytes;
@@ -109,11 +128,15 @@ impl EdgeWrites {
         }
     }
 
-    /// Ships pending batches in order until `shutdown`, retrying each group until the platform confirms it.
+    /// Ships pending batches in order until `shutdown`, retrying each group until the
+    /// platform confirms it. A group the platform refuses for good is sent again one batch
+    /// at a time, so the batch it refuses is found and set aside (see [`DeadLetters`]) and
+    /// the writes after it, to this dataset or others, go on.
     pub async fn upload(self: Arc<Self>, client: UpstreamClient, shutdown: CancellationToken) {
         let mut backoff = Duration::from_millis(50);
+        let mut alone = false;
         loop {
-            let group = self.next_upload();
+            let group = self.next_upload(alone);
             let Some(last) = group.last().map(|e| e.seq) else {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -134,15 +157,8 @@ impl EdgeWrites {
             };
             match outcome {
                 Ok(response) => {
-                    let log = Arc::clone(&self.log);
-                    match tokio::task::spawn_blocking(move || log.confirm(last)).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(err)) => {
-                            warn!(last, error = %err, "cannot record the upload; it will be retried (and not applied twice)")
-                        }
-                        Err(err) => warn!(last, error = %err, "upload bookkeeping task failed"),
-                    }
-                    self.confirmed_through(last);
+                    alone = false;
+                    self.settle(last).await;
                     debug!(first, last, rows = response.rows, "uploaded");
                     if response.duplicates > 0 {
                         info!(
@@ -154,6 +170,36 @@ impl EdgeWrites {
                     }
                     backoff = Duration::from_millis(50);
                 }
+                Err(err) if refused_for_good(&err) && group.len() > 1 => {
+                    info!(first, last, error = %err, "the platform refused an upload; sending its batches one at a time");
+                    alone = true;
+                }
+                Err(err) if refused_for_good(&err) => {
+                    let entry = &group[0];
+                    let (letters, kept) = (Arc::clone(&self.dead_letters), entry.clone());
+                    let reason = err.to_string();
+                    match tokio::task::spawn_blocking(move || letters.store(&kept, &reason)).await {
+                        Ok(Ok(())) => {
+                            warn!(
+                                seq = entry.seq,
+                                dataset = %entry.dataset,
+                                error = %err,
+                                "the platform refused a write for good; it is kept in the dead-letter area and later writes go on"
+                            );
+                            alone = false;
+                            self.settle(entry.seq).await;
+                        }
+                        _ => {
+                            // Not set aside: it stays first in the log and is tried again.
+                            warn!(seq = entry.seq, error = %err, "cannot set a refused write aside; retrying");
+                            tokio::select! {
+                                _ = shutdown.cancelled() => return,
+                                _ = tokio::time::sleep(backoff) => {}
+                            }
+                            backoff = (backoff * 2).min(Duration::from_secs(1));
+                        }
+                    }
+                }
                 Err(err) => {
                     warn!(first, last, error = %err, retry_in_ms = backoff.as_millis() as u64, "upload failed; kept in the log");
                     tokio::select! {
@@ -164,6 +210,20 @@ impl EdgeWrites {
                 }
             }
         }
+    }
+
+    /// Records that every batch up to `last` is settled (applied by the platform, or set
+    /// aside): the log forgets them and local queries stop showing them as pending.
+    async fn settle(&self, last: u64) {
+        let log = Arc::clone(&self.log);
+        match tokio::task::spawn_blocking(move || log.confirm(last)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                warn!(last, error = %err, "cannot record the upload; it will be retried (and not applied twice)")
+            }
+            Err(err) => warn!(last, error = %err, "upload bookkeeping task failed"),
+        }
+        self.confirmed_through(last);
     }
 
     fn request(&self, group: &[Entry]) -> Result<IngestRequest, StrataError> {
@@ -204,6 +264,14 @@ impl LocalWrites for EdgeWrites {
                 self.config.writable
             )));
         };
+        // Refused here, before anything is acknowledged, when the platform says it takes no
+        // edge writes into this dataset.
+        if self.router.upstream_writable(name) == Some(false) {
+            return Err(StrataError::NotSupported(format!(
+                "dataset `{name}` is in edge.writable, but the platform does not accept edge writes to it \
+                 (set `writable: true` on its dataset there)"
+            )));
+        }
         if let Some((_, t)) = lock(&self.tables).iter().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
             return Ok(datafusion::catalog::TableProvider::schema(t.as_ref()));
         }
@@ -211,6 +279,10 @@ impl LocalWrites for EdgeWrites {
             name: name.clone(),
             reason: "its columns are not known until the platform's catalog has been read once".into(),
         })
+    }
+
+    fn dead_letters(&self) -> Vec<strata_core::writes::DeadLetterStatus> {
+        self.dead_letters.statuses()
     }
 
     async fn write(&self, dataset: &str, batches: Vec<RecordBatch>) -> Result<WriteReceipt, StrataError> {

@@ -10,6 +10,55 @@ pub mod v1 {
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("strata_v1_descriptor");
 }
 
+/// The protobuf codec of the tier protocol: prost's, except that a request that does not
+/// decode is answered INVALID_ARGUMENT (the sender's fault) instead of INTERNAL, which
+/// would tell an operator that the server is broken.
+pub mod codec {
+    use tonic::Status;
+    use tonic::codec::{Codec, DecodeBuf, Decoder};
+    use tonic_prost::{ProstCodec, ProstDecoder};
+
+    #[derive(Debug, Clone, Default)]
+    pub struct TierCodec<T, U>(ProstCodec<T, U>);
+
+    impl<T, U> Codec for TierCodec<T, U>
+    where
+        T: prost::Message + Send + 'static,
+        U: prost::Message + Default + Send + 'static,
+    {
+        type Encode = T;
+        type Decode = U;
+        type Encoder = <ProstCodec<T, U> as Codec>::Encoder;
+        type Decoder = TierDecoder<U>;
+
+        fn encoder(&mut self) -> Self::Encoder {
+            self.0.encoder()
+        }
+
+        fn decoder(&mut self) -> Self::Decoder {
+            TierDecoder(self.0.decoder())
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    pub struct TierDecoder<U>(ProstDecoder<U>);
+
+    impl<U: prost::Message + Default> Decoder for TierDecoder<U> {
+        type Item = U;
+        type Error = Status;
+
+        fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+            self.0.decode(buf).map_err(|status| {
+                Status::invalid_argument(format!("malformed strata.v1 message: {}", status.message()))
+            })
+        }
+
+        fn buffer_settings(&self) -> tonic::codec::BufferSettings {
+            self.0.buffer_settings()
+        }
+    }
+}
+
 /// Arrow frames are Flight messages under another name: converting moves the buffers.
 mod frames {
     use super::v1::ArrowFrame;

@@ -57,7 +57,10 @@ async fn ready(State(state): State<HttpState>) -> Response {
 }
 
 async fn datasets(State(state): State<HttpState>) -> impl IntoResponse {
-    axum::Json(json!({"region": state.engine.region(), "datasets": state.engine.datasets()}))
+    let dead_letter = state.engine.writes().map(|w| w.dead_letters()).unwrap_or_default();
+    axum::Json(
+        json!({"region": state.engine.region(), "datasets": state.engine.datasets(), "dead_letter": dead_letter}),
+    )
 }
 
 async fn refresh(State(state): State<HttpState>, Path(name): Path<String>) -> Response {
@@ -126,7 +129,8 @@ async fn ingest(
         Err(err) => return error_response(&err),
     };
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-    let batches = match decode_rows(content_type, schema, body) {
+    let max_body = state.engine.limits().max_request_body.as_usize();
+    let batches = match decode_rows(content_type, schema, body, max_body) {
         Ok(b) => b,
         Err(err) => return error_response(&err),
     };
@@ -140,23 +144,24 @@ fn decode_rows(
     content_type: &str,
     schema: arrow::datatypes::SchemaRef,
     body: Bytes,
+    max_body: usize,
 ) -> Result<Vec<arrow::array::RecordBatch>, StrataError> {
-    let bad =
-        |format: &str, e: arrow::error::ArrowError| StrataError::Plan(format!("cannot read the {format} body: {e}"));
-    let cursor = std::io::Cursor::new(body);
+    let bad = |format: &str, e: arrow::error::ArrowError| {
+        StrataError::InvalidRequest(format!("cannot read the {format} body: {e}"))
+    };
     if content_type.starts_with("application/vnd.apache.arrow.stream") {
-        let reader = arrow::ipc::reader::StreamReader::try_new(cursor, None).map_err(|e| bad("Arrow IPC", e))?;
-        let batches = reader.collect::<Result<Vec<_>, _>>().map_err(|e| bad("Arrow IPC", e))?;
-        Ok(batches)
+        strata_core::ipc::read_batches(&body, max_body, "limits.max_request_body")
     } else if content_type.starts_with("text/csv") {
-        let reader =
-            arrow::csv::ReaderBuilder::new(schema).with_header(true).build(cursor).map_err(|e| bad("CSV", e))?;
-        reader.collect::<Result<Vec<_>, _>>().map_err(|e| bad("CSV", e))
+        strata_core::writes::read_csv(&body, &schema)
     } else if content_type.starts_with("application/x-ndjson") || content_type.starts_with("application/json") {
-        let reader = arrow::json::ReaderBuilder::new(schema).build(cursor).map_err(|e| bad("NDJSON", e))?;
+        // Strict: a key that is no column (`vaule` for `value`) is refused, not stored as NULL.
+        let reader = arrow::json::ReaderBuilder::new(schema)
+            .with_strict_mode(true)
+            .build(std::io::Cursor::new(body))
+            .map_err(|e| bad("NDJSON", e))?;
         reader.collect::<Result<Vec<_>, _>>().map_err(|e| bad("NDJSON", e))
     } else {
-        Err(StrataError::Plan(format!(
+        Err(StrataError::InvalidRequest(format!(
             "unsupported Content-Type `{content_type}`: use application/vnd.apache.arrow.stream, application/x-ndjson or text/csv"
         )))
     }

@@ -29,12 +29,15 @@ pub struct Metrics {
     routes: [AtomicU64; ROUTES.len() * RouteReason::ALL.len()],
     /// Results cache outcomes: hit, miss, bypass.
     cache: [AtomicU64; 3],
+    /// Queries refused at admission (`limits.max_concurrent_queries`): HTTP 429.
+    shed: AtomicU64,
+    connections: Option<Arc<crate::connections::ConnectionGuard>>,
 }
 
 impl Metrics {
     /// Metrics hooked into the engine's query observer.
-    pub fn install(engine: &Engine) -> Arc<Self> {
-        let metrics = Arc::new(Self::default());
+    pub fn install(engine: &Engine, connections: Arc<crate::connections::ConnectionGuard>) -> Arc<Self> {
+        let metrics = Arc::new(Self { connections: Some(connections), ..Self::default() });
         let hook = Arc::clone(&metrics);
         engine.set_query_observer(Arc::new(move |outcome, rows, elapsed, route| {
             hook.record(outcome, rows, elapsed, route)
@@ -52,6 +55,11 @@ impl Metrics {
             }
         }
         let counter = match outcome {
+            Outcome::Shed => {
+                // Refused before it started: counted apart, not in the latency histogram.
+                self.shed.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
             Outcome::Ok => &self.ok,
             Outcome::Error => &self.error,
             Outcome::Cancelled => &self.cancelled,
@@ -75,6 +83,29 @@ impl Metrics {
         let _ = writeln!(out, "# TYPE strata_queries_total counter");
         for (label, c) in [("ok", &self.ok), ("error", &self.error), ("cancelled", &self.cancelled)] {
             let _ = writeln!(out, "strata_queries_total{{outcome=\"{label}\"}} {}", get(c));
+        }
+        let _ = writeln!(
+            out,
+            "# HELP strata_queries_shed_total Queries refused at admission (limits.max_concurrent_queries)."
+        );
+        let _ = writeln!(out, "# TYPE strata_queries_shed_total counter");
+        let _ = writeln!(out, "strata_queries_shed_total {}", get(&self.shed));
+        if let Some(connections) = &self.connections {
+            let _ = writeln!(out, "# HELP strata_connections_open Client connections open, over all listeners.");
+            let _ = writeln!(out, "# TYPE strata_connections_open gauge");
+            let _ = writeln!(out, "strata_connections_open {}", connections.open());
+            let _ = writeln!(
+                out,
+                "# HELP strata_connections_refused_total Connections closed at accept (server.max_connections)."
+            );
+            let _ = writeln!(out, "# TYPE strata_connections_refused_total counter");
+            let _ = writeln!(out, "strata_connections_refused_total {}", connections.refused());
+            let _ = writeln!(
+                out,
+                "# HELP strata_connections_timed_out_total Connections closed by server.handshake_timeout or server.idle_timeout."
+            );
+            let _ = writeln!(out, "# TYPE strata_connections_timed_out_total counter");
+            let _ = writeln!(out, "strata_connections_timed_out_total {}", connections.timed_out());
         }
         let _ = writeln!(out, "# HELP strata_query_rows_total Rows returned by queries.");
         let _ = writeln!(out, "# TYPE strata_query_rows_total counter");
@@ -118,6 +149,10 @@ impl Metrics {
         let _ = writeln!(out, "# HELP strata_plan_cache_entries Plans kept by SQL text or shape.");
         let _ = writeln!(out, "# TYPE strata_plan_cache_entries gauge");
         let _ = writeln!(out, "strata_plan_cache_entries {}", engine.cached_plans());
+        let _ =
+            writeln!(out, "# HELP strata_plan_cache_bytes Bytes charged to the plan cache (limits.plan_cache_size).");
+        let _ = writeln!(out, "# TYPE strata_plan_cache_bytes gauge");
+        let _ = writeln!(out, "strata_plan_cache_bytes {}", engine.plan_cache_bytes());
 
         let datasets = engine.datasets();
         let families: [(&str, &str, &str); 6] = [
@@ -143,6 +178,20 @@ impl Metrics {
                 if let Some(v) = value {
                     let _ = writeln!(out, "{name}{{dataset=\"{}\"}} {v}", d.name);
                 }
+            }
+        }
+        if let Some(writes) = engine.writes() {
+            let _ = writeln!(
+                out,
+                "# HELP strata_edge_dead_letter_records Edge writes the platform refused for good, kept under data_dir/dead-letter."
+            );
+            let _ = writeln!(out, "# TYPE strata_edge_dead_letter_records gauge");
+            for status in writes.dead_letters() {
+                let _ = writeln!(
+                    out,
+                    "strata_edge_dead_letter_records{{dataset=\"{}\"}} {}",
+                    status.dataset, status.records
+                );
             }
         }
         let _ = writeln!(out, "# HELP strata_ready 1 once every accelerated dataset has loaded.");

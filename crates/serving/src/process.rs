@@ -80,7 +80,7 @@ where
     }
     config.server.flight_addr = args.flight_addr.unwrap_or(config.server.flight_addr);
     config.server.http_addr = args.http_addr.unwrap_or(config.server.http_addr);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match runtime() {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("error: cannot start the runtime: {err}");
@@ -105,4 +105,15 @@ where
             ExitCode::FAILURE
         }
     }
+}
+
+/// Stack of every runtime thread. Planning and optimizing walk a statement's expression
+/// tree recursively; `limits.max_expression_depth` bounds the depth, and this stack holds
+/// every walk of a statement at that bound with a wide margin (tokio's default of 2 MiB
+/// overflowed at about 1,500 nested terms). Only the pages a thread touches are committed.
+pub const THREAD_STACK_BYTES: usize = 64 << 20;
+
+/// The multi-threaded runtime every tier runs on, with [`THREAD_STACK_BYTES`] stacks.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().thread_stack_size(THREAD_STACK_BYTES).build()
 }

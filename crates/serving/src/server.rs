@@ -14,6 +14,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::connections::GuardedListener;
 use crate::http::{HttpState, router};
 use crate::metrics::Metrics;
 
@@ -71,7 +72,8 @@ pub async fn start(
         source,
     })?;
 
-    let metrics = Metrics::install(&engine);
+    let connections = crate::connections::ConnectionGuard::new(server);
+    let metrics = Metrics::install(&engine, Arc::clone(&connections));
     let draining = Arc::new(AtomicBool::new(false));
     let stop_accepting = CancellationToken::new();
     let mut tasks = JoinSet::new();
@@ -90,10 +92,10 @@ pub async fn start(
         .build_v1alpha()
         .map_err(reflection_error)?;
     let stop = stop_accepting.clone();
+    let flight_connections = Arc::clone(&connections);
     tasks.spawn(async move {
-        // Small responses (point lookups) must not wait for Nagle and delayed ACKs: the
-        // builder's `tcp_nodelay` only applies to listeners tonic binds itself, so set it here.
-        let incoming = tonic::transport::server::TcpIncoming::from(flight_listener).with_nodelay(Some(true));
+        // Connections are admitted (and set to nodelay) by the process-wide guard.
+        let incoming = GuardedListener::new(flight_listener, flight_connections).into_incoming();
         tonic::transport::Server::builder()
             // Dead clients are detected, so their queries are cancelled and their permits freed.
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -110,7 +112,7 @@ pub async fn start(
     let app = router(HttpState { engine, metrics, draining: Arc::clone(&draining) });
     let stop = stop_accepting.clone();
     tasks.spawn(async move {
-        axum::serve(http_listener, app)
+        axum::serve(GuardedListener::new(http_listener, connections), app)
             .with_graceful_shutdown(stop.cancelled_owned())
             .await
             .map_err(|e| ServeError::Server { what: "http", message: e.to_string() })

@@ -8,7 +8,7 @@ use strata_core::StrataError;
 pub fn to_grpc(err: &StrataError) -> tonic::Status {
     use tonic::Code;
     let code = match kind(err) {
-        "parse" | "plan" | "config" => Code::InvalidArgument,
+        "parse" | "plan" | "config" | "invalid_request" => Code::InvalidArgument,
         "read_only" => Code::PermissionDenied,
         "not_supported" => Code::Unimplemented,
         "unknown_dataset" => Code::NotFound,
@@ -27,7 +27,7 @@ pub fn to_grpc(err: &StrataError) -> tonic::Status {
 /// HTTP status for an engine error.
 pub fn to_http(err: &StrataError) -> StatusCode {
     match kind(err) {
-        "parse" | "plan" | "config" => StatusCode::BAD_REQUEST,
+        "parse" | "plan" | "config" | "invalid_request" => StatusCode::BAD_REQUEST,
         "read_only" => StatusCode::FORBIDDEN,
         "not_supported" => StatusCode::NOT_IMPLEMENTED,
         "unknown_dataset" => StatusCode::NOT_FOUND,

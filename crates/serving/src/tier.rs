@@ -9,6 +9,7 @@ use arrow::array::{AsArray, RecordBatch};
 use arrow::compute::filter_record_batch;
 use arrow_flight::error::FlightError;
 use datafusion::common::DFSchema;
+use datafusion::common::tree_node::TreeNode;
 use datafusion::logical_expr::Expr;
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion_proto::bytes::Serializeable;
@@ -38,12 +39,17 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<SubscribeEvent, Status>> + S
 pub struct Tier {
     engine: Engine,
     tier: &'static str,
+    /// One permit per open version stream (`limits.max_subscribers`).
+    subscribers: Arc<tokio::sync::Semaphore>,
 }
 
 /// The gRPC service, bounded by `limits.max_message_size` both ways.
 pub fn tier_server(engine: Engine, tier: &'static str) -> TierServiceServer<Tier> {
     let max = engine.limits().max_message_size.as_usize();
-    TierServiceServer::new(Tier { engine, tier }).max_decoding_message_size(max).max_encoding_message_size(max)
+    let subscribers = Arc::new(tokio::sync::Semaphore::new(engine.limits().max_subscribers));
+    TierServiceServer::new(Tier { engine, tier, subscribers })
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max)
 }
 
 fn grpc(err: StrataError) -> Status {
@@ -77,12 +83,23 @@ impl TierService for Tier {
             })
         })?;
         let filter = self.subset_filter(&table, &request.predicate).map_err(grpc)?;
+        let max = self.engine.limits().max_subscribers;
+        let permit = Arc::clone(&self.subscribers).try_acquire_owned().map_err(|_| {
+            grpc(StrataError::ResourcesExhausted(format!(
+                "{max} version streams are open (limits.max_subscribers); retry later"
+            )))
+        })?;
         let origin = request.context.as_ref().map(|c| format!("{}@{}", c.origin_tier, c.origin_region));
         info!(dataset = %request.dataset, from_version = request.from_version, origin, "subscriber joined");
-        let (tx, rx) = mpsc::channel(16);
+        // Two events queued per subscriber: a reader that stalls holds little memory here
+        // (its HTTP/2 window holds the rest).
+        let (tx, rx) = mpsc::channel(2);
         // Versions of another epoch say nothing about this copy: start over.
         let from = if request.from_epoch == table.epoch() { request.from_version } else { 0 };
-        tokio::spawn(publish(table, from, filter, tx));
+        tokio::spawn(async move {
+            publish(table, from, filter, tx).await;
+            drop(permit);
+        });
         let events = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) });
         Ok(Response::new(Box::pin(events)))
     }
@@ -94,7 +111,7 @@ impl TierService for Tier {
         let (options, _deadline) = wire::options(request.context);
         let stream = match request.query {
             Some(execute_request::Query::Sql(q)) => {
-                let params = wire::params_from_ipc(&q.params).map_err(grpc)?;
+                let params = wire::params_from_ipc(&q.params, self.max_message()).map_err(grpc)?;
                 self.engine.execute_with(&q.sql, params, &options).await
             }
             Some(execute_request::Query::Plan(plan)) => self.engine.execute_encoded_plan(&plan, &options).await,
@@ -114,10 +131,11 @@ impl TierService for Tier {
     async fn ingest(&self, request: Request<IngestRequest>) -> Result<Response<IngestResponse>, Status> {
         let request = request.into_inner();
         let count = request.batches.len() as u64;
+        let max = self.max_message();
         let batches = request
             .batches
             .into_iter()
-            .map(|b| Ok((b.seq, b.dataset, wire::batches_from_ipc(&b.batch)?)))
+            .map(|b| Ok((b.seq, b.dataset, wire::batches_from_ipc(&b.batch, max)?)))
             .collect::<Result<Vec<_>, StrataError>>()
             .map_err(grpc)?;
         let first = batches.first().map_or(0, |b| b.0);
@@ -137,6 +155,11 @@ impl TierService for Tier {
 }
 
 impl Tier {
+    /// `limits.max_message_size`: no part of a request can be larger than its message.
+    fn max_message(&self) -> usize {
+        self.engine.limits().max_message_size.as_usize()
+    }
+
     /// The subscriber's subset predicate, compiled against the dataset's schema.
     fn subset_filter(
         &self,
@@ -147,8 +170,22 @@ impl Tier {
             return Ok(None);
         }
         let ctx = self.engine.session();
-        let expr = Expr::from_bytes_with_ctx(predicate, &ctx.task_ctx())
-            .map_err(|e| StrataError::Plan(format!("cannot decode the subset predicate: {e}")))?;
+        // datafusion-proto decodes plans nested in expressions (subqueries) itself, and some of
+        // its decoders panic on malformed input: a panic is a malformed request here.
+        let task_ctx = ctx.task_ctx();
+        let expr =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Expr::from_bytes_with_ctx(predicate, &task_ctx)))
+                .map_err(|_| StrataError::InvalidRequest("the subset predicate is malformed".into()))?
+                .map_err(|e| StrataError::InvalidRequest(format!("cannot decode the subset predicate: {e}")))?;
+        // A subset is a condition on the dataset's own columns; a subquery could read anything.
+        let mut reads_tables = false;
+        let _ = expr.apply(|e| {
+            reads_tables |= matches!(e, Expr::ScalarSubquery(_) | Expr::Exists(_) | Expr::InSubquery(_));
+            Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+        });
+        if reads_tables {
+            return Err(StrataError::InvalidRequest("a subset predicate may not hold subqueries".into()));
+        }
         let schema = DFSchema::try_from(datafusion::catalog::TableProvider::schema(table).as_ref().clone())?;
         Ok(Some(ctx.create_physical_expr(expr, &schema)?))
     }

@@ -265,6 +265,7 @@ impl TierRouter {
                 rows: batches.iter().map(|b| b.num_rows() as u64).sum(),
                 refreshed_at: Some(std::time::UNIX_EPOCH + Duration::from_millis(manifest.refreshed_at_unix_ms)),
                 accelerated: true,
+                writable: None,
             };
             let table = UpstreamTable::new(
                 entry.name.clone(),
@@ -338,6 +339,12 @@ impl TierRouter {
     /// queries always run here, so the local rows are never left out by a whole-query forward.
     pub fn add_local_writes(&self, dataset: &str, rows: Arc<dyn datafusion::catalog::TableProvider>) {
         self.local_writes.write().unwrap_or_else(|p| p.into_inner()).insert(key(dataset), rows);
+    }
+
+    /// Whether the upstream accepts edge writes to `dataset`: `None` until its catalog has
+    /// been read, or when the upstream does not say (an older platform).
+    pub fn upstream_writable(&self, dataset: &str) -> Option<bool> {
+        self.remote.read().unwrap_or_else(|p| p.into_inner()).get(&key(dataset)).and_then(|r| r.entry.writable)
     }
 
     /// The schema of an upstream dataset, once the catalog has been read.

@@ -6,7 +6,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arrow::array::{ArrayRef, RecordBatch};
 use arrow::datatypes::{Field, Schema, SchemaRef};
-use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::{IpcWriteOptions, StreamWriter};
 use arrow_flight::decode::FlightRecordBatchStream;
 use arrow_flight::encode::FlightDataEncoderBuilder;
@@ -78,6 +77,7 @@ pub fn options(context: Option<QueryContext>) -> (QueryOptions, Option<SystemTim
             origin_tier: c.origin_tier,
             origin_region: c.origin_region,
             hops: c.hops,
+            deadline,
         },
         deadline,
     )
@@ -92,6 +92,7 @@ pub fn dataset_info(entry: &CatalogEntry) -> Result<DatasetInfo, StrataError> {
         rows: entry.rows,
         refreshed_at_unix_ms: entry.refreshed_at.map_or(0, |t| millis_since_epoch(t) as i64),
         accelerated: entry.accelerated,
+        writable: entry.writable,
     })
 }
 
@@ -108,6 +109,7 @@ pub fn catalog_entry(info: &DatasetInfo) -> Result<CatalogEntry, StrataError> {
         rows: info.rows,
         refreshed_at: (info.refreshed_at_unix_ms > 0).then(|| from_millis(info.refreshed_at_unix_ms as u64)),
         accelerated: info.accelerated,
+        writable: info.writable,
     })
 }
 
@@ -131,14 +133,14 @@ pub fn params_to_ipc(params: &[ScalarValue]) -> Result<Bytes, StrataError> {
     Ok(Bytes::from(out))
 }
 
-pub fn params_from_ipc(bytes: &[u8]) -> Result<Vec<ScalarValue>, StrataError> {
+/// Parameters from another tier: an IPC stream of one row, at most `max` bytes (the limit
+/// named `limits.max_message_size`), checked before anything is allocated for it.
+pub fn params_from_ipc(bytes: &[u8], max: usize) -> Result<Vec<ScalarValue>, StrataError> {
     if bytes.is_empty() {
         return Ok(Vec::new());
     }
-    let reader = StreamReader::try_new(std::io::Cursor::new(bytes), None)?;
     let mut values = Vec::new();
-    for batch in reader {
-        let batch = batch?;
+    for batch in strata_core::ipc::read_batches(bytes, max, "limits.max_message_size")? {
         if batch.num_rows() != 1 {
             return Err(StrataError::Plan("parameters must be one row".into()));
         }
@@ -161,9 +163,9 @@ pub fn batches_to_ipc(schema: &Schema, batches: &[RecordBatch]) -> Result<Bytes,
     Ok(Bytes::from(out))
 }
 
-pub fn batches_from_ipc(bytes: &[u8]) -> Result<Vec<RecordBatch>, StrataError> {
-    let reader = StreamReader::try_new(std::io::Cursor::new(bytes), None)?;
-    Ok(reader.collect::<Result<Vec<_>, _>>()?)
+/// Record batches of an edge upload, at most `max` bytes, checked before decoding.
+pub fn batches_from_ipc(bytes: &[u8], max: usize) -> Result<Vec<RecordBatch>, StrataError> {
+    strata_core::ipc::read_batches(bytes, max, "limits.max_message_size")
 }
 
 /// Decodes a stream of frames into record batches of the schema the frames announce.
@@ -278,8 +280,8 @@ mod tests {
         let params =
             vec![ScalarValue::Int64(Some(42)), ScalarValue::Utf8(Some("eu".into())), ScalarValue::Float64(None)];
         let bytes = params_to_ipc(&params).expect("encode");
-        assert_eq!(params_from_ipc(&bytes).expect("decode"), params);
-        assert!(params_from_ipc(&params_to_ipc(&[]).expect("empty")).expect("decode").is_empty());
+        assert_eq!(params_from_ipc(&bytes, 1 << 20).expect("decode"), params);
+        assert!(params_from_ipc(&params_to_ipc(&[]).expect("empty"), 1 << 20).expect("decode").is_empty());
     }
 
     #[test]

@@ -2,7 +2,6 @@
 //! replica can execute it and nothing is parked in server memory between calls.
 
 use arrow::array::RecordBatch;
-use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
@@ -62,7 +61,8 @@ impl StatementHandle {
         let Some(encoded) = &self.params else { return Ok(vec![Vec::new()]) };
         let bytes =
             STANDARD.decode(encoded).map_err(|e| Status::invalid_argument(format!("invalid parameters: {e}")))?;
-        let reader = StreamReader::try_new(std::io::Cursor::new(bytes), None)
+        // The handle comes back from the client: its parameters are checked like any input.
+        let reader = strata_core::ipc::checked_reader(&bytes, bytes.len(), "the statement handle")
             .map_err(|e| Status::invalid_argument(format!("invalid parameters: {e}")))?;
         let mut rows = Vec::new();
         for batch in reader {

@@ -211,12 +211,36 @@ pub(crate) fn encode_with_metadata(
     Box::pin(stream)
 }
 
-/// The parameter rows a client sends with DoPut.
-async fn read_parameters(request: Request<PeekableFlightDataStream>) -> Result<Vec<RecordBatch>, Status> {
-    arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(request.into_inner().map_err(FlightError::from))
+/// The parameter rows a client sends with DoPut, at most `max` bytes in all.
+async fn read_parameters(request: Request<PeekableFlightDataStream>, max: usize) -> Result<Vec<RecordBatch>, Status> {
+    read_put(request, max, "bound parameters").await
+}
+
+/// Every record batch of a DoPut stream, refused once its messages add up to more than
+/// `max` bytes (`limits.max_request_body`): each message is bounded by the gRPC limit, but
+/// a stream of them would otherwise be collected without end.
+async fn read_put(
+    request: Request<PeekableFlightDataStream>,
+    max: usize,
+    what: &str,
+) -> Result<Vec<RecordBatch>, Status> {
+    let mut total = 0usize;
+    let data = request.into_inner().map_err(FlightError::from).and_then(move |data| {
+        total += data.data_header.len() + data.data_body.len() + data.app_metadata.len();
+        let over = total > max;
+        async move {
+            if over {
+                return Err(FlightError::ExternalError(Box::new(strata_core::StrataError::InvalidRequest(format!(
+                    "the DoPut stream is over limits.max_request_body ({max} bytes)"
+                )))));
+            }
+            Ok(data)
+        }
+    });
+    arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(data)
         .try_collect()
         .await
-        .map_err(|e| Status::invalid_argument(format!("cannot read bound parameters: {e}")))
+        .map_err(|e| Status::invalid_argument(format!("cannot read the {what}: {e}")))
 }
 
 fn ipc_schema(schema: &Schema) -> Result<bytes::Bytes, Status> {
@@ -523,7 +547,7 @@ impl FlightSqlService for StrataFlightSql {
         request: Request<PeekableFlightDataStream>,
     ) -> Result<DoPutPreparedStatementResult, Status> {
         let handle = StatementHandle::decode(&query.prepared_statement_handle)?;
-        let batches = read_parameters(request).await?;
+        let batches = read_parameters(request, self.engine.limits().max_request_body.as_usize()).await?;
         let handle = handle.with_params(&batches)?;
         Ok(DoPutPreparedStatementResult { prepared_statement_handle: Some(handle.encode()) })
     }
@@ -536,7 +560,7 @@ impl FlightSqlService for StrataFlightSql {
         request: Request<PeekableFlightDataStream>,
     ) -> Result<i64, Status> {
         let handle = StatementHandle::decode(&query.prepared_statement_handle)?;
-        let batches = read_parameters(request).await?;
+        let batches = read_parameters(request, self.engine.limits().max_request_body.as_usize()).await?;
         let handle = handle.with_params(&batches)?;
         let mut rows = 0i64;
         for params in handle.parameter_rows()? {
@@ -570,11 +594,8 @@ impl FlightSqlService for StrataFlightSql {
                 "this tier accepts no writes; write to an edge-agent".into(),
             ))
         })?;
-        let data = request.into_inner().map_err(|s| FlightError::Tonic(Box::new(s)));
-        let batches: Vec<RecordBatch> = arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(data)
-            .try_collect()
-            .await
-            .map_err(|e| Status::invalid_argument(format!("cannot read the ingested rows: {e}")))?;
+        let max = self.engine.limits().max_request_body.as_usize();
+        let batches = read_put(request, max, "ingested rows").await?;
         let receipt = writes.write(&command.table, batches).await.map_err(|e| to_grpc(&e))?;
         Ok(receipt.rows as i64)
     }
