@@ -538,7 +538,7 @@ async fn a_write_the_platform_refuses_for_good_is_set_aside_and_blocks_nothing()
     assert_eq!(response.status().as_u16(), 200, "{}", response.text().await.unwrap_or_default());
     let (status, body) = post(&client, edge.http_addr, batch(5, 1, 3)).await.expect("readings");
     assert_eq!(status, 200, "{body}");
-    let _platform = Tier::start_at("platform-service", &platform_yaml(false), flight, http).await;
+    let mut platform = Tier::start_at("platform-service", &platform_yaml(false), flight, http).await;
 
     // The refused note does not hold the readings back, and is kept, reported and counted.
     wait_drained(&edge, &pg, 3).await;
@@ -567,4 +567,31 @@ async fn a_write_the_platform_refuses_for_good_is_set_aside_and_blocks_nothing()
         assert!(Instant::now() < deadline, "the edge kept acknowledging notes:\n{}", edge.logs());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    // The platform's config is fixed and the agent restarted: the kept note is delivered,
+    // once, and the dead-letter area is empty.
+    platform.kill();
+    let _platform = Tier::start_at("platform-service", &platform_yaml(true), flight, http).await;
+    let mut edge = edge;
+    assert_eq!(edge.terminate(), Some(0));
+    let edge = Tier::start("edge-agent", &config).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let notes = pg.connect().await.query("SELECT id FROM notes", &[]).await.expect("notes");
+        if !notes.is_empty() {
+            let ids: Vec<i64> = notes.iter().map(|r| r.get(0)).collect();
+            assert_eq!(ids, vec![1], "the kept note arrives exactly once");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the kept note never arrived:\n{}", edge.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while edge.get_json("/v1/datasets").await.1["dead_letter"].as_array().is_some_and(|a| !a.is_empty()) {
+        assert!(Instant::now() < deadline, "the dead-letter area still reports the delivered note");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let count: i64 = pg.connect().await.query_one("SELECT count(*) FROM notes", &[]).await.expect("count").get(0);
+    assert_eq!(count, 1);
 }

@@ -253,8 +253,8 @@ pub struct LimitsConfig {
     /// Deepest nesting of expressions and subqueries a statement may have (after `k = 1 OR
     /// k = 2 ...` chains are folded into IN lists): planning walks them recursively.
     pub max_expression_depth: usize,
-    /// Bytes the plan cache may hold (SQL texts and their plans); texts longer than a
-    /// sixty-fourth of it are planned every time rather than cached.
+    /// Bytes the plan cache may hold (SQL texts and their plans); texts longer than 1/256
+    /// of it are planned every time rather than cached.
     pub plan_cache_size: ByteSize,
     /// Version streams (replica subscriptions) a platform serves at once.
     pub max_subscribers: usize,
@@ -284,7 +284,7 @@ impl Default for LimitsConfig {
             max_concurrent_queries: 64,
             slow_query: Duration::from_secs(1),
             max_query_size: ByteSize(1 << 20),
-            max_expression_depth: 256,
+            max_expression_depth: 1024,
             plan_cache_size: ByteSize(64 << 20),
             max_subscribers: 256,
             max_running_queries: None,

@@ -11,6 +11,7 @@ pub mod ipc;
 mod parameterize;
 mod placeholders;
 pub mod plan_codec;
+mod plan_size;
 pub mod query;
 pub mod refresh;
 pub mod results_cache;

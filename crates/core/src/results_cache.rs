@@ -72,11 +72,11 @@ enum Failure {
 pub struct CacheKey {
     plan: LogicalPlan,
     snapshots: Vec<(String, u64)>,
+    /// What the key is charged against `max_bytes`: the optimized plan is a copy of its
+    /// own, literals included (a query with a 1 MB literal and a one-row answer pinned its
+    /// megabyte while charged a kilobyte).
+    weight: usize,
 }
-
-/// What a key is counted as against `max_bytes` (a plan shares most of its memory with the
-/// plan cache; this stands for the part it holds alone).
-const KEY_BYTES: usize = 1024;
 
 /// The cache of one tier.
 pub struct ResultsCache {
@@ -98,8 +98,8 @@ impl ResultsCache {
         }
         let entries = moka::future::Cache::builder()
             .max_capacity(config.max_bytes.0)
-            .weigher(|_: &CacheKey, value: &Arc<CachedResult>| {
-                u32::try_from(KEY_BYTES + value.bytes).unwrap_or(u32::MAX)
+            .weigher(|key: &CacheKey, value: &Arc<CachedResult>| {
+                u32::try_from(key.weight.saturating_add(value.bytes)).unwrap_or(u32::MAX)
             })
             .build();
         Some(Self {
@@ -115,7 +115,7 @@ impl ResultsCache {
     /// optimization, that it is deterministic).
     pub fn key(&self, plan: &LogicalPlan) -> Option<CacheKey> {
         let snapshots = snapshots_read(plan)?;
-        Some(CacheKey { plan: plan.clone(), snapshots })
+        Some(CacheKey { weight: crate::plan_size::estimated_bytes(plan), plan: plan.clone(), snapshots })
     }
 
     /// The answer for `key`: cached, or produced by `run` once for all concurrent callers.

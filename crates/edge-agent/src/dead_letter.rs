@@ -4,9 +4,12 @@
 //!
 //! Each refused batch is one Arrow IPC stream file `<seq>.<dataset>.arrows` (written to a
 //! temporary name, synced, renamed, directory synced) beside `<seq>.<dataset>.reason`, the
-//! platform's error. They are counted in `/v1/datasets` and `/metrics`. Once the platform
-//! accepts the dataset, an operator replays a file with `POST /v1/ingest/<dataset>`
-//! (`Content-Type: application/vnd.apache.arrow.stream`) and deletes it.
+//! platform's error. They are counted in `/v1/datasets` and `/metrics`. When the agent
+//! starts, each is sent once more with its original sequence number (its idempotency key,
+//! so it is applied at most once): after the platform's config is fixed, a restart delivers
+//! them; one still refused stays here. An operator can also replay a file with
+//! `POST /v1/ingest/<dataset>` (`Content-Type: application/vnd.apache.arrow.stream`) and
+//! delete it.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -83,6 +86,51 @@ impl DeadLetters {
         fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| io("cannot sync", &self.dir, e))?;
         let rows = entry.batches.iter().map(|b| b.num_rows() as u64).sum();
         self.count(&entry.dataset, rows, reason);
+        Ok(())
+    }
+
+    /// Every batch set aside, oldest first, with its original sequence number (its
+    /// idempotency key: the platform applies it at most once, whenever it is sent).
+    /// Blocking I/O.
+    pub fn stored(&self) -> Result<Vec<Entry>, StrataError> {
+        let mut files: Vec<PathBuf> = fs::read_dir(&self.dir)
+            .map_err(|e| io("cannot list", &self.dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(SUFFIX)))
+            .collect();
+        files.sort();
+        let mut entries = Vec::new();
+        for path in files {
+            let Some((seq, dataset)) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(SUFFIX))
+                .and_then(|n| n.split_once('.'))
+                .and_then(|(seq, d)| Some((seq.parse::<u64>().ok()?, d.to_string())))
+            else {
+                continue;
+            };
+            let bytes = fs::read(&path).map_err(|e| io("cannot read", &path, e))?;
+            let batches = strata_core::ipc::read_batches(&bytes, bytes.len(), "the dead-letter file")?;
+            entries.push(Entry { seq, dataset, batches, bytes: bytes.len() as u64 });
+        }
+        Ok(entries)
+    }
+
+    /// Forgets `entry` once the platform applied it. Blocking I/O.
+    pub fn remove(&self, entry: &Entry) -> Result<(), StrataError> {
+        let stem = format!("{:020}.{}", entry.seq, entry.dataset);
+        let path = self.dir.join(format!("{stem}{SUFFIX}"));
+        fs::remove_file(&path).map_err(|e| io("cannot remove", &path, e))?;
+        let _ = fs::remove_file(self.dir.join(format!("{stem}.reason")));
+        let mut map = self.by_dataset.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(status) = map.get_mut(&entry.dataset) {
+            status.records = status.records.saturating_sub(1);
+            status.rows = status.rows.saturating_sub(entry.batches.iter().map(|b| b.num_rows() as u64).sum());
+            if status.records == 0 {
+                map.remove(&entry.dataset);
+            }
+        }
         Ok(())
     }
 

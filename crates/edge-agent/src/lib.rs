@@ -70,6 +70,7 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Serve
         router.default_client().cloned().ok_or_else(|| StrataError::Internal("edge without upstream".into()))?;
     let writes = EdgeWrites::new(edge, log, recovery, Arc::clone(&router), dead_letters);
     engine.set_writes(Arc::clone(&writes) as Arc<dyn strata_core::writes::LocalWrites>);
+    tokio::spawn(Arc::clone(&writes).retry_dead_letters(client.clone(), shutdown.clone()));
     tokio::spawn(Arc::clone(&writes).upload(client, shutdown.clone()));
     let servers = strata_serving::start(engine.clone(), &config.server, "edge", shutdown.clone()).await?;
     engine.start(shutdown);

@@ -226,6 +226,58 @@ impl EdgeWrites {
         self.confirmed_through(last);
     }
 
+    /// Sends every batch of the dead-letter area once more, each alone with its original
+    /// sequence number, retrying while the platform is unreachable: after a restart with the
+    /// platform's config fixed they are delivered (at most once: the platform keeps every
+    /// applied id); one still refused stays where it is.
+    pub async fn retry_dead_letters(self: Arc<Self>, client: UpstreamClient, shutdown: CancellationToken) {
+        let letters = Arc::clone(&self.dead_letters);
+        let stored = match tokio::task::spawn_blocking(move || letters.stored()).await {
+            Ok(Ok(stored)) => stored,
+            Ok(Err(err)) => return warn!(error = %err, "cannot read the dead-letter area"),
+            Err(err) => return warn!(error = %err, "dead-letter task failed"),
+        };
+        for entry in stored {
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                let request = match self.request(std::slice::from_ref(&entry)) {
+                    Ok(r) => r,
+                    Err(err) => {
+                        warn!(seq = entry.seq, error = %err, "cannot encode a dead-lettered write");
+                        break;
+                    }
+                };
+                let outcome = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    outcome = client.ingest(request) => outcome,
+                };
+                match outcome {
+                    Ok(_) => {
+                        let (letters, done) = (Arc::clone(&self.dead_letters), entry.clone());
+                        match tokio::task::spawn_blocking(move || letters.remove(&done)).await {
+                            Ok(Ok(())) => {
+                                info!(seq = entry.seq, dataset = %entry.dataset, "a dead-lettered write was accepted")
+                            }
+                            _ => warn!(seq = entry.seq, "a dead-lettered write was accepted but its file stays"),
+                        }
+                        break;
+                    }
+                    Err(err) if refused_for_good(&err) => {
+                        debug!(seq = entry.seq, error = %err, "a dead-lettered write is still refused");
+                        break;
+                    }
+                    Err(_) => {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        }
+    }
+
     fn request(&self, group: &[Entry]) -> Result<IngestRequest, StrataError> {
         let batches = group
             .iter()
