@@ -113,6 +113,14 @@ async fn over_the_concurrency_limit_queries_are_shed_with_429() {
     assert!(body["error"]["message"].as_str().unwrap_or_default().contains("limits.max_concurrent_queries"), "{body}");
     assert_eq!(slow.await.expect("join").expect("response"), 504);
     assert_eq!(tier.rows("SELECT 1 AS one").await[0]["one"], 1);
+    // Shed queries are counted (they were invisible in /metrics).
+    let text = reqwest::get(tier.url("/metrics")).await.expect("metrics").text().await.expect("text");
+    let shed: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("strata_queries_shed_total "))
+        .and_then(|v| v.parse().ok())
+        .expect("strata_queries_shed_total");
+    assert!(shed >= 1, "{text}");
 }
 
 #[tokio::test]
