@@ -216,7 +216,8 @@ pub struct ServerConfig {
     /// within this time, or it is closed: silent connections cannot hold descriptors.
     #[serde(with = "duration")]
     pub handshake_timeout: Duration,
-    /// A connection that sends and receives nothing for this long is closed.
+    /// A connection that sends and receives nothing for this long is closed; keep it above
+    /// `limits.query_timeout` (a query writes nothing until its first rows).
     #[serde(with = "duration")]
     pub idle_timeout: Duration,
 }

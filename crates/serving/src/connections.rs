@@ -1,10 +1,12 @@
 //! Admission of client connections, shared by every listener of a process: at most
 //! `server.max_connections` open at once (one beyond is closed at once and logged), and
-//! each connection bounded in time. A connection must send its first bytes and get its first
-//! answer within `server.handshake_timeout` (for HTTP/1 that bounds the reading of the
-//! first request's headers; a silent or trickling client cannot hold a descriptor), and
-//! one that moves no byte either way for `server.idle_timeout` is closed. Without these,
-//! 20,000 silent TCP connections exhausted the descriptors and every query timed out.
+//! each connection bounded in time. A connection must send its first bytes within
+//! `server.handshake_timeout` (a silent client cannot hold a descriptor), and one that
+//! moves no byte either way for `server.idle_timeout` is closed. Without these, 20,000
+//! silent TCP connections exhausted the descriptors and every query timed out.
+//!
+//! The first answer is deliberately not part of the handshake: a query may run longer than
+//! the handshake timeout before its first byte is written, and must not be cut off.
 
 use std::io;
 use std::net::SocketAddr;
@@ -148,18 +150,17 @@ pub struct GuardedIo {
     deadline: Pin<Box<Sleep>>,
     last_activity: Instant,
     read_any: bool,
-    wrote_any: bool,
 }
 
 impl GuardedIo {
     fn new(stream: TcpStream, permit: OwnedSemaphorePermit, guard: Arc<ConnectionGuard>) -> Self {
         let now = Instant::now();
         let deadline = Box::pin(tokio::time::sleep_until(now + guard.handshake));
-        Self { stream, _permit: permit, guard, deadline, last_activity: now, read_any: false, wrote_any: false }
+        Self { stream, _permit: permit, guard, deadline, last_activity: now, read_any: false }
     }
 
     fn handshaken(&self) -> bool {
-        self.read_any && self.wrote_any
+        self.read_any
     }
 
     /// Called while a read is pending: an error once the connection is out of time.
@@ -212,8 +213,6 @@ impl AsyncWrite for GuardedIo {
         if let Poll::Ready(Ok(n)) = written
             && n > 0
         {
-            // The server's first answer (or an HTTP/2 preface) only counts once the client spoke.
-            this.wrote_any |= this.read_any;
             this.last_activity = Instant::now();
         }
         written
@@ -229,7 +228,6 @@ impl AsyncWrite for GuardedIo {
         if let Poll::Ready(Ok(n)) = written
             && n > 0
         {
-            this.wrote_any |= this.read_any;
             this.last_activity = Instant::now();
         }
         written
