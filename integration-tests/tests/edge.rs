@@ -69,14 +69,19 @@ async fn platform_and_edge(
     let data = tempfile::tempdir().expect("data dir");
     let config = edge_config(flight, data.path(), max_log);
     let edge = Tier::start("edge-agent", &config).await;
+    wait_loaded(&edge).await;
+    (platform, edge, config, data, flight, http)
+}
+
+/// Waits until `edge` is ready and has loaded `readings` (an edge is ready before it
+/// reaches the platform).
+async fn wait_loaded(edge: &Tier) {
     edge.wait_ready(Duration::from_secs(30)).await;
-    // An edge is ready before it reaches the platform; wait until it knows the dataset.
     let deadline = Instant::now() + Duration::from_secs(30);
     while !edge.find_dataset("readings").await.is_some_and(|d| d["state"] == "ready") {
         assert!(Instant::now() < deadline, "the edge never loaded readings:\n{}", edge.logs());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    (platform, edge, config, data, flight, http)
 }
 
 async fn sink_rows(pg: &PgServer) -> Vec<(i32, i64)> {
@@ -516,12 +521,7 @@ async fn a_write_the_platform_refuses_for_good_is_set_aside_and_blocks_nothing()
         .replace("writable: [readings]", "writable: [readings, notes]")
         .replace("  call_timeout: 1s\n", "  call_timeout: 1s\n  catalog_interval: 500ms\n");
     let edge = Tier::start("edge-agent", &config).await;
-    edge.wait_ready(Duration::from_secs(30)).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !edge.find_dataset("readings").await.is_some_and(|d| d["state"] == "ready") {
-        assert!(Instant::now() < deadline, "the edge never loaded readings:\n{}", edge.logs());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_loaded(&edge).await;
     let client = reqwest::Client::new();
     let note = |id: i64| {
         client
