@@ -286,6 +286,23 @@ async fn silent_connections_are_bounded_and_timed_out() {
     assert!(tier.logs().contains("server.max_connections (40)"), "{}", tier.logs());
     drop(silent);
 
+    // A client that trickles its request headers is closed by the header-read timeout.
+    let trickled = async {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = tokio::net::TcpStream::connect(tier.http_addr).await.expect("connect");
+        stream.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").await.expect("start");
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(8) {
+            if stream.write_all(b"X").await.is_err() {
+                return Some(started.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        None
+    };
+    let closed_after = trickled.await.expect("a trickling client kept its connection for 8 s");
+    assert!(closed_after < Duration::from_secs(5), "closed after {closed_after:?}");
+
     // A query that answers after the handshake timeout, on a fresh connection, is not cut off.
     let started = Instant::now();
     let (code, body) = tier.sql("SELECT sum(value) AS s FROM generate_series(1, 600000000)").await;

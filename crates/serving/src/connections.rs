@@ -5,6 +5,10 @@
 //! moves no byte either way for `server.idle_timeout` is closed. Without these, 20,000
 //! silent TCP connections exhausted the descriptors and every query timed out.
 //!
+//! Each HTTP request's headers must also arrive within `server.handshake_timeout` (the
+//! HTTP loop in `server.rs` sets it as hyper's header-read timeout): a client that trickles
+//! them cannot hold a connection either.
+//!
 //! The first answer is deliberately not part of the handshake: a query may run longer than
 //! the handshake timeout before its first byte is written, and must not be cut off.
 
@@ -83,8 +87,9 @@ impl ConnectionGuard {
     }
 }
 
-/// A listener whose connections are admitted by a [`ConnectionGuard`]; serves both axum
-/// (as its `Listener`) and tonic (through [`GuardedListener::into_incoming`]).
+/// A listener whose connections are admitted by a [`ConnectionGuard`]; serves both the
+/// HTTP loop (through [`GuardedListener::next`]) and tonic (through
+/// [`GuardedListener::into_incoming`]).
 pub struct GuardedListener {
     listener: TcpListener,
     guard: Arc<ConnectionGuard>,
@@ -124,19 +129,6 @@ impl GuardedListener {
             let (io, _) = listener.next().await;
             Some((Ok(io), listener))
         })
-    }
-}
-
-impl axum::serve::Listener for GuardedListener {
-    type Io = GuardedIo;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (GuardedIo, SocketAddr) {
-        self.next().await
-    }
-
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
     }
 }
 

@@ -111,12 +111,8 @@ pub async fn start(
 
     let app = router(HttpState { engine, metrics, draining: Arc::clone(&draining) });
     let stop = stop_accepting.clone();
-    tasks.spawn(async move {
-        axum::serve(GuardedListener::new(http_listener, connections), app)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await
-            .map_err(|e| ServeError::Server { what: "http", message: e.to_string() })
-    });
+    let header_read_timeout = server.handshake_timeout;
+    tasks.spawn(serve_http(GuardedListener::new(http_listener, connections), app, header_read_timeout, stop));
 
     info!(%flight_addr, %http_addr, "serving");
     // Shutdown order: report not-ready first, then stop accepting (see `wait`).
@@ -128,6 +124,38 @@ pub async fn start(
         stop.cancel();
     });
     Ok(Servers { flight_addr, http_addr, draining, tasks, shutdown: stop_accepting, grace: server.shutdown_grace })
+}
+
+/// Serves HTTP/1.1 and HTTP/2 on `listener` until `stop`, then lets open connections finish
+/// their requests. Each request's headers must arrive within `header_read_timeout`
+/// (`server.handshake_timeout`): a client trickling them byte by byte cannot hold a
+/// connection (axum's own server loop sets no timer, so it had no such bound).
+async fn serve_http(
+    mut listener: GuardedListener,
+    app: axum::Router,
+    header_read_timeout: Duration,
+    stop: CancellationToken,
+) -> Result<(), ServeError> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(header_read_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (io, _) = tokio::select! {
+            accepted = listener.next() => accepted,
+            _ = stop.cancelled() => break,
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            // A client that goes away or times out ends its own connection; nothing to report.
+            let _ = connection.await;
+        });
+    }
+    graceful.shutdown().await;
+    Ok(())
 }
 
 impl Servers {
