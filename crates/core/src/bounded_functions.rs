@@ -42,8 +42,9 @@ const BOUNDED: &[(&str, OutputBound)] = &[
 /// Replaces each function of [`BOUNDED`] registered in `ctx` by its bounded twin, charged to
 /// `pool`.
 pub fn register(ctx: &SessionContext, pool: Arc<dyn MemoryPool>) {
+    let registered = ctx.state().scalar_functions().clone();
     for (name, bound) in BOUNDED {
-        let Some(inner) = ctx.state().scalar_functions().get(*name).cloned() else { continue };
+        let Some(inner) = registered.get(*name).cloned() else { continue };
         ctx.register_udf(ScalarUDF::new_from_impl(Bounded { inner, bound: *bound, pool: Arc::clone(&pool) }));
     }
 }

@@ -42,6 +42,17 @@ pub struct EdgeWrites {
     dead_letters: Arc<DeadLetters>,
 }
 
+/// Sleeps `backoff` (then doubles it, up to `max`) unless `shutdown` comes first; false
+/// when it did and the caller should stop.
+async fn back_off(backoff: &mut Duration, max: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = shutdown.cancelled() => return false,
+        _ = tokio::time::sleep(*backoff) => {}
+    }
+    *backoff = (*backoff * 2).min(max);
+    true
+}
+
 /// Whether the platform's refusal of an upload is final: retrying the same batch can only
 /// be refused again (the dataset does not take edge writes there, or not these columns).
 /// Anything else (unreachable, overloaded, its database down) is retried.
@@ -192,21 +203,17 @@ impl EdgeWrites {
                         _ => {
                             // Not set aside: it stays first in the log and is tried again.
                             warn!(seq = entry.seq, error = %err, "cannot set a refused write aside; retrying");
-                            tokio::select! {
-                                _ = shutdown.cancelled() => return,
-                                _ = tokio::time::sleep(backoff) => {}
+                            if !back_off(&mut backoff, Duration::from_secs(1), &shutdown).await {
+                                return;
                             }
-                            backoff = (backoff * 2).min(Duration::from_secs(1));
                         }
                     }
                 }
                 Err(err) => {
                     warn!(first, last, error = %err, retry_in_ms = backoff.as_millis() as u64, "upload failed; kept in the log");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(backoff) => {}
+                    if !back_off(&mut backoff, Duration::from_secs(1), &shutdown).await {
+                        return;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
             }
         }
@@ -267,11 +274,9 @@ impl EdgeWrites {
                         break;
                     }
                     Err(_) => {
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return,
-                            _ = tokio::time::sleep(backoff) => {}
+                        if !back_off(&mut backoff, Duration::from_secs(5), &shutdown).await {
+                            return;
                         }
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
                     }
                 }
             }
