@@ -72,10 +72,6 @@ enum Failure {
 pub struct CacheKey {
     plan: LogicalPlan,
     snapshots: Vec<(String, u64)>,
-    /// What the key is charged against `max_bytes`: the optimized plan is a copy of its
-    /// own, literals included (a query with a 1 MB literal and a one-row answer pinned its
-    /// megabyte while charged a kilobyte).
-    weight: usize,
 }
 
 /// The cache of one tier.
@@ -98,8 +94,12 @@ impl ResultsCache {
         }
         let entries = moka::future::Cache::builder()
             .max_capacity(config.max_bytes.0)
+            // A key is charged its plan, literals included (a query with a 1 MB literal and a
+            // one-row answer pinned its megabyte while charged a kilobyte). Weighed once, on
+            // insertion: lookups do not walk the plan.
             .weigher(|key: &CacheKey, value: &Arc<CachedResult>| {
-                u32::try_from(key.weight.saturating_add(value.bytes)).unwrap_or(u32::MAX)
+                let key_bytes = crate::plan_size::estimated_bytes(&key.plan);
+                u32::try_from(key_bytes.saturating_add(value.bytes)).unwrap_or(u32::MAX)
             })
             .build();
         Some(Self {
@@ -115,7 +115,7 @@ impl ResultsCache {
     /// optimization, that it is deterministic).
     pub fn key(&self, plan: &LogicalPlan) -> Option<CacheKey> {
         let snapshots = snapshots_read(plan)?;
-        Some(CacheKey { weight: crate::plan_size::estimated_bytes(plan), plan: plan.clone(), snapshots })
+        Some(CacheKey { plan: plan.clone(), snapshots })
     }
 
     /// The answer for `key`: cached, or produced by `run` once for all concurrent callers.
