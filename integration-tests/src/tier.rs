@@ -62,7 +62,7 @@ impl Tier {
         let dir = tempfile::Builder::new().prefix("strata-tier-").tempdir().expect("temp dir");
         let config_path = dir.path().join("strata.yaml");
         std::fs::write(&config_path, config).expect("write config");
-        match Self::spawn_command(prefix, binary, &config_path, dir, flight, http).await {
+        match Self::spawn_command(prefix, binary, &[], &config_path, dir, flight, http).await {
             Ok(tier) => tier,
             Err(exited) => panic!("{binary} exited with {:?}:\n{}", exited.code, exited.stderr),
         }
@@ -79,12 +79,25 @@ impl Tier {
         flight: &str,
         http: &str,
     ) -> Result<Self, Exited> {
-        Self::spawn_command(&[], binary, config_path, dir, flight, http).await
+        Self::spawn_command(&[], binary, &[], config_path, dir, flight, http).await
+    }
+
+    /// Starts a tier through the `strata` CLI (`strata edge --config ...`), as the container
+    /// images run every tier.
+    pub async fn start_cli(subcommand: &str, config: &str) -> Self {
+        let dir = tempfile::Builder::new().prefix("strata-tier-").tempdir().expect("temp dir");
+        let config_path = dir.path().join("strata.yaml");
+        std::fs::write(&config_path, config).expect("write config");
+        match Self::spawn_command(&[], "strata", &[subcommand], &config_path, dir, "127.0.0.1:0", "127.0.0.1:0").await {
+            Ok(tier) => tier,
+            Err(exited) => panic!("strata {subcommand} exited with {:?}:\n{}", exited.code, exited.stderr),
+        }
     }
 
     async fn spawn_command(
         prefix: &[&str],
         binary: &str,
+        subcommand: &[&str],
         config_path: &Path,
         dir: tempfile::TempDir,
         flight: &str,
@@ -102,6 +115,7 @@ impl Tier {
             None => Command::new(&exe),
         };
         let mut child = command
+            .args(subcommand)
             .arg("--config")
             .arg(config_path)
             .args(["--flight-addr", flight, "--http-addr", http])

@@ -111,7 +111,18 @@ async fn over_the_concurrency_limit_queries_are_shed_with_429() {
     }
     let body = shed.expect("a second query was shed while the first ran");
     assert!(body["error"]["message"].as_str().unwrap_or_default().contains("limits.max_concurrent_queries"), "{body}");
+    // The autoscaling gauge counts the query holding the slot, and nothing else.
+    assert_eq!(in_flight(&tier).await, 1);
     assert_eq!(slow.await.expect("join").expect("response"), 504);
+    let mut after = in_flight(&tier).await;
+    for _ in 0..100 {
+        if after == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        after = in_flight(&tier).await;
+    }
+    assert_eq!(after, 0, "a finished query still counts as in flight");
     assert_eq!(tier.rows("SELECT 1 AS one").await[0]["one"], 1);
     // Shed queries are counted (they were invisible in /metrics).
     let text = reqwest::get(tier.url("/metrics")).await.expect("metrics").text().await.expect("text");
@@ -121,6 +132,14 @@ async fn over_the_concurrency_limit_queries_are_shed_with_429() {
         .and_then(|v| v.parse().ok())
         .expect("strata_queries_shed_total");
     assert!(shed >= 1, "{text}");
+}
+
+async fn in_flight(tier: &Tier) -> u64 {
+    let text = reqwest::get(tier.url("/metrics")).await.expect("metrics").text().await.expect("text");
+    text.lines()
+        .find_map(|l| l.strip_prefix("strata_queries_in_flight "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no strata_queries_in_flight in {text}"))
 }
 
 #[tokio::test]

@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod bench;
+mod cli;
 mod clients;
 mod config_errors;
 mod edge;

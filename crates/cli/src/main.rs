@@ -1,7 +1,14 @@
-//! `strata`: run a tier (`platform`, `sidecar`) or the one-command tiered demo (`demo`).
+//! `strata`: run a tier (`platform`, `sidecar`, `edge`), the one-command tiered demo (`demo`),
+//! the compose demo's application (`demo-app`), or a container health check (`health`).
+//!
+//! The container image holds this one binary with every tier as a subcommand: the tiers share
+//! one engine, so four binaries would ship that engine four times (each is most of the size).
 
 mod demo;
+mod demo_app;
+mod health;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -23,6 +30,32 @@ enum Command {
     Platform(TierArgs),
     /// Run an app-sidecar.
     Sidecar(TierArgs),
+    /// Run an edge-agent.
+    Edge(TierArgs),
+    /// Load and validate a tier's config file without serving: exit 0 when the tier could
+    /// start on it, 64 with the error (file, field, line) otherwise.
+    Check {
+        /// The tier whose config it is.
+        #[arg(value_enum)]
+        tier: TierKind,
+        /// Config file.
+        #[arg(long, env = "STRATA_CONFIG", default_value = "strata.yaml")]
+        config: PathBuf,
+    },
+    /// Check a tier's HTTP health (`/health`) or readiness (`--ready`): exit 0 when it answers
+    /// 200, 1 otherwise. For container health checks (the image has no curl).
+    Health(health::HealthArgs),
+    /// The compose demo's application: ask a tier a few queries in a loop and log where each
+    /// answer came from and how long it took.
+    DemoApp(demo_app::DemoAppArgs),
+}
+
+/// The tiers, as `strata check` names them (the same words as their subcommands).
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum TierKind {
+    Platform,
+    Sidecar,
+    Edge,
 }
 
 fn main() -> ExitCode {
@@ -38,5 +71,17 @@ fn main() -> ExitCode {
                 strata_app_sidecar::start(&config, shutdown).await
             })
         }
+        Command::Edge(args) => {
+            process::run("edge-agent", args, strata_edge_agent::validate, |config, shutdown| async move {
+                strata_edge_agent::start(&config, shutdown).await
+            })
+        }
+        Command::Check { tier, config } => match tier {
+            TierKind::Platform => process::check("platform-service", &config, strata_platform_service::validate),
+            TierKind::Sidecar => process::check("app-sidecar", &config, strata_app_sidecar::validate),
+            TierKind::Edge => process::check("edge-agent", &config, strata_edge_agent::validate),
+        },
+        Command::Health(args) => health::main(args),
+        Command::DemoApp(args) => demo_app::main(args),
     }
 }

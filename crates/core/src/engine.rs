@@ -430,6 +430,12 @@ impl Engine {
         *self.inner.ready.borrow()
     }
 
+    /// Queries admitted and not yet finished (streaming their answer included): the load
+    /// figure an autoscaler divides by replicas, which CPU misses for queries waiting on I/O.
+    pub fn queries_in_flight(&self) -> usize {
+        self.inner.limits.max_concurrent_queries.saturating_sub(self.inner.admission.available_permits())
+    }
+
     /// Waits until [`Engine::is_ready`].
     pub async fn wait_ready(&self) {
         let mut rx = self.inner.ready.subscribe();

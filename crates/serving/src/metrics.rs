@@ -107,6 +107,12 @@ impl Metrics {
             let _ = writeln!(out, "# TYPE strata_connections_timed_out_total counter");
             let _ = writeln!(out, "strata_connections_timed_out_total {}", connections.timed_out());
         }
+        let _ = writeln!(
+            out,
+            "# HELP strata_queries_in_flight Queries admitted and not finished (limits.max_concurrent_queries bounds it)."
+        );
+        let _ = writeln!(out, "# TYPE strata_queries_in_flight gauge");
+        let _ = writeln!(out, "strata_queries_in_flight {}", engine.queries_in_flight());
         let _ = writeln!(out, "# HELP strata_query_rows_total Rows returned by queries.");
         let _ = writeln!(out, "# TYPE strata_query_rows_total counter");
         let _ = writeln!(out, "strata_query_rows_total {}", get(&self.rows));

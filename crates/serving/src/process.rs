@@ -7,7 +7,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use strata_core::config::UpstreamConfig;
@@ -103,6 +103,25 @@ where
         Err(err) => {
             eprintln!("error: {err}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Loads and validates a config file exactly as [`run`] would, without serving: exit 0 when
+/// the tier could start on it, [`EXIT_CONFIG`] with the error (file, field, line) otherwise.
+/// For CI and for checking a rendered config before rolling it out.
+pub fn check(name: &'static str, path: &Path, validate: impl FnOnce(&Config) -> Result<(), StrataError>) -> ExitCode {
+    let outcome = Config::load(path)
+        .map_err(|err| err.to_string())
+        .and_then(|config| validate(&config).map_err(|err| format!("{}: {err}", path.display())));
+    match outcome {
+        Ok(()) => {
+            println!("ok: {} is a valid {name} config", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::from(EXIT_CONFIG)
         }
     }
 }

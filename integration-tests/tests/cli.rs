@@ -1,0 +1,136 @@
+//! The `strata` subcommands the container images rely on: `edge` runs the edge-agent,
+//! `health` is the images' health check (exit 0/1, no curl in the image), and `check`
+//! validates a config as the tier would (exit 64), which the deployment validation uses.
+
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use strata_integration_tests::tier::Tier;
+use strata_integration_tests::{bin_dir, free_port, workspace_root};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn strata(args: &[&str]) -> Output {
+    Command::new(bin_dir().join("strata")).args(args).output().expect("run strata")
+}
+
+fn text(output: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+}
+
+#[tokio::test]
+async fn strata_edge_runs_an_edge_agent_that_serves_its_replica_from_disk() {
+    let customers = workspace_root().join("examples/data/customers.csv");
+    let platform = Tier::start(
+        "platform-service",
+        &format!(
+            "region: eu\ndatasets:\n  - name: customers\n    from: file:{}\n    acceleration: {{}}\n",
+            customers.display()
+        ),
+    )
+    .await;
+    let data = tempfile::tempdir().expect("data dir");
+    let edge = Tier::start_cli(
+        "edge",
+        &format!(
+            "region: eu\nupstream:\n  endpoints: [http://{}]\nreplicas:\n  - name: customers\nedge:\n  id: cli-edge\n  data_dir: {}\n",
+            platform.flight_addr,
+            data.path().display()
+        ),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while edge.find_dataset("customers").await.is_none_or(|d| d["state"] != "ready") {
+        assert!(Instant::now() < deadline, "the edge's replica never loaded: {}", edge.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (rows, route, _) = edge.routed("SELECT count(*) AS n FROM customers", &[]).await;
+    assert_eq!(route, "local");
+    assert_eq!(rows, platform.rows("SELECT count(*) AS n FROM customers").await);
+    // An edge agent's replica is on disk, where only an edge puts it.
+    assert!(data.path().join("replicas/customers/manifest.json").exists(), "no disk replica under the data dir");
+}
+
+#[tokio::test]
+async fn strata_health_exits_0_only_when_the_tier_answers_200() {
+    let tier = Tier::start("platform-service", "region: eu\n").await;
+    tier.wait_ready(Duration::from_secs(20)).await;
+    let addr = tier.http_addr.to_string();
+    let live = strata(&["health", "--http", &addr]);
+    assert!(live.status.success(), "{}", text(&live));
+    let ready = strata(&["health", "--ready", "--http", &addr]);
+    assert!(ready.status.success(), "{}", text(&ready));
+
+    // Nothing listening.
+    let closed = format!("127.0.0.1:{}", free_port());
+    let refused = strata(&["health", "--http", &closed]);
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
+    assert!(text(&refused).contains("unhealthy"), "{}", text(&refused));
+
+    // A listener that answers 503 (a tier that is draining or not ready), and one that never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let unready = listener.local_addr().expect("addr").to_string();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = socket.read(&mut buf).await;
+            let _ = socket.write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 9\r\n\r\nnot ready").await;
+        }
+    });
+    let silent_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let silent = silent_listener.local_addr().expect("addr").to_string();
+    let held = tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        while let Ok((socket, _)) = silent_listener.accept().await {
+            sockets.push(socket);
+        }
+    });
+    let (unready_out, silent_out) = tokio::task::spawn_blocking(move || {
+        (
+            strata(&["health", "--ready", "--http", &unready]),
+            strata(&["health", "--http", &silent, "--timeout", "300ms"]),
+        )
+    })
+    .await
+    .expect("join");
+    assert_eq!(unready_out.status.code(), Some(1), "{}", text(&unready_out));
+    assert!(text(&unready_out).contains("503"), "{}", text(&unready_out));
+    assert_eq!(silent_out.status.code(), Some(1), "{}", text(&silent_out));
+    held.abort();
+}
+
+#[test]
+fn strata_check_loads_a_config_as_the_tier_would() {
+    let dir = tempfile::tempdir().expect("dir");
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write config");
+        path.display().to_string()
+    };
+    let edge = write(
+        "edge.yaml",
+        "region: eu\nupstream:\n  endpoints: [http://platform:50051]\nedge:\n  id: e1\n  data_dir: /var/lib/strata\n",
+    );
+    let ok = strata(&["check", "edge", "--config", &edge]);
+    assert!(ok.status.success(), "{}", text(&ok));
+
+    let misspelt = write("platform.yaml", "region: eu\nserver:\n  http_adr: 0.0.0.0:8080\n");
+    let bad = strata(&["check", "platform", "--config", &misspelt]);
+    assert_eq!(bad.status.code(), Some(64), "{}", text(&bad));
+    assert!(text(&bad).contains("unknown field `http_adr`") && text(&bad).contains("line 3"), "{}", text(&bad));
+
+    // A sidecar needs a platform to forward to; the same file is fine for a platform.
+    let lonely = write("lonely.yaml", "region: eu\n");
+    let sidecar = strata(&["check", "sidecar", "--config", &lonely]);
+    assert_eq!(sidecar.status.code(), Some(64), "{}", text(&sidecar));
+    assert!(text(&sidecar).contains("upstream"), "{}", text(&sidecar));
+    assert!(strata(&["check", "platform", "--config", &lonely]).status.success());
+
+    // An unset ${VAR} is named, as in a container whose Secret is missing.
+    let secret = write(
+        "secret.yaml",
+        "datasets:\n  - name: t\n    from: postgres:public.t\n    params:\n      password: ${STRATA_TEST_UNSET_SECRET}\n",
+    );
+    let unset = strata(&["check", "platform", "--config", &secret]);
+    assert_eq!(unset.status.code(), Some(64), "{}", text(&unset));
+    assert!(text(&unset).contains("STRATA_TEST_UNSET_SECRET"), "{}", text(&unset));
+}
