@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Runs the whole test suite on a fresh machine that has the Rust toolchain, Python 3 and
-# PostgreSQL 15's binaries: sets up the Python Flight SQL clients in a virtual environment
-# under the target directory, builds the binaries the integration tests start, runs every test.
+# Runs the whole test suite on a fresh machine that has the Rust toolchain, Python 3,
+# PostgreSQL 15's binaries, kubectl and a Docker engine with docker-compose: sets up the Python
+# Flight SQL clients (and the manifest validators) in a virtual environment under the target
+# directory, builds the binaries the integration tests start, runs every test, then validates
+# the deployment files and runs the compose demo's smoke and fault test (which fails, never
+# skips, without Docker). Arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,4 +20,9 @@ export STRATA_PYTHON="$(cd "$venv" && pwd)/bin/python"
 # Integration tests start the real binaries, so build them first (all targets: the same
 # feature set as `cargo test` and `cargo clippy --all-targets`, so nothing is rebuilt twice).
 cargo build --workspace --all-targets
-cargo test --workspace --no-fail-fast "$@"
+status=0
+cargo test --workspace --no-fail-fast "$@" || status=$?
+
+# The deployment: the compose demo in containers.
+bash deploy/compose/smoke.sh || status=$?
+exit "$status"
