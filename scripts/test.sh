@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 
 target_dir="${CARGO_TARGET_DIR:-target}"
 venv="$target_dir/py-venv"
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import adbc_driver_flightsql, pyarrow, pytest, grpc_reflection' 2>/dev/null; then
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import adbc_driver_flightsql, pyarrow, pytest, grpc_reflection, kubernetes_validate, yamllint, yaml' 2>/dev/null; then
   echo "setting up Python clients in $venv"
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check -r integration-tests/python/requirements.txt
@@ -23,6 +23,7 @@ cargo build --workspace --all-targets
 status=0
 cargo test --workspace --no-fail-fast "$@" || status=$?
 
-# The deployment: the compose demo in containers.
+# The deployment: manifests and configs against the binary, then the compose demo in containers.
+bash deploy/validate.sh "$STRATA_PYTHON" || status=$?
 bash deploy/compose/smoke.sh || status=$?
 exit "$status"

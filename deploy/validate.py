@@ -1,0 +1,214 @@
+#!/usr/bin/env python3
+"""Checks that the deployment files agree with the binary they deploy (run by validate.sh).
+
+For every Strata container of every rendered Kubernetes overlay, and every compose service:
+  - the tier's strata.yaml (the generated ConfigMap, or the compose config file) loads with the
+    real config loader (`strata check <tier>`), with the container's environment (secrets get a
+    placeholder), so a misspelt field or an unset ${VAR} fails here;
+  - the config listens on all interfaces, on the ports the container (and the Services'
+    target ports) name `flight` and `http`;
+  - every probe path exists: the tier is started on that config and each path must answer
+    something other than 404 (200 or 503);
+  - the platform's terminationGracePeriodSeconds covers its server.shutdown_grace.
+
+usage: validate.py STRATA_BINARY RENDERED_DIR COMPOSE_FILE
+"""
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+import yaml
+
+STRATA, RENDERED, COMPOSE_FILE = sys.argv[1], sys.argv[2], sys.argv[3]
+TIERS = {"platform", "sidecar", "edge"}
+DEFAULT_PORTS = {"flight": 50051, "http": 8080}
+failures = []
+checked = []
+
+
+def fail(where, message):
+    failures.append(f"{where}: {message}")
+
+
+def duration_seconds(text):
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    match = re.fullmatch(r"(\d+)(ms|s|m|h)", str(text).strip())
+    return int(match.group(1)) * units[match.group(2)] if match else None
+
+
+def strata_check(where, tier, config_text, env):
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(config_text)
+    try:
+        out = subprocess.run([STRATA, "check", tier, "--config", f.name], env=env, capture_output=True, text=True)
+        if out.returncode != 0:
+            fail(where, f"strata check {tier} refused the config: {out.stderr.strip()}")
+    finally:
+        os.unlink(f.name)
+
+
+def probe_paths_exist(where, tier, config_text, env, paths):
+    """Starts the tier on its config (listening on loopback, data in a temp dir) and asks each path."""
+    with tempfile.TemporaryDirectory() as tmp:
+        text = re.sub(r"data_dir: .*", f"data_dir: {tmp}/data", config_text)
+        path = os.path.join(tmp, "strata.yaml")
+        with open(path, "w") as f:
+            f.write(text)
+        proc = subprocess.Popen(
+            [STRATA, tier, "--config", path, "--flight-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"],
+            env={**env, "STRATA_LOG_FORMAT": "json", "RUST_LOG": "error"}, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, text=True)
+        try:
+            line = proc.stdout.readline()
+            match = re.search(r"http=(\S+)", line)
+            if not match:
+                fail(where, f"the {tier} did not start on its config (stdout: {line!r})")
+                return
+            for probe_path in sorted(paths):
+                try:
+                    with urllib.request.urlopen(f"http://{match.group(1)}{probe_path}", timeout=5) as r:
+                        status = r.status
+                except urllib.error.HTTPError as err:
+                    status = err.code
+                if status == 404:
+                    fail(where, f"probe path {probe_path} does not exist on the {tier} (404)")
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def listen_ports(where, config):
+    server = config.get("server") or {}
+    ports = {}
+    for name, key in (("flight", "flight_addr"), ("http", "http_addr")):
+        addr = server.get(key)
+        if addr is None:
+            fail(where, f"server.{key} is not set: the default listens on 127.0.0.1, unreachable from outside the container")
+            continue
+        host, _, port = str(addr).rpartition(":")
+        if host not in ("0.0.0.0", "[::]", "::"):
+            fail(where, f"server.{key} listens on {host}: probes and other pods cannot reach it")
+        ports[name] = int(port)
+    return ports
+
+
+def container_env(container):
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    for var in container.get("env", []):
+        if "value" in var:
+            env[var["name"]] = str(var["value"])
+        elif "fieldRef" in var.get("valueFrom", {}):
+            env[var["name"]] = "node-1"
+        else:  # a Secret or ConfigMap key: its value is not here
+            env[var["name"]] = "placeholder"
+    return env
+
+
+def check_overlay(path):
+    overlay = os.path.basename(path).removesuffix(".yaml")
+    docs = [d for d in yaml.safe_load_all(open(path)) if d]
+    config_maps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
+    pod_ports = {}
+    for doc in docs:
+        if doc["kind"] not in ("Deployment", "DaemonSet", "StatefulSet"):
+            continue
+        spec = doc["spec"]["template"]["spec"]
+        labels = doc["spec"]["template"]["metadata"].get("labels", {})
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for container in spec.get("initContainers", []) + spec.get("containers", []):
+            args = container.get("args") or []
+            where = f"{overlay}: {doc['kind']}/{doc['metadata']['name']} container {container['name']}"
+            named = {p.get("name"): p["containerPort"] for p in container.get("ports", [])}
+            pod_ports.setdefault(doc["metadata"]["name"], (labels, {}))[1].update(named)
+            if not args or args[0] not in TIERS:
+                continue
+            mount = next((m for m in container.get("volumeMounts", []) if m["mountPath"] == "/etc/strata"), None)
+            volume = volumes.get(mount["name"]) if mount else None
+            cm = config_maps.get((volume or {}).get("configMap", {}).get("name"))
+            if cm is None:
+                fail(where, "no ConfigMap mounted at /etc/strata")
+                continue
+            config_path = args[args.index("--config") + 1] if "--config" in args else "strata.yaml"
+            text = cm["data"].get(os.path.basename(config_path))
+            if text is None:
+                fail(where, f"ConfigMap {cm['metadata']['name']} has no {os.path.basename(config_path)}")
+                continue
+            env = container_env(container)
+            strata_check(where, args[0], text, env)
+            config = yaml.safe_load(text)
+            ports = listen_ports(where, config)
+            for name, port in ports.items():
+                if named.get(name) != port:
+                    fail(where, f"container port {name} is {named.get(name)}, the config listens on {port}")
+            probe_paths = set()
+            for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+                http = (container.get(probe) or {}).get("httpGet")
+                if http:
+                    probe_paths.add(http["path"])
+                    if named.get(http["port"], http["port"]) != ports.get("http"):
+                        fail(where, f"{probe} asks port {http['port']}, not the http port {ports.get('http')}")
+            probe_paths_exist(where, args[0], text, env, probe_paths)
+            grace = duration_seconds((config.get("server") or {}).get("shutdown_grace", "30s"))
+            if grace is not None and spec.get("terminationGracePeriodSeconds", 30) < grace:
+                fail(where, f"terminationGracePeriodSeconds {spec.get('terminationGracePeriodSeconds', 30)} "
+                            f"is shorter than server.shutdown_grace ({grace} s)")
+            checked.append(where)
+    for doc in docs:
+        if doc["kind"] != "Service":
+            continue
+        selector = doc["spec"].get("selector", {})
+        targets = [ports for labels, ports in pod_ports.values() if selector and selector.items() <= labels.items()]
+        if not targets:
+            fail(f"{overlay}: Service/{doc['metadata']['name']}", f"selects no pod ({selector})")
+        for port in doc["spec"]["ports"]:
+            target = port.get("targetPort", port["port"])
+            if isinstance(target, str) and not any(target in ports for ports in targets):
+                fail(f"{overlay}: Service/{doc['metadata']['name']}", f"targetPort {target} is no container port")
+
+
+def check_compose():
+    here = os.path.dirname(os.path.abspath(COMPOSE_FILE))
+    compose = yaml.safe_load(open(COMPOSE_FILE))
+    for name, service in compose["services"].items():
+        command = service.get("command") or []
+        if not command or command[0] not in TIERS:
+            continue
+        where = f"compose: service {name}"
+        config_path = command[command.index("--config") + 1]
+        source = next((v.split(":")[0] for v in service.get("volumes", []) if v.split(":")[1] == config_path), None)
+        if source is None:
+            fail(where, f"nothing is mounted at {config_path}")
+            continue
+        text = open(os.path.join(here, source)).read()
+        env = {"PATH": os.environ.get("PATH", ""), "STRATA_DB_PASSWORD": "placeholder"}
+        strata_check(where, command[0], text, env)
+        ports = listen_ports(where, yaml.safe_load(text))
+        published = service.get("ports", [])
+        owner = service.get("network_mode", "").removeprefix("service:")
+        if owner:
+            published = compose["services"][owner].get("ports", [])
+        container_ports = {int(str(p).rsplit(":", 1)[1]) for p in published}
+        for port_name, port in ports.items():
+            if port not in container_ports:
+                fail(where, f"the config's {port_name} port {port} is not published")
+        probe_paths_exist(where, command[0], text, env, {"/health", "/v1/ready"})
+        checked.append(where)
+
+
+for rendered in sorted(os.listdir(RENDERED)):
+    check_overlay(os.path.join(RENDERED, rendered))
+check_compose()
+for where in checked:
+    print(f"  agrees with the binary: {where}")
+if failures:
+    print("\n".join(["deployment files disagree with the binary:"] + failures), file=sys.stderr)
+    sys.exit(1)
+print(f"{len(checked)} containers and services agree with the binary")
