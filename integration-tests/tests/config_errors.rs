@@ -64,3 +64,33 @@ async fn yaml_aliases_that_multiply_are_refused_quickly() {
     assert!(err.contains("expands to more than 100000 values"), "{err}");
     assert!(started.elapsed() < std::time::Duration::from_secs(10), "took {:?}", started.elapsed());
 }
+
+/// Flags override the file before the checks run, so a value given by flag is checked like
+/// one in the file and named by its flag (it used to reach the tier unchecked and exit 1).
+#[test]
+fn a_bad_upstream_flag_exits_64_naming_the_flag() {
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("strata.yaml");
+    std::fs::write(&config, "region: eu\nupstream:\n  endpoints: [http://127.0.0.1:1]\n").expect("write");
+    for binary in ["app-sidecar", "edge-agent"] {
+        let out = std::process::Command::new(strata_integration_tests::bin_dir().join(binary))
+            .arg("--config")
+            .arg(&config)
+            .args(["--upstream", "platform:50051", "--http-addr", "127.0.0.1:0", "--flight-addr", "127.0.0.1:0"])
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{binary}: {stderr}");
+        assert!(stderr.contains("--upstream `platform:50051`") && stderr.contains("http://host:port"), "{stderr}");
+    }
+    // Through the CLI too, where a flag-given upstream also satisfies a sidecar's need for one.
+    std::fs::write(&config, "region: eu\n").expect("write");
+    let out = std::process::Command::new(strata_integration_tests::bin_dir().join("strata"))
+        .args(["sidecar", "--config"])
+        .arg(&config)
+        .args(["--upstream", "ftp://platform:50051"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--upstream"), "{}", String::from_utf8_lossy(&out.stderr));
+}

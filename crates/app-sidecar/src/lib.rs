@@ -3,32 +3,39 @@
 //! to the platform (see `strata-upstream` for the routing and resilience).
 
 use strata_core::{Config, Engine, StrataError};
-use strata_serving::{ServeError, Servers};
+use strata_serving::Servers;
+use strata_serving::process::{StartError, Tier};
 use strata_upstream::TierRouter;
 use tokio_util::sync::CancellationToken;
 
-/// Why the sidecar could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum SidecarError {
-    #[error(transparent)]
-    Engine(#[from] StrataError),
-    #[error(transparent)]
-    Serve(#[from] ServeError),
+/// The app-sidecar tier, as [`strata_serving::process::run`] starts it.
+pub struct Sidecar;
+
+impl Tier for Sidecar {
+    const KIND: &'static str = "sidecar";
+
+    fn validate(config: &Config) -> Result<(), StrataError> {
+        validate(config)
+    }
+
+    async fn start(config: Config, shutdown: CancellationToken) -> Result<Servers, StartError> {
+        start(&config, shutdown).await
+    }
 }
 
 /// Checks what only a sidecar needs: an upstream to replicate from and forward to.
 pub fn validate(config: &Config) -> Result<(), StrataError> {
-    strata_upstream::validate_downstream(config, "app-sidecar")
+    strata_upstream::validate_downstream(config, Sidecar::KIND)
 }
 
 /// Builds the engine and the router, binds the servers and starts replication. Ready once
 /// the platform's catalog has been read (replicas load after, queries are forwarded meanwhile).
-pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Servers, SidecarError> {
+pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Servers, StartError> {
     validate(config)?;
     let engine = Engine::new(config)?;
     let Some(upstream) = &config.upstream else { unreachable!("validated above") };
-    TierRouter::for_sidecar(engine.clone(), "sidecar", upstream, config.replicas.clone(), shutdown.clone())?;
-    let servers = strata_serving::start(engine.clone(), &config.server, "sidecar", shutdown.clone()).await?;
+    TierRouter::for_sidecar(engine.clone(), Sidecar::KIND, upstream, config.replicas.clone(), shutdown.clone())?;
+    let servers = strata_serving::start(engine.clone(), &config.server, Sidecar::KIND, shutdown.clone()).await?;
     engine.start(shutdown);
     Ok(servers)
 }

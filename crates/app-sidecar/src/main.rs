@@ -3,7 +3,10 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use strata_serving::process::{self, TierArgs};
+use strata_serving::process::{self, Allocator, TierArgs};
+
+#[global_allocator]
+static ALLOCATOR: Allocator = process::ALLOCATOR;
 
 #[derive(Parser)]
 #[command(name = "app-sidecar", version, about = "Strata app-sidecar tier")]
@@ -13,7 +16,5 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    process::run("app-sidecar", Args::parse().tier, strata_app_sidecar::validate, |config, shutdown| async move {
-        strata_app_sidecar::start(&config, shutdown).await
-    })
+    process::run::<strata_app_sidecar::Sidecar>(Args::parse().tier)
 }

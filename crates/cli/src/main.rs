@@ -12,7 +12,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use strata_serving::process::{self, TierArgs};
+use strata_app_sidecar::Sidecar;
+use strata_edge_agent::Edge;
+use strata_platform_service::Platform;
+use strata_serving::process::{self, Allocator, TierArgs};
+
+#[global_allocator]
+static ALLOCATOR: Allocator = process::ALLOCATOR;
 
 #[derive(Parser)]
 #[command(name = "strata", version, about = "Strata: a tiered SQL runtime")]
@@ -61,25 +67,13 @@ enum TierKind {
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Demo => demo::main(),
-        Command::Platform(args) => {
-            process::run("platform-service", args, strata_platform_service::validate, |config, shutdown| async move {
-                strata_platform_service::start(&config, shutdown).await
-            })
-        }
-        Command::Sidecar(args) => {
-            process::run("app-sidecar", args, strata_app_sidecar::validate, |config, shutdown| async move {
-                strata_app_sidecar::start(&config, shutdown).await
-            })
-        }
-        Command::Edge(args) => {
-            process::run("edge-agent", args, strata_edge_agent::validate, |config, shutdown| async move {
-                strata_edge_agent::start(&config, shutdown).await
-            })
-        }
+        Command::Platform(args) => process::run::<Platform>(args),
+        Command::Sidecar(args) => process::run::<Sidecar>(args),
+        Command::Edge(args) => process::run::<Edge>(args),
         Command::Check { tier, config } => match tier {
-            TierKind::Platform => process::check("platform-service", &config, strata_platform_service::validate),
-            TierKind::Sidecar => process::check("app-sidecar", &config, strata_app_sidecar::validate),
-            TierKind::Edge => process::check("edge-agent", &config, strata_edge_agent::validate),
+            TierKind::Platform => process::check::<Platform>(&config),
+            TierKind::Sidecar => process::check::<Sidecar>(&config),
+            TierKind::Edge => process::check::<Edge>(&config),
         },
         Command::Health(args) => health::main(args),
         Command::DemoApp(args) => demo_app::main(args),

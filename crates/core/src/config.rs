@@ -611,6 +611,12 @@ impl Config {
         Ok(config)
     }
 
+    /// Every check of a loaded config again, for a config changed after loading (flags
+    /// applied over the file): the message names the field.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        self.validate()
+    }
+
     /// Cross-field checks that a single field's parser cannot see.
     fn validate(&self) -> std::result::Result<(), String> {
         let mut seen = std::collections::HashSet::new();
@@ -704,7 +710,8 @@ impl Config {
     }
 }
 
-fn check_endpoint(endpoint: &str) -> std::result::Result<(), String> {
+/// Checks one platform endpoint (`http://host:port`); the message says what is wrong with it.
+pub fn check_endpoint(endpoint: &str) -> std::result::Result<(), String> {
     let rest = endpoint.strip_prefix("http://").or_else(|| endpoint.strip_prefix("https://"));
     match rest {
         Some(hostport) if hostport.contains(':') && !hostport.ends_with(':') => Ok(()),

@@ -11,36 +11,43 @@ pub mod writes;
 use std::sync::Arc;
 
 use strata_core::{Config, Engine, StrataError};
-use strata_serving::{ServeError, Servers};
+use strata_serving::Servers;
+use strata_serving::process::{StartError, Tier};
 use strata_upstream::TierRouter;
 use tokio_util::sync::CancellationToken;
 
 use crate::log::IngestLog;
 use crate::writes::EdgeWrites;
 
-/// Why the edge agent could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum EdgeError {
-    #[error(transparent)]
-    Engine(#[from] StrataError),
-    #[error(transparent)]
-    Serve(#[from] ServeError),
+/// The edge-agent tier, as [`strata_serving::process::run`] starts it.
+pub struct Edge;
+
+impl Tier for Edge {
+    const KIND: &'static str = "edge";
+
+    fn validate(config: &Config) -> Result<(), StrataError> {
+        validate(config)
+    }
+
+    async fn start(config: Config, shutdown: CancellationToken) -> Result<Servers, StartError> {
+        start(&config, shutdown).await
+    }
 }
 
 /// A sidecar's checks, plus the edge section.
 pub fn validate(config: &Config) -> Result<(), StrataError> {
     if config.edge.is_none() {
         return Err(StrataError::Config(
-            "edge-agent needs `edge: {id: <unique name>, data_dir: <path>}` (its identity and where its log lives)"
+            "an edge agent needs `edge: {id: <unique name>, data_dir: <path>}` (its identity and where its log lives)"
                 .into(),
         ));
     }
-    strata_upstream::validate_downstream(config, "edge-agent")
+    strata_upstream::validate_downstream(config, Edge::KIND)
 }
 
 /// Opens the log (repairing a torn tail), builds the router, binds the servers, and starts
 /// replication and the uploader.
-pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Servers, EdgeError> {
+pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Servers, StartError> {
     validate(config)?;
     let (Some(edge), Some(upstream)) = (config.edge.clone(), &config.upstream) else { unreachable!("validated above") };
     let engine = Engine::new(config)?;
@@ -72,7 +79,7 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Serve
     engine.set_writes(Arc::clone(&writes) as Arc<dyn strata_core::writes::LocalWrites>);
     tokio::spawn(Arc::clone(&writes).retry_dead_letters(client.clone(), shutdown.clone()));
     tokio::spawn(Arc::clone(&writes).upload(client, shutdown.clone()));
-    let servers = strata_serving::start(engine.clone(), &config.server, "edge", shutdown.clone()).await?;
+    let servers = strata_serving::start(engine.clone(), &config.server, Edge::KIND, shutdown.clone()).await?;
     engine.start(shutdown);
     Ok(servers)
 }

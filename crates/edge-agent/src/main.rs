@@ -3,7 +3,10 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use strata_serving::process::{self, TierArgs};
+use strata_serving::process::{self, Allocator, TierArgs};
+
+#[global_allocator]
+static ALLOCATOR: Allocator = process::ALLOCATOR;
 
 #[derive(Parser)]
 #[command(name = "edge-agent", version, about = "Strata edge-agent tier")]
@@ -13,7 +16,5 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    process::run("edge-agent", Args::parse().tier, strata_edge_agent::validate, |config, shutdown| async move {
-        strata_edge_agent::start(&config, shutdown).await
-    })
+    process::run::<strata_edge_agent::Edge>(Args::parse().tier)
 }

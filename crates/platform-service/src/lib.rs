@@ -4,17 +4,24 @@
 
 use strata_core::config::UpstreamConfig;
 use strata_core::{Config, Engine, StrataError};
-use strata_serving::{ServeError, Servers};
+use strata_serving::Servers;
+use strata_serving::process::{StartError, Tier};
 use strata_upstream::TierRouter;
 use tokio_util::sync::CancellationToken;
 
-/// Why the platform could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum PlatformError {
-    #[error(transparent)]
-    Engine(#[from] StrataError),
-    #[error(transparent)]
-    Serve(#[from] ServeError),
+/// The platform tier, as [`strata_serving::process::run`] starts it.
+pub struct Platform;
+
+impl Tier for Platform {
+    const KIND: &'static str = "platform";
+
+    fn validate(config: &Config) -> Result<(), StrataError> {
+        validate(config)
+    }
+
+    async fn start(config: Config, shutdown: CancellationToken) -> Result<Servers, StartError> {
+        start(&config, shutdown).await
+    }
 }
 
 /// Checks what only a platform needs: it replicates nothing, it has peers instead of an upstream.
@@ -29,14 +36,14 @@ pub fn validate(config: &Config) -> Result<(), StrataError> {
 
 /// Builds the engine, starts loading datasets in the background and binds the servers.
 /// Returns as soon as the listeners are bound; `Servers::wait` runs until `shutdown`.
-pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Servers, PlatformError> {
+pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Servers, StartError> {
     validate(config)?;
     let engine = Engine::new(config)?;
     if !config.peers.is_empty() {
         let settings = config.upstream.clone().unwrap_or_else(|| UpstreamConfig::with_endpoints(Vec::new()));
         TierRouter::for_platform(engine.clone(), &config.peers, &settings, shutdown.clone())?;
     }
-    let servers = strata_serving::start(engine.clone(), &config.server, "platform", shutdown.clone()).await?;
+    let servers = strata_serving::start(engine.clone(), &config.server, Platform::KIND, shutdown.clone()).await?;
     engine.start(shutdown);
     Ok(servers)
 }

@@ -3,7 +3,10 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use strata_serving::process::{self, TierArgs};
+use strata_serving::process::{self, Allocator, TierArgs};
+
+#[global_allocator]
+static ALLOCATOR: Allocator = process::ALLOCATOR;
 
 #[derive(Parser)]
 #[command(name = "platform-service", version, about = "Strata platform tier")]
@@ -13,10 +16,5 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    process::run(
-        "platform-service",
-        Args::parse().tier,
-        strata_platform_service::validate,
-        |config, shutdown| async move { strata_platform_service::start(&config, shutdown).await },
-    )
+    process::run::<strata_platform_service::Platform>(Args::parse().tier)
 }

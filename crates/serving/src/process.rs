@@ -10,22 +10,47 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use strata_core::config::UpstreamConfig;
+use strata_core::config::{UpstreamConfig, check_endpoint};
 use strata_core::{Config, StrataError};
 use tokio_util::sync::CancellationToken;
 
-use crate::server::Servers;
+use crate::server::{ServeError, Servers};
 use crate::telemetry::{self, LogFormat};
 
 /// Exit code for an unusable config (EX_USAGE), so supervisors do not restart-loop on it.
 pub const EXIT_CONFIG: u8 = 64;
 
-/// Every tier allocates through jemalloc: a refresh frees a whole source read's transient
-/// buffers (decoded Parquet pages, IPC frames) at once, and glibc's malloc kept them
-/// resident, so a loaded copy cost 1.4x its Arrow size. jemalloc's background thread
+/// The allocator every tier binary declares as its `#[global_allocator]` (a library must not
+/// choose it for the programs that link it): jemalloc. A refresh frees a whole source read's
+/// transient buffers (decoded Parquet pages, IPC frames) at once, and glibc's malloc kept
+/// them resident, so a loaded copy cost 1.4x its Arrow size. jemalloc's background thread
 /// returns such memory within its decay time (`.cargo/config.toml` sets it).
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+pub type Allocator = tikv_jemallocator::Jemalloc;
+/// The value for `static ALLOCATOR: Allocator = ALLOCATOR;`.
+pub const ALLOCATOR: Allocator = tikv_jemallocator::Jemalloc;
+
+/// Why a tier could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Engine(#[from] StrataError),
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+}
+
+/// A tier as a process: what [`run`] and [`check`] need from the platform, the sidecar and
+/// the edge agent, so each binary and the `strata` CLI start a tier the same way.
+pub trait Tier {
+    /// The tier's one name: the `strata` subcommand, the start line on stdout, the health
+    /// answer, config errors.
+    const KIND: &'static str;
+
+    /// Checks what this tier needs of a loaded config beyond what every config needs.
+    fn validate(config: &Config) -> Result<(), StrataError>;
+
+    /// Builds the tier and binds its listeners; the returned servers run until `shutdown`.
+    fn start(config: Config, shutdown: CancellationToken) -> impl Future<Output = Result<Servers, StartError>> + Send;
+}
 
 /// The flags every tier takes.
 #[derive(clap::Args, Debug, Clone)]
@@ -47,39 +72,38 @@ pub struct TierArgs {
     pub log_format: LogFormat,
 }
 
-/// Loads the config with the flags applied, checks it with `validate`, and serves the tier
-/// that `start` builds until SIGTERM.
-pub fn run<S, F, E>(
-    name: &'static str,
-    args: TierArgs,
-    validate: impl FnOnce(&Config) -> Result<(), StrataError>,
-    start: S,
-) -> ExitCode
-where
-    S: FnOnce(Config, CancellationToken) -> F,
-    F: Future<Output = Result<Servers, E>>,
-    E: std::fmt::Display,
-{
-    telemetry::init(args.log_format);
-    let mut config = match Config::load(&args.config) {
-        Ok(config) => config,
-        Err(err) => {
-            eprintln!("error: {err}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
+/// The config a tier runs with: the file, then the flags over it, then every check (the
+/// config's own and the tier's). A value given by flag is checked like one in the file and
+/// named by its flag; the error is the one to print before exiting with [`EXIT_CONFIG`].
+pub fn load_config<T: Tier>(args: &TierArgs) -> Result<Config, String> {
+    let mut config = Config::load(&args.config).map_err(|err| err.to_string())?;
+    for endpoint in &args.upstream {
+        check_endpoint(endpoint).map_err(|m| format!("--upstream `{endpoint}`: {m}"))?;
+    }
     if !args.upstream.is_empty() {
         match &mut config.upstream {
             Some(upstream) => upstream.endpoints = args.upstream.clone(),
             None => config.upstream = Some(UpstreamConfig::with_endpoints(args.upstream.clone())),
         }
     }
-    if let Err(err) = validate(&config) {
-        eprintln!("error: {}: {err}", args.config.display());
-        return ExitCode::from(EXIT_CONFIG);
-    }
     config.server.flight_addr = args.flight_addr.unwrap_or(config.server.flight_addr);
     config.server.http_addr = args.http_addr.unwrap_or(config.server.http_addr);
+    let file = args.config.display();
+    config.check().map_err(|err| format!("{file}: {err}"))?;
+    T::validate(&config).map_err(|err| format!("{file}: {err}"))?;
+    Ok(config)
+}
+
+/// Loads the config with the flags applied, checks it, and serves the tier until SIGTERM.
+pub fn run<T: Tier>(args: TierArgs) -> ExitCode {
+    telemetry::init(args.log_format);
+    let config = match load_config::<T>(&args) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let runtime = match runtime() {
         Ok(rt) => rt,
         Err(err) => {
@@ -89,9 +113,9 @@ where
     };
     let result = runtime.block_on(async {
         let shutdown = CancellationToken::new();
-        let servers = start(config, shutdown.clone()).await.map_err(|e| e.to_string())?;
+        let servers = T::start(config, shutdown.clone()).await.map_err(|e| e.to_string())?;
         // One machine-readable line on stdout: tests and scripts read the bound ports here.
-        println!("strata {name} listening flight={} http={}", servers.flight_addr, servers.http_addr);
+        println!("strata {} listening flight={} http={}", T::KIND, servers.flight_addr, servers.http_addr);
         tokio::spawn(async move {
             telemetry::shutdown_signal().await;
             shutdown.cancel();
@@ -110,13 +134,17 @@ where
 /// Loads and validates a config file exactly as [`run`] would, without serving: exit 0 when
 /// the tier could start on it, [`EXIT_CONFIG`] with the error (file, field, line) otherwise.
 /// For CI and for checking a rendered config before rolling it out.
-pub fn check(name: &'static str, path: &Path, validate: impl FnOnce(&Config) -> Result<(), StrataError>) -> ExitCode {
-    let outcome = Config::load(path)
-        .map_err(|err| err.to_string())
-        .and_then(|config| validate(&config).map_err(|err| format!("{}: {err}", path.display())));
-    match outcome {
-        Ok(()) => {
-            println!("ok: {} is a valid {name} config", path.display());
+pub fn check<T: Tier>(path: &Path) -> ExitCode {
+    let args = TierArgs {
+        config: path.to_path_buf(),
+        flight_addr: None,
+        http_addr: None,
+        upstream: Vec::new(),
+        log_format: LogFormat::Pretty,
+    };
+    match load_config::<T>(&args) {
+        Ok(_) => {
+            println!("ok: {} is a valid {} config", path.display(), T::KIND);
             ExitCode::SUCCESS
         }
         Err(err) => {
