@@ -65,9 +65,14 @@ pub enum StrataError {
     #[error("write refused: {0}")]
     LogFull(String),
 
+    /// Another tier sent bytes that do not follow the tier protocol (a message that does not
+    /// decode, a listing without names): that tier's fault or a version mismatch, not ours.
+    #[error("tier protocol error: {0}")]
+    Protocol(String),
+
     /// Another tier refused or failed the query; `kind` is its error kind, the message its own.
     #[error("{message}")]
-    Remote { kind: &'static str, message: String },
+    Remote { kind: ErrorKind, message: String },
 
     /// Query execution failed for a reason other than the above.
     #[error("execution error: {0}")]
@@ -78,56 +83,124 @@ pub enum StrataError {
     Internal(String),
 }
 
+/// Declares [`ErrorKind`] with each kind's wire name once, so the name, the parser and the
+/// list of kinds cannot drift apart (they were three hand-kept copies).
+macro_rules! error_kinds {
+    ($($(#[$doc:meta])* $kind:ident => $name:literal,)+) => {
+        /// What kind of failure an error is. Each interface maps it to its status code in one
+        /// exhaustive match (`strata-serving`'s `status.rs`), so a new kind cannot silently
+        /// become "internal"; its name travels between tiers in the `strata-error-kind` header
+        /// and appears in JSON bodies and metrics labels.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum ErrorKind {
+            $($(#[$doc])* $kind,)+
+        }
+
+        impl ErrorKind {
+            /// Every kind, in declaration order.
+            pub const ALL: &'static [ErrorKind] = &[$(ErrorKind::$kind,)+];
+
+            /// The kind's wire name (`unknown_dataset`).
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(ErrorKind::$kind => $name,)+
+                }
+            }
+
+            /// The kind a wire name stands for, if any.
+            pub fn from_name(name: &str) -> Option<Self> {
+                match name {
+                    $($name => Some(ErrorKind::$kind),)+
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+error_kinds! {
+    /// The config file is unusable.
+    Config => "config",
+    /// The SQL does not parse.
+    Parse => "parse",
+    /// The SQL parses but cannot be planned.
+    Plan => "plan",
+    /// Malformed bytes or an input over a configured bound.
+    InvalidRequest => "invalid_request",
+    /// A statement other than a read on the query path.
+    ReadOnly => "read_only",
+    /// A feature Strata does not support.
+    NotSupported => "not_supported",
+    /// A named dataset does not exist.
+    UnknownDataset => "unknown_dataset",
+    /// A dataset exists but cannot be read yet.
+    DatasetUnavailable => "dataset_unavailable",
+    /// A configured resource limit was hit.
+    ResourcesExhausted => "resources_exhausted",
+    /// The query ran past its timeout.
+    Timeout => "timeout",
+    /// Too many queries in flight.
+    Overloaded => "overloaded",
+    /// A source failed.
+    Source => "source",
+    /// The upstream tier cannot be reached.
+    UpstreamUnavailable => "upstream_unavailable",
+    /// The edge's durable log is full.
+    LogFull => "log_full",
+    /// Another tier sent a message that does not follow the tier protocol.
+    Protocol => "protocol",
+    /// Execution failed otherwise.
+    Execution => "execution",
+    /// A bug in Strata.
+    Internal => "internal",
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl StrataError {
-    /// Short machine-readable name of the error kind: JSON bodies, metrics labels, and the
+    /// The error's kind: status codes, JSON bodies, metrics labels, and the
     /// `strata-error-kind` header that carries an error from one tier to the next.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            StrataError::Config(_) => "config",
-            StrataError::Parse(_) => "parse",
-            StrataError::Plan(_) => "plan",
-            StrataError::InvalidRequest(_) => "invalid_request",
-            StrataError::ReadOnly(_) => "read_only",
-            StrataError::NotSupported(_) => "not_supported",
-            StrataError::UnknownDataset(_) => "unknown_dataset",
-            StrataError::DatasetUnavailable { .. } => "dataset_unavailable",
-            StrataError::ResourcesExhausted(_) => "resources_exhausted",
-            StrataError::Timeout(_) => "timeout",
-            StrataError::Overloaded(_) => "overloaded",
-            StrataError::Source { .. } => "source",
-            StrataError::UpstreamUnavailable(_) => "upstream_unavailable",
-            StrataError::LogFull(_) => "log_full",
-            StrataError::Remote { kind, .. } => kind,
-            StrataError::Execution(_) => "execution",
-            StrataError::Internal(_) => "internal",
+            StrataError::Config(_) => ErrorKind::Config,
+            StrataError::Parse(_) => ErrorKind::Parse,
+            StrataError::Plan(_) => ErrorKind::Plan,
+            StrataError::InvalidRequest(_) => ErrorKind::InvalidRequest,
+            StrataError::ReadOnly(_) => ErrorKind::ReadOnly,
+            StrataError::NotSupported(_) => ErrorKind::NotSupported,
+            StrataError::UnknownDataset(_) => ErrorKind::UnknownDataset,
+            StrataError::DatasetUnavailable { .. } => ErrorKind::DatasetUnavailable,
+            StrataError::ResourcesExhausted(_) => ErrorKind::ResourcesExhausted,
+            StrataError::Timeout(_) => ErrorKind::Timeout,
+            StrataError::Overloaded(_) => ErrorKind::Overloaded,
+            StrataError::Source { .. } => ErrorKind::Source,
+            StrataError::UpstreamUnavailable(_) => ErrorKind::UpstreamUnavailable,
+            StrataError::LogFull(_) => ErrorKind::LogFull,
+            StrataError::Protocol(_) => ErrorKind::Protocol,
+            StrataError::Remote { kind, .. } => *kind,
+            StrataError::Execution(_) => ErrorKind::Execution,
+            StrataError::Internal(_) => ErrorKind::Internal,
         }
     }
 
-    /// An error another tier reported with `kind` and its full message.
+    /// An error another tier reported with the kind named `kind` and its full message. A
+    /// name this version does not know (a newer peer) is an execution error.
     pub fn from_kind(kind: &str, message: String) -> Self {
-        const KINDS: [&str; 16] = [
-            "log_full",
-            "invalid_request",
-            "config",
-            "parse",
-            "plan",
-            "read_only",
-            "not_supported",
-            "unknown_dataset",
-            "dataset_unavailable",
-            "resources_exhausted",
-            "timeout",
-            "overloaded",
-            "source",
-            "upstream_unavailable",
-            "execution",
-            "internal",
-        ];
+        Self::remote(ErrorKind::from_name(kind).unwrap_or(ErrorKind::Execution), message)
+    }
+
+    /// An error of `kind` with its full message, as another tier (or an earlier run of the
+    /// same query) reported it.
+    pub fn remote(kind: ErrorKind, message: String) -> Self {
         match kind {
-            "upstream_unavailable" => StrataError::UpstreamUnavailable(
+            ErrorKind::UpstreamUnavailable => StrataError::UpstreamUnavailable(
                 message.strip_prefix("upstream unavailable: ").unwrap_or(&message).to_string(),
             ),
-            k => StrataError::Remote { kind: KINDS.into_iter().find(|x| *x == k).unwrap_or("execution"), message },
+            kind => StrataError::Remote { kind, message },
         }
     }
 }
@@ -181,5 +254,28 @@ fn classify(err: DataFusionError) -> StrataError {
 impl From<StrataError> for DataFusionError {
     fn from(err: StrataError) -> Self {
         DataFusionError::External(Box::new(err))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_round_trips_through_its_name() {
+        for kind in ErrorKind::ALL {
+            assert_eq!(ErrorKind::from_name(kind.as_str()), Some(*kind));
+            let carried = StrataError::from_kind(kind.as_str(), format!("{kind} happened"));
+            assert_eq!(carried.kind(), *kind, "{carried}");
+        }
+        assert_eq!(StrataError::from_kind("from_a_newer_peer", "x".into()).kind(), ErrorKind::Execution);
+    }
+
+    #[test]
+    fn an_upstream_outage_stays_one_after_a_hop() {
+        let err = StrataError::UpstreamUnavailable("breaker open".into());
+        let carried = StrataError::from_kind(err.kind().as_str(), err.to_string());
+        assert!(matches!(carried, StrataError::UpstreamUnavailable(ref m) if m == "breaker open"), "{carried:?}");
+        assert_eq!(carried.to_string(), err.to_string());
     }
 }

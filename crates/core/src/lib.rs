@@ -25,6 +25,6 @@ pub mod zone_map;
 pub use config::Config;
 pub use dataset::DatasetStatus;
 pub use engine::{Engine, PlannedQuery};
-pub use error::{Result, StrataError};
+pub use error::{ErrorKind, Result, StrataError};
 pub use query::{Outcome, QueryObserver, QueryStream};
 pub use routing::{QueryOptions, Route, RouteInfo, RouteReason, Router};

@@ -161,7 +161,7 @@ impl ResultsCache {
                 Ok(Some((Box::pin(RecordBatchStreamAdapter::new(Arc::clone(&entry.schema), stream)), status)))
             }
             Err(failure) => match failure.as_ref() {
-                Failure::Query(err) => Err(StrataError::from_kind(err.kind(), err.to_string())),
+                Failure::Query(err) => Err(StrataError::remote(err.kind(), err.to_string())),
                 Failure::TooLarge(too_large) => {
                     let mut remembered = lock(&self.too_large);
                     if remembered.len() >= MAX_TOO_LARGE {

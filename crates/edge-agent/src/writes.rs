@@ -57,7 +57,16 @@ async fn back_off(backoff: &mut Duration, max: Duration, shutdown: &Cancellation
 /// be refused again (the dataset does not take edge writes there, or not these columns).
 /// Anything else (unreachable, overloaded, its database down) is retried.
 fn refused_for_good(err: &StrataError) -> bool {
-    matches!(err.kind(), "not_supported" | "unknown_dataset" | "plan" | "invalid_request" | "read_only" | "parse")
+    use strata_core::ErrorKind;
+    matches!(
+        err.kind(),
+        ErrorKind::NotSupported
+            | ErrorKind::UnknownDataset
+            | ErrorKind::Plan
+            | ErrorKind::InvalidRequest
+            | ErrorKind::ReadOnly
+            | ErrorKind::Parse
+    )
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -1,24 +1,27 @@
-//! The one place engine errors become gRPC and HTTP status codes.
+//! The one place engine errors become gRPC and HTTP status codes. Both matches are exhaustive
+//! over [`ErrorKind`]: a new kind does not compile until it has its codes here.
 
 use axum::http::StatusCode;
-use strata_core::StrataError;
+use strata_core::{ErrorKind, StrataError};
 
 /// gRPC status for an engine error; the message is the error's own text, and the
 /// `strata-error-kind` header carries its kind to a downstream tier.
 pub fn to_grpc(err: &StrataError) -> tonic::Status {
     use tonic::Code;
-    let code = match kind(err) {
-        "parse" | "plan" | "config" | "invalid_request" => Code::InvalidArgument,
-        "read_only" => Code::PermissionDenied,
-        "not_supported" => Code::Unimplemented,
-        "unknown_dataset" => Code::NotFound,
-        "dataset_unavailable" | "source" | "upstream_unavailable" => Code::Unavailable,
-        "resources_exhausted" | "overloaded" | "log_full" => Code::ResourceExhausted,
-        "timeout" => Code::DeadlineExceeded,
-        _ => Code::Internal,
+    let code = match err.kind() {
+        ErrorKind::Parse | ErrorKind::Plan | ErrorKind::Config | ErrorKind::InvalidRequest => Code::InvalidArgument,
+        ErrorKind::ReadOnly => Code::PermissionDenied,
+        ErrorKind::NotSupported => Code::Unimplemented,
+        ErrorKind::UnknownDataset => Code::NotFound,
+        ErrorKind::DatasetUnavailable | ErrorKind::Source | ErrorKind::UpstreamUnavailable => Code::Unavailable,
+        ErrorKind::ResourcesExhausted | ErrorKind::Overloaded | ErrorKind::LogFull => Code::ResourceExhausted,
+        ErrorKind::Timeout => Code::DeadlineExceeded,
+        // Another tier broke the protocol: this tier's answer depends on a peer that failed it.
+        ErrorKind::Protocol => Code::Unavailable,
+        ErrorKind::Execution | ErrorKind::Internal => Code::Internal,
     };
     let mut status = tonic::Status::new(code, err.to_string());
-    if let Ok(value) = kind(err).parse() {
+    if let Ok(value) = err.kind().as_str().parse() {
         status.metadata_mut().insert(strata_upstream::wire::ERROR_KIND_HEADER, value);
     }
     status
@@ -26,20 +29,23 @@ pub fn to_grpc(err: &StrataError) -> tonic::Status {
 
 /// HTTP status for an engine error.
 pub fn to_http(err: &StrataError) -> StatusCode {
-    match kind(err) {
-        "parse" | "plan" | "config" | "invalid_request" => StatusCode::BAD_REQUEST,
-        "read_only" => StatusCode::FORBIDDEN,
-        "not_supported" => StatusCode::NOT_IMPLEMENTED,
-        "unknown_dataset" => StatusCode::NOT_FOUND,
-        "dataset_unavailable" | "source" | "upstream_unavailable" | "log_full" => StatusCode::SERVICE_UNAVAILABLE,
-        "overloaded" => StatusCode::TOO_MANY_REQUESTS,
-        "resources_exhausted" => StatusCode::UNPROCESSABLE_ENTITY,
-        "timeout" => StatusCode::GATEWAY_TIMEOUT,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    match err.kind() {
+        ErrorKind::Parse | ErrorKind::Plan | ErrorKind::Config | ErrorKind::InvalidRequest => StatusCode::BAD_REQUEST,
+        ErrorKind::ReadOnly => StatusCode::FORBIDDEN,
+        ErrorKind::NotSupported => StatusCode::NOT_IMPLEMENTED,
+        ErrorKind::UnknownDataset => StatusCode::NOT_FOUND,
+        ErrorKind::DatasetUnavailable | ErrorKind::Source | ErrorKind::UpstreamUnavailable | ErrorKind::LogFull => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        ErrorKind::Overloaded => StatusCode::TOO_MANY_REQUESTS,
+        ErrorKind::ResourcesExhausted => StatusCode::UNPROCESSABLE_ENTITY,
+        ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        ErrorKind::Protocol => StatusCode::BAD_GATEWAY,
+        ErrorKind::Execution | ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
 /// Short machine-readable name of the error kind, for JSON bodies and metrics labels.
 pub fn kind(err: &StrataError) -> &'static str {
-    err.kind()
+    err.kind().as_str()
 }

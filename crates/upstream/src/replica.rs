@@ -201,7 +201,7 @@ impl Replica {
                 Some(subscribe_event::Event::Begin(begin)) => pending = Some((begin, Vec::new())),
                 Some(subscribe_event::Event::Data(frame)) => {
                     let Some((_, frames)) = pending.as_mut() else {
-                        return Err(StrataError::Internal("replication: data before a version began".into()));
+                        return Err(StrataError::Protocol("replication: data before a version began".into()));
                     };
                     let size = frame.size() as u64;
                     streamed += size;
@@ -211,10 +211,10 @@ impl Replica {
                 }
                 Some(subscribe_event::Event::End(end)) => {
                     let Some((begin, frames)) = pending.take() else {
-                        return Err(StrataError::Internal("replication: a version ended before it began".into()));
+                        return Err(StrataError::Protocol("replication: a version ended before it began".into()));
                     };
                     if begin.version != end.version {
-                        return Err(StrataError::Internal("replication: version markers do not match".into()));
+                        return Err(StrataError::Protocol("replication: version markers do not match".into()));
                     }
                     self.apply(begin, frames).await?;
                 }
@@ -254,7 +254,7 @@ impl Replica {
             ChangeKind::Append => {
                 let same_epoch = self.epoch.load(std::sync::atomic::Ordering::SeqCst) == epoch;
                 let Some(current) = self.snapshot().filter(|s| same_epoch && s.version == begin.base_version) else {
-                    return Err(StrataError::Internal(format!(
+                    return Err(StrataError::Protocol(format!(
                         "replication: an increment on version {} arrived, but this replica holds another; resubscribing",
                         begin.base_version
                     )));
@@ -264,7 +264,7 @@ impl Replica {
                 self.progress().status.increments += 1;
             }
             ChangeKind::Unspecified => {
-                return Err(StrataError::Internal("replication: a version of unknown kind arrived".into()));
+                return Err(StrataError::Protocol("replication: a version of unknown kind arrived".into()));
             }
         }
         self.progress().last_error = None;

@@ -98,12 +98,12 @@ pub fn dataset_info(entry: &CatalogEntry) -> Result<DatasetInfo, StrataError> {
 
 pub fn catalog_entry(info: &DatasetInfo) -> Result<CatalogEntry, StrataError> {
     if info.name.is_empty() {
-        return Err(StrataError::Internal("upstream listed a dataset without a name".into()));
+        return Err(StrataError::Protocol("upstream listed a dataset without a name".into()));
     }
     Ok(CatalogEntry {
         name: info.name.clone(),
         schema: schema_from_ipc(&info.schema)
-            .map_err(|e| StrataError::Internal(format!("schema of upstream dataset `{}`: {e}", info.name)))?,
+            .map_err(|e| StrataError::Protocol(format!("schema of upstream dataset `{}`: {e}", info.name)))?,
         home_region: info.home_region.clone(),
         version: info.version,
         rows: info.rows,
@@ -294,6 +294,6 @@ mod tests {
         refused_query.metadata_mut().insert(ERROR_KIND_HEADER, "parse".parse().expect("value"));
         assert!(!is_unreachable(&refused_query));
         let err = status_error(&refused_query);
-        assert_eq!((err.kind(), err.to_string().as_str()), ("parse", "SQL parse error: near FROM"));
+        assert_eq!((err.kind().as_str(), err.to_string().as_str()), ("parse", "SQL parse error: near FROM"));
     }
 }
