@@ -134,3 +134,34 @@ fn strata_check_loads_a_config_as_the_tier_would() {
     assert_eq!(unset.status.code(), Some(64), "{}", text(&unset));
     assert!(text(&unset).contains("STRATA_TEST_UNSET_SECRET"), "{}", text(&unset));
 }
+
+/// Every `yaml` example in docs/configuration.md loads with the real config loader, as the
+/// tier it configures (an `edge:` section makes it an edge agent's, an `upstream:` a
+/// sidecar's), so the reference cannot drift from the code.
+#[test]
+fn the_configuration_reference_examples_load() {
+    let doc = std::fs::read_to_string(workspace_root().join("docs/configuration.md")).expect("docs/configuration.md");
+    let dir = tempfile::tempdir().expect("dir");
+    let mut examples = 0;
+    for (i, block) in doc.split("```yaml\n").skip(1).enumerate() {
+        let yaml = block.split("```").next().expect("a closed code block");
+        let tier = if yaml.contains("\nedge:") {
+            "edge"
+        } else if yaml.contains("\nupstream:") {
+            "sidecar"
+        } else {
+            "platform"
+        };
+        let path = dir.path().join(format!("example-{i}.yaml"));
+        std::fs::write(&path, yaml).expect("write example");
+        let out = Command::new(bin_dir().join("strata"))
+            .args(["check", tier, "--config"])
+            .arg(&path)
+            .env("PG_PASSWORD", "example")
+            .output()
+            .expect("run strata check");
+        assert!(out.status.success(), "example {i} of docs/configuration.md ({tier}):\n{yaml}\n{}", text(&out));
+        examples += 1;
+    }
+    assert!(examples >= 4, "found only {examples} yaml examples in docs/configuration.md");
+}
