@@ -14,28 +14,20 @@ pub struct Sidecar;
 impl Tier for Sidecar {
     const KIND: &'static str = "sidecar";
 
+    /// Checks what only a sidecar needs: an upstream to replicate from and forward to.
     fn validate(config: &Config) -> Result<(), StrataError> {
-        validate(config)
+        strata_upstream::validate_downstream(config, Sidecar::KIND)
     }
 
+    /// Builds the engine and the router, binds the servers and starts replication. Ready once
+    /// the platform's catalog has been read (replicas load after, queries are forwarded meanwhile).
     async fn start(config: Config, shutdown: CancellationToken) -> Result<Servers, StartError> {
-        start(&config, shutdown).await
+        Self::validate(&config)?;
+        let engine = Engine::new(&config)?;
+        let Some(upstream) = &config.upstream else { unreachable!("validated above") };
+        TierRouter::for_sidecar(engine.clone(), Sidecar::KIND, upstream, config.replicas.clone(), shutdown.clone())?;
+        let servers = strata_serving::start(engine.clone(), &config.server, Sidecar::KIND, shutdown.clone()).await?;
+        engine.start(shutdown);
+        Ok(servers)
     }
-}
-
-/// Checks what only a sidecar needs: an upstream to replicate from and forward to.
-pub fn validate(config: &Config) -> Result<(), StrataError> {
-    strata_upstream::validate_downstream(config, Sidecar::KIND)
-}
-
-/// Builds the engine and the router, binds the servers and starts replication. Ready once
-/// the platform's catalog has been read (replicas load after, queries are forwarded meanwhile).
-pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Servers, StartError> {
-    validate(config)?;
-    let engine = Engine::new(config)?;
-    let Some(upstream) = &config.upstream else { unreachable!("validated above") };
-    TierRouter::for_sidecar(engine.clone(), Sidecar::KIND, upstream, config.replicas.clone(), shutdown.clone())?;
-    let servers = strata_serving::start(engine.clone(), &config.server, Sidecar::KIND, shutdown.clone()).await?;
-    engine.start(shutdown);
-    Ok(servers)
 }

@@ -25,61 +25,55 @@ pub struct Edge;
 impl Tier for Edge {
     const KIND: &'static str = "edge";
 
+    /// A sidecar's checks, plus the edge section.
     fn validate(config: &Config) -> Result<(), StrataError> {
-        validate(config)
+        if config.edge.is_none() {
+            return Err(StrataError::Config(
+                "an edge agent needs `edge: {id: <unique name>, data_dir: <path>}` (its identity and where its log lives)"
+                    .into(),
+            ));
+        }
+        strata_upstream::validate_downstream(config, Edge::KIND)
     }
 
+    /// Opens the log (repairing a torn tail), builds the router, binds the servers, and starts
+    /// replication and the uploader.
     async fn start(config: Config, shutdown: CancellationToken) -> Result<Servers, StartError> {
-        start(&config, shutdown).await
+        Self::validate(&config)?;
+        let (Some(edge), Some(upstream)) = (config.edge.clone(), &config.upstream) else {
+            unreachable!("validated above")
+        };
+        let engine = Engine::new(&config)?;
+        let router = TierRouter::for_edge(
+            engine.clone(),
+            upstream,
+            config.replicas.clone(),
+            (edge.data_dir.join("replicas"), edge.max_disk.0),
+            shutdown.clone(),
+        )?;
+        let dir = edge.data_dir.join("ingest");
+        let dead_dir = edge.data_dir.join("dead-letter");
+        let max = edge.max_log_size.0;
+        let (log, recovery, dead_letters) = tokio::task::spawn_blocking(move || {
+            let (log, recovery) = IngestLog::open(&dir, max)?;
+            Ok::<_, StrataError>((log, recovery, crate::dead_letter::DeadLetters::open(&dead_dir)?))
+        })
+        .await
+        .map_err(|e| StrataError::Internal(format!("cannot open the ingest log: {e}")))??;
+        if recovery.truncated_bytes > 0 {
+            tracing::error!(
+                bytes = recovery.truncated_bytes,
+                "ingest log had a torn tail (a crash mid-write); it was cut off, every acknowledged write before it is intact"
+            );
+        }
+        let client =
+            router.default_client().cloned().ok_or_else(|| StrataError::Internal("edge without upstream".into()))?;
+        let writes = EdgeWrites::new(edge, log, recovery, Arc::clone(&router), dead_letters);
+        engine.set_writes(Arc::clone(&writes) as Arc<dyn strata_core::writes::LocalWrites>);
+        tokio::spawn(Arc::clone(&writes).retry_dead_letters(client.clone(), shutdown.clone()));
+        tokio::spawn(Arc::clone(&writes).upload(client, shutdown.clone()));
+        let servers = strata_serving::start(engine.clone(), &config.server, Edge::KIND, shutdown.clone()).await?;
+        engine.start(shutdown);
+        Ok(servers)
     }
-}
-
-/// A sidecar's checks, plus the edge section.
-pub fn validate(config: &Config) -> Result<(), StrataError> {
-    if config.edge.is_none() {
-        return Err(StrataError::Config(
-            "an edge agent needs `edge: {id: <unique name>, data_dir: <path>}` (its identity and where its log lives)"
-                .into(),
-        ));
-    }
-    strata_upstream::validate_downstream(config, Edge::KIND)
-}
-
-/// Opens the log (repairing a torn tail), builds the router, binds the servers, and starts
-/// replication and the uploader.
-pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Servers, StartError> {
-    validate(config)?;
-    let (Some(edge), Some(upstream)) = (config.edge.clone(), &config.upstream) else { unreachable!("validated above") };
-    let engine = Engine::new(config)?;
-    let router = TierRouter::for_edge(
-        engine.clone(),
-        upstream,
-        config.replicas.clone(),
-        (edge.data_dir.join("replicas"), edge.max_disk.0),
-        shutdown.clone(),
-    )?;
-    let dir = edge.data_dir.join("ingest");
-    let dead_dir = edge.data_dir.join("dead-letter");
-    let max = edge.max_log_size.0;
-    let (log, recovery, dead_letters) = tokio::task::spawn_blocking(move || {
-        let (log, recovery) = IngestLog::open(&dir, max)?;
-        Ok::<_, StrataError>((log, recovery, crate::dead_letter::DeadLetters::open(&dead_dir)?))
-    })
-    .await
-    .map_err(|e| StrataError::Internal(format!("cannot open the ingest log: {e}")))??;
-    if recovery.truncated_bytes > 0 {
-        tracing::error!(
-            bytes = recovery.truncated_bytes,
-            "ingest log had a torn tail (a crash mid-write); it was cut off, every acknowledged write before it is intact"
-        );
-    }
-    let client =
-        router.default_client().cloned().ok_or_else(|| StrataError::Internal("edge without upstream".into()))?;
-    let writes = EdgeWrites::new(edge, log, recovery, Arc::clone(&router), dead_letters);
-    engine.set_writes(Arc::clone(&writes) as Arc<dyn strata_core::writes::LocalWrites>);
-    tokio::spawn(Arc::clone(&writes).retry_dead_letters(client.clone(), shutdown.clone()));
-    tokio::spawn(Arc::clone(&writes).upload(client, shutdown.clone()));
-    let servers = strata_serving::start(engine.clone(), &config.server, Edge::KIND, shutdown.clone()).await?;
-    engine.start(shutdown);
-    Ok(servers)
 }

@@ -15,35 +15,27 @@ pub struct Platform;
 impl Tier for Platform {
     const KIND: &'static str = "platform";
 
+    /// Checks what only a platform needs: it replicates nothing, it has peers instead of an upstream.
     fn validate(config: &Config) -> Result<(), StrataError> {
-        validate(config)
+        if !config.replicas.is_empty() {
+            return Err(StrataError::Config(
+                "replicas: a platform-service accelerates its own datasets; `replicas:` is for sidecars".into(),
+            ));
+        }
+        Ok(())
     }
 
+    /// Builds the engine, starts loading datasets in the background and binds the servers.
+    /// Returns as soon as the listeners are bound; `Servers::wait` runs until `shutdown`.
     async fn start(config: Config, shutdown: CancellationToken) -> Result<Servers, StartError> {
-        start(&config, shutdown).await
+        Self::validate(&config)?;
+        let engine = Engine::new(&config)?;
+        if !config.peers.is_empty() {
+            let settings = config.upstream.clone().unwrap_or_else(|| UpstreamConfig::with_endpoints(Vec::new()));
+            TierRouter::for_platform(engine.clone(), &config.peers, &settings, shutdown.clone())?;
+        }
+        let servers = strata_serving::start(engine.clone(), &config.server, Platform::KIND, shutdown.clone()).await?;
+        engine.start(shutdown);
+        Ok(servers)
     }
-}
-
-/// Checks what only a platform needs: it replicates nothing, it has peers instead of an upstream.
-pub fn validate(config: &Config) -> Result<(), StrataError> {
-    if !config.replicas.is_empty() {
-        return Err(StrataError::Config(
-            "replicas: a platform-service accelerates its own datasets; `replicas:` is for sidecars".into(),
-        ));
-    }
-    Ok(())
-}
-
-/// Builds the engine, starts loading datasets in the background and binds the servers.
-/// Returns as soon as the listeners are bound; `Servers::wait` runs until `shutdown`.
-pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Servers, StartError> {
-    validate(config)?;
-    let engine = Engine::new(config)?;
-    if !config.peers.is_empty() {
-        let settings = config.upstream.clone().unwrap_or_else(|| UpstreamConfig::with_endpoints(Vec::new()));
-        TierRouter::for_platform(engine.clone(), &config.peers, &settings, shutdown.clone())?;
-    }
-    let servers = strata_serving::start(engine.clone(), &config.server, Platform::KIND, shutdown.clone()).await?;
-    engine.start(shutdown);
-    Ok(servers)
 }
