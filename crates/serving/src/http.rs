@@ -8,7 +8,7 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -28,9 +28,8 @@ pub struct HttpState {
     pub draining: Arc<AtomicBool>,
 }
 
-/// The HTTP router, with the request body bounded by `limits.max_request_body`.
+/// The HTTP routes; `crate::stack::http` puts the layers around them.
 pub fn router(state: HttpState) -> Router {
-    let body_limit = state.engine.limits().max_request_body.as_usize();
     Router::new()
         .route("/health", get(health))
         .route("/v1/ready", get(ready))
@@ -39,7 +38,6 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/sql", post(sql))
         .route("/v1/ingest/{dataset}", post(ingest))
         .route("/metrics", get(metrics))
-        .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
 

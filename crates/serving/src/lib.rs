@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod process;
 pub mod route_headers;
 pub mod server;
+pub mod stack;
 pub mod status;
 pub mod telemetry;
 pub mod tier;

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::connections::GuardedListener;
-use crate::http::{HttpState, router};
+use crate::http::HttpState;
 use crate::metrics::Metrics;
 
 /// Why the servers could not start or stopped abnormally.
@@ -78,38 +78,15 @@ pub async fn start(
     let stop_accepting = CancellationToken::new();
     let mut tasks = JoinSet::new();
 
-    let flight = crate::flight::flight_server(engine.clone());
-    let tier_service = crate::tier::tier_server(engine.clone(), tier);
-    let reflection_error =
-        |e: tonic_reflection::server::Error| ServeError::Server { what: "reflection", message: e.to_string() };
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(strata_proto::v1::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(reflection_error)?;
-    // Older clients (grpcurl before 1.9, Python's grpcio-reflection) speak v1alpha.
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(strata_proto::v1::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .map_err(reflection_error)?;
-    let stop = stop_accepting.clone();
-    let flight_connections = Arc::clone(&connections);
-    tasks.spawn(async move {
-        // Connections are admitted (and set to nodelay) by the process-wide guard.
-        let incoming = GuardedListener::new(flight_listener, flight_connections).into_incoming();
-        tonic::transport::Server::builder()
-            // Dead clients are detected, so their queries are cancelled and their permits freed.
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .add_service(flight)
-            .add_service(tier_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
-            .await
-            .map_err(|e| ServeError::Server { what: "flight", message: e.to_string() })
-    });
-
-    let app = router(HttpState { engine, metrics, draining: Arc::clone(&draining) });
+    // Connections are admitted (and set to nodelay) by the process-wide guard.
+    let grpc = crate::stack::grpc(
+        &engine,
+        tier,
+        GuardedListener::new(flight_listener, Arc::clone(&connections)),
+        stop_accepting.clone(),
+    )?;
+    tasks.spawn(grpc);
+    let app = crate::stack::http(HttpState { engine, metrics, draining: Arc::clone(&draining) });
     let stop = stop_accepting.clone();
     let header_read_timeout = server.handshake_timeout;
     tasks.spawn(serve_http(GuardedListener::new(http_listener, connections), app, header_read_timeout, stop));

@@ -1,0 +1,84 @@
+//! The two server stacks of a tier, each built in one function, outermost layer first, with
+//! why each layer sits where it does. The next layers (authentication, W3C trace context)
+//! have their slots marked here.
+//!
+//! What is *not* a layer, on purpose: query admission (`limits.max_concurrent_queries`), the
+//! running-slot queue and the query timeout live in `Engine::run` and `QueryStream`. A tower
+//! concurrency limit or timeout is released when the handler returns its response, which for
+//! a streamed answer is when the first bytes go out; the engine holds its permit until the
+//! last batch has been sent (or the client went away), so a slow reader still counts.
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use strata_core::Engine;
+use tokio_util::sync::CancellationToken;
+use tower_http::trace::TraceLayer;
+
+use crate::connections::GuardedListener;
+use crate::http::{HttpState, router};
+use crate::server::ServeError;
+
+/// The gRPC stack on the Flight listener: Flight SQL, the tier protocol and reflection.
+/// Returns the server future, which runs until `stop` and then lets open streams finish.
+pub fn grpc(
+    engine: &Engine,
+    tier: &'static str,
+    listener: GuardedListener,
+    stop: CancellationToken,
+) -> Result<impl Future<Output = Result<(), ServeError>> + Send + 'static, ServeError> {
+    let reflection_error =
+        |e: tonic_reflection::server::Error| ServeError::Server { what: "reflection", message: e.to_string() };
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(strata_proto::v1::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(reflection_error)?;
+    // Older clients (grpcurl before 1.9, Python's grpcio-reflection) speak v1alpha.
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(strata_proto::v1::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(reflection_error)?;
+    let router = tonic::transport::Server::builder()
+        // Transport: dead clients are detected, so their queries are cancelled and their
+        // permits freed. (Connection admission, nodelay and the handshake and idle timeouts
+        // are the listener's: `GuardedListener`.)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // 1. Request span (outermost): every call is in a span naming its method, so the
+        //    layers and handlers below log inside it, failures included.
+        .layer(TraceLayer::new_for_grpc().make_span_with(
+            |request: &axum::http::Request<_>| tracing::debug_span!("grpc", method = %request.uri().path()),
+        ))
+        // 2. Slot: authentication (API keys, tenants), before any handler sees the call.
+        // 3. Slot: W3C trace context read from the metadata, inside the request span.
+        // 4. Message size bounds are per service (`limits.max_message_size`, below); query
+        //    admission, queueing and timeouts are the engine's (see the module docs).
+        .add_service(crate::flight::flight_server(engine.clone()))
+        .add_service(crate::tier::tier_server(engine.clone(), tier))
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
+    Ok(async move {
+        router
+            .serve_with_incoming_shutdown(listener.into_incoming(), stop.cancelled_owned())
+            .await
+            .map_err(|e| ServeError::Server { what: "flight", message: e.to_string() })
+    })
+}
+
+/// The HTTP stack on the HTTP listener: the routes of `crate::http`, layered.
+pub fn http(state: HttpState) -> Router {
+    let body_limit = state.engine.limits().max_request_body.as_usize();
+    router(state)
+        // Innermost first in axum's `layer` order, so read from the bottom up:
+        // 4. Bodies (SQL text, ingested rows) bounded by `limits.max_request_body` before a
+        //    handler buffers them; headers are bounded by the connection loop
+        //    (`server.handshake_timeout`), admission and timeouts by the engine.
+        .layer(DefaultBodyLimit::max(body_limit))
+        // 3. Slot: W3C trace context from `traceparent`, inside the request span.
+        // 2. Slot: authentication (`Authorization: Bearer`, `x-api-key`), except `/health`.
+        // 1. Request span (outermost): method and path on everything logged below.
+        .layer(TraceLayer::new_for_http().make_span_with(|request: &axum::http::Request<_>| {
+            tracing::debug_span!("http", method = %request.method(), path = %request.uri().path())
+        }))
+}
