@@ -41,6 +41,19 @@ pub struct Engine {
     inner: Arc<Inner>,
 }
 
+/// Readiness held back by one piece of start-up work; see [`Engine::hold_readiness`].
+#[must_use = "readiness is released when the guard drops"]
+pub struct ReadinessGuard {
+    engine: Engine,
+}
+
+impl Drop for ReadinessGuard {
+    fn drop(&mut self) {
+        self.engine.inner.pending_startup.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.engine.update_readiness();
+    }
+}
+
 struct Inner {
     ctx: SessionContext,
     datasets: Vec<Arc<Dataset>>,
@@ -216,15 +229,13 @@ impl Engine {
         self.update_readiness();
     }
 
-    /// Holds readiness back until [`Engine::startup_task_done`] is called once per call.
-    pub fn add_startup_task(&self) {
+    /// Holds readiness back while the returned guard lives: start-up work outside the
+    /// datasets (a sidecar's first catalog read) takes one and drops it when done. Dropping is
+    /// the only way to release it, so a task that fails, returns early or panics cannot leave
+    /// the tier unready forever, and none can release twice.
+    pub fn hold_readiness(&self) -> ReadinessGuard {
         self.inner.pending_startup.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    }
-
-    /// Marks one start-up task finished (see [`Engine::add_startup_task`]).
-    pub fn startup_task_done(&self) {
-        self.inner.pending_startup.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-        self.update_readiness();
+        ReadinessGuard { engine: self.clone() }
     }
 
     /// Installs the router that sends queries upstream (sidecars, edge agents, platforms with peers).
@@ -986,5 +997,30 @@ fn truncate(s: &str, max: usize) -> &str {
     match s.char_indices().nth(max) {
         Some((i, _)) => &s[..i],
         None => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn readiness_waits_for_every_start_up_guard_and_only_for_them() {
+        let config = Config::parse("region: eu\n", "test").expect("config");
+        let engine = Engine::new(&config).expect("engine");
+        let catalog_a = engine.hold_readiness();
+        let catalog_b = engine.hold_readiness();
+        engine.start(CancellationToken::new());
+        assert!(!engine.is_ready(), "two start-up tasks pending");
+        drop(catalog_a);
+        assert!(!engine.is_ready(), "one start-up task pending");
+        // A task that ends without success (an early return, a panic) drops its guard too.
+        let failed = tokio::spawn(async move {
+            let _guard = catalog_b;
+            panic!("start-up task failed");
+        });
+        assert!(failed.await.is_err());
+        assert!(engine.is_ready(), "no dataset and no start-up task left");
+        assert_eq!(engine.queries_in_flight(), 0);
     }
 }

@@ -156,17 +156,21 @@ impl TierRouter {
         // Readiness waits for the first catalog of every upstream, except at an edge, which
         // must come up (and serve its disk copies) while the platform is unreachable.
         for index in 0..router.upstreams.len() {
-            if router.disk.is_none() {
-                engine.add_startup_task();
-            }
+            let first_catalog = router.disk.is_none().then(|| engine.hold_readiness());
             let r = Arc::clone(&router);
-            tokio::spawn(async move { r.sync_catalog(index, catalog_interval).await });
+            tokio::spawn(async move { r.sync_catalog(index, catalog_interval, first_catalog).await });
         }
         router
     }
 
-    /// Reads the upstream's catalog now and then, registering new datasets and starting replicas.
-    async fn sync_catalog(self: Arc<Self>, index: usize, interval: Duration) {
+    /// Reads the upstream's catalog now and then, registering new datasets and starting
+    /// replicas. `first_catalog` holds readiness back until the first read succeeds.
+    async fn sync_catalog(
+        self: Arc<Self>,
+        index: usize,
+        interval: Duration,
+        mut first_catalog: Option<strata_core::engine::ReadinessGuard>,
+    ) {
         let mut first = true;
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -180,9 +184,7 @@ impl TierRouter {
                     if std::mem::take(&mut first) {
                         info!(upstream = %upstream.label, "upstream catalog loaded");
                         self.report_missing_replicas();
-                        if self.disk.is_none() {
-                            self.engine.startup_task_done();
-                        }
+                        drop(first_catalog.take());
                     }
                     backoff = Duration::from_millis(100);
                     interval
