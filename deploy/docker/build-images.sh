@@ -124,6 +124,10 @@ cp "$here/Dockerfile.runtime" "$ctx/Dockerfile"
 cp -r "$repo/deploy/compose/data" "$ctx/data"
 quiet_build --build-arg BASE=strata-base:bookworm -t "strata:$profile" "$ctx"
 
+# Earlier builds of these tags are left untagged: remove them (every image built here carries
+# the strata.inputs label, inherited from its base), or each run would keep another copy.
+docker image prune -f --filter label=strata.inputs >/dev/null
+
 echo "images:"
 for tag in strata-base:bookworm strata-postgres:15 "strata:$profile"; do
   printf '  %-22s %s MB\n' "$tag" "$(( $(docker image inspect -f '{{.Size}}' "$tag") / 1000000 ))"
