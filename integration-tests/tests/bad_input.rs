@@ -179,6 +179,15 @@ async fn http_formats_health_and_graceful_exit() {
     assert_eq!(orders["rows"], 2000);
     assert_eq!(orders["state"], "ready");
     assert_eq!(tier.terminate(), Some(0), "SIGTERM exits cleanly");
+    // Shutdown runs in order: drain the servers, then stop the background work (the datasets'
+    // refresh tasks), then exit.
+    let logs = tier.logs();
+    let step = |text: &str| logs.find(text).unwrap_or_else(|| panic!("no `{text}` in the log:\n{logs}"));
+    let steps =
+        [step("draining in-flight requests"), step("in-flight requests drained"), step("background tasks stopped")];
+    assert!(steps.is_sorted(), "shutdown steps out of order: {steps:?}\n{logs}");
+    assert!(logs.trim_end().ends_with("stopped"), "the last line says the process stopped:\n{logs}");
+    assert!(logs.contains("tasks=2"), "both datasets' refresh tasks were tracked and stopped:\n{logs}");
 }
 
 #[tokio::test]

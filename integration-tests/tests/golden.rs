@@ -11,7 +11,6 @@ use sqllogictest::{DBOutput, DefaultColumnType};
 use strata_core::{Config, Engine};
 use strata_integration_tests::tier::Tier;
 use strata_integration_tests::workspace_root;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -93,7 +92,7 @@ fn slt_files() -> Vec<std::path::PathBuf> {
 async fn in_process_engine() -> Engine {
     let config = Config::parse(&example_config(), "examples/strata.yaml").expect("config");
     let engine = Engine::new(&config).expect("engine");
-    engine.start(CancellationToken::new());
+    engine.start();
     tokio::time::timeout(Duration::from_secs(20), engine.wait_ready()).await.expect("engine ready");
     engine
 }

@@ -12,7 +12,6 @@ use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
 use futures::TryStreamExt;
 use strata_core::{Config, Engine};
-use tokio_util::sync::CancellationToken;
 
 fn typed_rows() -> RecordBatch {
     let schema = Arc::new(Schema::new(vec![
@@ -65,7 +64,7 @@ async fn literal_sql_answers_as_written() {
     )
     .expect("config");
     let engine = Engine::new(&config).expect("engine");
-    engine.start(CancellationToken::new());
+    engine.start();
     tokio::time::timeout(Duration::from_secs(30), engine.wait_ready()).await.expect("ready");
 
     let reference = SessionContext::new();

@@ -25,9 +25,15 @@ impl Tier for Sidecar {
         Self::validate(&config)?;
         let engine = Engine::new(&config)?;
         let Some(upstream) = &config.upstream else { unreachable!("validated above") };
-        TierRouter::for_sidecar(engine.clone(), Sidecar::KIND, upstream, config.replicas.clone(), shutdown.clone())?;
+        TierRouter::for_sidecar(
+            engine.clone(),
+            Sidecar::KIND,
+            upstream,
+            config.replicas.clone(),
+            engine.background().token(),
+        )?;
         let servers = strata_serving::start(engine.clone(), &config.server, Sidecar::KIND, shutdown.clone()).await?;
-        engine.start(shutdown);
+        engine.start();
         Ok(servers)
     }
 }

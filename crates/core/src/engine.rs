@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::accelerator::AcceleratedTable;
+use crate::background::Background;
 use crate::config::{Config, LimitsConfig};
 use crate::dataset::{Dataset, DatasetStatus};
 use crate::error::{Result, StrataError};
@@ -70,6 +71,7 @@ struct Inner {
     router: std::sync::RwLock<Option<SharedRouter>>,
     /// Start-up work outside the datasets (a sidecar's first catalog read) that readiness waits for.
     pending_startup: std::sync::atomic::AtomicUsize,
+    background: Background,
     /// Writers of `writable` datasets (platform), by lower-cased name.
     sinks: std::collections::HashMap<String, Arc<crate::sink::PostgresSink>>,
     /// The local write path, on tiers that accept writes (edge agents).
@@ -187,6 +189,7 @@ impl Engine {
                 observer: std::sync::RwLock::new(None),
                 router: std::sync::RwLock::new(None),
                 pending_startup: std::sync::atomic::AtomicUsize::new(0),
+                background: Background::default(),
                 sinks: config
                     .datasets
                     .iter()
@@ -217,16 +220,23 @@ impl Engine {
     }
 
     /// Starts one background task per dataset: connect (retrying), first load, then refresh
-    /// on its interval, until `shutdown` is cancelled.
-    pub fn start(&self, shutdown: CancellationToken) {
+    /// on its interval, until the background is stopped (see [`Engine::background`]).
+    pub fn start(&self) {
         for dataset in &self.inner.datasets {
             let engine = self.clone();
             let dataset = Arc::clone(dataset);
-            let shutdown = shutdown.clone();
+            let stop = self.inner.background.token();
             let span = info_span!("dataset", name = %dataset.name());
-            tokio::spawn(async move { engine.maintain(dataset, shutdown).await }.instrument(span));
+            let name = format!("dataset {}", dataset.name());
+            self.inner.background.spawn(name, async move { engine.maintain(dataset, stop).await }.instrument(span));
         }
         self.update_readiness();
+    }
+
+    /// This tier's background work (refresh, catalog sync, replication, upload): stopped only
+    /// after the servers have drained (`strata_serving::Servers::wait`).
+    pub fn background(&self) -> &Background {
+        &self.inner.background
     }
 
     /// Holds readiness back while the returned guard lives: start-up work outside the
@@ -1010,7 +1020,7 @@ mod tests {
         let engine = Engine::new(&config).expect("engine");
         let catalog_a = engine.hold_readiness();
         let catalog_b = engine.hold_readiness();
-        engine.start(CancellationToken::new());
+        engine.start();
         assert!(!engine.is_ready(), "two start-up tasks pending");
         drop(catalog_a);
         assert!(!engine.is_ready(), "one start-up task pending");

@@ -49,7 +49,7 @@ impl Tier for Edge {
             upstream,
             config.replicas.clone(),
             (edge.data_dir.join("replicas"), edge.max_disk.0),
-            shutdown.clone(),
+            engine.background().token(),
         )?;
         let dir = edge.data_dir.join("ingest");
         let dead_dir = edge.data_dir.join("dead-letter");
@@ -70,10 +70,12 @@ impl Tier for Edge {
             router.default_client().cloned().ok_or_else(|| StrataError::Internal("edge without upstream".into()))?;
         let writes = EdgeWrites::new(edge, log, recovery, Arc::clone(&router), dead_letters);
         engine.set_writes(Arc::clone(&writes) as Arc<dyn strata_core::writes::LocalWrites>);
-        tokio::spawn(Arc::clone(&writes).retry_dead_letters(client.clone(), shutdown.clone()));
-        tokio::spawn(Arc::clone(&writes).upload(client, shutdown.clone()));
+        let background = engine.background();
+        let retry = Arc::clone(&writes).retry_dead_letters(client.clone(), background.token());
+        background.spawn("edge dead-letter retry", retry);
+        background.spawn("edge uploader", Arc::clone(&writes).upload(client, background.token()));
         let servers = strata_serving::start(engine.clone(), &config.server, Edge::KIND, shutdown.clone()).await?;
-        engine.start(shutdown);
+        engine.start();
         Ok(servers)
     }
 }

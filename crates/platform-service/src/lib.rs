@@ -26,16 +26,17 @@ impl Tier for Platform {
     }
 
     /// Builds the engine, starts loading datasets in the background and binds the servers.
-    /// Returns as soon as the listeners are bound; `Servers::wait` runs until `shutdown`.
+    /// Returns as soon as the listeners are bound; `Servers::wait` serves until `shutdown`,
+    /// drains, then stops the background work.
     async fn start(config: Config, shutdown: CancellationToken) -> Result<Servers, StartError> {
         Self::validate(&config)?;
         let engine = Engine::new(&config)?;
         if !config.peers.is_empty() {
             let settings = config.upstream.clone().unwrap_or_else(|| UpstreamConfig::with_endpoints(Vec::new()));
-            TierRouter::for_platform(engine.clone(), &config.peers, &settings, shutdown.clone())?;
+            TierRouter::for_platform(engine.clone(), &config.peers, &settings, engine.background().token())?;
         }
         let servers = strata_serving::start(engine.clone(), &config.server, Platform::KIND, shutdown.clone()).await?;
-        engine.start(shutdown);
+        engine.start();
         Ok(servers)
     }
 }

@@ -38,6 +38,7 @@ pub struct Servers {
     pub http_addr: SocketAddr,
     draining: Arc<AtomicBool>,
     tasks: JoinSet<Result<(), ServeError>>,
+    background: strata_core::background::Background,
     shutdown: CancellationToken,
     grace: Duration,
 }
@@ -72,6 +73,7 @@ pub async fn start(
         source,
     })?;
 
+    let background = engine.background().clone();
     let connections = crate::connections::ConnectionGuard::new(server);
     let metrics = Metrics::install(&engine, Arc::clone(&connections));
     let draining = Arc::new(AtomicBool::new(false));
@@ -100,7 +102,15 @@ pub async fn start(
         flag.store(true, Ordering::Relaxed);
         stop.cancel();
     });
-    Ok(Servers { flight_addr, http_addr, draining, tasks, shutdown: stop_accepting, grace: server.shutdown_grace })
+    Ok(Servers {
+        flight_addr,
+        http_addr,
+        draining,
+        tasks,
+        background,
+        shutdown: stop_accepting,
+        grace: server.shutdown_grace,
+    })
 }
 
 /// Serves HTTP/1.1 and HTTP/2 on `listener` until `stop`, then lets open connections finish
@@ -135,9 +145,18 @@ async fn serve_http(
     Ok(())
 }
 
+/// How long background tasks (refresh, replication, upload) get to stop once the servers
+/// have drained: each watches its stop signal at every wait, so they stop at once unless a
+/// source or upstream call is in flight.
+const BACKGROUND_STOP: Duration = Duration::from_secs(5);
+
 impl Servers {
-    /// Serves until shutdown, then drains: readiness already reports false, listeners stop,
-    /// in-flight requests get `server.shutdown_grace` to finish.
+    /// Serves until shutdown, then stops in order, each step logged with its duration:
+    /// readiness already reports false (load balancers stop sending), listeners stop accepting,
+    /// in-flight requests get `server.shutdown_grace` to finish, and only then is the
+    /// background work (which those requests may still read from) stopped and awaited.
+    /// Nothing is left to flush: edge writes are fsynced before they are acknowledged and
+    /// replica manifests are replaced atomically.
     pub async fn wait(mut self) -> Result<(), ServeError> {
         tokio::select! {
             _ = self.shutdown.cancelled() => {}
@@ -147,7 +166,8 @@ impl Servers {
                 flatten(result)?;
             }
         }
-        info!(grace = ?self.grace, "shutting down: draining in-flight requests");
+        info!(grace = ?self.grace, "shutdown: not ready, listeners closed; draining in-flight requests");
+        let started = std::time::Instant::now();
         let drain = async {
             while let Some(result) = self.tasks.join_next().await {
                 flatten(result)?;
@@ -155,9 +175,13 @@ impl Servers {
             Ok::<_, ServeError>(())
         };
         match tokio::time::timeout(self.grace, drain).await {
-            Ok(result) => result?,
-            Err(_) => warn!(grace = ?self.grace, "grace period over; abandoning requests still in flight"),
+            Ok(result) => {
+                result?;
+                info!(took = ?started.elapsed(), "shutdown: in-flight requests drained");
+            }
+            Err(_) => warn!(grace = ?self.grace, "shutdown: grace period over; abandoning requests still in flight"),
         }
+        self.background.shutdown(BACKGROUND_STOP).await;
         info!("stopped");
         Ok(())
     }

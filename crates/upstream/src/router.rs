@@ -158,7 +158,10 @@ impl TierRouter {
         for index in 0..router.upstreams.len() {
             let first_catalog = router.disk.is_none().then(|| engine.hold_readiness());
             let r = Arc::clone(&router);
-            tokio::spawn(async move { r.sync_catalog(index, catalog_interval, first_catalog).await });
+            let name = format!("catalog sync {}", router.upstreams[index].label);
+            engine
+                .background()
+                .spawn(name, async move { r.sync_catalog(index, catalog_interval, first_catalog).await });
         }
         router
     }
@@ -288,9 +291,11 @@ impl TierRouter {
                 Ok(replica) => {
                     let replica = Arc::new(replica);
                     replica.restore(manifest, batches);
+                    let name_for_task = name.clone();
                     self.replicas.write().unwrap_or_else(|p| p.into_inner()).insert(name, Arc::clone(&replica));
                     let client = self.upstreams[default].client.clone();
-                    tokio::spawn(replica.run(client, self.origin.clone(), self.shutdown.child_token()));
+                    let task = replica.run(client, self.origin.clone(), self.shutdown.child_token());
+                    self.engine.background().spawn(format!("replica {name_for_task}"), task);
                 }
                 Err(err) => warn!(dataset = %entry.name, error = %err, "restored replica not started"),
             }
@@ -334,7 +339,8 @@ impl TierRouter {
         };
         replicas.insert(name.to_string(), Arc::clone(&replica));
         let client = self.upstreams[index].client.clone();
-        tokio::spawn(replica.run(client, self.origin.clone(), self.shutdown.child_token()));
+        let task = replica.run(client, self.origin.clone(), self.shutdown.child_token());
+        self.engine.background().spawn(format!("replica {name}"), task);
     }
 
     /// Adds rows written here to every read of `dataset` (read-your-writes at an edge). Such

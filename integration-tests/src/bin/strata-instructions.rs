@@ -47,9 +47,8 @@ async fn main() -> anyhow::Result<()> {
         "strata-instructions",
     )?;
     let engine = strata_core::Engine::new(&config)?;
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let _stop = shutdown.clone().drop_guard();
-    engine.start(shutdown);
+    let _stop = engine.background().token().drop_guard();
+    engine.start();
     tokio::time::timeout(Duration::from_secs(600), engine.wait_ready()).await.context("the table never loaded")?;
     for i in 0..WARMUP + args.lookups {
         let key = (i as i64).wrapping_mul(7919).rem_euclid(args.rows);

@@ -123,8 +123,8 @@ impl Points {
         }
         let engine_config = strata_core::Config::parse(&platform_config, "strata-bench engine")?;
         let engine = strata_core::Engine::new(&engine_config)?;
-        let engine_shutdown = tokio_util::sync::CancellationToken::new();
-        engine.start(engine_shutdown.clone());
+        let engine_shutdown = engine.background().token();
+        engine.start();
         tokio::time::timeout(Duration::from_secs(600), engine.wait_ready()).await?;
         Ok(Self {
             rows,
