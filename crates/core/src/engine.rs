@@ -15,7 +15,6 @@ use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_planner::DefaultPhysicalPlanner;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::Statement as DfStatement;
-use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
@@ -26,6 +25,7 @@ use crate::config::{Config, LimitsConfig};
 use crate::dataset::{Dataset, DatasetStatus};
 use crate::error::{Result, StrataError};
 use crate::query::{QueryObserver, QueryStream, next_query_id};
+use crate::read_only;
 use crate::routing::{
     CatalogEntry, ForwardQuery, QueryOptions, RouteInfo, Routing, SharedRouter, VersionRead, scanned_tables,
 };
@@ -601,7 +601,7 @@ impl Engine {
         let sql = crate::placeholders::number_positional(sql)?;
         let mut statement =
             self.inner.planning.sql_to_statement(&sql, &datafusion::common::config::Dialect::Generic)?;
-        check_read_only(&statement)?;
+        read_only::check_statement(&statement)?;
         crate::statement_bounds::bound_statement(&mut statement, limits.max_expression_depth)?;
         Ok(statement)
     }
@@ -681,7 +681,7 @@ impl Engine {
     /// Runs a plan another tier shipped here (a sub-plan of a mixed query), under the same
     /// limits as SQL. It may only read.
     pub async fn execute_plan(&self, plan: LogicalPlan, options: &QueryOptions) -> Result<QueryStream> {
-        check_plan_read_only(&plan)?;
+        read_only::check_plan(&plan)?;
         let span = info_span!("query", id = tracing::field::Empty, plan = %truncate(&plan.display().to_string(), 200));
         self.run(QueryInput::Plan(plan), options, span).await
     }
@@ -904,60 +904,6 @@ fn runs_as_planned(plan: &dyn ExecutionPlan) -> bool {
         [child] if chain => runs_as_planned(child.as_ref()),
         [] => plan.downcast_ref::<DataSourceExec>().is_some_and(|s| s.data_source().is::<MemorySourceConfig>()),
         _ => false,
-    }
-}
-
-/// Refuses plans that write or change the catalog: shipped plans bypass the SQL check.
-fn check_plan_read_only(plan: &LogicalPlan) -> Result<()> {
-    use datafusion::common::tree_node::TreeNodeRecursion;
-    let mut refused = None;
-    plan.apply_with_subqueries(|node| {
-        let kind = match node {
-            LogicalPlan::Dml(_) => Some("DML"),
-            LogicalPlan::Ddl(_) => Some("DDL"),
-            LogicalPlan::Copy(_) => Some("COPY"),
-            LogicalPlan::Statement(_) => Some("session statement"),
-            _ => None,
-        };
-        if let Some(kind) = kind {
-            refused = Some(kind);
-            return Ok(TreeNodeRecursion::Stop);
-        }
-        Ok(TreeNodeRecursion::Continue)
-    })?;
-    match refused {
-        Some(kind) => Err(StrataError::ReadOnly(kind.into())),
-        None => Ok(()),
-    }
-}
-
-fn check_read_only(statement: &DfStatement) -> Result<()> {
-    match statement {
-        DfStatement::Statement(s) => match s.as_ref() {
-            SqlStatement::Query(_) => Ok(()),
-            SqlStatement::Explain { statement, .. } => match statement.as_ref() {
-                SqlStatement::Query(_) => Ok(()),
-                other => Err(StrataError::ReadOnly(statement_kind(other))),
-            },
-            other => Err(StrataError::ReadOnly(statement_kind(other))),
-        },
-        DfStatement::Explain(explain) => check_read_only(&explain.statement),
-        DfStatement::CreateExternalTable(_) => Err(StrataError::ReadOnly("CREATE EXTERNAL TABLE".into())),
-        DfStatement::CopyTo(_) => Err(StrataError::ReadOnly("COPY".into())),
-        DfStatement::Reset(_) => Err(StrataError::ReadOnly("RESET".into())),
-    }
-}
-
-/// The leading keywords of a statement ("CREATE TABLE", "INSERT"), for error messages.
-fn statement_kind(statement: &SqlStatement) -> String {
-    let text = statement.to_string();
-    let words: Vec<&str> = text.split_whitespace().take(2).collect();
-    match words.as_slice() {
-        [first, second] if matches!(first.to_ascii_uppercase().as_str(), "CREATE" | "DROP" | "ALTER" | "TRUNCATE") => {
-            format!("{} {}", first.to_ascii_uppercase(), second.to_ascii_uppercase())
-        }
-        [first, ..] => first.to_ascii_uppercase(),
-        [] => "empty".into(),
     }
 }
 

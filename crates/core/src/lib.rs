@@ -14,6 +14,7 @@ mod placeholders;
 pub mod plan_codec;
 mod plan_size;
 pub mod query;
+pub mod read_only;
 pub mod refresh;
 pub mod results_cache;
 pub mod routing;
