@@ -24,6 +24,7 @@ use crate::background::Background;
 use crate::config::{Config, LimitsConfig};
 use crate::dataset::{Dataset, DatasetStatus};
 use crate::error::{Result, StrataError};
+use crate::plan_cache::{CachedPlan, PlanCache, ProviderRef};
 use crate::query::{QueryObserver, QueryStream, next_query_id};
 use crate::read_only;
 use crate::routing::{
@@ -78,11 +79,8 @@ struct Inner {
     writes: std::sync::RwLock<Option<Arc<dyn crate::writes::LocalWrites>>>,
     /// Answers of queries over local copies (none when `results_cache.max_bytes` is 0).
     results: Option<crate::results_cache::ResultsCache>,
-    /// Plans by SQL text: a repeated or prepared statement is parsed and planned once.
-    plans: moka::sync::Cache<String, Arc<CachedPlan>>,
-    /// Shapes of literal SQL that DataFusion could not plan with placeholders: their texts
-    /// are planned as written without trying the shape again.
-    refused_shapes: moka::sync::Cache<String, ()>,
+    /// Plans by SQL text or shape: a repeated or prepared statement is parsed and planned once.
+    plans: PlanCache,
     /// One session state for planning, shared instead of cloned per query (a clone copies
     /// every function registry); the catalog inside it is shared with `ctx`.
     planning: SessionState,
@@ -90,53 +88,6 @@ struct Inner {
     planning_without_physical_rules: SessionState,
     /// Likewise the execution context every query runs in.
     task_ctx: Arc<datafusion::execution::TaskContext>,
-}
-
-type ProviderRef = Arc<dyn datafusion::catalog::TableProvider>;
-
-/// What the plan cache keeps per SQL text.
-struct CachedPlan {
-    planned: PlannedQuery,
-    /// The optimized generic plan of a deterministic statement (placeholders left in), set
-    /// by its first run; executions bind their parameters into it. `None` when the optimizer
-    /// refused the plan with its placeholders: it is not tried again.
-    optimized: std::sync::OnceLock<Option<LogicalPlan>>,
-    /// Calls only immutable functions (see [`crate::results_cache::is_deterministic`]).
-    deterministic: bool,
-    /// The providers the plan reads: it is valid while the catalog still serves these.
-    tables: Vec<(datafusion::common::TableReference, ProviderRef)>,
-    /// Estimated bytes of the plan (its weight in the plan cache, with the text).
-    bytes: usize,
-}
-
-impl CachedPlan {
-    /// True when `values` fill this plan's parameters with exactly the types it expects.
-    fn binds(&self, values: &[ScalarValue]) -> bool {
-        let fields = self.planned.parameters.fields();
-        fields.len() == values.len()
-            && fields.iter().zip(values).all(|(f, v)| crate::parameterize::binds_exactly(v, f.data_type()))
-    }
-}
-
-/// What a plan cache entry is charged against `limits.plan_cache_size`: its SQL text, which
-/// the cache keeps as the key, and its plan (see [`crate::plan_size`]).
-fn plan_weight(text: &str, plan: &CachedPlan) -> u32 {
-    u32::try_from(text.len().saturating_add(plan.bytes)).unwrap_or(u32::MAX)
-}
-
-/// Every table the plan scans, with the provider it was planned against.
-fn table_providers(plan: &LogicalPlan) -> Vec<(datafusion::common::TableReference, ProviderRef)> {
-    use datafusion::common::tree_node::TreeNodeRecursion;
-    let mut tables = Vec::new();
-    let _ = plan.apply_with_subqueries(|node| {
-        if let LogicalPlan::TableScan(scan) = node
-            && let Ok(provider) = datafusion::catalog::default_table_source::source_as_provider(&scan.source)
-        {
-            tables.push((scan.table_name.clone(), provider));
-        }
-        Ok(TreeNodeRecursion::Continue)
-    });
-    tables
 }
 
 /// A planned query: its logical plan and what a client needs before executing it.
@@ -199,14 +150,7 @@ impl Engine {
                     .collect(),
                 writes: std::sync::RwLock::new(None),
                 results: crate::results_cache::ResultsCache::new(&config.results_cache),
-                plans: moka::sync::Cache::builder()
-                    .max_capacity(config.limits.plan_cache_size.as_usize() as u64)
-                    .weigher(|text: &String, plan: &Arc<CachedPlan>| plan_weight(text, plan))
-                    .build(),
-                refused_shapes: moka::sync::Cache::builder()
-                    .max_capacity(config.limits.plan_cache_size.as_usize() as u64 / 8)
-                    .weigher(|text: &String, _: &()| u32::try_from(text.len()).unwrap_or(u32::MAX))
-                    .build(),
+                plans: PlanCache::new(config.limits.plan_cache_size.as_usize()),
                 planning: ctx.state(),
                 planning_without_physical_rules: datafusion::execution::SessionStateBuilder::new_from_existing(
                     ctx.state(),
@@ -470,14 +414,12 @@ impl Engine {
 
     /// Plans in the plan cache: one per SQL text, or per shape for literal SQL (metrics).
     pub fn cached_plans(&self) -> u64 {
-        self.inner.plans.run_pending_tasks();
-        self.inner.plans.entry_count()
+        self.inner.plans.entries()
     }
 
-    /// Bytes charged to the plan cache (see `plan_weight`).
+    /// Bytes charged to the plan cache (see [`PlanCache`]).
     pub fn plan_cache_bytes(&self) -> u64 {
-        self.inner.plans.run_pending_tasks();
-        self.inner.plans.weighted_size()
+        self.inner.plans.bytes()
     }
 
     /// Region this engine serves.
@@ -559,16 +501,14 @@ impl Engine {
         }
         let statement = self.parse(sql)?;
         if let Some(shape) = crate::parameterize::parameterize(sql, &statement)
-            && !self.inner.refused_shapes.contains_key(&shape.key)
+            && !self.inner.plans.is_refused_shape(&shape.key)
         {
             let planned = match self.cached(&shape.key).await {
                 Some(hit) => Some(hit),
                 None => match self.plan_and_cache(shape.key.clone(), shape.statement).await {
                     Ok(planned) => Some(planned),
                     Err(_) => {
-                        if shape.key.len() <= self.max_cached_text() {
-                            self.inner.refused_shapes.insert(shape.key, ());
-                        }
+                        self.inner.plans.refuse_shape(shape.key);
                         None
                     }
                 },
@@ -578,14 +518,6 @@ impl Engine {
             }
         }
         Ok((self.plan_and_cache(sql.to_string(), statement).await?, Vec::new()))
-    }
-
-    /// Longest SQL text the plan cache keeps: 1/256 of `limits.plan_cache_size` (256 KiB by
-    /// default). Planning such a text costs far more than its cache lookup saves, and a
-    /// churn of megabyte entries left the allocator holding several times the cache's bound
-    /// (measured: 1,200 distinct 900 KB queries, cache at its 64 MiB, RSS +480 MB).
-    fn max_cached_text(&self) -> usize {
-        self.inner.limits.plan_cache_size.as_usize() / 256
     }
 
     async fn cached(&self, key: &str) -> Option<Arc<CachedPlan>> {
@@ -607,19 +539,8 @@ impl Engine {
     }
 
     async fn plan_and_cache(&self, key: String, statement: DfStatement) -> Result<Arc<CachedPlan>> {
-        let planned = self.plan_statement(statement).await?;
-        let deterministic = crate::results_cache::is_deterministic(&planned.plan);
-        let entry = Arc::new(CachedPlan {
-            tables: table_providers(&planned.plan),
-            bytes: crate::plan_size::estimated_bytes(&planned.plan),
-            planned,
-            optimized: std::sync::OnceLock::new(),
-            deterministic,
-        });
-        // A text too large to be worth keeping is planned each time it comes.
-        if key.len() <= self.max_cached_text() {
-            self.inner.plans.insert(key, Arc::clone(&entry));
-        }
+        let entry = Arc::new(CachedPlan::new(self.plan_statement(statement).await?));
+        self.inner.plans.insert(key, Arc::clone(&entry));
         Ok(entry)
     }
 

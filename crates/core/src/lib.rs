@@ -11,6 +11,7 @@ pub mod error;
 pub mod ipc;
 mod parameterize;
 mod placeholders;
+mod plan_cache;
 pub mod plan_codec;
 mod plan_size;
 pub mod query;
