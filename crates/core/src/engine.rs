@@ -24,6 +24,7 @@ use crate::background::Background;
 use crate::config::{Config, LimitsConfig};
 use crate::dataset::{Dataset, DatasetStatus};
 use crate::error::{Result, StrataError};
+use crate::ingest::EdgeIngest;
 use crate::plan_cache::{CachedPlan, PlanCache, ProviderRef};
 use crate::query::{QueryObserver, QueryStream, next_query_id};
 use crate::read_only;
@@ -73,8 +74,8 @@ struct Inner {
     /// Start-up work outside the datasets (a sidecar's first catalog read) that readiness waits for.
     pending_startup: std::sync::atomic::AtomicUsize,
     background: Background,
-    /// Writers of `writable` datasets (platform), by lower-cased name.
-    sinks: std::collections::HashMap<String, Arc<crate::sink::PostgresSink>>,
+    /// Edge uploads into `writable` datasets (platform).
+    ingest: EdgeIngest,
     /// The local write path, on tiers that accept writes (edge agents).
     writes: std::sync::RwLock<Option<Arc<dyn crate::writes::LocalWrites>>>,
     /// Answers of queries over local copies (none when `results_cache.max_bytes` is 0).
@@ -141,13 +142,7 @@ impl Engine {
                 router: std::sync::RwLock::new(None),
                 pending_startup: std::sync::atomic::AtomicUsize::new(0),
                 background: Background::default(),
-                sinks: config
-                    .datasets
-                    .iter()
-                    .filter_map(|d| {
-                        crate::sink::PostgresSink::new(d).map(|s| (d.name.to_ascii_lowercase(), Arc::new(s)))
-                    })
-                    .collect(),
+                ingest: EdgeIngest::new(config),
                 writes: std::sync::RwLock::new(None),
                 results: crate::results_cache::ResultsCache::new(&config.results_cache),
                 plans: PlanCache::new(config.limits.plan_cache_size.as_usize()),
@@ -236,58 +231,13 @@ impl Engine {
 
     /// Applies consecutive batches an edge agent uploaded, each exactly once per
     /// `(edge_id, seq)`: into the dataset's PostgreSQL table and, when accelerated, its
-    /// local copy. Runs of one dataset share a transaction; the result is per request.
+    /// local copy (see [`crate::ingest`]).
     pub async fn apply_ingest(
         &self,
         edge_id: &str,
         batches: Vec<(u64, String, Vec<arrow::array::RecordBatch>)>,
     ) -> Result<crate::sink::Applied> {
-        let mut total = crate::sink::Applied::default();
-        let mut offset = 0;
-        let mut batches = batches.into_iter().peekable();
-        while let Some((seq, dataset, rows)) = batches.next() {
-            let mut run = vec![(seq, rows)];
-            while let Some((seq, _, rows)) = batches.next_if(|(_, d, _)| d.eq_ignore_ascii_case(&dataset)) {
-                run.push((seq, rows));
-            }
-            let applied = self.apply_run(edge_id, &dataset, run.clone()).await?;
-            total.fresh.extend(applied.fresh.iter().map(|i| i + offset));
-            total.rows += applied.rows;
-            offset += run.len();
-        }
-        Ok(total)
-    }
-
-    async fn apply_run(
-        &self,
-        edge_id: &str,
-        dataset: &str,
-        mut run: Vec<crate::sink::EdgeBatch>,
-    ) -> Result<crate::sink::Applied> {
-        let sink = self.inner.sinks.get(&dataset.to_ascii_lowercase()).ok_or_else(|| {
-            StrataError::NotSupported(format!(
-                "dataset `{dataset}` does not accept edge writes (set `writable: true` on a PostgreSQL dataset)"
-            ))
-        })?;
-        let ds = self.find(dataset).ok_or_else(|| StrataError::UnknownDataset(dataset.to_string()))?;
-        if let Some(provider) = ds.provider() {
-            let expected = provider.schema();
-            for (_, batches) in &mut run {
-                *batches = batches
-                    .iter()
-                    .map(|b| crate::writes::conform(b, &expected, dataset))
-                    .collect::<Result<Vec<_>>>()?;
-            }
-        }
-        let applied = sink.apply(edge_id, &run).await?;
-        let added: Vec<arrow::array::RecordBatch> =
-            applied.fresh.iter().flat_map(|i| std::mem::take(&mut run[*i].1)).collect();
-        if let Some(first) = added.first() {
-            // One batch per upload keeps the copy's batch count proportional to uploads, not writes.
-            let one = arrow::compute::concat_batches(&first.schema(), &added)?;
-            ds.append_rows(vec![one]).await;
-        }
-        Ok(applied)
+        self.inner.ingest.apply(edge_id, batches, |name| self.find(name)).await
     }
 
     /// The accelerated copy of a configured dataset, for publishing it downstream.
@@ -317,7 +267,7 @@ impl Engine {
                     rows: snapshot.as_ref().map_or(0, |s| s.rows as u64),
                     refreshed_at: snapshot.as_ref().map(|s| s.refreshed_at),
                     accelerated: d.config.accelerated().is_some(),
-                    writable: Some(self.inner.sinks.contains_key(&d.name().to_ascii_lowercase())),
+                    writable: Some(self.inner.ingest.accepts(d.name())),
                 })
             })
             .collect();

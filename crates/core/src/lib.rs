@@ -8,6 +8,7 @@ pub mod config;
 pub mod dataset;
 pub mod engine;
 pub mod error;
+mod ingest;
 pub mod ipc;
 mod parameterize;
 mod placeholders;
