@@ -9,7 +9,8 @@ For every Strata container of every rendered Kubernetes overlay, and every compo
     target ports) name `flight` and `http`;
   - every probe path exists: the tier is started on that config and each path must answer
     something other than 404 (200 or 503);
-  - the platform's terminationGracePeriodSeconds covers its server.shutdown_grace.
+  - each pod's terminationGracePeriodSeconds covers its server.shutdown_grace and the 5 s
+    background tasks then get to stop.
 
 usage: validate.py STRATA_BINARY RENDERED_DIR COMPOSE_FILE
 """
@@ -156,10 +157,11 @@ def check_overlay(path):
                     if named.get(http["port"], http["port"]) != ports.get("http"):
                         fail(where, f"{probe} asks port {http['port']}, not the http port {ports.get('http')}")
             probe_paths_exist(where, args[0], text, env, probe_paths)
+            # After the drain, background tasks get up to 5 s to stop (serving's BACKGROUND_STOP).
             grace = duration_seconds((config.get("server") or {}).get("shutdown_grace", "30s"))
-            if grace is not None and spec.get("terminationGracePeriodSeconds", 30) < grace:
+            if grace is not None and spec.get("terminationGracePeriodSeconds", 30) < grace + 5:
                 fail(where, f"terminationGracePeriodSeconds {spec.get('terminationGracePeriodSeconds', 30)} "
-                            f"is shorter than server.shutdown_grace ({grace} s)")
+                            f"is shorter than server.shutdown_grace ({grace} s) + 5 s to stop background tasks")
             checked.append(where)
     for doc in docs:
         if doc["kind"] != "Service":
