@@ -3,10 +3,8 @@
 //! to the platform (see `strata-upstream` for the routing and resilience).
 
 use strata_core::{Config, Engine, StrataError};
-use strata_serving::Servers;
-use strata_serving::process::{StartError, Tier};
+use strata_serving::process::Tier;
 use strata_upstream::TierRouter;
-use tokio_util::sync::CancellationToken;
 
 /// The app-sidecar tier, as [`strata_serving::process::run`] starts it.
 pub struct Sidecar;
@@ -19,21 +17,12 @@ impl Tier for Sidecar {
         strata_upstream::validate_downstream(config, Sidecar::KIND)
     }
 
-    /// Builds the engine and the router, binds the servers and starts replication. Ready once
-    /// the platform's catalog has been read (replicas load after, queries are forwarded meanwhile).
-    async fn start(config: Config, shutdown: CancellationToken) -> Result<Servers, StartError> {
-        Self::validate(&config)?;
-        let engine = Engine::new(&config)?;
-        let Some(upstream) = &config.upstream else { unreachable!("validated above") };
-        TierRouter::for_sidecar(
-            engine.clone(),
-            Sidecar::KIND,
-            upstream,
-            config.replicas.clone(),
-            engine.background().token(),
-        )?;
-        let servers = strata_serving::start(engine.clone(), &config.server, Sidecar::KIND, shutdown.clone()).await?;
-        engine.start();
-        Ok(servers)
+    /// The router and the replicas. Ready once the platform's catalog has been read
+    /// (replicas load after, queries are forwarded meanwhile).
+    async fn wire(engine: &Engine, config: &Config) -> Result<(), StrataError> {
+        let Some(upstream) = &config.upstream else { unreachable!("validated before wiring") };
+        let replicas = config.replicas.clone();
+        TierRouter::for_sidecar(engine.clone(), Sidecar::KIND, upstream, replicas, engine.background().token())?;
+        Ok(())
     }
 }

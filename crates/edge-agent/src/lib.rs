@@ -11,10 +11,8 @@ pub mod writes;
 use std::sync::Arc;
 
 use strata_core::{Config, Engine, StrataError};
-use strata_serving::Servers;
-use strata_serving::process::{StartError, Tier};
+use strata_serving::process::Tier;
 use strata_upstream::TierRouter;
-use tokio_util::sync::CancellationToken;
 
 use crate::log::IngestLog;
 use crate::writes::EdgeWrites;
@@ -36,14 +34,12 @@ impl Tier for Edge {
         strata_upstream::validate_downstream(config, Edge::KIND)
     }
 
-    /// Opens the log (repairing a torn tail), builds the router, binds the servers, and starts
-    /// replication and the uploader.
-    async fn start(config: Config, shutdown: CancellationToken) -> Result<Servers, StartError> {
-        Self::validate(&config)?;
+    /// Opens the log (repairing a torn tail), builds the router, and starts replication and
+    /// the uploader.
+    async fn wire(engine: &Engine, config: &Config) -> Result<(), StrataError> {
         let (Some(edge), Some(upstream)) = (config.edge.clone(), &config.upstream) else {
-            unreachable!("validated above")
+            unreachable!("validated before wiring")
         };
-        let engine = Engine::new(&config)?;
         let router = TierRouter::for_edge(
             engine.clone(),
             upstream,
@@ -74,8 +70,6 @@ impl Tier for Edge {
         let retry = Arc::clone(&writes).retry_dead_letters(client.clone(), background.token());
         background.spawn("edge dead-letter retry", retry);
         background.spawn("edge uploader", Arc::clone(&writes).upload(client, background.token()));
-        let servers = strata_serving::start(engine.clone(), &config.server, Edge::KIND, shutdown.clone()).await?;
-        engine.start();
-        Ok(servers)
+        Ok(())
     }
 }

@@ -4,10 +4,8 @@
 
 use strata_core::config::UpstreamConfig;
 use strata_core::{Config, Engine, StrataError};
-use strata_serving::Servers;
-use strata_serving::process::{StartError, Tier};
+use strata_serving::process::Tier;
 use strata_upstream::TierRouter;
-use tokio_util::sync::CancellationToken;
 
 /// The platform tier, as [`strata_serving::process::run`] starts it.
 pub struct Platform;
@@ -25,18 +23,13 @@ impl Tier for Platform {
         Ok(())
     }
 
-    /// Builds the engine, starts loading datasets in the background and binds the servers.
-    /// Returns as soon as the listeners are bound; `Servers::wait` serves until `shutdown`,
-    /// drains, then stops the background work.
-    async fn start(config: Config, shutdown: CancellationToken) -> Result<Servers, StartError> {
-        Self::validate(&config)?;
-        let engine = Engine::new(&config)?;
+    /// With `peers:`, a router that sends queries on other regions' datasets to their home
+    /// platform.
+    async fn wire(engine: &Engine, config: &Config) -> Result<(), StrataError> {
         if !config.peers.is_empty() {
             let settings = config.upstream.clone().unwrap_or_else(|| UpstreamConfig::with_endpoints(Vec::new()));
             TierRouter::for_platform(engine.clone(), &config.peers, &settings, engine.background().token())?;
         }
-        let servers = strata_serving::start(engine.clone(), &config.server, Platform::KIND, shutdown.clone()).await?;
-        engine.start();
-        Ok(servers)
+        Ok(())
     }
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use strata_core::config::{UpstreamConfig, check_endpoint};
-use strata_core::{Config, StrataError};
+use strata_core::{Config, Engine, StrataError};
 use tokio_util::sync::CancellationToken;
 
 use crate::server::{ServeError, Servers};
@@ -48,8 +48,22 @@ pub trait Tier {
     /// Checks what this tier needs of a loaded config beyond what every config needs.
     fn validate(config: &Config) -> Result<(), StrataError>;
 
-    /// Builds the tier and binds its listeners; the returned servers run until `shutdown`.
-    fn start(config: Config, shutdown: CancellationToken) -> impl Future<Output = Result<Servers, StartError>> + Send;
+    /// What only this tier adds to a new engine before it serves (routers, replicas, the
+    /// edge's log and uploader); background work goes through `engine.background()`.
+    fn wire(engine: &Engine, config: &Config) -> impl Future<Output = Result<(), StrataError>> + Send;
+}
+
+/// Starts a tier the same way for every tier: its checks, the engine, the tier's own wiring,
+/// the listeners (bound before the datasets load, so `/health` answers at once), then the
+/// datasets' background loads. The servers run until `shutdown`, drain, then stop the
+/// background work (see [`Servers::wait`]).
+pub async fn start<T: Tier>(config: &Config, shutdown: CancellationToken) -> Result<Servers, StartError> {
+    T::validate(config)?;
+    let engine = Engine::new(config)?;
+    T::wire(&engine, config).await?;
+    let servers = crate::server::start(engine.clone(), &config.server, T::KIND, shutdown).await?;
+    engine.start();
+    Ok(servers)
 }
 
 /// The flags every tier takes.
@@ -89,7 +103,10 @@ pub fn load_config<T: Tier>(args: &TierArgs) -> Result<Config, String> {
     config.server.flight_addr = args.flight_addr.unwrap_or(config.server.flight_addr);
     config.server.http_addr = args.http_addr.unwrap_or(config.server.http_addr);
     let file = args.config.display();
-    config.check().map_err(|err| format!("{file}: {err}"))?;
+    // The file was checked as it loaded; an upstream given by flag changes what must hold.
+    if !args.upstream.is_empty() {
+        config.check().map_err(|err| format!("{file}: {err}"))?;
+    }
     T::validate(&config).map_err(|err| format!("{file}: {err}"))?;
     Ok(config)
 }
@@ -113,7 +130,7 @@ pub fn run<T: Tier>(args: TierArgs) -> ExitCode {
     };
     let result = runtime.block_on(async {
         let shutdown = CancellationToken::new();
-        let servers = T::start(config, shutdown.clone()).await.map_err(|e| e.to_string())?;
+        let servers = start::<T>(&config, shutdown.clone()).await.map_err(|e| e.to_string())?;
         // One machine-readable line on stdout: tests and scripts read the bound ports here.
         println!("strata {} listening flight={} http={}", T::KIND, servers.flight_addr, servers.http_addr);
         tokio::spawn(async move {
