@@ -1,0 +1,196 @@
+//! The plan phase of the query path: SQL text to a cached logical plan (parse within the
+//! configured bounds, refuse writes, plan, remember), literal SQL sharing the plan of its
+//! shape, and parameters bound into a plan optimized once per statement.
+
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::common::ScalarValue;
+use datafusion::execution::SessionState;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::sql::parser::Statement as DfStatement;
+
+use super::{Engine, PlannedQuery};
+use crate::error::{Result, StrataError};
+use crate::plan_cache::{CachedPlan, ProviderRef};
+use crate::read_only;
+
+impl Engine {
+    /// Parses and plans one read-only statement without running it.
+    pub async fn plan(&self, sql: &str) -> Result<PlannedQuery> {
+        Ok(self.plan_cached(sql).await?.planned.clone())
+    }
+
+    /// The schema of the rows `sql` returns, from the plan its shape shares (see
+    /// [`Engine::plan_for_text`]): what GetFlightInfo answers before the query runs.
+    pub async fn result_schema(&self, sql: &str) -> Result<SchemaRef> {
+        Ok(Arc::clone(&self.plan_for_text(sql).await?.0.planned.schema))
+    }
+
+    /// The plan of `sql` from the plan cache, planned now if it is not there or if a table
+    /// it reads has been registered anew since (a reconnected source, a new replica).
+    pub(super) async fn plan_cached(&self, sql: &str) -> Result<Arc<CachedPlan>> {
+        if let Some(hit) = self.cached(sql).await {
+            return Ok(hit);
+        }
+        let statement = self.parse(sql)?;
+        self.plan_and_cache(sql.to_string(), statement).await
+    }
+
+    /// The plan for SQL sent without parameters, and the values to bind into it. A query
+    /// whose comparison literals can be taken out (see [`crate::parameterize`]) shares the
+    /// cached plan of its shape and binds its own literals, when each has exactly the type
+    /// the plan expects; any other is planned as written.
+    pub(super) async fn plan_for_text(&self, sql: &str) -> Result<(Arc<CachedPlan>, Vec<ScalarValue>)> {
+        if let Some(hit) = self.cached(sql).await {
+            return Ok((hit, Vec::new()));
+        }
+        let statement = self.parse(sql)?;
+        if let Some(shape) = crate::parameterize::parameterize(sql, &statement)
+            && !self.inner.plans.is_refused_shape(&shape.key)
+        {
+            let planned = match self.cached(&shape.key).await {
+                Some(hit) => Some(hit),
+                None => match self.plan_and_cache(shape.key.clone(), shape.statement).await {
+                    Ok(planned) => Some(planned),
+                    Err(_) => {
+                        self.inner.plans.refuse_shape(shape.key);
+                        None
+                    }
+                },
+            };
+            if let Some(planned) = planned.filter(|p| p.binds(&shape.values)) {
+                return Ok((planned, shape.values));
+            }
+        }
+        Ok((self.plan_and_cache(sql.to_string(), statement).await?, Vec::new()))
+    }
+
+    async fn cached(&self, key: &str) -> Option<Arc<CachedPlan>> {
+        let hit = self.inner.plans.get(key)?;
+        self.still_registered(&hit.tables).await.then_some(hit)
+    }
+
+    /// Parses one statement within the configured bounds: its text's size, then (once
+    /// `?` placeholders are numbered and OR chains folded) its nesting depth.
+    fn parse(&self, sql: &str) -> Result<DfStatement> {
+        let limits = &self.inner.limits;
+        crate::statement_bounds::check_size(sql, limits.max_query_size.as_usize())?;
+        let sql = crate::placeholders::number_positional(sql)?;
+        let mut statement =
+            self.inner.planning.sql_to_statement(&sql, &datafusion::common::config::Dialect::Generic)?;
+        read_only::check_statement(&statement)?;
+        crate::statement_bounds::bound_statement(&mut statement, limits.max_expression_depth)?;
+        Ok(statement)
+    }
+
+    async fn plan_and_cache(&self, key: String, statement: DfStatement) -> Result<Arc<CachedPlan>> {
+        let entry = Arc::new(CachedPlan::new(self.plan_statement(statement).await?));
+        self.inner.plans.insert(key, Arc::clone(&entry));
+        Ok(entry)
+    }
+
+    async fn still_registered(&self, tables: &[(datafusion::common::TableReference, ProviderRef)]) -> bool {
+        for (name, provider) in tables {
+            match self.inner.ctx.table_provider(name.clone()).await {
+                Ok(current) if Arc::ptr_eq(&current, provider) => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    async fn plan_statement(&self, statement: DfStatement) -> Result<PlannedQuery> {
+        let state = &self.inner.planning;
+        let plan = state.statement_to_plan(statement).await.map_err(|e| self.explain_plan_error(e.into()))?;
+        let schema = Arc::new(plan.schema().as_arrow().clone());
+        let parameters = parameter_schema(&plan)?;
+        Ok(PlannedQuery { plan, schema, parameters })
+    }
+
+    /// A planning error about a table that is configured but not loaded says so.
+    fn explain_plan_error(&self, err: StrataError) -> StrataError {
+        if let StrataError::Plan(msg) = &err
+            && msg.contains("not found")
+        {
+            for dataset in &self.inner.datasets {
+                let name = dataset.name().to_ascii_lowercase();
+                let lower = msg.to_ascii_lowercase();
+                if !dataset.is_connected()
+                    && (lower.contains(&format!(".{name}'")) || lower.contains(&format!("'{name}'")))
+                {
+                    return StrataError::DatasetUnavailable {
+                        name: dataset.name().to_string(),
+                        reason: dataset.unavailable_reason(),
+                    };
+                }
+            }
+        }
+        err
+    }
+
+    /// The optimized plan of a cached statement with `params` bound. A deterministic
+    /// statement whose parameter types are all known is optimized once, placeholders and
+    /// all, and each execution binds its values into that generic plan (as PostgreSQL does
+    /// for prepared statements): a lookup by key skips the optimizer. Anything else, or a
+    /// generic plan the optimizer refuses, is bound first and optimized per execution.
+    pub(super) fn optimized(
+        &self,
+        cached: &CachedPlan,
+        deterministic: bool,
+        state: &SessionState,
+        params: &[ScalarValue],
+    ) -> Result<LogicalPlan> {
+        let planned = &cached.planned;
+        let generic = deterministic && planned.parameters.fields().iter().all(|f| f.data_type() != &DataType::Null);
+        if generic {
+            let optimized = cached.optimized.get_or_init(|| state.optimize(&planned.plan).ok());
+            if let Some(optimized) = optimized {
+                return bind_parameters(optimized.clone(), &planned.parameters, params.to_vec());
+            }
+        }
+        Ok(state.optimize(&bind_parameters(planned.plan.clone(), &planned.parameters, params.to_vec())?)?)
+    }
+}
+
+fn parameter_schema(plan: &LogicalPlan) -> Result<SchemaRef> {
+    let types = plan.get_parameter_types()?;
+    let mut names: Vec<&String> = types.keys().collect();
+    names.sort_by_key(|n| (n.trim_start_matches('$').parse::<u32>().unwrap_or(u32::MAX), n.to_string()));
+    let fields: Vec<Field> = names
+        .into_iter()
+        .map(|name| Field::new(name.as_str(), types[name].clone().unwrap_or(DataType::Null), true))
+        .collect();
+    Ok(Arc::new(Schema::new(fields)))
+}
+
+/// Substitutes positional parameters, casting each value to the type the plan expects
+/// (clients send 64-bit integers for a 32-bit column, for example).
+fn bind_parameters(plan: LogicalPlan, expected: &Schema, params: Vec<ScalarValue>) -> Result<LogicalPlan> {
+    if expected.fields().is_empty() && params.is_empty() {
+        return Ok(plan);
+    }
+    if params.len() != expected.fields().len() {
+        return Err(StrataError::Plan(format!(
+            "the query has {} parameter(s) but {} value(s) were bound",
+            expected.fields().len(),
+            params.len()
+        )));
+    }
+    let values = params
+        .into_iter()
+        .zip(expected.fields())
+        .map(|(value, field)| match field.data_type() {
+            DataType::Null => Ok(value),
+            target if value.data_type() == *target => Ok(value),
+            target => value.cast_to(target).map_err(|e| {
+                StrataError::Plan(format!(
+                    "parameter {}: cannot use {} as {target}: {e}",
+                    field.name(),
+                    value.data_type()
+                ))
+            }),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(plan.with_param_values(values)?)
+}

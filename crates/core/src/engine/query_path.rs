@@ -1,0 +1,536 @@
+//! The query path, one method per phase: **admit** (a slot among the queries in flight and
+//! a time budget) -> **plan** (the cached logical plan and the values bound into it) ->
+//! **route** (here, upstream, or mixed) -> **execute** (a running slot, the physical plan,
+//! the results cache; or the forward). [`Engine::run`] strings them together under the
+//! budget and wraps the answer in a [`QueryStream`] that enforces the limits while it streams.
+//!
+//! Admission lives here and in `QueryStream`, not in a tower layer, on purpose: a layer's
+//! permit is released when the response starts, but a Flight answer streams long after
+//! that, and an admitted query holds its slot until its last batch.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use datafusion::common::ScalarValue;
+use datafusion::execution::{SendableRecordBatchStream, SessionState};
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_planner::DefaultPhysicalPlanner;
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::{Instrument, info_span, warn};
+
+use super::Engine;
+use crate::error::{Result, StrataError};
+use crate::plan_cache::CachedPlan;
+use crate::query::{Outcome, QueryObserver, QueryStream, StreamLimits, next_query_id};
+use crate::read_only;
+use crate::routing::{ForwardQuery, QueryOptions, RouteInfo, Routing, VersionRead, scanned_tables};
+
+/// What a query asks to run.
+enum QueryInput<'a> {
+    /// Client SQL with its positional parameters.
+    Sql { sql: &'a str, params: Vec<ScalarValue> },
+    /// A plan another tier shipped here (a sub-plan of a mixed query).
+    Plan(LogicalPlan),
+}
+
+/// A query let in by [`Engine::admit`].
+struct Admission {
+    id: u64,
+    /// Its place among `limits.max_concurrent_queries`, held until its answer is streamed.
+    permit: OwnedSemaphorePermit,
+    started: Instant,
+    /// The sooner of `limits.query_timeout` and the caller's deadline.
+    budget: Duration,
+    deadline: tokio::time::Instant,
+    /// The same deadline on the wall clock, for the tier a query is forwarded to.
+    wall_deadline: SystemTime,
+}
+
+/// A query after [`Engine::plan_query`].
+struct Planned<'a> {
+    input: PlannedInput<'a>,
+    /// Calls only immutable functions: it may share the planning state and the results cache.
+    deterministic: bool,
+    /// The session state of a query that calls `now()`, stamped with its start time; the
+    /// shared planning state serves every other.
+    own_state: Option<SessionState>,
+}
+
+enum PlannedInput<'a> {
+    Sql {
+        sql: &'a str,
+        /// As the client sent them (a forward sends these with the SQL).
+        params: Vec<ScalarValue>,
+        cached: Arc<CachedPlan>,
+        /// The values bound into the plan: the client's, or the literals taken out of its SQL.
+        bound: Vec<ScalarValue>,
+    },
+    Shipped(LogicalPlan),
+}
+
+/// A query that started answering: its stream, where it ran, and (when it runs here) its
+/// running slot, released when the stream ends.
+struct Started {
+    stream: SendableRecordBatchStream,
+    info: RouteInfo,
+    running_slot: Option<OwnedSemaphorePermit>,
+}
+
+impl Engine {
+    /// Runs one read-only query with positional parameters, under every configured limit.
+    pub async fn execute(&self, sql: &str, params: Vec<ScalarValue>) -> Result<QueryStream> {
+        self.execute_with(sql, params, &QueryOptions::default()).await
+    }
+
+    /// [`Engine::execute`] with the caller's options (consistency, tenant, trace context).
+    pub async fn execute_with(
+        &self,
+        sql: &str,
+        params: Vec<ScalarValue>,
+        options: &QueryOptions,
+    ) -> Result<QueryStream> {
+        let span = info_span!("query", id = tracing::field::Empty, sql = %truncate(sql, 200));
+        self.run(QueryInput::Sql { sql, params }, options, span).await
+    }
+
+    /// Runs a plan another tier shipped here (a sub-plan of a mixed query), under the same
+    /// limits as SQL. It may only read.
+    pub async fn execute_plan(&self, plan: LogicalPlan, options: &QueryOptions) -> Result<QueryStream> {
+        read_only::check_plan(&plan)?;
+        let span = info_span!("query", id = tracing::field::Empty, plan = %truncate(&plan.display().to_string(), 200));
+        self.run(QueryInput::Plan(plan), options, span).await
+    }
+
+    /// Runs a plan shipped by another tier as datafusion-proto bytes.
+    pub async fn execute_encoded_plan(&self, bytes: &[u8], options: &QueryOptions) -> Result<QueryStream> {
+        let plan = crate::plan_codec::decode_plan(bytes, &self.inner.ctx, &self.inner.task_ctx)?;
+        self.execute_plan(plan, options).await
+    }
+
+    /// The phases in order. Everything up to the first batch runs within the query's budget;
+    /// the returned stream keeps to the same deadline while it streams.
+    async fn run(&self, input: QueryInput<'_>, options: &QueryOptions, span: tracing::Span) -> Result<QueryStream> {
+        let observer = self.observer();
+        let admission = match self.admit(options) {
+            Ok(admission) => admission,
+            Err(err) => {
+                if let (StrataError::Overloaded(_), Some(observer)) = (&err, &observer) {
+                    observer(Outcome::Shed, 0, Duration::ZERO, None);
+                }
+                return Err(err);
+            }
+        };
+        span.record("id", admission.id);
+        let start = async {
+            let planned = self.plan_query(input).await?;
+            let routing = self.route(&planned, options)?;
+            self.execute_routed(&planned, routing, options, admission.wall_deadline).await
+        };
+        let started = match tokio::time::timeout_at(admission.deadline, start.instrument(span.clone())).await {
+            Ok(Ok(started)) => started,
+            Ok(Err(err)) => {
+                span.in_scope(|| warn!(error = %err, "query rejected"));
+                if let Some(observer) = &observer {
+                    observer(Outcome::Error, 0, admission.started.elapsed(), None);
+                }
+                return Err(err);
+            }
+            Err(_) => return Err(StrataError::Timeout(admission.budget)),
+        };
+        span.in_scope(|| tracing::debug!(route = %started.info, "routed"));
+        let limits = StreamLimits {
+            deadline: admission.deadline,
+            timeout: admission.budget,
+            max_rows: self.inner.limits.max_result_rows,
+            slow_query: self.inner.limits.slow_query,
+        };
+        Ok(QueryStream::new(
+            admission.id,
+            started.stream,
+            admission.permit,
+            limits,
+            admission.started,
+            span,
+            observer,
+            started.info,
+        )
+        .with_running_slot(started.running_slot))
+    }
+
+    /// Phase 1: a slot among `limits.max_concurrent_queries` (none free: shed at once, so a
+    /// client retries elsewhere instead of queueing behind a burst) and the time budget.
+    fn admit(&self, options: &QueryOptions) -> Result<Admission> {
+        let limits = &self.inner.limits;
+        let Ok(permit) = Arc::clone(&self.inner.admission).try_acquire_owned() else {
+            return Err(StrataError::Overloaded(limits.max_concurrent_queries));
+        };
+        let (now, clock) = (SystemTime::now(), tokio::time::Instant::now());
+        let own = now + limits.query_timeout;
+        // The caller's deadline as it was sent, so a tier this query is forwarded to never
+        // gets a later one than the caller's.
+        let wall_deadline = options.deadline.map_or(own, |caller| caller.min(own));
+        let budget = wall_deadline.duration_since(now).unwrap_or_default();
+        if budget.is_zero() {
+            return Err(StrataError::Timeout(Duration::ZERO));
+        }
+        Ok(Admission {
+            id: next_query_id(),
+            permit,
+            started: Instant::now(),
+            budget,
+            deadline: clock + budget,
+            wall_deadline,
+        })
+    }
+
+    /// Phase 2: the logical plan from the plan cache (see `planning.rs`), with the values to
+    /// bind into it, and whether it may share state and cached answers.
+    async fn plan_query<'a>(&self, input: QueryInput<'a>) -> Result<Planned<'a>> {
+        let input = match input {
+            QueryInput::Sql { sql, params } if params.is_empty() => {
+                let (cached, bound) = self.plan_for_text(sql).await?;
+                PlannedInput::Sql { sql, params, cached, bound }
+            }
+            QueryInput::Sql { sql, params } => {
+                let cached = self.plan_cached(sql).await?;
+                PlannedInput::Sql { sql, bound: params.clone(), params, cached }
+            }
+            QueryInput::Plan(plan) => PlannedInput::Shipped(plan),
+        };
+        let deterministic = match &input {
+            PlannedInput::Sql { cached, .. } => cached.deterministic,
+            PlannedInput::Shipped(plan) => crate::results_cache::is_deterministic(plan),
+        };
+        let own_state = (!deterministic).then(|| self.inner.ctx.state());
+        Ok(Planned { input, deterministic, own_state })
+    }
+
+    /// Phase 3: where the query runs. Without a router, here. A query the router must
+    /// forward whatever its filters say (cross-region, strong consistency) is decided on the
+    /// unoptimized plan and goes upstream as the client's SQL without being optimized here;
+    /// any other is optimized first, because routing needs its filters pushed to the scans.
+    fn route(&self, planned: &Planned<'_>, options: &QueryOptions) -> Result<Routing> {
+        let router = self.router();
+        if let (PlannedInput::Sql { cached, .. }, Some(router)) = (&planned.input, &router)
+            && let Some((info, upstream)) = router.forced_forward(&cached.planned.plan, options)?
+        {
+            return Ok(Routing::Forward { info, upstream });
+        }
+        let state = planned.state(self);
+        let (plan, can_forward) = match &planned.input {
+            PlannedInput::Sql { cached, bound, .. } => {
+                (self.optimized(cached, planned.deterministic, state, bound)?, true)
+            }
+            PlannedInput::Shipped(plan) => (state.optimize(plan)?, false),
+        };
+        match router {
+            Some(router) => router.route(plan, options, can_forward),
+            None => Ok(Routing::Run { plan, info: RouteInfo::local("every table is served by this tier") }),
+        }
+    }
+
+    /// Phase 4: starts the answer. Here: wait (within the deadline, first come first served)
+    /// for a running slot, then answer from the results cache or plan physically and
+    /// execute. Upstream: forward the client's SQL.
+    async fn execute_routed(
+        &self,
+        planned: &Planned<'_>,
+        routing: Routing,
+        options: &QueryOptions,
+        wall_deadline: SystemTime,
+    ) -> Result<Started> {
+        let (plan, mut info) = match routing {
+            Routing::Run { plan, info } => (plan, info),
+            Routing::Forward { info, upstream } => {
+                let (PlannedInput::Sql { sql, params, cached, .. }, Some(router)) = (&planned.input, self.router())
+                else {
+                    return Err(StrataError::Internal("router asked to forward a sub-plan".into()));
+                };
+                let query = ForwardQuery { sql, params, schema: Arc::clone(&cached.planned.schema) };
+                let (stream, info) = router.forward(query, options, info, upstream, wall_deadline).await?;
+                return Ok(Started { stream, info, running_slot: None });
+            }
+        };
+        self.add_local_versions(&plan, &mut info);
+        let running_slot = Arc::clone(&self.inner.running).acquire_owned().await.ok();
+        let state = planned.state(self);
+        let execute = || async {
+            let physical = self.physical_plan(&plan, state, planned.deterministic).await?;
+            Ok(datafusion::physical_plan::execute_stream(physical, Arc::clone(&self.inner.task_ctx))?)
+        };
+        let cache = self.inner.results.as_ref().filter(|_| planned.deterministic);
+        if let Some((cache, key)) = cache.and_then(|c| Some((c, c.key(&plan)?))) {
+            match cache.get_or_run(key, execute()).await? {
+                Some((stream, status)) => {
+                    info.cache = Some(status);
+                    return Ok(Started { stream, info, running_slot });
+                }
+                // Waited for an answer too large to share: run it here, uncached.
+                None => info.cache = Some(crate::results_cache::CacheStatus::Bypass),
+            }
+        }
+        Ok(Started { stream: execute().await?, info, running_slot })
+    }
+
+    /// The physical plan of optimized `plan`. The physical optimizer's rules place
+    /// repartitions, sorts and coalesces and push work into file scans; a plan that only
+    /// projects, filters and limits one in-memory scan of a single partition (a lookup the
+    /// zone maps narrowed to one batch) needs none of them, and running them costs more than
+    /// the lookup itself. Such a plan runs as the planner made it; any other is optimized
+    /// as usual.
+    async fn physical_plan(
+        &self,
+        plan: &LogicalPlan,
+        state: &SessionState,
+        deterministic: bool,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        if !deterministic {
+            return Ok(state.query_planner().create_physical_plan(plan, state).await?);
+        }
+        let bare = &self.inner.planning_without_physical_rules;
+        let initial = bare.query_planner().create_physical_plan(plan, bare).await?;
+        if runs_as_planned(initial.as_ref()) {
+            return Ok(initial);
+        }
+        Ok(DefaultPhysicalPlanner::default().optimize_physical_plan(initial, state, |_, _| {})?)
+    }
+
+    /// Adds the version and age of every configured dataset the plan reads here.
+    fn add_local_versions(&self, plan: &LogicalPlan, info: &mut RouteInfo) {
+        for name in scanned_tables(plan) {
+            let Some(dataset) = self.find(&name) else { continue };
+            if info.versions.iter().any(|v| v.dataset.eq_ignore_ascii_case(&name)) {
+                continue;
+            }
+            let (version, age_ms) = match dataset.snapshot() {
+                Some(s) => (s.version, s.refreshed_at.elapsed().unwrap_or_default().as_millis() as u64),
+                None => (0, 0),
+            };
+            info.versions.push(VersionRead { dataset: dataset.name().to_string(), version, age_ms });
+        }
+    }
+
+    fn observer(&self) -> Option<QueryObserver> {
+        self.inner.observer.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Planned<'_> {
+    fn state<'s>(&'s self, engine: &'s Engine) -> &'s SessionState {
+        self.own_state.as_ref().unwrap_or(&engine.inner.planning)
+    }
+}
+
+/// True for a single-partition chain of projections, filters and limits over one in-memory
+/// scan: a plan no physical optimizer rule needs to change for it to run correctly.
+fn runs_as_planned(plan: &dyn ExecutionPlan) -> bool {
+    use datafusion::datasource::memory::MemorySourceConfig;
+    use datafusion::datasource::source::DataSourceExec;
+    if plan.properties().output_partitioning().partition_count() != 1 {
+        return false;
+    }
+    let chain = matches!(plan.name(), "ProjectionExec" | "FilterExec" | "GlobalLimitExec" | "LocalLimitExec");
+    match plan.children().as_slice() {
+        [child] if chain => runs_as_planned(child.as_ref()),
+        [] => plan.downcast_ref::<DataSourceExec>().is_some_and(|s| s.data_source().is::<MemorySourceConfig>()),
+        _ => false,
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use arrow::array::{Int64Array, RecordBatch};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use async_trait::async_trait;
+    use datafusion::datasource::MemTable;
+    use futures::TryStreamExt;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::results_cache::CacheStatus;
+    use crate::routing::{CatalogEntry, RouteReason, Router};
+
+    /// An engine over `t(k, v)` with 100 rows, `v = 10 * k`.
+    fn engine(config: &str) -> Engine {
+        let engine = Engine::new(&Config::parse(config, "test").expect("config")).expect("engine");
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, false),
+            Field::new("v", DataType::Int64, false),
+        ]));
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![
+                Arc::new(Int64Array::from_iter_values(0..100)),
+                Arc::new(Int64Array::from_iter_values((0..100).map(|k| k * 10))),
+            ],
+        )
+        .expect("batch");
+        engine
+            .register_table("t", Arc::new(MemTable::try_new(schema, vec![vec![batch]]).expect("table")))
+            .expect("register");
+        engine
+    }
+
+    fn sql(sql: &str) -> QueryInput<'_> {
+        QueryInput::Sql { sql, params: Vec::new() }
+    }
+
+    #[tokio::test]
+    async fn admit_sheds_past_the_concurrency_limit_and_refuses_a_spent_deadline() {
+        let engine = engine("region: eu\nlimits:\n  max_concurrent_queries: 1\n");
+        let first = engine.admit(&QueryOptions::default()).expect("a free slot");
+        assert!(matches!(engine.admit(&QueryOptions::default()), Err(StrataError::Overloaded(1))));
+        assert_eq!(engine.queries_in_flight(), 1);
+        drop(first);
+
+        let spent = QueryOptions { deadline: Some(SystemTime::now() - Duration::from_secs(1)), ..Default::default() };
+        assert!(matches!(engine.admit(&spent), Err(StrataError::Timeout(d)) if d.is_zero()));
+        let soon =
+            QueryOptions { deadline: Some(SystemTime::now() + Duration::from_millis(500)), ..Default::default() };
+        let admission = engine.admit(&soon).expect("admitted");
+        assert!(admission.budget <= Duration::from_millis(500), "the caller's deadline bounds the budget");
+        assert!(admission.wall_deadline <= soon.deadline.expect("deadline"));
+    }
+
+    #[tokio::test]
+    async fn plan_phase_shares_one_plan_among_literal_queries_of_one_shape() {
+        let engine = engine("region: eu\n");
+        let three = engine.plan_query(sql("SELECT v FROM t WHERE k = 3")).await.expect("plan");
+        let four = engine.plan_query(sql("SELECT v FROM t WHERE k = 4")).await.expect("plan");
+        let (PlannedInput::Sql { cached: a, .. }, PlannedInput::Sql { cached: b, bound, .. }) =
+            (&three.input, &four.input)
+        else {
+            panic!("SQL plans to SQL");
+        };
+        assert!(Arc::ptr_eq(a, b), "one plan for both texts");
+        assert_eq!(bound, &[ScalarValue::Int64(Some(4))], "each binds its own literal");
+        assert_eq!(engine.cached_plans(), 1);
+        assert!(four.deterministic && four.own_state.is_none());
+
+        let clock = engine.plan_query(sql("SELECT now() AS t0, v FROM t")).await.expect("plan");
+        assert!(!clock.deterministic, "now() is not deterministic");
+        assert!(clock.own_state.is_some(), "a query calling now() gets a state stamped with its start");
+
+        let write = engine.plan_query(sql("DELETE FROM t")).await.err().expect("refused");
+        assert!(matches!(write, StrataError::ReadOnly(ref kind) if kind == "DELETE"), "{write}");
+    }
+
+    #[tokio::test]
+    async fn route_phase_without_a_router_runs_here() {
+        let engine = engine("region: eu\n");
+        let planned = engine.plan_query(sql("SELECT v FROM t WHERE k = 3")).await.expect("plan");
+        match engine.route(&planned, &QueryOptions::default()).expect("route") {
+            Routing::Run { plan, info } => {
+                assert_eq!(info.reason, RouteReason::Local);
+                assert!(plan.display_indent().to_string().contains("k = Int64(3)"), "{}", plan.display_indent());
+            }
+            Routing::Forward { .. } => panic!("no router: nothing to forward to"),
+        }
+    }
+
+    /// A router that forces every client query upstream and records what `route` was asked.
+    #[derive(Default)]
+    struct ForceUpstream {
+        routed_as_forwardable: AtomicBool,
+        routed: AtomicBool,
+    }
+
+    #[async_trait]
+    impl Router for ForceUpstream {
+        fn route(&self, plan: LogicalPlan, _: &QueryOptions, can_forward: bool) -> Result<Routing> {
+            self.routed.store(true, Ordering::SeqCst);
+            self.routed_as_forwardable.store(can_forward, Ordering::SeqCst);
+            Ok(Routing::Run { plan, info: RouteInfo::local("test") })
+        }
+        fn forced_forward(&self, _: &LogicalPlan, _: &QueryOptions) -> Result<Option<(RouteInfo, usize)>> {
+            let mut info = RouteInfo::local("strong consistency");
+            info.reason = RouteReason::StrongConsistency;
+            Ok(Some((info, 7)))
+        }
+        async fn forward(
+            &self,
+            _: ForwardQuery<'_>,
+            _: &QueryOptions,
+            _: RouteInfo,
+            _: usize,
+            _: SystemTime,
+        ) -> Result<(SendableRecordBatchStream, RouteInfo)> {
+            Err(StrataError::Protocol("test upstream is down".into()))
+        }
+        fn remote_catalog(&self) -> Vec<CatalogEntry> {
+            Vec::new()
+        }
+        fn replica_statuses(&self) -> Vec<crate::dataset::DatasetStatus> {
+            Vec::new()
+        }
+    }
+
+    #[tokio::test]
+    async fn route_phase_forwards_a_forced_query_before_optimizing_and_keeps_shipped_plans_here() {
+        let engine = engine("region: eu\n");
+        let router = Arc::new(ForceUpstream::default());
+        engine.set_router(router.clone());
+        let planned = engine.plan_query(sql("SELECT v FROM t")).await.expect("plan");
+        let routing = engine.route(&planned, &QueryOptions::default()).expect("route");
+        assert!(matches!(routing, Routing::Forward { upstream: 7, .. }));
+        assert!(!router.routed.load(Ordering::SeqCst), "a forced forward is decided before optimizing");
+
+        let shipped = planned_plan(&planned);
+        let planned = engine.plan_query(QueryInput::Plan(shipped)).await.expect("plan");
+        assert!(matches!(engine.route(&planned, &QueryOptions::default()).expect("route"), Routing::Run { .. }));
+        assert!(router.routed.load(Ordering::SeqCst));
+        assert!(!router.routed_as_forwardable.load(Ordering::SeqCst), "a shipped plan may not be forwarded");
+
+        // The execute phase forwards the client's SQL and reports the upstream's error.
+        let err = engine.execute("SELECT v FROM t", Vec::new()).await.err().expect("upstream down");
+        assert!(err.to_string().contains("test upstream is down"), "{err}");
+    }
+
+    fn planned_plan(planned: &Planned<'_>) -> LogicalPlan {
+        match &planned.input {
+            PlannedInput::Sql { cached, .. } => cached.planned.plan.clone(),
+            PlannedInput::Shipped(plan) => plan.clone(),
+        }
+    }
+
+    #[tokio::test]
+    async fn execute_phase_answers_repeats_from_the_results_cache_but_never_a_clock_query() {
+        // The results cache holds answers over configured datasets (it knows their versions).
+        let dir = tempfile::tempdir().expect("dir");
+        let csv: String =
+            std::iter::once("k,v\n".to_string()).chain((0..100).map(|k| format!("{k},{}\n", k * 10))).collect();
+        std::fs::write(dir.path().join("t.csv"), csv).expect("csv");
+        let config = format!(
+            "region: eu\ndatasets:\n  - name: t\n    from: file:{}/t.csv\n    acceleration: {{}}\n",
+            dir.path().display()
+        );
+        let engine = Engine::new(&Config::parse(&config, "test").expect("config")).expect("engine");
+        engine.start();
+        tokio::time::timeout(Duration::from_secs(20), engine.wait_ready()).await.expect("ready");
+        let mut statuses = Vec::new();
+        for _ in 0..2 {
+            let stream = engine.execute("SELECT sum(v) AS s FROM t WHERE k < 10", Vec::new()).await.expect("run");
+            statuses.push(stream.route().cache);
+            let batches: Vec<RecordBatch> = stream.try_collect().await.expect("rows");
+            let sum = batches[0].column(0).as_any().downcast_ref::<Int64Array>().expect("int64").value(0);
+            assert_eq!(sum, 450);
+        }
+        assert_eq!(statuses, [Some(CacheStatus::Miss), Some(CacheStatus::Hit)]);
+
+        let clock = engine.execute("SELECT now() AS t0 FROM t LIMIT 1", Vec::new()).await.expect("run");
+        assert_eq!(clock.route().cache, None, "an answer that depends on the clock is never cached");
+        let versions = clock.route().versions.clone();
+        assert_eq!(versions.len(), 1, "the answer names the version of t it read: {versions:?}");
+        assert_eq!((versions[0].dataset.as_str(), versions[0].version), ("t", 1));
+    }
+}
