@@ -7,6 +7,7 @@ pub mod client;
 pub mod disk;
 pub mod replica;
 pub mod router;
+pub mod subset;
 pub mod table;
 pub mod wire;
 
