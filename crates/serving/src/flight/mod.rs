@@ -1,11 +1,14 @@
 //! Arrow Flight SQL for every tier.
 
+mod codec;
 mod handle;
+mod metadata;
 mod prefetch;
 mod service;
 mod session;
 mod sql_info;
 mod sql_service;
+mod statement;
 
 use arrow_flight::flight_service_server::FlightServiceServer;
 use strata_core::Engine;

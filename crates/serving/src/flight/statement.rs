@@ -1,0 +1,106 @@
+//! The statement path of Flight SQL: GetFlightInfo plans a statement (and, on a tier with
+//! an upstream, starts it early), DoGet runs it once per bound parameter row and streams the
+//! answers as one, with the route and freshness in headers and `app_metadata`.
+
+use arrow::datatypes::{Schema, SchemaRef};
+use arrow_flight::error::FlightError;
+use arrow_flight::{FlightDescriptor, FlightEndpoint, FlightInfo, Ticket};
+use futures::{StreamExt, TryStreamExt, stream};
+use tonic::{Response, Status};
+
+use super::codec::encode_with_metadata;
+use super::handle::StatementHandle;
+use super::sql_service::{DoGetStream, StrataFlightSql};
+use crate::status::to_grpc;
+
+impl StrataFlightSql {
+    /// On a tier with an upstream, starts `handle`'s statement now and returns the id its
+    /// ticket carries (one parameter row only).
+    pub(super) fn prefetch(&self, handle: &StatementHandle, metadata: &tonic::metadata::MetadataMap) -> Option<u64> {
+        if !self.engine.has_router() {
+            return None;
+        }
+        let mut rows = handle.parameter_rows().ok()?;
+        if rows.len() != 1 {
+            return None;
+        }
+        let options = crate::route_headers::options(&metadata.clone().into_headers());
+        self.prefetcher.start(&self.engine, &handle.sql, rows.pop().unwrap_or_default(), &options)
+    }
+
+    /// Schema of a statement started by [`Self::prefetch`]. It is planned after the run
+    /// starts, so a forwarded run's upstream call is already under way while this tier plans;
+    /// a statement that does not plan has its run cancelled.
+    pub(super) async fn prefetched_schema(&self, handle: &StatementHandle) -> Result<SchemaRef, Status> {
+        let schema = self.statement_schema(&handle.sql).await;
+        if let (Err(_), Some(run)) = (&schema, handle.run) {
+            self.prefetcher.cancel(run);
+        }
+        schema
+    }
+
+    /// Schema of a statement's result, planned but not run.
+    pub(crate) async fn statement_schema(&self, sql: &str) -> Result<SchemaRef, Status> {
+        self.engine.result_schema(sql).await.map_err(|e| to_grpc(&e))
+    }
+
+    /// Runs a statement once per bound parameter row and streams all results as one.
+    /// The route and freshness go out as response headers and as the JSON `app_metadata`
+    /// of the first message.
+    pub(crate) async fn stream_statement(
+        &self,
+        handle: StatementHandle,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<Response<DoGetStream>, Status> {
+        let options = crate::route_headers::options(&metadata.clone().into_headers());
+        let rows = handle.parameter_rows()?;
+        let engine = self.engine.clone();
+        let sql = handle.sql;
+        let mut rows = rows.into_iter();
+        // The first execution runs now (or was started by GetFlightInfo), so planning errors
+        // become the RPC's status.
+        let params = rows.next().unwrap_or_default();
+        let started = match handle.run {
+            Some(id) if rows.as_slice().is_empty() => self.prefetcher.take(id, &sql, &params, &options).await,
+            _ => None,
+        };
+        let first = match started {
+            Some(started) => started,
+            None => engine.execute_with(&sql, params, &options).await,
+        }
+        .map_err(|e| to_grpc(&e))?;
+        let schema = first.schema();
+        let route = first.route().clone();
+        let rest = stream::iter(rows)
+            .then(move |params| {
+                let engine = engine.clone();
+                let sql = sql.clone();
+                let options = options.clone();
+                async move { engine.execute_with(&sql, params, &options).await }
+            })
+            .map_ok(|s| s.boxed())
+            .try_flatten();
+        let batches = first.chain(rest).map_err(|e| FlightError::Tonic(Box::new(to_grpc(&e))));
+        let max = self.engine.limits().max_message_size.as_usize();
+        let mut response =
+            Response::new(encode_with_metadata(schema, batches, max, crate::route_headers::app_metadata(&route)));
+        crate::route_headers::insert_grpc(response.metadata_mut(), &route);
+        Ok(response)
+    }
+
+    pub(crate) fn flight_info(
+        &self,
+        schema: &Schema,
+        ticket: impl Into<bytes::Bytes>,
+        descriptor: FlightDescriptor,
+    ) -> Result<FlightInfo, Status> {
+        let endpoint = FlightEndpoint::new().with_ticket(Ticket::new(ticket));
+        Ok(FlightInfo::new()
+            .try_with_schema(schema)
+            .map_err(|e| Status::internal(format!("cannot encode schema: {e}")))?
+            .with_endpoint(endpoint)
+            .with_descriptor(descriptor)
+            .with_total_records(-1)
+            .with_ordered(true))
+    }
+}
