@@ -74,6 +74,17 @@ pub enum StrataError {
     #[error("{message}")]
     Remote { kind: ErrorKind, message: String },
 
+    /// This tier's own files (replicas on disk, the edge log, the dead-letter area) could
+    /// not be read or written: a full disk, a permission, a corrupt file. An operational
+    /// failure, not a bug; the I/O error is kept as the source.
+    #[error("{context} {}: {source}", path.display())]
+    Storage {
+        context: String,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
     /// Query execution failed for a reason other than the above.
     #[error("execution error: {0}")]
     Execution(String),
@@ -149,6 +160,8 @@ error_kinds! {
     LogFull => "log_full",
     /// Another tier sent a message that does not follow the tier protocol.
     Protocol => "protocol",
+    /// The tier's own files could not be read or written.
+    Storage => "storage",
     /// Execution failed otherwise.
     Execution => "execution",
     /// A bug in Strata.
@@ -182,6 +195,7 @@ impl StrataError {
             StrataError::LogFull(_) => ErrorKind::LogFull,
             StrataError::Protocol(_) => ErrorKind::Protocol,
             StrataError::Remote { kind, .. } => *kind,
+            StrataError::Storage { .. } => ErrorKind::Storage,
             StrataError::Execution(_) => ErrorKind::Execution,
             StrataError::Internal(_) => ErrorKind::Internal,
         }
@@ -202,6 +216,14 @@ impl StrataError {
             ),
             kind => StrataError::Remote { kind, message },
         }
+    }
+}
+
+impl StrataError {
+    /// A failed read or write of `path`; `context` says what was being done ("replica
+    /// store: cannot sync").
+    pub fn storage(context: impl Into<String>, path: &std::path::Path, source: std::io::Error) -> Self {
+        StrataError::Storage { context: context.into(), path: path.to_path_buf(), source }
     }
 }
 
@@ -269,6 +291,16 @@ mod tests {
             assert_eq!(carried.kind(), *kind, "{carried}");
         }
         assert_eq!(StrataError::from_kind("from_a_newer_peer", "x".into()).kind(), ErrorKind::Execution);
+    }
+
+    #[test]
+    fn a_storage_failure_keeps_its_io_error_and_is_no_bug() {
+        let io = std::io::Error::new(std::io::ErrorKind::StorageFull, "no space left on device");
+        let err = StrataError::storage("ingest log: cannot write", std::path::Path::new("/data/1.log"), io);
+        assert_eq!(err.kind(), ErrorKind::Storage);
+        assert_eq!(err.to_string(), "ingest log: cannot write /data/1.log: no space left on device");
+        let source = std::error::Error::source(&err).and_then(|s| s.downcast_ref::<std::io::Error>());
+        assert_eq!(source.map(std::io::Error::kind), Some(std::io::ErrorKind::StorageFull));
     }
 
     #[test]

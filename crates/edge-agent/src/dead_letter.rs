@@ -30,7 +30,7 @@ pub struct DeadLetters {
 }
 
 fn io(what: &str, path: &Path, e: std::io::Error) -> StrataError {
-    StrataError::Internal(format!("dead-letter area: {what} {}: {e}", path.display()))
+    StrataError::storage(format!("dead-letter area: {what}"), path, e)
 }
 
 impl DeadLetters {

@@ -75,7 +75,7 @@ pub struct IngestLog {
 }
 
 fn io(what: &str, path: &Path, e: std::io::Error) -> StrataError {
-    StrataError::Internal(format!("ingest log: {what} {}: {e}", path.display()))
+    StrataError::storage(format!("ingest log: {what}"), path, e)
 }
 
 fn encode_batches(batches: &[RecordBatch]) -> Result<Vec<u8>, StrataError> {
@@ -134,10 +134,16 @@ impl IngestLog {
                         break;
                     }
                     None => {
-                        return Err(StrataError::Internal(format!(
-                            "ingest log: segment {} is corrupt at byte {offset} and is not the last one; refusing to start rather than lose or reorder writes",
-                            path.display()
-                        )));
+                        return Err(StrataError::storage(
+                            "ingest log: refusing to start rather than lose or reorder writes: corrupt segment",
+                            &path,
+                            std::io::Error::new(
+                                std::io::ErrorKind::InvalidData,
+                                format!(
+                                    "record at byte {offset} fails its checksum and is not at the end of the last segment"
+                                ),
+                            ),
+                        ));
                     }
                 }
             }

@@ -18,6 +18,8 @@ pub fn to_grpc(err: &StrataError) -> tonic::Status {
         ErrorKind::Timeout => Code::DeadlineExceeded,
         // Another tier broke the protocol: this tier's answer depends on a peer that failed it.
         ErrorKind::Protocol => Code::Unavailable,
+        // This replica's disk failed: another replica may answer.
+        ErrorKind::Storage => Code::Unavailable,
         ErrorKind::Execution | ErrorKind::Internal => Code::Internal,
     };
     let mut status = tonic::Status::new(code, err.to_string());
@@ -41,6 +43,7 @@ pub fn to_http(err: &StrataError) -> StatusCode {
         ErrorKind::ResourcesExhausted => StatusCode::UNPROCESSABLE_ENTITY,
         ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
         ErrorKind::Protocol => StatusCode::BAD_GATEWAY,
+        ErrorKind::Storage => StatusCode::SERVICE_UNAVAILABLE,
         ErrorKind::Execution | ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }

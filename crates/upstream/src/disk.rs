@@ -56,8 +56,14 @@ fn dir_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-fn io(what: &str, path: &Path, e: impl std::fmt::Display) -> StrataError {
-    StrataError::Internal(format!("replica store: {what} {}: {e}", path.display()))
+/// A failed read or write of the store; a cause that is not an I/O error (a corrupt file)
+/// is kept as `InvalidData`.
+fn io<E: Into<Box<dyn std::error::Error + Send + Sync>>>(what: &str, path: &Path, e: E) -> StrataError {
+    let source = match e.into().downcast::<std::io::Error>() {
+        Ok(io) => *io,
+        Err(other) => std::io::Error::new(std::io::ErrorKind::InvalidData, other),
+    };
+    StrataError::storage(format!("replica store: {what}"), path, source)
 }
 
 impl DiskStore {
@@ -155,15 +161,17 @@ fn map_file(path: &Path) -> Result<(SchemaRef, Vec<RecordBatch>), StrataError> {
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io("cannot map", path, e))?;
     let buffer = Buffer::from(bytes::Bytes::from_owner(map));
     if buffer.len() < 10 {
-        return Err(io("too short", path, buffer.len()));
+        return Err(io("too short", path, format!("{} bytes", buffer.len())));
     }
     let trailer_start = buffer.len() - 10;
     let mut trailer = [0u8; 10];
     trailer.copy_from_slice(&buffer[trailer_start..]);
     let footer_len = read_footer_length(trailer)?;
-    let footer_start =
-        trailer_start.checked_sub(footer_len).ok_or_else(|| io("corrupt footer in", path, footer_len))?;
-    let footer = root_as_footer(&buffer[footer_start..trailer_start]).map_err(|e| io("corrupt footer in", path, e))?;
+    let footer_start = trailer_start
+        .checked_sub(footer_len)
+        .ok_or_else(|| io("corrupt footer in", path, format!("footer length {footer_len}")))?;
+    let footer = root_as_footer(&buffer[footer_start..trailer_start])
+        .map_err(|e| io("corrupt footer in", path, e.to_string()))?;
     let schema: SchemaRef = Arc::new(fb_to_schema(footer.schema().ok_or_else(|| io("no schema in", path, ""))?));
     let mut decoder = FileDecoder::new(Arc::clone(&schema), footer.version());
     let slice = |block: &arrow::ipc::Block| {
