@@ -29,6 +29,21 @@ pub trait LocalWrites: Send + Sync {
     fn dead_letters(&self) -> Vec<DeadLetterStatus> {
         Vec::new()
     }
+
+    /// Writes acknowledged here and not yet confirmed upstream.
+    fn backlog(&self) -> Backlog {
+        Backlog::default()
+    }
+}
+
+/// Acknowledged writes waiting for the upstream: what an operator watches during an outage
+/// (and a test waits on to know an upload has finished).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Backlog {
+    /// Batches in the log not confirmed upstream.
+    pub records: u64,
+    /// Their size in the log, bytes.
+    pub bytes: u64,
 }
 
 /// Writes of one dataset that the upstream refused permanently, kept on disk.

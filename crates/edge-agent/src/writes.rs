@@ -351,6 +351,11 @@ impl LocalWrites for EdgeWrites {
         self.dead_letters.statuses()
     }
 
+    fn backlog(&self) -> strata_core::writes::Backlog {
+        let pending = lock(&self.pending);
+        strata_core::writes::Backlog { records: pending.len() as u64, bytes: pending.iter().map(|e| e.bytes).sum() }
+    }
+
     async fn write(&self, dataset: &str, batches: Vec<RecordBatch>) -> Result<WriteReceipt, StrataError> {
         let schema = self.schema(dataset)?;
         let name = self.writable(dataset).cloned().unwrap_or_else(|| dataset.to_string());

@@ -55,10 +55,14 @@ async fn ready(State(state): State<HttpState>) -> Response {
 }
 
 async fn datasets(State(state): State<HttpState>) -> impl IntoResponse {
-    let dead_letter = state.engine.writes().map(|w| w.dead_letters()).unwrap_or_default();
-    axum::Json(
-        json!({"region": state.engine.region(), "datasets": state.engine.datasets(), "dead_letter": dead_letter}),
-    )
+    let writes = state.engine.writes();
+    let dead_letter = writes.as_ref().map(|w| w.dead_letters()).unwrap_or_default();
+    let mut body =
+        json!({"region": state.engine.region(), "datasets": state.engine.datasets(), "dead_letter": dead_letter});
+    if let Some(writes) = writes {
+        body["backlog"] = json!(writes.backlog());
+    }
+    axum::Json(body)
 }
 
 async fn refresh(State(state): State<HttpState>, Path(name): Path<String>) -> Response {

@@ -199,6 +199,19 @@ impl Metrics {
                     status.dataset, status.records
                 );
             }
+            let backlog = writes.backlog();
+            let _ = writeln!(
+                out,
+                "# HELP strata_edge_backlog_records Acknowledged edge writes not yet confirmed upstream."
+            );
+            let _ = writeln!(out, "# TYPE strata_edge_backlog_records gauge");
+            let _ = writeln!(out, "strata_edge_backlog_records {}", backlog.records);
+            let _ = writeln!(
+                out,
+                "# HELP strata_edge_backlog_bytes Size in the edge log of the writes not yet confirmed upstream."
+            );
+            let _ = writeln!(out, "# TYPE strata_edge_backlog_bytes gauge");
+            let _ = writeln!(out, "strata_edge_backlog_bytes {}", backlog.bytes);
         }
         let _ = writeln!(out, "# HELP strata_ready 1 once every accelerated dataset has loaded.");
         let _ = writeln!(out, "# TYPE strata_ready gauge");
