@@ -7,7 +7,7 @@ pub mod tier;
 use std::path::PathBuf;
 
 /// Directory holding the workspace's built binaries: the profile directory, which holds a
-/// binary such as `tier-bench` itself, or the parent of a test executable's `deps/`.
+/// binary such as `strata-bench` itself, or the parent of a test executable's `deps/`.
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("executable path");
     let dir = exe.parent().expect("executable dir");
@@ -27,4 +27,37 @@ pub fn workspace_root() -> PathBuf {
 pub fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
     listener.local_addr().expect("local addr").port()
+}
+
+/// Polls `probe` until it returns `Some` and returns that value, or `None` once `timeout`
+/// has passed (the caller then says what it waited for, with the logs that explain why).
+/// Tests wait on the state they need instead of sleeping a guessed time.
+pub async fn try_wait_until<T, Fut>(timeout: std::time::Duration, mut probe: impl FnMut() -> Fut) -> Option<T>
+where
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut interval = std::time::Duration::from_millis(10);
+    loop {
+        if let Some(value) = probe().await {
+            return Some(value);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        // Quick at first (most waits are short), then at most 5 times a second.
+        tokio::time::sleep(interval.min(deadline - tokio::time::Instant::now())).await;
+        interval = (interval * 2).min(std::time::Duration::from_millis(200));
+    }
+}
+
+/// [`try_wait_until`] that panics after `timeout`, naming `what` it waited for.
+pub async fn wait_until<T, Fut>(timeout: std::time::Duration, what: &str, probe: impl FnMut() -> Fut) -> T
+where
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    match try_wait_until(timeout, probe).await {
+        Some(value) => value,
+        None => panic!("timed out after {timeout:?} waiting for {what}"),
+    }
 }

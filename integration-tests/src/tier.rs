@@ -2,9 +2,9 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arrow::array::RecordBatch;
 use arrow_flight::sql::client::FlightSqlServiceClient;
@@ -28,85 +28,66 @@ pub struct Exited {
     pub stderr: String,
 }
 
-impl Tier {
-    /// Starts `binary` with `config` (YAML text) on free ports and waits for `/health`.
-    pub async fn start(binary: &str, config: &str) -> Self {
-        match Self::spawn(binary, config).await {
+/// How to start a tier process: the one way every test and bench starts one.
+///
+/// `Tier::builder("sidecar").config(yaml).start().await`; [`TierBuilder::at`] to restart a
+/// tier where its clients expect it, [`TierBuilder::under`] to run it in a network
+/// namespace, [`Tier::cli`] for `strata <tier>` as the container images run it.
+#[must_use]
+pub struct TierBuilder {
+    binary: String,
+    subcommand: Option<String>,
+    prefix: Vec<String>,
+    config: String,
+    flight: String,
+    http: String,
+}
+
+impl TierBuilder {
+    /// The YAML config file's text.
+    pub fn config(mut self, yaml: &str) -> Self {
+        self.config = yaml.to_string();
+        self
+    }
+
+    /// Listen on these addresses instead of free ports.
+    pub fn at(mut self, flight: SocketAddr, http: SocketAddr) -> Self {
+        self.flight = flight.to_string();
+        self.http = http.to_string();
+        self
+    }
+
+    /// Run under a command prefix (`ip netns exec <ns>`), listening on addresses that the
+    /// prefix's network can bind.
+    pub fn under(mut self, prefix: &[&str], flight: &str, http: &str) -> Self {
+        self.prefix = prefix.iter().map(|p| p.to_string()).collect();
+        self.flight = flight.to_string();
+        self.http = http.to_string();
+        self
+    }
+
+    /// Starts the process and waits for `/health`; panics with its stderr if it exits first.
+    pub async fn start(self) -> Tier {
+        let name = match &self.subcommand {
+            Some(sub) => format!("{} {sub}", self.binary),
+            None => self.binary.clone(),
+        };
+        match self.spawn().await {
             Ok(tier) => tier,
-            Err(exited) => panic!("{binary} exited with {:?}:\n{}", exited.code, exited.stderr),
+            Err(exited) => panic!("{name} exited with {:?}:\n{}", exited.code, exited.stderr),
         }
     }
 
-    /// Like [`Tier::start`], but a process that exits early is reported, not a panic.
-    pub async fn spawn(binary: &str, config: &str) -> Result<Self, Exited> {
+    /// Like [`TierBuilder::start`], but a process that exits before listening (a bad
+    /// config) is reported, not a panic.
+    pub async fn spawn(self) -> Result<Tier, Exited> {
         let dir = tempfile::Builder::new().prefix("strata-tier-").tempdir().expect("temp dir");
         let config_path = dir.path().join("strata.yaml");
-        std::fs::write(&config_path, config).expect("write config");
-        Self::spawn_with_config_file(binary, &config_path, dir).await
-    }
-
-    /// Starts `binary` on the given addresses (to restart a tier where its clients expect it).
-    pub async fn start_at(binary: &str, config: &str, flight: SocketAddr, http: SocketAddr) -> Self {
-        let dir = tempfile::Builder::new().prefix("strata-tier-").tempdir().expect("temp dir");
-        let config_path = dir.path().join("strata.yaml");
-        std::fs::write(&config_path, config).expect("write config");
-        match Self::spawn_inner(binary, &config_path, dir, &flight.to_string(), &http.to_string()).await {
-            Ok(tier) => tier,
-            Err(exited) => panic!("{binary} exited with {:?}:\n{}", exited.code, exited.stderr),
-        }
-    }
-
-    /// Starts `binary` under a command prefix (`ip netns exec <ns>`), listening on `flight`
-    /// and `http` (addresses the prefix's network can bind).
-    pub async fn start_under(prefix: &[&str], binary: &str, config: &str, flight: &str, http: &str) -> Self {
-        let dir = tempfile::Builder::new().prefix("strata-tier-").tempdir().expect("temp dir");
-        let config_path = dir.path().join("strata.yaml");
-        std::fs::write(&config_path, config).expect("write config");
-        match Self::spawn_command(prefix, binary, &[], &config_path, dir, flight, http).await {
-            Ok(tier) => tier,
-            Err(exited) => panic!("{binary} exited with {:?}:\n{}", exited.code, exited.stderr),
-        }
-    }
-
-    async fn spawn_with_config_file(binary: &str, config_path: &Path, dir: tempfile::TempDir) -> Result<Self, Exited> {
-        Self::spawn_inner(binary, config_path, dir, "127.0.0.1:0", "127.0.0.1:0").await
-    }
-
-    async fn spawn_inner(
-        binary: &str,
-        config_path: &Path,
-        dir: tempfile::TempDir,
-        flight: &str,
-        http: &str,
-    ) -> Result<Self, Exited> {
-        Self::spawn_command(&[], binary, &[], config_path, dir, flight, http).await
-    }
-
-    /// Starts a tier through the `strata` CLI (`strata edge --config ...`), as the container
-    /// images run every tier.
-    pub async fn start_cli(subcommand: &str, config: &str) -> Self {
-        let dir = tempfile::Builder::new().prefix("strata-tier-").tempdir().expect("temp dir");
-        let config_path = dir.path().join("strata.yaml");
-        std::fs::write(&config_path, config).expect("write config");
-        match Self::spawn_command(&[], "strata", &[subcommand], &config_path, dir, "127.0.0.1:0", "127.0.0.1:0").await {
-            Ok(tier) => tier,
-            Err(exited) => panic!("strata {subcommand} exited with {:?}:\n{}", exited.code, exited.stderr),
-        }
-    }
-
-    async fn spawn_command(
-        prefix: &[&str],
-        binary: &str,
-        subcommand: &[&str],
-        config_path: &Path,
-        dir: tempfile::TempDir,
-        flight: &str,
-        http: &str,
-    ) -> Result<Self, Exited> {
-        let exe = crate::bin_dir().join(binary);
-        assert!(exe.exists(), "{} is not built: run `cargo build --workspace --bins` first", exe.display());
+        std::fs::write(&config_path, &self.config).expect("write config");
+        let exe = crate::bin_dir().join(&self.binary);
+        assert!(exe.exists(), "{} is not built: run `cargo build --workspace --all-targets` first", exe.display());
         let log = dir.path().join("stderr.log");
-        let mut command = match prefix.split_first() {
+        let mut command = match self.prefix.split_first() {
             Some((program, args)) => {
                 let mut c = Command::new(program);
                 c.args(args).arg(&exe);
@@ -115,10 +96,10 @@ impl Tier {
             None => Command::new(&exe),
         };
         let mut child = command
-            .args(subcommand)
+            .args(&self.subcommand)
             .arg("--config")
-            .arg(config_path)
-            .args(["--flight-addr", flight, "--http-addr", http])
+            .arg(&config_path)
+            .args(["--flight-addr", &self.flight, "--http-addr", &self.http])
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).expect("log file"))
@@ -145,7 +126,7 @@ impl Tier {
                 .and_then(|a| a.parse().ok())
                 .unwrap_or_else(|| panic!("no {key} in `{line}`"))
         };
-        let tier = Self {
+        let tier = Tier {
             flight_addr: addr("flight="),
             http_addr: addr("http="),
             child,
@@ -153,17 +134,38 @@ impl Tier {
             _dir: dir,
             http: reqwest::Client::new(),
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(r) = tier.http.get(tier.url("/health")).send().await
-                && r.status().is_success()
-            {
-                break;
-            }
-            assert!(Instant::now() < deadline, "no /health answer; logs:\n{}", tier.logs());
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let health = crate::try_wait_until(Duration::from_secs(10), || async {
+            let response = tier.http.get(tier.url("/health")).send().await.ok()?;
+            response.status().is_success().then_some(())
+        });
+        if health.await.is_none() {
+            panic!("no /health answer; logs:\n{}", tier.logs());
         }
         Ok(tier)
+    }
+}
+
+impl Tier {
+    /// A tier binary (`platform-service`, `app-sidecar`, `edge-agent`) to start on free ports.
+    pub fn builder(binary: &str) -> TierBuilder {
+        TierBuilder {
+            binary: binary.to_string(),
+            subcommand: None,
+            prefix: Vec::new(),
+            config: String::new(),
+            flight: "127.0.0.1:0".into(),
+            http: "127.0.0.1:0".into(),
+        }
+    }
+
+    /// A tier run through the `strata` CLI (`strata edge --config ...`).
+    pub fn cli(subcommand: &str) -> TierBuilder {
+        TierBuilder { subcommand: Some(subcommand.to_string()), ..Self::builder("strata") }
+    }
+
+    /// `Tier::builder(binary).config(config).start()`, the common case.
+    pub async fn start(binary: &str, config: &str) -> Self {
+        Self::builder(binary).config(config).start().await
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -177,15 +179,24 @@ impl Tier {
 
     /// Waits until `/v1/ready` says ready.
     pub async fn wait_ready(&self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(r) = self.http.get(self.url("/v1/ready")).send().await
-                && r.status().is_success()
-            {
-                return;
-            }
-            assert!(Instant::now() < deadline, "not ready after {timeout:?}; logs:\n{}", self.logs());
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let ready = crate::try_wait_until(timeout, || async {
+            let response = self.http.get(self.url("/v1/ready")).send().await.ok()?;
+            response.status().is_success().then_some(())
+        });
+        if ready.await.is_none() {
+            panic!("not ready after {timeout:?}; logs:\n{}", self.logs());
+        }
+    }
+
+    /// Waits until `probe` returns `Some`, panicking after `timeout` with `what` and this
+    /// tier's logs.
+    pub async fn wait_for<T, Fut>(&self, timeout: Duration, what: &str, probe: impl FnMut() -> Fut) -> T
+    where
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        match crate::try_wait_until(timeout, probe).await {
+            Some(value) => value,
+            None => panic!("timed out after {timeout:?} waiting for {what}; logs:\n{}", self.logs()),
         }
     }
 

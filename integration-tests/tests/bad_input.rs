@@ -114,15 +114,11 @@ async fn over_the_concurrency_limit_queries_are_shed_with_429() {
     // The autoscaling gauge counts the query holding the slot, and nothing else.
     assert_eq!(in_flight(&tier).await, 1);
     assert_eq!(slow.await.expect("join").expect("response"), 504);
-    let mut after = in_flight(&tier).await;
-    for _ in 0..100 {
-        if after == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        after = in_flight(&tier).await;
-    }
-    assert_eq!(after, 0, "a finished query still counts as in flight");
+    // The gauge drops when the answer's stream ends, a moment after the client saw it.
+    tier.wait_for(Duration::from_secs(2), "a finished query to leave the in-flight gauge", || async {
+        (in_flight(&tier).await == 0).then_some(())
+    })
+    .await;
     assert_eq!(tier.rows("SELECT 1 AS one").await[0]["one"], 1);
     // Shed queries are counted (they were invisible in /metrics).
     let text = reqwest::get(tier.url("/metrics")).await.expect("metrics").text().await.expect("text");
@@ -204,16 +200,10 @@ async fn a_client_that_goes_away_cancels_its_query() {
         .send()
         .await;
     assert!(abandoned.is_err(), "the slow query should not have finished");
-    let mut answered = false;
-    for _ in 0..100 {
-        let (code, _) = tier.sql("SELECT 1 AS one").await;
-        if code == 200 {
-            answered = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(answered, "the abandoned query still holds the only slot; logs:\n{}", tier.logs());
+    tier.wait_for(Duration::from_secs(5), "the abandoned query to release the only slot", || async {
+        (tier.sql("SELECT 1 AS one").await.0 == 200).then_some(())
+    })
+    .await;
     let text = reqwest::get(tier.url("/metrics")).await.expect("metrics").text().await.expect("text");
     assert!(text.contains("strata_queries_total{outcome=\"cancelled\"} 1"), "{text}");
 }

@@ -3,7 +3,7 @@
 //! validates a config as the tier would (exit 64), which the deployment validation uses.
 
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use strata_integration_tests::tier::Tier;
 use strata_integration_tests::{bin_dir, free_port, workspace_root};
@@ -29,20 +29,18 @@ async fn strata_edge_runs_an_edge_agent_that_serves_its_replica_from_disk() {
     )
     .await;
     let data = tempfile::tempdir().expect("data dir");
-    let edge = Tier::start_cli(
-        "edge",
-        &format!(
+    let edge = Tier::cli("edge")
+        .config(&format!(
             "region: eu\nupstream:\n  endpoints: [http://{}]\nreplicas:\n  - name: customers\nedge:\n  id: cli-edge\n  data_dir: {}\n",
             platform.flight_addr,
             data.path().display()
-        ),
-    )
+        ))
+        .start()
+        .await;
+    edge.wait_for(Duration::from_secs(30), "the edge's replica to load", || async {
+        edge.find_dataset("customers").await.filter(|d| d["state"] == "ready")
+    })
     .await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while edge.find_dataset("customers").await.is_none_or(|d| d["state"] != "ready") {
-        assert!(Instant::now() < deadline, "the edge's replica never loaded: {}", edge.logs());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     let (rows, route, _) = edge.routed("SELECT count(*) AS n FROM customers", &[]).await;
     assert_eq!(route, "local");
     assert_eq!(rows, platform.rows("SELECT count(*) AS n FROM customers").await);

@@ -4,7 +4,7 @@
 use strata_integration_tests::tier::Tier;
 
 async fn rejected(config: &str) -> String {
-    match Tier::spawn("platform-service", config).await {
+    match Tier::builder("platform-service").config(config).spawn().await {
         Ok(_) => panic!("config was accepted:\n{config}"),
         Err(exited) => {
             assert_eq!(exited.code, Some(64), "exit code for a bad config; stderr:\n{}", exited.stderr);

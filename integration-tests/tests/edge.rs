@@ -6,9 +6,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use strata_integration_tests::free_port;
 use strata_integration_tests::postgres::PgServer;
 use strata_integration_tests::tier::Tier;
+use strata_integration_tests::{free_port, wait_until};
 
 fn platform_config(pg: &PgServer) -> String {
     format!(
@@ -64,7 +64,7 @@ async fn platform_and_edge(
     max_log: &str,
 ) -> (Tier, Tier, String, tempfile::TempDir, SocketAddr, SocketAddr) {
     let (flight, http) = addrs();
-    let platform = Tier::start_at("platform-service", &platform_config(pg), flight, http).await;
+    let platform = Tier::builder("platform-service").config(&platform_config(pg)).at(flight, http).start().await;
     platform.wait_ready(Duration::from_secs(30)).await;
     let data = tempfile::tempdir().expect("data dir");
     let config = edge_config(flight, data.path(), max_log);
@@ -77,11 +77,10 @@ async fn platform_and_edge(
 /// reaches the platform).
 async fn wait_loaded(edge: &Tier) {
     edge.wait_ready(Duration::from_secs(30)).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !edge.find_dataset("readings").await.is_some_and(|d| d["state"] == "ready") {
-        assert!(Instant::now() < deadline, "the edge never loaded readings:\n{}", edge.logs());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    edge.wait_for(Duration::from_secs(30), "the edge to load readings", || async {
+        edge.find_dataset("readings").await.filter(|d| d["state"] == "ready")
+    })
+    .await;
 }
 
 async fn sink_rows(pg: &PgServer) -> Vec<(i32, i64)> {
@@ -89,17 +88,15 @@ async fn sink_rows(pg: &PgServer) -> Vec<(i32, i64)> {
     rows.iter().map(|r| (r.get(0), r.get(1))).collect()
 }
 
+/// Waits until the edge has nothing left to upload and the sink holds at least
+/// `expected_at_least` rows: from then on nothing more (no duplicate) can arrive.
 async fn wait_drained(edge: &Tier, pg: &PgServer, expected_at_least: usize) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if sink_rows(pg).await.len() >= expected_at_least {
-            // Then give the uploader a moment to prove nothing more (no duplicate) arrives.
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            return;
-        }
-        assert!(Instant::now() < deadline, "edge did not drain its log; logs:\n{}", edge.logs());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    edge.wait_for(Duration::from_secs(120), "the edge to drain its log", || async {
+        let (_, body) = edge.get_json("/v1/datasets").await;
+        let empty = body["backlog"]["records"] == 0;
+        (empty && sink_rows(pg).await.len() >= expected_at_least).then_some(())
+    })
+    .await
 }
 
 #[tokio::test]
@@ -145,11 +142,10 @@ async fn edge_writes_survive_an_outage_and_kill_9_and_land_exactly_once() {
         }));
     }
     // Kill once a good share has been acknowledged (how long that takes depends on the machine).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while acked.lock().expect("lock").len() < 300 {
-        assert!(Instant::now() < deadline, "writes too slow to test a kill in the middle");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(Duration::from_secs(60), "300 acknowledged rows before the kill", || async {
+        (acked.lock().expect("lock").len() >= 300).then_some(())
+    })
+    .await;
     edge.kill();
     let acked_before_kill = acked.lock().expect("lock").len();
     let edge = Tier::start("edge-agent", &config).await;
@@ -162,7 +158,7 @@ async fn edge_writes_survive_an_outage_and_kill_9_and_land_exactly_once() {
     assert!(acked_before_kill > 100 && acked.len() > acked_before_kill, "writes before and after the kill");
 
     // The platform returns: the log drains on its own, each batch applied once.
-    let _platform = Tier::start_at("platform-service", &platform_config(&pg), flight, http).await;
+    let _platform = Tier::builder("platform-service").config(&platform_config(&pg)).at(flight, http).start().await;
     wait_drained(&edge, &pg, acked.len()).await;
     let sink = sink_rows(&pg).await;
     let distinct: HashSet<(i32, i64)> = sink.iter().copied().collect();
@@ -176,15 +172,12 @@ async fn edge_writes_survive_an_outage_and_kill_9_and_land_exactly_once() {
     assert!(lost_in_flight <= 2 * WRITERS as usize + 20, "{lost_in_flight} writes failed around the restart");
 
     // The edge's own view converges to the platform's.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    let expected = sink.len() as u64 + 10;
+    edge.wait_for(Duration::from_secs(20), &format!("the edge's view to reach the sink's {expected} rows"), || async {
         let (rows, _, _) = edge.routed("SELECT count(*) AS n FROM readings", &[]).await;
-        if rows[0]["n"].as_u64() == Some(sink.len() as u64 + 10) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "edge view {} != sink {}", rows[0]["n"], sink.len() + 10);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        (rows[0]["n"].as_u64() == Some(expected)).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -285,7 +278,7 @@ async fn a_full_log_refuses_writes_with_a_clear_error_and_accepts_again_after_up
         .expect_err("the log is full");
     assert!(err.to_string().contains("edge.max_log_size"), "{err}");
     assert!(refusal.1.contains("log_full") && refusal.1.contains("edge.max_log_size"), "{}", refusal.1);
-    let _platform = Tier::start_at("platform-service", &platform_config(&pg), flight, http).await;
+    let _platform = Tier::builder("platform-service").config(&platform_config(&pg)).at(flight, http).start().await;
     wait_drained(&edge, &pg, accepted as usize * 5).await;
     let (status, body) = post(&client, edge.http_addr, batch(3, 1_000_000, 5)).await.expect("write");
     assert_eq!(status, 200, "accepted again once the log drained: {body}");
@@ -321,7 +314,7 @@ async fn a_torn_log_tail_is_cut_off_on_restart_and_earlier_writes_still_upload()
     std::fs::OpenOptions::new().write(true).open(&segment).expect("open").set_len(len - 9).expect("cut");
     let edge = Tier::start("edge-agent", &config).await;
     assert!(edge.logs().contains("torn tail"), "the truncation is reported:\n{}", edge.logs());
-    let _platform = Tier::start_at("platform-service", &platform_config(&pg), flight, http).await;
+    let _platform = Tier::builder("platform-service").config(&platform_config(&pg)).at(flight, http).start().await;
     wait_drained(&edge, &pg, 45).await;
     let mut sink: Vec<i64> = sink_rows(&pg).await.into_iter().map(|(_, n)| n).collect();
     sink.sort();
@@ -363,17 +356,13 @@ async fn restarted_with_the_platform_unreachable_the_edge_serves_from_disk_then_
         data.path().display()
     );
     let mut edge = Tier::start("edge-agent", &config).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    edge.wait_for(Duration::from_secs(30), "version 1 of events and sites", || async {
         let version = |d: Option<serde_json::Value>| d.map(|d| d["version"].clone());
-        if version(edge.find_dataset("events").await) == Some(1.into())
-            && version(edge.find_dataset("sites").await) == Some(1.into())
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "replicas not loaded:\n{}", edge.logs());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        (version(edge.find_dataset("events").await) == Some(1.into())
+            && version(edge.find_dataset("sites").await) == Some(1.into()))
+        .then_some(())
+    })
+    .await;
     edge.kill();
 
     // While the agent is down the source grows and the platform refreshes (an append);
@@ -385,12 +374,17 @@ async fn restarted_with_the_platform_unreachable_the_edge_serves_from_disk_then_
         .expect("insert");
     assert_eq!(platform.post("/v1/datasets/events/refresh").await.1["version"], 2);
     signal(&platform, "STOP");
-    tokio::time::sleep(Duration::from_millis(1100)).await;
 
     let started = Instant::now();
     let edge = Tier::start("edge-agent", &config).await;
     edge.wait_ready(Duration::from_secs(10)).await;
     let ready_after = started.elapsed();
+    // The copies on disk age past their 1 s max_staleness while the platform is away.
+    edge.wait_for(Duration::from_secs(5), "the disk copies to pass max_staleness", || async {
+        let stale = |d: Option<serde_json::Value>| d.is_some_and(|d| d["staleness_seconds"].as_f64() >= Some(1.0));
+        (stale(edge.find_dataset("events").await) && stale(edge.find_dataset("sites").await)).then_some(())
+    })
+    .await;
     let (rows, route, headers) = {
         let (status, body, headers) = edge.sql_with("SELECT count(*) AS n FROM events", &[]).await;
         assert_eq!(status, 200, "{body}\n{}", edge.logs());
@@ -408,17 +402,13 @@ async fn restarted_with_the_platform_unreachable_the_edge_serves_from_disk_then_
 
     // The link returns: replication resumes from the version on disk, by increment.
     signal(&platform, "CONT");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let status = edge.dataset("events").await;
-        if status["version"] == 2 {
-            assert_eq!(status["replication"]["snapshots"], 0, "no full re-copy: {status}");
-            assert_eq!(status["replication"]["increments"], 1, "{status}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "no catch-up: {status}\n{}", edge.logs());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let status = edge
+        .wait_for(Duration::from_secs(20), "version 2 of events after the link returned", || async {
+            edge.find_dataset("events").await.filter(|d| d["version"] == 2)
+        })
+        .await;
+    assert_eq!(status["replication"]["snapshots"], 0, "no full re-copy: {status}");
+    assert_eq!(status["replication"]["increments"], 1, "{status}");
     assert_eq!(edge.rows("SELECT count(*) AS n FROM events").await[0]["n"], 3050);
 }
 
@@ -438,15 +428,13 @@ async fn a_replica_over_max_disk_is_not_stored_and_says_why_while_queries_still_
         .replace("  max_log_size:", "  max_disk: 16KiB\n  max_log_size:");
     let edge = Tier::start("edge-agent", &config).await;
     edge.wait_ready(Duration::from_secs(30)).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        let status = edge.find_dataset("readings").await.unwrap_or_default();
-        if status["last_error"].as_str().is_some_and(|e| e.contains("edge.max_disk")) {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "no error reported: {status}\n{}", edge.logs());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = edge
+        .wait_for(Duration::from_secs(20), "an edge.max_disk error on readings", || async {
+            edge.find_dataset("readings")
+                .await
+                .filter(|d| d["last_error"].as_str().is_some_and(|e| e.contains("edge.max_disk")))
+        })
+        .await;
     assert_eq!(status["state"], "loading", "nothing half-stored is served: {status}");
     let (rows, route, reason) = edge.routed("SELECT count(*) AS n FROM readings", &[]).await;
     assert_eq!((rows[0]["n"].as_i64(), route.as_str(), reason.as_str()), (Some(5010), "forwarded", "cold_start"));
@@ -514,7 +502,7 @@ async fn a_write_the_platform_refuses_for_good_is_set_aside_and_blocks_nothing()
         )
     };
     let (flight, http) = addrs();
-    let mut platform = Tier::start_at("platform-service", &platform_yaml(true), flight, http).await;
+    let mut platform = Tier::builder("platform-service").config(&platform_yaml(true)).at(flight, http).start().await;
     platform.wait_ready(Duration::from_secs(30)).await;
     let data = tempfile::tempdir().expect("data dir");
     let config = edge_config(flight, data.path(), "64MiB")
@@ -538,7 +526,7 @@ async fn a_write_the_platform_refuses_for_good_is_set_aside_and_blocks_nothing()
     assert_eq!(response.status().as_u16(), 200, "{}", response.text().await.unwrap_or_default());
     let (status, body) = post(&client, edge.http_addr, batch(5, 1, 3)).await.expect("readings");
     assert_eq!(status, 200, "{body}");
-    let mut platform = Tier::start_at("platform-service", &platform_yaml(false), flight, http).await;
+    let mut platform = Tier::builder("platform-service").config(&platform_yaml(false)).at(flight, http).start().await;
 
     // The refused note does not hold the readings back, and is kept, reported and counted.
     wait_drained(&edge, &pg, 3).await;
@@ -557,41 +545,45 @@ async fn a_write_the_platform_refuses_for_good_is_set_aside_and_blocks_nothing()
     assert!(metrics.contains("strata_edge_dead_letter_records{dataset=\"notes\"} 1"), "{metrics}");
 
     // Now that the platform says so, a new note is refused before it is acknowledged.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let response = note(2).await.expect("note");
-        if response.status().as_u16() == 501 {
-            assert!(response.text().await.unwrap_or_default().contains("does not accept edge writes"));
-            break;
-        }
-        assert!(Instant::now() < deadline, "the edge kept acknowledging notes:\n{}", edge.logs());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    // Until the edge reads the platform's new catalog it cannot know: notes it acknowledges
+    // meanwhile are kept like the first one, and must arrive too.
+    let acknowledged_meanwhile = std::sync::atomic::AtomicUsize::new(0);
+    let refusal = edge
+        .wait_for(Duration::from_secs(30), "the edge to refuse notes", || async {
+            let response = note(2).await.expect("note");
+            match response.status().as_u16() {
+                501 => Some(response.text().await.unwrap_or_default()),
+                200 => {
+                    acknowledged_meanwhile.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    None
+                }
+                status => panic!("note answered {status}: {}", response.text().await.unwrap_or_default()),
+            }
+        })
+        .await;
+    assert!(refusal.contains("does not accept edge writes"), "{refusal}");
+    let meanwhile = acknowledged_meanwhile.load(std::sync::atomic::Ordering::SeqCst);
 
     // The platform's config is fixed and the agent restarted: the kept note is delivered,
     // once, and the dead-letter area is empty.
     platform.kill();
-    let _platform = Tier::start_at("platform-service", &platform_yaml(true), flight, http).await;
+    let _platform = Tier::builder("platform-service").config(&platform_yaml(true)).at(flight, http).start().await;
     let mut edge = edge;
     assert_eq!(edge.terminate(), Some(0));
     let edge = Tier::start("edge-agent", &config).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let notes = pg.connect().await.query("SELECT id FROM notes", &[]).await.expect("notes");
-        if !notes.is_empty() {
-            let ids: Vec<i64> = notes.iter().map(|r| r.get(0)).collect();
-            assert_eq!(ids, vec![1], "the kept note arrives exactly once");
-            break;
-        }
-        assert!(Instant::now() < deadline, "the kept note never arrived:\n{}", edge.logs());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while edge.get_json("/v1/datasets").await.1["dead_letter"].as_array().is_some_and(|a| !a.is_empty()) {
-        assert!(Instant::now() < deadline, "the dead-letter area still reports the delivered note");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let expected: Vec<i64> = std::iter::once(1).chain(std::iter::repeat_n(2, meanwhile)).collect();
+    let ids = edge
+        .wait_for(Duration::from_secs(60), "the kept notes to arrive", || async {
+            let notes = pg.connect().await.query("SELECT id FROM notes ORDER BY id", &[]).await.expect("notes");
+            (notes.len() >= expected.len()).then(|| notes.iter().map(|r| r.get::<_, i64>(0)).collect::<Vec<_>>())
+        })
+        .await;
+    assert_eq!(ids, expected, "each kept note arrives exactly once");
+    edge.wait_for(Duration::from_secs(10), "an empty dead-letter area and backlog", || async {
+        let (_, body) = edge.get_json("/v1/datasets").await;
+        (body["dead_letter"].as_array().is_some_and(|a| a.is_empty()) && body["backlog"]["records"] == 0).then_some(())
+    })
+    .await;
     let count: i64 = pg.connect().await.query_one("SELECT count(*) FROM notes", &[]).await.expect("count").get(0);
-    assert_eq!(count, 1);
+    assert_eq!(count as usize, expected.len(), "nothing is left to upload, and each note is there once");
 }

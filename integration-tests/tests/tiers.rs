@@ -13,7 +13,7 @@ use futures::StreamExt;
 use serde_json::Value;
 use strata_integration_tests::postgres::PgServer;
 use strata_integration_tests::tier::Tier;
-use strata_integration_tests::{free_port, workspace_root};
+use strata_integration_tests::{free_port, wait_until, workspace_root};
 
 /// The sample data of `examples/`, plus a small regions table and a us sensors table.
 fn write_data(dir: &std::path::Path) {
@@ -54,18 +54,19 @@ fn sidecar_config(upstreams: &[SocketAddr], extra_replica: &str) -> String {
 
 /// Waits until every replica of the sidecar has loaded.
 async fn wait_replicas(sidecar: &Tier, names: &[&str]) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (_, body) = sidecar.get_json("/v1/datasets").await;
-        let ready = names.iter().all(|n| {
-            body["datasets"].as_array().is_some_and(|ds| ds.iter().any(|d| d["name"] == *n && d["state"] == "ready"))
-        });
-        if ready {
-            return;
-        }
-        assert!(Instant::now() < deadline, "replicas not loaded: {body}\nlogs:\n{}", sidecar.logs());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    sidecar
+        .wait_for(Duration::from_secs(30), &format!("replicas {names:?} to load"), || async {
+            let (_, body) = sidecar.get_json("/v1/datasets").await;
+            names
+                .iter()
+                .all(|n| {
+                    body["datasets"]
+                        .as_array()
+                        .is_some_and(|ds| ds.iter().any(|d| d["name"] == *n && d["state"] == "ready"))
+                })
+                .then_some(())
+        })
+        .await
 }
 
 #[tokio::test]
@@ -188,8 +189,9 @@ async fn replication_sends_increments_and_resumes_after_a_restart_without_touchi
             .expect("stats");
         row.get::<_, i64>(0)
     };
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let scans_before = scans().await;
+    // PostgreSQL publishes a backend's statistics a little after its transactions end:
+    // take the count once it has settled on the platform's first load.
+    let scans_before = settled(scans, 1).await;
 
     let sidecar_yaml =
         format!("region: eu\nupstream:\n  endpoints: [http://{}]\nreplicas:\n  - name: events\n", platform.flight_addr);
@@ -244,49 +246,67 @@ async fn replication_sends_increments_and_resumes_after_a_restart_without_touchi
 
     // The sidecars read the platform's copy: the source saw only the platform's refreshes
     // (each one index or sequential scan at most), not one query per sidecar.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let source_scans = scans().await - scans_before;
+    let source_scans = settled(scans, scans_before + 2).await - scans_before;
     assert!(source_scans <= 2, "{source_scans} scans of the source for 2 refreshes and 3 sidecars");
 }
 
 /// Waits until the sidecar holds `version` of `events` and returns its status.
 async fn converge(sidecar: &Tier, version: u64) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, body) = sidecar.get_json("/v1/datasets").await;
-        if let Some(d) = body["datasets"].as_array().and_then(|ds| ds.iter().find(|d| d["name"] == "events"))
-            && d["version"] == version
-        {
-            return d.clone();
-        }
-        assert!(Instant::now() < deadline, "sidecar did not reach version {version}: {body}\n{}", sidecar.logs());
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    sidecar
+        .wait_for(Duration::from_secs(20), &format!("version {version} of events"), || async {
+            sidecar.find_dataset("events").await.filter(|d| d["version"] == version)
+        })
+        .await
+}
+
+/// A counter read from PostgreSQL's statistics once it reaches `at_least` and then holds
+/// still for half a second (statistics are published a little after the work).
+async fn settled<F: std::future::Future<Output = i64>>(read: impl Fn() -> F, at_least: i64) -> i64 {
+    let last = std::cell::Cell::new(None);
+    wait_until(Duration::from_secs(20), &format!("a settled count of at least {at_least}"), || async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = read().await;
+        let previous = last.replace(Some(now));
+        (now >= at_least && previous == Some(now)).then_some(now)
+    })
+    .await
+}
+
+/// Outcomes of a load loop, readable while it runs.
+#[derive(Default)]
+struct Tally {
+    ok: std::sync::atomic::AtomicU64,
+    errors: std::sync::Mutex<Vec<(Duration, u16, String)>>,
+}
+
+impl Tally {
+    fn ok(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    fn errors(&self) -> Vec<(Duration, u16, String)> {
+        self.errors.lock().expect("tally").clone()
     }
 }
 
-#[derive(Default)]
-struct Tally {
-    ok: u64,
-    errors: Vec<(Duration, u16, String)>,
-}
-
 /// Runs `sql` through the sidecar in a loop until `stop`, tallying outcomes.
-fn load(sidecar: &Arc<Tier>, sql: &'static str, stop: &Arc<AtomicBool>) -> tokio::task::JoinHandle<Tally> {
+fn load(sidecar: &Arc<Tier>, sql: &'static str, stop: &Arc<AtomicBool>) -> (Arc<Tally>, tokio::task::JoinHandle<()>) {
     let (sidecar, stop) = (Arc::clone(sidecar), Arc::clone(stop));
-    tokio::spawn(async move {
-        let mut tally = Tally::default();
+    let tally = Arc::new(Tally::default());
+    let counts = Arc::clone(&tally);
+    let task = tokio::spawn(async move {
         while !stop.load(Ordering::Relaxed) {
             let started = Instant::now();
             let (status, body, _) = sidecar.sql_with(sql, &[]).await;
             if status == 200 {
-                tally.ok += 1;
+                counts.ok.fetch_add(1, Ordering::Relaxed);
             } else {
-                tally.errors.push((started.elapsed(), status, body.to_string()));
+                counts.errors.lock().expect("tally").push((started.elapsed(), status, body.to_string()));
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        tally
-    })
+    });
+    (tally, task)
 }
 
 #[tokio::test]
@@ -296,54 +316,55 @@ async fn platform_outage_keeps_local_answers_fails_forwarded_fast_and_recovers()
     let flight: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     let config = eu_config(dir.path(), None);
-    let mut platform = Tier::start_at("platform-service", &config, flight, http).await;
+    let mut platform = Tier::builder("platform-service").config(&config).at(flight, http).start().await;
     platform.wait_ready(Duration::from_secs(20)).await;
     let sidecar = Arc::new(Tier::start("app-sidecar", &sidecar_config(&[flight], "")).await);
     sidecar.wait_ready(Duration::from_secs(20)).await;
     wait_replicas(&sidecar, &["orders", "customers"]).await;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let local = load(&sidecar, "SELECT count(*) FROM orders WHERE status = 'paid'", &stop);
-    let forwarded = load(&sidecar, "SELECT count(*) FROM regions", &stop);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (local, local_task) = load(&sidecar, "SELECT count(*) FROM orders WHERE status = 'paid'", &stop);
+    let (forwarded, forwarded_task) = load(&sidecar, "SELECT count(*) FROM regions", &stop);
+    wait_until(Duration::from_secs(10), "local and forwarded answers before the outage", || async {
+        (local.ok() >= 10 && forwarded.ok() >= 3).then_some(())
+    })
+    .await;
     platform.kill();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let local_before = local.ok();
+    wait_until(Duration::from_secs(10), "forwarded failures and local answers during the outage", || async {
+        (forwarded.errors().len() >= 5 && local.ok() >= local_before + 20).then_some(())
+    })
+    .await;
     stop.store(true, Ordering::Relaxed);
-    let (local_down, forwarded_down) = (local.await.expect("join"), forwarded.await.expect("join"));
-    assert!(local_down.errors.is_empty(), "local queries failed: {:?}", &local_down.errors[..1]);
-    assert!(local_down.ok > 20, "local queries kept running: {}", local_down.ok);
-    assert!(!forwarded_down.errors.is_empty(), "forwarded queries must fail while the platform is down");
-    for (took, status, body) in &forwarded_down.errors {
+    local_task.await.expect("join");
+    forwarded_task.await.expect("join");
+    let local_errors = local.errors();
+    assert!(local_errors.is_empty(), "local queries failed: {:?}", &local_errors[..1]);
+    for (took, status, body) in &forwarded.errors() {
         assert_eq!(*status, 503, "{body}");
         assert!(body.contains("upstream unavailable"), "{body}");
         assert!(*took < Duration::from_secs(2), "a forwarded query waited {took:?}, past upstream.call_timeout");
     }
 
     // Back on the same address: forwarded queries recover without a sidecar restart.
-    let platform = Tier::start_at("platform-service", &config, flight, http).await;
+    let platform = Tier::builder("platform-service").config(&config).at(flight, http).start().await;
     platform.wait_ready(Duration::from_secs(20)).await;
-    let back = Instant::now();
-    loop {
-        let (status, _, _) = sidecar.sql_with("SELECT count(*) FROM regions", &[]).await;
-        if status == 200 {
-            break;
-        }
-        assert!(
-            back.elapsed() < Duration::from_secs(2),
-            "forwarded queries still failing 2 s after the platform returned"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // Within 2 s: the breaker's open period (300 ms here) and one probe, not a reconnect storm.
+    sidecar
+        .wait_for(Duration::from_secs(2), "forwarded queries to recover after the platform returned", || async {
+            (sidecar.sql_with("SELECT count(*) FROM regions", &[]).await.0 == 200).then_some(())
+        })
+        .await;
     let (rows, route, _) = sidecar.routed("SELECT count(*) AS n FROM regions", &[]).await;
     assert_eq!((rows[0]["n"].as_i64(), route.as_str()), (Some(3), "forwarded"));
 
     // The restarted platform's versions are a new epoch (its version 1 is not the old
     // version 1): replication resumes on its own and takes a fresh snapshot.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while sidecar.dataset("orders").await["replication"]["snapshots"] != 2 {
-        assert!(Instant::now() < deadline, "no re-sync after the restart: {}", sidecar.dataset("orders").await);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    sidecar
+        .wait_for(Duration::from_secs(10), "a fresh snapshot of orders after the restart", || async {
+            (sidecar.dataset("orders").await["replication"]["snapshots"] == 2).then_some(())
+        })
+        .await;
     drop(platform);
 }
 
@@ -362,16 +383,23 @@ async fn with_two_platform_endpoints_killing_one_loses_no_forwarded_query() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let workers: Vec<_> = (0..4).map(|_| load(&sidecar, "SELECT count(*) FROM regions", &stop)).collect();
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    let answered = || workers.iter().map(|(tally, _)| tally.ok()).sum::<u64>();
+    wait_until(Duration::from_secs(10), "forwarded answers from both platforms", || async {
+        (answered() >= 20).then_some(())
+    })
+    .await;
     first.kill();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before_kill = answered();
+    wait_until(Duration::from_secs(10), "forwarded answers from the surviving platform", || async {
+        (answered() >= before_kill + 40).then_some(())
+    })
+    .await;
     stop.store(true, Ordering::Relaxed);
-    let mut ok = 0;
+    let ok = answered();
     let mut errors = Vec::new();
-    for w in workers {
-        let tally = w.await.expect("join");
-        ok += tally.ok;
-        errors.extend(tally.errors);
+    for (tally, task) in workers {
+        task.await.expect("join");
+        errors.extend(tally.errors());
     }
     // Only a query already streaming from the killed platform can be lost: at most one per worker.
     assert!(errors.len() <= 4, "{} forwarded queries lost: {:?}", errors.len(), errors.first());

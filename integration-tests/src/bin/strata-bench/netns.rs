@@ -79,17 +79,14 @@ impl Drop for Namespace {
 /// The lookup scenario across the emulated hop.
 pub async fn run(parquet: &std::path::Path, rows: i64, effort: Effort) -> anyhow::Result<Scenario> {
     let ns = Namespace::create("0.5ms")?;
-    let platform = Tier::start_under(
-        &["ip", "netns", "exec", &ns.name],
-        "platform-service",
-        &format!(
+    let platform = Tier::builder("platform-service")
+        .config(&format!(
             "region: eu\nlimits:\n  max_concurrent_queries: 256\ndatasets:\n  - name: points\n    from: file:{}\n    acceleration: {{}}\n",
             parquet.display()
-        ),
-        &format!("{NS_IP}:0"),
-        &format!("{NS_IP}:0"),
-    )
-    .await;
+        ))
+        .under(&["ip", "netns", "exec", &ns.name], &format!("{NS_IP}:0"), &format!("{NS_IP}:0"))
+        .start()
+        .await;
     platform.wait_ready(Duration::from_secs(600)).await;
     let sidecar = Tier::start(
         "app-sidecar",
