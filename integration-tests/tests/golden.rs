@@ -1,6 +1,9 @@
-//! Golden SQL (`integration-tests/slt/*.slt`), run in-process and through a live
-//! platform-service. Regenerate expected output with
-//! `STRATA_SLT_COMPLETE=1 cargo test -p strata-integration-tests golden` (never by hand).
+//! Golden SQL (`integration-tests/slt/*.slt`): the same cases in-process and through every
+//! tier over Flight SQL: a platform-service, an app-sidecar (local, forwarded and mixed
+//! routes) and an edge-agent, as GreptimeDB runs its cases standalone and distributed.
+//! Regenerate expected output with
+//! `STRATA_SLT_COMPLETE=1 cargo test -p strata-integration-tests --test golden golden_sql_in_process`
+//! (never by hand), and read the diff.
 
 use std::time::Duration;
 
@@ -123,16 +126,81 @@ async fn golden_sql_in_process() {
     }
 }
 
-#[tokio::test]
-async fn golden_sql_through_a_live_server() {
-    let tier = std::sync::Arc::new(Tier::start("platform-service", &example_config()).await);
-    tier.wait_ready(Duration::from_secs(20)).await;
+/// Runs every `.slt` file against `tier` over Flight SQL.
+async fn run_through(tier: Tier) -> Tier {
+    let tier = std::sync::Arc::new(tier);
     for file in slt_files() {
-        let tier = std::sync::Arc::clone(&tier);
+        let shared = std::sync::Arc::clone(&tier);
         let mut runner = sqllogictest::Runner::new(move || {
-            let tier = std::sync::Arc::clone(&tier);
+            let tier = std::sync::Arc::clone(&shared);
             async move { Ok(Live(tier)) }
         });
-        runner.run_file_async(&file).await.unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        runner
+            .run_file_async(&file)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}\nlogs:\n{}", file.display(), tier.logs()));
+    }
+    std::sync::Arc::into_inner(tier).expect("the runners are gone")
+}
+
+/// Queries `tier` answered by route (`local`, `forwarded`, `mixed`), from its `/metrics`.
+async fn routes(tier: &Tier) -> std::collections::BTreeMap<String, u64> {
+    let text = reqwest::get(tier.url("/metrics")).await.expect("metrics").text().await.expect("text");
+    let mut routes = std::collections::BTreeMap::new();
+    for line in text.lines().filter(|l| l.starts_with("strata_query_routes_total{")) {
+        let route = line.split("route=\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or_default();
+        let n: u64 = line.rsplit(' ').next().and_then(|n| n.parse().ok()).unwrap_or(0);
+        *routes.entry(route.to_string()).or_insert(0) += n;
+    }
+    routes
+}
+
+async fn platform() -> Tier {
+    let platform = Tier::start("platform-service", &example_config()).await;
+    platform.wait_ready(Duration::from_secs(20)).await;
+    platform
+}
+
+/// A tier below `platform` replicating `orders` (accelerated there) and not `customers`
+/// (federated there): queries over orders answer locally, over customers are forwarded,
+/// and joins of the two run mixed.
+async fn downstream(binary: &str, platform: &Tier, extra: &str) -> Tier {
+    let config = format!(
+        "region: local\nupstream:\n  endpoints: [http://{}]\nreplicas:\n  - name: orders\n{extra}",
+        platform.flight_addr
+    );
+    let tier = Tier::start(binary, &config).await;
+    tier.wait_ready(Duration::from_secs(20)).await;
+    tier.wait_for(Duration::from_secs(20), "the orders replica", || async {
+        tier.find_dataset("orders").await.filter(|d| d["state"] == "ready")
+    })
+    .await;
+    tier
+}
+
+#[tokio::test]
+async fn golden_sql_through_a_platform() {
+    run_through(platform().await).await;
+}
+
+#[tokio::test]
+async fn golden_sql_through_a_sidecar_on_every_route() {
+    let platform = platform().await;
+    let sidecar = run_through(downstream("app-sidecar", &platform, "").await).await;
+    let routes = routes(&sidecar).await;
+    for route in ["local", "forwarded", "mixed"] {
+        assert!(routes.get(route).is_some_and(|n| *n >= 20), "few {route} queries: {routes:?}");
+    }
+}
+
+#[tokio::test]
+async fn golden_sql_through_an_edge_agent() {
+    let platform = platform().await;
+    let data = tempfile::tempdir().expect("data dir");
+    let edge = format!("edge:\n  id: golden-edge\n  data_dir: {}\n", data.path().display());
+    let edge = run_through(downstream("edge-agent", &platform, &edge).await).await;
+    let routes = routes(&edge).await;
+    for route in ["local", "forwarded", "mixed"] {
+        assert!(routes.get(route).is_some_and(|n| *n >= 20), "few {route} queries: {routes:?}");
     }
 }
