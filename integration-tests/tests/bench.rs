@@ -18,7 +18,17 @@ async fn quick_benchmark_reports_every_scenario_against_its_baseline() {
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).expect("json")).expect("parse");
     let scenarios = report["scenarios"].as_array().expect("scenarios");
     let names: Vec<&str> = scenarios.iter().filter_map(|s| s["name"].as_str()).collect();
-    for wanted in ["Footprint", "Point lookup", "Aggregate", "Dashboard", "Bulk transfer", "TPC-H"] {
+    for wanted in [
+        "Footprint",
+        "Point lookup",
+        "Aggregate",
+        "Dashboard",
+        "Bulk transfer",
+        "TPC-H",
+        "Edge ingest",
+        "Edge restart",
+        "Edge outage",
+    ] {
         assert!(names.iter().any(|n| n.starts_with(wanted)), "no {wanted} scenario in {names:?}");
     }
     for scenario in scenarios {

@@ -8,6 +8,7 @@
 #![allow(clippy::print_stdout)]
 
 mod bulk;
+mod edge;
 mod measure;
 mod netns;
 mod paths;
@@ -30,8 +31,13 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Scenarios to run (comma separated): lookup, aggregate, dashboard, footprint, netns,
-    /// bulk, tpch. `netns` needs root; without it the scenario is skipped with the reason.
-    #[arg(long, value_delimiter = ',', default_value = "lookup,aggregate,dashboard,footprint,netns,bulk,tpch")]
+    /// bulk, tpch, edge-ingest, edge-restart, edge-outage. `netns` needs root; without it
+    /// the scenario is skipped with the reason.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "lookup,aggregate,dashboard,footprint,netns,bulk,tpch,edge-ingest,edge-restart,edge-outage"
+    )]
     only: Vec<String>,
     /// Measure only the paths whose names contain one of these (comma separated), for
     /// profiling one path; a scenario's baseline is left out too unless named.
@@ -96,6 +102,20 @@ async fn main() -> anyhow::Result<()> {
     if wants("bulk") {
         eprintln!("bulk transfer");
         keep("bulk", bulk::run(bulk_bytes).await);
+    }
+    if wants("edge-ingest") {
+        eprintln!("edge ingest");
+        let (batches, rows) = if args.quick { (200, 50) } else { (20_000, 100) };
+        keep("edge-ingest", edge::ingest(batches, rows, 4).await);
+    }
+    if wants("edge-restart") {
+        eprintln!("edge restart with its replica on disk");
+        keep("edge-restart", edge::restart(if args.quick { 8 } else { 1024 }).await);
+    }
+    if wants("edge-outage") {
+        eprintln!("edge outage and catch-up");
+        let (seconds, rate) = if args.quick { (4, 50) } else { (300, 100) };
+        keep("edge-outage", edge::outage(seconds, rate, 100).await);
     }
     if wants("tpch") {
         eprintln!("TPC-H SF{scale}");
