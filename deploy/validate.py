@@ -157,11 +157,15 @@ def check_overlay(path):
                     if named.get(http["port"], http["port"]) != ports.get("http"):
                         fail(where, f"{probe} asks port {http['port']}, not the http port {ports.get('http')}")
             probe_paths_exist(where, args[0], text, env, probe_paths)
-            # After the drain, background tasks get up to 5 s to stop (serving's BACKGROUND_STOP).
-            grace = duration_seconds((config.get("server") or {}).get("shutdown_grace", "30s"))
-            if grace is not None and spec.get("terminationGracePeriodSeconds", 30) < grace + 5:
+            # SIGTERM -> shutdown_delay (still accepting) -> shutdown_grace (drain) -> up to 5 s
+            # for background tasks to stop (serving's BACKGROUND_STOP).
+            server = config.get("server") or {}
+            grace = duration_seconds(server.get("shutdown_grace", "30s"))
+            delay = duration_seconds(server.get("shutdown_delay", "0s")) or 0
+            if grace is not None and spec.get("terminationGracePeriodSeconds", 30) < delay + grace + 5:
                 fail(where, f"terminationGracePeriodSeconds {spec.get('terminationGracePeriodSeconds', 30)} "
-                            f"is shorter than server.shutdown_grace ({grace} s) + 5 s to stop background tasks")
+                            f"is shorter than server.shutdown_delay ({delay} s) + shutdown_grace ({grace} s) "
+                            f"+ 5 s to stop background tasks")
             checked.append(where)
     for doc in docs:
         if doc["kind"] != "Service":

@@ -298,6 +298,16 @@ impl Tier {
         Ok(batches)
     }
 
+    /// Sends `signal` (`TERM`, `STOP`, ...) without waiting.
+    pub fn signal(&self, signal: &str) {
+        let _ = Command::new("kill").arg(format!("-{signal}")).arg(self.child.id().to_string()).status();
+    }
+
+    /// Waits for the process to exit, returning its exit code.
+    pub fn wait_exit(&mut self) -> Option<i32> {
+        self.child.wait().ok().and_then(|s| s.code())
+    }
+
     /// Sends SIGTERM and waits for the process to exit, returning its exit code.
     pub fn terminate(&mut self) -> Option<i32> {
         let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();

@@ -207,3 +207,24 @@ async fn a_client_that_goes_away_cancels_its_query() {
     let text = reqwest::get(tier.url("/metrics")).await.expect("metrics").text().await.expect("text");
     assert!(text.contains("strata_queries_total{outcome=\"cancelled\"} 1"), "{text}");
 }
+
+#[tokio::test]
+async fn after_sigterm_the_shutdown_delay_reports_not_ready_while_still_answering() {
+    let mut tier =
+        Tier::start("platform-service", "region: eu\nserver:\n  shutdown_delay: 3s\n  shutdown_grace: 5s\n").await;
+    tier.wait_ready(Duration::from_secs(20)).await;
+    tier.signal("TERM");
+    // Load balancers see not-ready first, and queries still answer meanwhile.
+    tier.wait_for(Duration::from_secs(2), "/v1/ready to report not ready", || async {
+        (tier.get_json("/v1/ready").await.0 == 503).then_some(())
+    })
+    .await;
+    let (code, body) = tier.sql("SELECT 1 AS one").await;
+    assert_eq!(code, 200, "still answering during the delay: {body}");
+    assert_eq!(tier.wait_exit(), Some(0));
+    let logs = tier.logs();
+    assert!(logs.contains("still accepting while load balancers notice"), "{logs}");
+    let delay = logs.find("still accepting").expect("delay step");
+    let drain = logs.find("listeners closed").expect("drain step");
+    assert!(delay < drain, "the delay comes before the listeners close:\n{logs}");
+}

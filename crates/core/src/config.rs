@@ -209,6 +209,11 @@ pub struct ServerConfig {
     /// How long in-flight queries may run after SIGTERM before the process exits anyway.
     #[serde(with = "duration")]
     pub shutdown_grace: Duration,
+    /// After SIGTERM, how long the tier keeps accepting while reporting not-ready, so load
+    /// balancers (a Kubernetes Service's endpoints) stop sending before the listeners close.
+    /// 0 (the default) closes them at once.
+    #[serde(with = "duration")]
+    pub shutdown_delay: Duration,
     /// Open client connections over all listeners; a connection beyond it is closed at
     /// once (and logged). Keep it below the process's file descriptor limit.
     pub max_connections: usize,
@@ -228,6 +233,7 @@ impl Default for ServerConfig {
             flight_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             shutdown_grace: Duration::from_secs(30),
+            shutdown_delay: Duration::ZERO,
             max_connections: 1024,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),

@@ -94,12 +94,18 @@ pub async fn start(
     tasks.spawn(serve_http(GuardedListener::new(http_listener, connections), app, header_read_timeout, stop));
 
     info!(%flight_addr, %http_addr, "serving");
-    // Shutdown order: report not-ready first, then stop accepting (see `wait`).
+    // Shutdown order: report not-ready first, keep serving for `shutdown_delay` while load
+    // balancers notice, then stop accepting (see `wait`).
     let flag = Arc::clone(&draining);
     let stop = stop_accepting.clone();
+    let delay = server.shutdown_delay;
     tokio::spawn(async move {
         shutdown.cancelled().await;
         flag.store(true, Ordering::Relaxed);
+        if !delay.is_zero() {
+            info!(delay = ?delay, "shutdown: reporting not ready; still accepting while load balancers notice");
+            tokio::time::sleep(delay).await;
+        }
         stop.cancel();
     });
     Ok(Servers {
@@ -152,7 +158,8 @@ const BACKGROUND_STOP: Duration = Duration::from_secs(5);
 
 impl Servers {
     /// Serves until shutdown, then stops in order, each step logged with its duration:
-    /// readiness already reports false (load balancers stop sending), listeners stop accepting,
+    /// readiness already reports false (load balancers stop sending; `server.shutdown_delay`
+    /// gives them time to notice while the listeners still accept), listeners stop accepting,
     /// in-flight requests get `server.shutdown_grace` to finish, and only then is the
     /// background work (which those requests may still read from) stopped and awaited.
     /// Nothing is left to flush: edge writes are fsynced before they are acknowledged and
