@@ -41,7 +41,8 @@ pub struct DiskStore {
     max_bytes: u64,
 }
 
-fn dir_bytes(dir: &Path) -> u64 {
+/// Bytes of the files under `dir`, recursively (0 for a directory that does not exist).
+pub fn dir_bytes(dir: &Path) -> u64 {
     fs::read_dir(dir)
         .map(|entries| {
             entries

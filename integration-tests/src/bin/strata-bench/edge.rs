@@ -146,35 +146,6 @@ fn write_wide(path: &std::path::Path, rows: i64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Resident memory of a process from /proc, in MB: (anonymous, file-backed).
-fn rss_mb(pid: u32) -> (f64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| -> f64 {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-            .unwrap_or(0.0)
-            / 1024.0
-    };
-    (field("RssAnon:"), field("RssFile:"))
-}
-
-fn walk(dir: &std::path::Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|e| match e.metadata() {
-                    Ok(m) if m.is_dir() => walk(&e.path()),
-                    Ok(m) => m.len(),
-                    Err(_) => 0,
-                })
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
 /// Reads every file under `dir` once: the floor for loading the same bytes at start.
 fn read_all(dir: &std::path::Path) -> anyhow::Result<Duration> {
     fn visit(dir: &std::path::Path, buffer: &mut [u8]) -> std::io::Result<()> {
@@ -222,7 +193,7 @@ pub async fn restart(megabytes: usize) -> anyhow::Result<Scenario> {
     .await
     .ok_or_else(|| anyhow::anyhow!("the replica never loaded"))?;
     let copy_time = copied.elapsed();
-    let on_disk = walk(&data.join("replicas"));
+    let on_disk = strata_upstream::disk::dir_bytes(&data.join("replicas"));
     edge.kill();
     let read_floor = read_all(&data.join("replicas"))?;
 
@@ -234,7 +205,8 @@ pub async fn restart(megabytes: usize) -> anyhow::Result<Scenario> {
     let ready = started.elapsed();
     let rows = edge.rows("SELECT count(*) AS n FROM big").await;
     let answered = started.elapsed();
-    let (anon, file) = rss_mb(edge.pid());
+    let (anon, file) = crate::points::rss_bytes(edge.pid());
+    let (anon, file) = (anon as f64 / 1e6, file as f64 / 1e6);
     signal("-CONT")?;
     anyhow::ensure!(rows[0]["n"].as_u64().is_some_and(|n| n > 0), "no rows after the restart: {rows:?}");
     let mb = on_disk as f64 / 1e6;
@@ -298,7 +270,7 @@ pub async fn outage(seconds: u64, rate: u64, rows: usize) -> anyhow::Result<Scen
     };
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     let backlog = acknowledged.load(Ordering::SeqCst);
-    let log_mb = walk(&data.path().join("ingest")) as f64 / 1e6;
+    let log_mb = strata_upstream::disk::dir_bytes(&data.path().join("ingest")) as f64 / 1e6;
     let back = Instant::now();
     let platform = Tier::builder("platform-service").config(&platform_config).at(flight, http).start().await;
     platform.wait_ready(Duration::from_secs(60)).await;

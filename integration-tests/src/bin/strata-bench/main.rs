@@ -105,16 +105,16 @@ async fn main() -> anyhow::Result<()> {
     }
     if wants("edge-ingest") {
         eprintln!("edge ingest");
-        let (batches, rows) = if args.quick { (200, 50) } else { (20_000, 100) };
+        let (batches, rows) = if args.quick { (200, 50) } else { (10_000, 100) };
         keep("edge-ingest", edge::ingest(batches, rows, 4).await);
     }
     if wants("edge-restart") {
         eprintln!("edge restart with its replica on disk");
-        keep("edge-restart", edge::restart(if args.quick { 8 } else { 1024 }).await);
+        keep("edge-restart", edge::restart(if args.quick { 8 } else { 512 }).await);
     }
     if wants("edge-outage") {
         eprintln!("edge outage and catch-up");
-        let (seconds, rate) = if args.quick { (4, 50) } else { (300, 100) };
+        let (seconds, rate) = if args.quick { (4, 50) } else { (120, 100) };
         keep("edge-outage", edge::outage(seconds, rate, 100).await);
     }
     if wants("tpch") {
