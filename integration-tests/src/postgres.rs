@@ -78,7 +78,7 @@ impl PgServer {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let ok = std::process::Command::new(Path::new(PG_BIN).join("pg_isready"))
-                .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+                .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string()])
                 .status()
                 .map(|s| s.success())
                 .unwrap_or(false);
