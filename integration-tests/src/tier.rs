@@ -134,13 +134,7 @@ impl TierBuilder {
             _dir: dir,
             http: reqwest::Client::new(),
         };
-        let health = crate::try_wait_until(Duration::from_secs(10), || async {
-            let response = tier.http.get(tier.url("/health")).send().await.ok()?;
-            response.status().is_success().then_some(())
-        });
-        if health.await.is_none() {
-            panic!("no /health answer; logs:\n{}", tier.logs());
-        }
+        tier.wait_for(Duration::from_secs(10), "a /health answer", || tier.answers("/health")).await;
         Ok(tier)
     }
 }
@@ -179,13 +173,13 @@ impl Tier {
 
     /// Waits until `/v1/ready` says ready.
     pub async fn wait_ready(&self, timeout: Duration) {
-        let ready = crate::try_wait_until(timeout, || async {
-            let response = self.http.get(self.url("/v1/ready")).send().await.ok()?;
-            response.status().is_success().then_some(())
-        });
-        if ready.await.is_none() {
-            panic!("not ready after {timeout:?}; logs:\n{}", self.logs());
-        }
+        self.wait_for(timeout, "/v1/ready to answer 200", || self.answers("/v1/ready")).await
+    }
+
+    /// `Some(())` once `GET path` answers 2xx.
+    async fn answers(&self, path: &str) -> Option<()> {
+        let response = self.http.get(self.url(path)).send().await.ok()?;
+        response.status().is_success().then_some(())
     }
 
     /// Waits until `probe` returns `Some`, panicking after `timeout` with `what` and this

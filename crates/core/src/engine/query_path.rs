@@ -24,7 +24,7 @@ use crate::error::{Result, StrataError};
 use crate::plan_cache::CachedPlan;
 use crate::query::{Outcome, QueryObserver, QueryStream, StreamLimits, next_query_id};
 use crate::read_only;
-use crate::routing::{ForwardQuery, QueryOptions, RouteInfo, Routing, VersionRead, scanned_tables};
+use crate::routing::{ForwardQuery, QueryOptions, RouteInfo, Routing, SharedRouter, VersionRead, scanned_tables};
 
 /// What a query asks to run.
 enum QueryInput<'a> {
@@ -124,8 +124,10 @@ impl Engine {
         span.record("id", admission.id);
         let start = async {
             let planned = self.plan_query(input).await?;
-            let routing = self.route(&planned, options)?;
-            self.execute_routed(&planned, routing, options, admission.wall_deadline).await
+            // Read once: the route and its execution see the same router.
+            let router = self.router();
+            let routing = self.route(&planned, router.as_ref(), options)?;
+            self.execute_routed(&planned, routing, router.as_ref(), options, admission.wall_deadline).await
         };
         let started = match tokio::time::timeout_at(admission.deadline, start.instrument(span.clone())).await {
             Ok(Ok(started)) => started,
@@ -210,9 +212,8 @@ impl Engine {
     /// forward whatever its filters say (cross-region, strong consistency) is decided on the
     /// unoptimized plan and goes upstream as the client's SQL without being optimized here;
     /// any other is optimized first, because routing needs its filters pushed to the scans.
-    fn route(&self, planned: &Planned<'_>, options: &QueryOptions) -> Result<Routing> {
-        let router = self.router();
-        if let (PlannedInput::Sql { cached, .. }, Some(router)) = (&planned.input, &router)
+    fn route(&self, planned: &Planned<'_>, router: Option<&SharedRouter>, options: &QueryOptions) -> Result<Routing> {
+        if let (PlannedInput::Sql { cached, .. }, Some(router)) = (&planned.input, router)
             && let Some((info, upstream)) = router.forced_forward(&cached.planned.plan, options)?
         {
             return Ok(Routing::Forward { info, upstream });
@@ -237,14 +238,14 @@ impl Engine {
         &self,
         planned: &Planned<'_>,
         routing: Routing,
+        router: Option<&SharedRouter>,
         options: &QueryOptions,
         wall_deadline: SystemTime,
     ) -> Result<Started> {
         let (plan, mut info) = match routing {
             Routing::Run { plan, info } => (plan, info),
             Routing::Forward { info, upstream } => {
-                let (PlannedInput::Sql { sql, params, cached, .. }, Some(router)) = (&planned.input, self.router())
-                else {
+                let (PlannedInput::Sql { sql, params, cached, .. }, Some(router)) = (&planned.input, router) else {
                     return Err(StrataError::Internal("router asked to forward a sub-plan".into()));
                 };
                 let query = ForwardQuery { sql, params, schema: Arc::clone(&cached.planned.schema) };
@@ -429,7 +430,7 @@ mod tests {
     async fn route_phase_without_a_router_runs_here() {
         let engine = engine("region: eu\n");
         let planned = engine.plan_query(sql("SELECT v FROM t WHERE k = 3")).await.expect("plan");
-        match engine.route(&planned, &QueryOptions::default()).expect("route") {
+        match engine.route(&planned, engine.router().as_ref(), &QueryOptions::default()).expect("route") {
             Routing::Run { plan, info } => {
                 assert_eq!(info.reason, RouteReason::Local);
                 assert!(plan.display_indent().to_string().contains("k = Int64(3)"), "{}", plan.display_indent());
@@ -481,13 +482,16 @@ mod tests {
         let router = Arc::new(ForceUpstream::default());
         engine.set_router(router.clone());
         let planned = engine.plan_query(sql("SELECT v FROM t")).await.expect("plan");
-        let routing = engine.route(&planned, &QueryOptions::default()).expect("route");
+        let routing = engine.route(&planned, engine.router().as_ref(), &QueryOptions::default()).expect("route");
         assert!(matches!(routing, Routing::Forward { upstream: 7, .. }));
         assert!(!router.routed.load(Ordering::SeqCst), "a forced forward is decided before optimizing");
 
         let shipped = planned_plan(&planned);
         let planned = engine.plan_query(QueryInput::Plan(shipped)).await.expect("plan");
-        assert!(matches!(engine.route(&planned, &QueryOptions::default()).expect("route"), Routing::Run { .. }));
+        assert!(matches!(
+            engine.route(&planned, engine.router().as_ref(), &QueryOptions::default()).expect("route"),
+            Routing::Run { .. }
+        ));
         assert!(router.routed.load(Ordering::SeqCst));
         assert!(!router.routed_as_forwardable.load(Ordering::SeqCst), "a shipped plan may not be forwarded");
 

@@ -60,18 +60,19 @@ impl TierRouter {
                     Some(s) if s != strata_core::engine::DEFAULT_SCHEMA => format!("{s}.{}", scan.table_name.table()),
                     _ => scan.table_name.table().to_string(),
                 };
-                let Some(r) = remote.get(&key(&name)) else {
+                let name_key = key(&name);
+                let Some(r) = remote.get(&name_key) else {
                     local_scans += 1;
                     return Ok(Transformed::no(LogicalPlan::TableScan(scan)));
                 };
                 let (decision, stale) = self
-                    .scan_route(&name, r, replicas.get(&key(&name)), &scan.filters, options)
+                    .scan_route(&name, r, replicas.get(&name_key), &scan.filters, options)
                     .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
                 if stale.is_some() {
                     stale_warning = stale;
                 }
                 // Rows written here and not yet confirmed upstream are read along with the table.
-                let with_local = match local_writes.get(&key(&name)) {
+                let with_local = match local_writes.get(&name_key) {
                     None => None,
                     Some(rows) => {
                         with_local_writes = true;
@@ -164,10 +165,11 @@ impl TierRouter {
         let mut upstreams = HashSet::new();
         let mut unforced_scans = 0usize;
         for name in scanned_tables(plan) {
-            if local_writes.contains_key(&key(&name)) {
+            let name_key = key(&name);
+            if local_writes.contains_key(&name_key) {
                 return Ok(None);
             }
-            match remote.get(&key(&name)) {
+            match remote.get(&name_key) {
                 Some(r) => match self.forced_reason(&name, r, options) {
                     Some(reason) => {
                         upstreams.insert(r.upstream);

@@ -56,6 +56,13 @@ async fn sink_rows(pg: &PgServer) -> anyhow::Result<u64> {
     Ok(n as u64)
 }
 
+/// Waits until the sink holds at least `rows` rows; the moment it saw them.
+async fn sink_holds(pg: &PgServer, rows: u64, timeout: Duration) -> anyhow::Result<Instant> {
+    try_wait_until(timeout, || async { sink_rows(pg).await.ok().filter(|n| *n >= rows).map(|_| Instant::now()) })
+        .await
+        .ok_or_else(|| anyhow::anyhow!("the sink never held {rows} rows within {timeout:?}"))
+}
+
 /// Writes and fsyncs 4 KiB `count` times in a file under `dir`: how many durable appends a
 /// second this disk takes one at a time, the rate an edge without group commit would get.
 fn fsyncs_per_second(dir: &std::path::Path, count: usize) -> anyhow::Result<f64> {
@@ -107,11 +114,7 @@ pub async fn ingest(batches: usize, rows: usize, writers: usize) -> anyhow::Resu
     }
     let acknowledged = started.elapsed().as_secs_f64();
     let total = (batches * rows) as u64;
-    let uploaded = try_wait_until(Duration::from_secs(600), || async {
-        sink_rows(&pg).await.ok().filter(|n| *n >= total).map(|_| started.elapsed())
-    })
-    .await
-    .ok_or_else(|| anyhow::anyhow!("the upload did not finish"))?;
+    let uploaded = sink_holds(&pg, total, Duration::from_secs(600)).await? - started;
     let rate = batches as f64 / acknowledged;
     Ok(Scenario {
         name: format!(
@@ -274,17 +277,11 @@ pub async fn outage(seconds: u64, rate: u64, rows: usize) -> anyhow::Result<Scen
     let back = Instant::now();
     let platform = Tier::builder("platform-service").config(&platform_config).at(flight, http).start().await;
     platform.wait_ready(Duration::from_secs(60)).await;
-    let caught_up = try_wait_until(Duration::from_secs(3600), || async {
-        sink_rows(&pg).await.ok().filter(|n| *n >= backlog).map(|_| back.elapsed())
-    })
-    .await
-    .ok_or_else(|| anyhow::anyhow!("the catch-up did not finish"))?;
+    let caught_up = sink_holds(&pg, backlog, Duration::from_secs(3600)).await? - back;
     stop.cancel();
     let latencies = writer.await??;
     let total = acknowledged.load(Ordering::SeqCst);
-    try_wait_until(Duration::from_secs(600), || async { sink_rows(&pg).await.ok().filter(|n| *n >= total) })
-        .await
-        .ok_or_else(|| anyhow::anyhow!("the sink never held all {total} acknowledged rows"))?;
+    sink_holds(&pg, total, Duration::from_secs(600)).await?;
     let (in_sink, distinct): (i64, i64) = {
         let row = pg.connect().await.query_one("SELECT count(*), count(DISTINCT n) FROM readings", &[]).await?;
         (row.get(0), row.get(1))
