@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 
 target_dir="${CARGO_TARGET_DIR:-target}"
 venv="$target_dir/py-venv"
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import adbc_driver_flightsql, pyarrow, pytest, grpc_reflection, kubernetes_validate, yamllint, yaml' 2>/dev/null; then
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import adbc_driver_flightsql, pyarrow, pytest, grpc_reflection, kubernetes_validate, yamllint, yaml, prometheus_client, pexpect' 2>/dev/null; then
   echo "setting up Python clients in $venv"
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check -r integration-tests/python/requirements.txt

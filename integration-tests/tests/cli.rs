@@ -163,3 +163,69 @@ fn the_configuration_reference_examples_load() {
     }
     assert!(examples >= 4, "found only {examples} yaml examples in docs/configuration.md");
 }
+
+#[tokio::test]
+async fn strata_sql_in_a_terminal_answers_lists_datasets_and_marks_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("sites.csv"), "id,name\n1,north\n2,south\n").expect("csv");
+    let tier = Tier::start(
+        "platform-service",
+        &format!(
+            "datasets:\n  - name: sites\n    from: file:{}/sites.csv\n    acceleration: {{}}\n",
+            dir.path().display()
+        ),
+    )
+    .await;
+    tier.wait_ready(Duration::from_secs(30)).await;
+    let python = std::env::var("STRATA_PYTHON").unwrap_or_else(|_| {
+        panic!("STRATA_PYTHON is not set: run the tests with scripts/test.sh, which installs pexpect")
+    });
+    let output = Command::new(python)
+        .arg(workspace_root().join("integration-tests/python/sql_repl.py"))
+        .arg(bin_dir().join("strata"))
+        .arg(tier.flight_addr.to_string())
+        .arg(tier.http_addr.to_string())
+        .output()
+        .expect("run the terminal session");
+    eprintln!("{}", text(&output));
+    assert!(output.status.success(), "{}\n{}", text(&output), String::from_utf8_lossy(&output.stderr));
+}
+
+#[test]
+fn strata_sql_one_shot_prints_csv_and_json_and_fails_with_exit_1() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("sites.csv"), "id,name\n1,north\n2,south\n").expect("csv");
+    let tier = runtime.block_on(async {
+        let tier = Tier::start(
+            "platform-service",
+            &format!(
+                "datasets:\n  - name: sites\n    from: file:{}/sites.csv\n    acceleration: {{}}\n",
+                dir.path().display()
+            ),
+        )
+        .await;
+        tier.wait_ready(Duration::from_secs(30)).await;
+        tier
+    });
+    let endpoint = format!("http://{}", tier.flight_addr);
+    let csv =
+        strata(&["sql", "--endpoint", &endpoint, "--format", "csv", "-c", "SELECT id, name FROM sites ORDER BY id"]);
+    assert!(csv.status.success(), "{}", text(&csv));
+    assert_eq!(String::from_utf8_lossy(&csv.stdout), "id,name\n1,north\n2,south\n");
+    let script = dir.path().join("q.sql");
+    std::fs::write(&script, "-- two statements; one file\nSELECT count(*) AS n FROM sites;\nSELECT 'a;b' AS s;\n")
+        .expect("sql");
+    let json = strata(&["sql", "--endpoint", &endpoint, "--format", "json", "-f", script.to_str().expect("path")]);
+    assert!(json.status.success(), "{}", text(&json));
+    assert_eq!(String::from_utf8_lossy(&json.stdout), "{\"n\":2}\n{\"s\":\"a;b\"}\n");
+    let failed = strata(&["sql", "--endpoint", &endpoint, "-c", "SELECT * FROM nowhere"]);
+    assert_eq!(failed.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(stderr.starts_with("error: ") && stderr.contains("nowhere"), "{stderr}");
+    assert!(!stderr.contains("Status {") && !stderr.contains("panicked"), "{stderr}");
+    let unreachable = strata(&["sql", "--endpoint", &format!("http://127.0.0.1:{}", free_port()), "-c", "SELECT 1"]);
+    assert_eq!(unreachable.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&unreachable.stderr).contains("cannot connect"), "{}", text(&unreachable));
+    drop(tier);
+}

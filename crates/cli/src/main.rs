@@ -1,5 +1,6 @@
 //! `strata`: run a tier (`platform`, `sidecar`, `edge`), the one-command tiered demo (`demo`),
-//! the compose demo's application (`demo-app`), or a container health check (`health`).
+//! the compose demo's application (`demo-app`), a container health check (`health`), or the
+//! SQL client (`sql`).
 //!
 //! The container image holds this one binary with every tier as a subcommand: the tiers share
 //! one engine, so four binaries would ship that engine four times (each is most of the size).
@@ -7,6 +8,7 @@
 mod demo;
 mod demo_app;
 mod health;
+mod sql;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -54,6 +56,8 @@ enum Command {
     /// The compose demo's application: ask a tier a few queries in a loop and log where each
     /// answer came from and how long it took.
     DemoApp(demo_app::DemoAppArgs),
+    /// A SQL client over Flight SQL to any tier: a REPL, or one-shot with -c / -f / stdin.
+    Sql(sql::SqlArgs),
 }
 
 /// The tiers, as `strata check` names them (the same words as their subcommands).
@@ -77,5 +81,6 @@ fn main() -> ExitCode {
         },
         Command::Health(args) => health::main(args),
         Command::DemoApp(args) => demo_app::main(args),
+        Command::Sql(args) => sql::main(args),
     }
 }

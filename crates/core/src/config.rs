@@ -41,6 +41,53 @@ pub struct Config {
     pub edge: Option<EdgeConfig>,
     #[serde(default)]
     pub results_cache: ResultsCacheConfig,
+    /// Trace export (OpenTelemetry over OTLP/gRPC); off unless `otlp_endpoint` is set.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+}
+
+/// Where and how a tier exports its traces. Export never slows a query: finished spans go
+/// into a bounded queue that a background task sends in batches; when the collector is
+/// down or slow the queue fills and further spans are dropped and counted
+/// (`strata_trace_spans_dropped_total`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// OTLP/gRPC collector, `http://host:4317`. Unset: no traces are exported.
+    pub otlp_endpoint: Option<String>,
+    /// Share of traces started here that are kept, 0.0 to 1.0. A trace a caller started
+    /// keeps the caller's decision (its `traceparent` flags), so a trace is never cut in two.
+    pub sampling_ratio: f64,
+    /// `service.name` of the spans; defaults to the tier (`platform`, `sidecar`, `edge`).
+    pub service_name: Option<String>,
+    /// More resource attributes (`deployment.environment: prod`); `strata.region` is added
+    /// from `region:`.
+    pub resource: BTreeMap<String, String>,
+    /// Finished spans waiting to be sent; beyond it they are dropped and counted.
+    pub queue_size: usize,
+    /// Spans per export call.
+    pub batch_size: usize,
+    /// How often a partial batch is sent.
+    #[serde(with = "duration")]
+    pub export_interval: Duration,
+    /// How long one export may take before its batch is given up (and counted as dropped).
+    #[serde(with = "duration")]
+    pub export_timeout: Duration,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            sampling_ratio: 1.0,
+            service_name: None,
+            resource: BTreeMap::new(),
+            queue_size: 4096,
+            batch_size: 512,
+            export_interval: Duration::from_secs(1),
+            export_timeout: Duration::from_secs(5),
+        }
+    }
 }
 
 /// Bounds of the results cache (answers of queries over local accelerated copies, valid
@@ -709,6 +756,22 @@ impl Config {
                 return Err(format!("peers[{i}].region: `{}` is this platform's own region", p.region));
             }
         }
+        let telemetry = &self.telemetry;
+        if let Some(endpoint) = &telemetry.otlp_endpoint {
+            check_endpoint(endpoint).map_err(|m| format!("telemetry.otlp_endpoint: {m}"))?;
+        }
+        if !(0.0..=1.0).contains(&telemetry.sampling_ratio) {
+            return Err(format!("telemetry.sampling_ratio: {} is not between 0.0 and 1.0", telemetry.sampling_ratio));
+        }
+        if !(1..=1_000_000).contains(&telemetry.queue_size) {
+            return Err("telemetry.queue_size must be between 1 and 1000000".into());
+        }
+        if telemetry.batch_size == 0 || telemetry.batch_size > telemetry.queue_size {
+            return Err("telemetry.batch_size must be at least 1 and at most telemetry.queue_size".into());
+        }
+        if telemetry.export_interval.is_zero() || telemetry.export_timeout.is_zero() {
+            return Err("telemetry.export_interval and telemetry.export_timeout must be above zero".into());
+        }
         if self.limits.max_concurrent_queries == 0 {
             return Err("limits.max_concurrent_queries must be at least 1".into());
         }
@@ -792,6 +855,28 @@ mod tests {
         assert_eq!(acc.refresh, RefreshMode::Append);
         assert_eq!(acc.refresh_interval, Some(Duration::from_secs(10)));
         assert_eq!(c.limits.max_result_rows, 1_000_000);
+    }
+
+    #[test]
+    fn telemetry_is_off_by_default_and_checked_when_set() {
+        let c = Config::parse("region: eu\n", "t").expect("valid");
+        assert!(c.telemetry.otlp_endpoint.is_none());
+        let c = Config::parse(
+            "telemetry:\n  otlp_endpoint: http://collector:4317\n  sampling_ratio: 0.25\n  resource: {deployment.environment: prod}\n  export_timeout: 2s\n",
+            "t",
+        )
+        .expect("valid");
+        assert_eq!(c.telemetry.otlp_endpoint.as_deref(), Some("http://collector:4317"));
+        assert_eq!(c.telemetry.export_timeout, Duration::from_secs(2));
+        assert_eq!(c.telemetry.resource["deployment.environment"], "prod");
+        let e = err("telemetry:\n  otlp_endpoint: collector:4317\n");
+        assert!(e.contains("telemetry.otlp_endpoint") && e.contains("http://host:port"), "{e}");
+        let e = err("telemetry:\n  sampling_ratio: 1.5\n");
+        assert!(e.contains("telemetry.sampling_ratio: 1.5"), "{e}");
+        let e = err("telemetry:\n  queue_size: 0\n");
+        assert!(e.contains("telemetry.queue_size"), "{e}");
+        let e = err("telemetry:\n  sample_ratio: 1\n");
+        assert!(e.contains("unknown field `sample_ratio`") && e.contains("line 2"), "{e}");
     }
 
     #[test]

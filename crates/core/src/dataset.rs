@@ -61,6 +61,12 @@ pub struct ReplicationStatus {
     pub bytes_received: u64,
     /// Whether the version stream from the upstream is open now.
     pub streaming: bool,
+    /// Times the version stream broke and was resumed.
+    pub interruptions: u64,
+    /// The newest version the upstream advertises (its catalog, re-read every
+    /// `upstream.catalog_interval`); with `version`, how far behind this copy is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_version: Option<u64>,
 }
 
 #[derive(Debug, Default)]

@@ -281,6 +281,12 @@ impl Engine {
     }
 
     /// Status of every dataset, in config order, then the replicated ones.
+    /// The upstream endpoints this tier calls, with their breakers (empty on a platform
+    /// without peers).
+    pub fn upstream_health(&self) -> Vec<crate::routing::UpstreamHealth> {
+        self.router().map(|router| router.upstream_health()).unwrap_or_default()
+    }
+
     pub fn datasets(&self) -> Vec<DatasetStatus> {
         let mut statuses: Vec<DatasetStatus> = self.inner.datasets.iter().map(|d| d.status()).collect();
         if let Some(router) = self.router() {

@@ -23,6 +23,8 @@ pub mod routing;
 pub mod sink;
 pub mod source;
 mod statement_bounds;
+pub mod trace_context;
+mod traced_postgres;
 pub mod writes;
 pub mod zone_map;
 
@@ -30,5 +32,5 @@ pub use config::Config;
 pub use dataset::DatasetStatus;
 pub use engine::{Engine, PlannedQuery};
 pub use error::{ErrorKind, Result, StrataError};
-pub use query::{Outcome, QueryObserver, QueryStream};
+pub use query::{Finished, Outcome, QueryObserver, QueryStream};
 pub use routing::{QueryOptions, Route, RouteInfo, RouteReason, Router};

@@ -35,10 +35,39 @@ pub enum Outcome {
     Shed,
 }
 
-/// Called once when a query stream ends, with its outcome, rows and duration.
-/// The route is `None` for a query refused before it was routed.
-pub type QueryObserver =
-    std::sync::Arc<dyn Fn(Outcome, u64, Duration, Option<&crate::routing::RouteInfo>) + Send + Sync>;
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Error => "error",
+            Outcome::Cancelled => "cancelled",
+            Outcome::Shed => "shed",
+        }
+    }
+}
+
+/// What the observer learns of a query once it ended.
+#[derive(Debug, Clone, Copy)]
+pub struct Finished<'a> {
+    pub outcome: Outcome,
+    pub rows: u64,
+    /// Arrow bytes of the batches returned (their in-memory size, not the wire encoding).
+    pub bytes: u64,
+    /// From admission to the end of the answer.
+    pub elapsed: Duration,
+    /// `None` for a query refused before it was routed.
+    pub route: Option<&'a crate::routing::RouteInfo>,
+}
+
+impl Finished<'_> {
+    /// A query that ended before it answered anything.
+    pub fn unanswered(outcome: Outcome, elapsed: Duration) -> Finished<'static> {
+        Finished { outcome, rows: 0, bytes: 0, elapsed, route: None }
+    }
+}
+
+/// Called once when a query stream ends.
+pub type QueryObserver = std::sync::Arc<dyn Fn(Finished<'_>) + Send + Sync>;
 
 /// The bounds a query streams under.
 pub(crate) struct StreamLimits {
@@ -60,7 +89,10 @@ pub struct QueryStream {
     max_rows: u64,
     slow_query: Duration,
     rows: u64,
+    bytes: u64,
     started: Instant,
+    /// The query's span: entered while the plan is polled (so spans of its operators and
+    /// source reads are its children) and closed when the stream ends.
     span: Span,
     outcome: Option<Outcome>,
     observer: Option<QueryObserver>,
@@ -82,6 +114,14 @@ impl QueryStream {
         observer: Option<QueryObserver>,
         route: crate::routing::RouteInfo,
     ) -> Self {
+        span.record("route", route.route.as_str());
+        span.record("reason", route.reason.as_str());
+        if !route.versions.is_empty() {
+            span.record("versions", route.versions_header());
+        }
+        if let Some(cache) = route.cache {
+            span.record("cache", cache.as_str());
+        }
         Self {
             id,
             schema: inner.schema(),
@@ -91,6 +131,7 @@ impl QueryStream {
             max_rows: limits.max_rows,
             slow_query: limits.slow_query,
             rows: 0,
+            bytes: 0,
             started,
             span,
             outcome: None,
@@ -129,6 +170,9 @@ impl QueryStream {
         }
         self.outcome = Some(outcome);
         let elapsed = self.started.elapsed();
+        self.span.record("rows", self.rows);
+        self.span.record("bytes", self.bytes);
+        self.span.record("outcome", outcome.as_str());
         let _enter = self.span.enter();
         match (outcome, error) {
             (Outcome::Ok, _) if elapsed >= self.slow_query => {
@@ -139,7 +183,7 @@ impl QueryStream {
             (_, None) => info!(rows = self.rows, ms = elapsed.as_secs_f64() * 1e3, "query cancelled by the client"),
         }
         if let Some(observer) = &self.observer {
-            observer(outcome, self.rows, elapsed, Some(&self.route));
+            observer(Finished { outcome, rows: self.rows, bytes: self.bytes, elapsed, route: Some(&self.route) });
         }
     }
 }
@@ -152,9 +196,11 @@ impl Stream for QueryStream {
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        match inner.poll_next_unpin(cx) {
+        let polled = this.span.in_scope(|| inner.poll_next_unpin(cx));
+        match polled {
             Poll::Ready(Some(Ok(batch))) => {
                 this.rows += batch.num_rows() as u64;
+                this.bytes += batch.get_array_memory_size() as u64;
                 if this.rows > this.max_rows {
                     let err = StrataError::ResourcesExhausted(format!(
                         "result exceeds the limit of {} rows (limits.max_result_rows)",

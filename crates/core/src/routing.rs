@@ -152,8 +152,8 @@ pub struct QueryOptions {
     /// Read the authoritative copy in each dataset's home region, even when a local copy exists.
     pub strong_consistency: bool,
     pub tenant: String,
-    /// W3C `traceparent` of the caller, if any.
-    pub traceparent: String,
+    /// W3C trace context of the caller, if any: the query's span is its child.
+    pub trace: crate::trace_context::TraceParent,
     pub origin_tier: String,
     pub origin_region: String,
     /// Platforms already crossed (loop guard).
@@ -210,6 +210,25 @@ pub trait Router: Send + Sync {
 
     /// Status of the datasets replicated here, for `/v1/datasets` and metrics.
     fn replica_statuses(&self) -> Vec<crate::dataset::DatasetStatus>;
+
+    /// Every upstream endpoint with its circuit breaker and retry counts, for metrics.
+    fn upstream_health(&self) -> Vec<UpstreamHealth> {
+        Vec::new()
+    }
+}
+
+/// One upstream endpoint as the metrics show it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamHealth {
+    /// Which upstream (`platform`, or a peer region's label).
+    pub upstream: String,
+    pub endpoint: String,
+    /// `closed`, `open` or `half_open`.
+    pub breaker: &'static str,
+    /// Calls retried on another pick (they never reached a server), over all endpoints of
+    /// this upstream, and retries the budget refused.
+    pub retries: u64,
+    pub retries_refused: u64,
 }
 
 /// One dataset as a tier advertises it to the tiers below.

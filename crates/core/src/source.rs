@@ -13,14 +13,17 @@ use datafusion::datasource::file_format::json::JsonFormat;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
 use datafusion::prelude::SessionContext;
+use datafusion::sql::unparser::dialect::PostgreSqlDialect;
 use datafusion_table_providers_common::UnsupportedTypeAction;
+use datafusion_table_providers_common::sql::sql_provider_datafusion::SqlTable;
 use datafusion_table_providers_common::util::secrets::to_secret_map;
-use datafusion_table_providers_postgres::PostgresTableFactory;
+use datafusion_table_providers_postgres::DynPostgresConnectionPool;
 use datafusion_table_providers_postgres::pool::PostgresConnectionPool;
 use tokio::sync::Mutex;
 
 use crate::config::{DatasetConfig, FileFormat, SourceRef};
 use crate::error::{Result, StrataError};
+use crate::traced_postgres::TracedPool;
 
 /// Opens sources, sharing one PostgreSQL connection pool per distinct set of connection params.
 #[derive(Default)]
@@ -45,11 +48,14 @@ impl SourceConnector {
                     Some(schema) => TableReference::partial(schema.as_str(), table.as_str()),
                     None => TableReference::bare(table.as_str()),
                 };
-                let table = PostgresTableFactory::new(pool)
-                    .table_provider(reference)
+                // The provider datafusion-table-providers' PostgreSQL factory builds, on a
+                // pool whose connections put the statements they send in the query's trace.
+                let pool: Arc<DynPostgresConnectionPool> = Arc::new(TracedPool::new(pool));
+                let table = SqlTable::new("postgres", &pool, reference)
                     .await
-                    .map_err(|e| source_err(format!("cannot open PostgreSQL table `{}`: {e}", dataset.from)))?;
-                Ok(Arc::new(ZeroColumnScan(table)))
+                    .map_err(|e| source_err(format!("cannot open PostgreSQL table `{}`: {e}", dataset.from)))?
+                    .with_dialect(Arc::new(PostgreSqlDialect {}));
+                Ok(Arc::new(ZeroColumnScan(Arc::new(table))))
             }
         }
     }

@@ -17,6 +17,7 @@ use strata_proto::v1::{IngestBatch, IngestRequest};
 use strata_upstream::{TierRouter, UpstreamClient, wire};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use tracing::{debug, info, warn};
 
 use crate::dead_letter::DeadLetters;
@@ -164,7 +165,10 @@ impl EdgeWrites {
                 }
             };
             let first = group[0].seq;
-            let request = match self.request(&group) {
+            // One span per upload batch; the platform's ingest span is its child.
+            let span =
+                tracing::info_span!("edge_upload", first, last, batches = group.len(), rows = tracing::field::Empty);
+            let request = match span.in_scope(|| self.request(&group)) {
                 Ok(r) => r,
                 Err(err) => {
                     warn!(first, last, error = %err, "cannot encode pending batches");
@@ -173,8 +177,12 @@ impl EdgeWrites {
             };
             let outcome = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                outcome = client.ingest(request) => outcome,
+                outcome = client.ingest(request).instrument(span.clone()) => outcome,
             };
+            if let Ok(response) = &outcome {
+                span.record("rows", response.rows);
+            }
+            drop(span);
             match outcome {
                 Ok(response) => {
                     alone = false;

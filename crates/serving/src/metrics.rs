@@ -4,11 +4,10 @@
 use std::fmt::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use strata_core::results_cache::CacheStatus;
-use strata_core::routing::{Route, RouteInfo, RouteReason};
-use strata_core::{Engine, Outcome};
+use strata_core::routing::{Route, RouteReason};
+use strata_core::{Engine, Finished, Outcome};
 
 const ROUTES: [Route; 3] = [Route::Local, Route::Forwarded, Route::Mixed];
 const CACHE: [CacheStatus; 3] = [CacheStatus::Hit, CacheStatus::Miss, CacheStatus::Bypass];
@@ -23,6 +22,7 @@ pub struct Metrics {
     error: AtomicU64,
     cancelled: AtomicU64,
     rows: AtomicU64,
+    bytes: AtomicU64,
     buckets: [AtomicU64; BUCKETS.len()],
     sum_micros: AtomicU64,
     /// Queries by (route, reason), indexed `route * reasons + reason`.
@@ -39,13 +39,12 @@ impl Metrics {
     pub fn install(engine: &Engine, connections: Arc<crate::connections::ConnectionGuard>) -> Arc<Self> {
         let metrics = Arc::new(Self { connections: Some(connections), ..Self::default() });
         let hook = Arc::clone(&metrics);
-        engine.set_query_observer(Arc::new(move |outcome, rows, elapsed, route| {
-            hook.record(outcome, rows, elapsed, route)
-        }));
+        engine.set_query_observer(Arc::new(move |finished| hook.record(finished)));
         metrics
     }
 
-    fn record(&self, outcome: Outcome, rows: u64, elapsed: Duration, route: Option<&RouteInfo>) {
+    fn record(&self, finished: Finished<'_>) {
+        let Finished { outcome, rows, bytes, elapsed, route } = finished;
         if let Some(route) = route {
             let r = ROUTES.iter().position(|x| *x == route.route).unwrap_or(0);
             let why = RouteReason::ALL.iter().position(|x| *x == route.reason).unwrap_or(0);
@@ -66,6 +65,7 @@ impl Metrics {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         self.rows.fetch_add(rows, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
         let secs = elapsed.as_secs_f64();
         for (bucket, bound) in self.buckets.iter().zip(BUCKETS) {
             if secs <= bound {
@@ -116,6 +116,9 @@ impl Metrics {
         let _ = writeln!(out, "# HELP strata_query_rows_total Rows returned by queries.");
         let _ = writeln!(out, "# TYPE strata_query_rows_total counter");
         let _ = writeln!(out, "strata_query_rows_total {}", get(&self.rows));
+        let _ = writeln!(out, "# HELP strata_query_bytes_total Arrow bytes of the rows returned by queries.");
+        let _ = writeln!(out, "# TYPE strata_query_bytes_total counter");
+        let _ = writeln!(out, "strata_query_bytes_total {}", get(&self.bytes));
         let _ = writeln!(out, "# HELP strata_query_duration_seconds Query latency from admission to the last batch.");
         let _ = writeln!(out, "# TYPE strata_query_duration_seconds histogram");
         for (bucket, bound) in self.buckets.iter().zip(BUCKETS) {
@@ -186,6 +189,8 @@ impl Metrics {
                 }
             }
         }
+        render_replication(&mut out, &datasets);
+        render_upstreams(&mut out, &engine.upstream_health());
         if let Some(writes) = engine.writes() {
             let _ = writeln!(
                 out,
@@ -213,9 +218,109 @@ impl Metrics {
             let _ = writeln!(out, "# TYPE strata_edge_backlog_bytes gauge");
             let _ = writeln!(out, "strata_edge_backlog_bytes {}", backlog.bytes);
         }
+        let traces = crate::telemetry::export_stats();
+        let _ = writeln!(out, "# HELP strata_trace_spans_exported_total Spans sent to the OTLP collector.");
+        let _ = writeln!(out, "# TYPE strata_trace_spans_exported_total counter");
+        let _ = writeln!(out, "strata_trace_spans_exported_total {}", get(&traces.exported));
+        let _ = writeln!(
+            out,
+            "# HELP strata_trace_spans_dropped_total Spans not sent: the export queue was full, or the collector failed or timed out."
+        );
+        let _ = writeln!(out, "# TYPE strata_trace_spans_dropped_total counter");
+        let _ = writeln!(
+            out,
+            "strata_trace_spans_dropped_total{{reason=\"queue_full\"}} {}",
+            get(&traces.dropped_queue_full)
+        );
+        let _ = writeln!(
+            out,
+            "strata_trace_spans_dropped_total{{reason=\"export_failed\"}} {}",
+            get(&traces.dropped_export_failed)
+        );
         let _ = writeln!(out, "# HELP strata_ready 1 once every accelerated dataset has loaded.");
         let _ = writeln!(out, "# TYPE strata_ready gauge");
         let _ = writeln!(out, "strata_ready {}", u8::from(engine.is_ready()));
         out
+    }
+}
+
+/// One `# HELP` and `# TYPE` header.
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// Replicas: versions received, bytes, whether the stream is open, breaks, and how far
+/// behind the upstream's newest version each copy is.
+fn render_replication(out: &mut String, datasets: &[strata_core::dataset::DatasetStatus]) {
+    let replicas: Vec<_> = datasets.iter().filter_map(|d| Some((d, d.replication.as_ref()?))).collect();
+    family(out, "strata_replication_versions_total", "counter", "Versions a replica received, by kind.");
+    for (d, r) in &replicas {
+        for (kind, n) in [("snapshot", r.snapshots), ("increment", r.increments)] {
+            let _ = writeln!(out, "strata_replication_versions_total{{dataset=\"{}\",kind=\"{kind}\"}} {n}", d.name);
+        }
+    }
+    family(out, "strata_replication_bytes_total", "counter", "Arrow bytes a replica received.");
+    for (d, r) in &replicas {
+        let _ = writeln!(out, "strata_replication_bytes_total{{dataset=\"{}\"}} {}", d.name, r.bytes_received);
+    }
+    family(out, "strata_replication_streaming", "gauge", "1 while a replica's version stream is open.");
+    for (d, r) in &replicas {
+        let _ = writeln!(out, "strata_replication_streaming{{dataset=\"{}\"}} {}", d.name, u8::from(r.streaming));
+    }
+    family(out, "strata_replication_interruptions_total", "counter", "Times a replica's version stream broke.");
+    for (d, r) in &replicas {
+        let _ = writeln!(out, "strata_replication_interruptions_total{{dataset=\"{}\"}} {}", d.name, r.interruptions);
+    }
+    family(
+        out,
+        "strata_replica_version_lag",
+        "gauge",
+        "Versions the upstream advertises that a replica does not hold yet.",
+    );
+    for (d, r) in &replicas {
+        if let Some(upstream) = r.upstream_version {
+            let lag = upstream.saturating_sub(d.version.unwrap_or(0));
+            let _ = writeln!(out, "strata_replica_version_lag{{dataset=\"{}\"}} {lag}", d.name);
+        }
+    }
+}
+
+/// Upstream endpoints: breaker state (one series per state, 1 for the current one) and the
+/// retry budget's use.
+fn render_upstreams(out: &mut String, upstreams: &[strata_core::routing::UpstreamHealth]) {
+    family(
+        out,
+        "strata_upstream_breaker_state",
+        "gauge",
+        "Circuit breaker of an upstream endpoint: 1 for its current state.",
+    );
+    for u in upstreams {
+        for state in ["closed", "open", "half_open"] {
+            let _ = writeln!(
+                out,
+                "strata_upstream_breaker_state{{upstream=\"{}\",endpoint=\"{}\",state=\"{state}\"}} {}",
+                u.upstream,
+                u.endpoint,
+                u8::from(u.breaker == state)
+            );
+        }
+    }
+    let mut seen = std::collections::BTreeMap::new();
+    for u in upstreams {
+        seen.insert(u.upstream.as_str(), (u.retries, u.retries_refused));
+    }
+    family(out, "strata_upstream_retries_total", "counter", "Upstream calls retried because they reached no server.");
+    for (upstream, (retries, _)) in &seen {
+        let _ = writeln!(out, "strata_upstream_retries_total{{upstream=\"{upstream}\"}} {retries}");
+    }
+    family(
+        out,
+        "strata_upstream_retries_refused_total",
+        "counter",
+        "Retries the retry budget (upstream.retry_budget_percent) refused.",
+    );
+    for (upstream, (_, refused)) in &seen {
+        let _ = writeln!(out, "strata_upstream_retries_refused_total{{upstream=\"{upstream}\"}} {refused}");
     }
 }

@@ -9,6 +9,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use strata_core::config::{UpstreamConfig, check_endpoint};
 use strata_core::{Config, Engine, StrataError};
@@ -113,7 +114,6 @@ pub fn load_config<T: Tier>(args: &TierArgs) -> Result<Config, String> {
 
 /// Loads the config with the flags applied, checks it, and serves the tier until SIGTERM.
 pub fn run<T: Tier>(args: TierArgs) -> ExitCode {
-    telemetry::init(args.log_format);
     let config = match load_config::<T>(&args) {
         Ok(config) => config,
         Err(err) => {
@@ -129,6 +129,8 @@ pub fn run<T: Tier>(args: TierArgs) -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
+        let telemetry = telemetry::init_with_traces(args.log_format, &config.telemetry, T::KIND, &config.region)
+            .map_err(|e| e.to_string())?;
         let shutdown = CancellationToken::new();
         let servers = start::<T>(&config, shutdown.clone()).await.map_err(|e| e.to_string())?;
         // One machine-readable line on stdout: tests and scripts read the bound ports here.
@@ -137,7 +139,9 @@ pub fn run<T: Tier>(args: TierArgs) -> ExitCode {
             telemetry::shutdown_signal().await;
             shutdown.cancel();
         });
-        servers.wait().await.map_err(|e| e.to_string())
+        let served = servers.wait().await.map_err(|e| e.to_string());
+        telemetry.shutdown(Duration::from_secs(5)).await;
+        served
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

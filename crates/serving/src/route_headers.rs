@@ -5,6 +5,7 @@
 //! on answers the results cache may hold.
 
 use strata_core::routing::{QueryOptions, RouteInfo};
+use strata_core::trace_context::TraceParent;
 use strata_upstream::wire::{CONSISTENCY_HEADER, ROUTE_HEADER, ROUTE_REASON_HEADER, VERSIONS_HEADER};
 
 pub const ROUTE_DETAIL_HEADER: &str = "strata-route-detail";
@@ -63,7 +64,7 @@ pub fn options(headers: &axum::http::HeaderMap) -> QueryOptions {
     QueryOptions {
         strong_consistency: get(CONSISTENCY_HEADER).eq_ignore_ascii_case("strong"),
         tenant: get(TENANT_HEADER),
-        traceparent: get("traceparent"),
+        trace: TraceParent::new(get("traceparent"), get("tracestate")),
         ..QueryOptions::default()
     }
 }

@@ -15,6 +15,7 @@ use datafusion::physical_expr::PhysicalExpr;
 use datafusion_proto::bytes::Serializeable;
 use futures::{Stream, StreamExt, TryStreamExt};
 use strata_core::accelerator::AcceleratedTable;
+use strata_core::trace_context;
 use strata_core::{Engine, StrataError};
 use strata_proto::v1::tier_service_server::{TierService, TierServiceServer};
 use strata_proto::v1::{
@@ -25,7 +26,7 @@ use strata_proto::v1::{
 use strata_upstream::wire;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
-use tracing::{debug, info};
+use tracing::{Instrument, debug, info, info_span};
 
 use crate::status::to_grpc;
 
@@ -96,10 +97,17 @@ impl TierService for Tier {
         let (tx, rx) = mpsc::channel(2);
         // Versions of another epoch say nothing about this copy: start over.
         let from = if request.from_epoch == table.epoch() { request.from_version } else { 0 };
-        tokio::spawn(async move {
-            publish(table, from, filter, tx).await;
-            drop(permit);
-        });
+        // The stream's span, under the subscriber's trace: each version published is an event in it.
+        let span = info_span!("publish_versions", dataset = %request.dataset, from_version = from, origin);
+        let (options, _) = wire::options(request.context.clone());
+        trace_context::adopt(&span, &options.trace);
+        tokio::spawn(
+            async move {
+                publish(table, from, filter, tx).await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
         let events = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) });
         Ok(Response::new(Box::pin(events)))
     }
@@ -130,6 +138,24 @@ impl TierService for Tier {
 
     async fn ingest(&self, request: Request<IngestRequest>) -> Result<Response<IngestResponse>, Status> {
         let request = request.into_inner();
+        let (options, _) = wire::options(request.context.clone());
+        let span = info_span!("ingest", edge = %request.edge_id, batches = request.batches.len());
+        trace_context::adopt(&span, &options.trace);
+        self.ingest_batches(request).instrument(span).await
+    }
+
+    async fn health(&self, _request: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
+        Ok(Response::new(HealthResponse {
+            tier: self.tier.to_string(),
+            region: self.engine.region().to_string(),
+            ready: self.engine.is_ready(),
+        }))
+    }
+}
+
+impl Tier {
+    /// Applies an edge's upload (inside the `ingest` span).
+    async fn ingest_batches(&self, request: IngestRequest) -> Result<Response<IngestResponse>, Status> {
         let count = request.batches.len() as u64;
         let max = self.max_message();
         let batches = request
@@ -145,16 +171,6 @@ impl TierService for Tier {
         Ok(Response::new(IngestResponse { duplicates, rows: applied.rows }))
     }
 
-    async fn health(&self, _request: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
-        Ok(Response::new(HealthResponse {
-            tier: self.tier.to_string(),
-            region: self.engine.region().to_string(),
-            ready: self.engine.is_ready(),
-        }))
-    }
-}
-
-impl Tier {
     /// `limits.max_message_size`: no part of a request can be larger than its message.
     fn max_message(&self) -> usize {
         self.engine.limits().max_message_size.as_usize()

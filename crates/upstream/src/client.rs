@@ -12,6 +12,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
@@ -34,6 +35,7 @@ use tower::retry::budget::{Budget, TpsBudget};
 use tower::retry::{Policy, Retry};
 use tower::timeout::Timeout;
 use tower::{BoxError, Service, ServiceExt};
+use tracing::Instrument;
 
 use crate::breaker::Breaker;
 use crate::wire::{is_unreachable, status_error};
@@ -53,6 +55,18 @@ enum Call {
     Execute(ExecuteRequest, Option<Duration>),
     Health,
     Ingest(IngestRequest),
+}
+
+impl Call {
+    fn name(&self) -> &'static str {
+        match self {
+            Call::List(_) => "ListDatasets",
+            Call::Subscribe(_) => "Subscribe",
+            Call::Execute(..) => "Execute",
+            Call::Health => "Health",
+            Call::Ingest(_) => "Ingest",
+        }
+    }
 }
 
 enum Reply {
@@ -112,7 +126,16 @@ impl Service<Call> for EndpointService {
     fn call(&mut self, call: Call) -> Self::Future {
         let mut client = self.client.clone();
         let breaker = Arc::clone(&self.breaker);
-        Box::pin(async move {
+        // One span per attempt on one endpoint: a retried call shows each try and where it went.
+        let span = tracing::debug_span!(
+            "upstream_call",
+            rpc = call.name(),
+            endpoint = %breaker.endpoint,
+            breaker = breaker.state_name(),
+            error = tracing::field::Empty,
+        );
+        let recorded = span.clone();
+        let call = async move {
             let result = match call {
                 Call::List(req) => client.list_datasets(req).await.map(|r| Reply::List(r.into_inner())),
                 Call::Subscribe(req) => client.subscribe(req).await.map(|r| Reply::Subscribe(r.into_inner())),
@@ -133,8 +156,12 @@ impl Service<Call> for EndpointService {
                 Err(status) if is_unreachable(status) => breaker.failure(status.message()),
                 _ => breaker.success(),
             }
+            if let Err(status) = &result {
+                recorded.record("error", tracing::field::display(status.code()));
+            }
             result.map_err(|status| Box::new(status) as BoxError)
-        })
+        };
+        Box::pin(call.instrument(span))
     }
 }
 
@@ -144,6 +171,14 @@ struct RetryUnreachable {
     budget: Arc<TpsBudget>,
     breakers: Arc<Vec<Arc<Breaker>>>,
     attempts: u32,
+    counts: Arc<RetryCounts>,
+}
+
+/// What the retry budget has been asked for, for metrics.
+#[derive(Debug, Default)]
+struct RetryCounts {
+    retried: AtomicU64,
+    refused: AtomicU64,
 }
 
 impl Policy<Call, Reply, BoxError> for RetryUnreachable {
@@ -158,8 +193,15 @@ impl Policy<Call, Reply, BoxError> for RetryUnreachable {
             Err(err) => {
                 let unreachable = err.downcast_ref::<tonic::Status>().is_some_and(is_unreachable);
                 let all_open = self.breakers.iter().all(|b| b.is_open());
-                if unreachable && !all_open && self.attempts < 3 && self.budget.withdraw() {
+                let wanted = unreachable && !all_open && self.attempts < 3;
+                if wanted && !self.budget.withdraw() {
+                    self.counts.refused.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
+                if wanted {
                     self.attempts += 1;
+                    self.counts.retried.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(attempt = self.attempts + 1, error = %err, "retrying an upstream call that reached no server");
                     Some(tokio::time::sleep(Duration::from_millis(10 * u64::from(self.attempts))))
                 } else {
                     None
@@ -185,6 +227,7 @@ pub struct UpstreamClient {
     stack: Stack,
     breakers: Arc<Vec<Arc<Breaker>>>,
     call_timeout: Duration,
+    retries: Arc<RetryCounts>,
 }
 
 impl UpstreamClient {
@@ -228,9 +271,11 @@ impl UpstreamClient {
             budget: Arc::new(TpsBudget::new(Duration::from_secs(10), 5, config.retry_budget_percent / 100.0)),
             breakers: Arc::clone(&breakers),
             attempts: 0,
+            counts: Arc::default(),
         };
+        let retries = Arc::clone(&policy.counts);
         let stack = Timeout::new(Retry::new(policy, endpoints), config.call_timeout);
-        Ok(Self { stack, breakers, call_timeout: config.call_timeout })
+        Ok(Self { stack, breakers, call_timeout: config.call_timeout, retries })
     }
 
     async fn call(&self, call: Call) -> Result<Reply, StrataError> {
@@ -309,6 +354,11 @@ impl UpstreamClient {
             Reply::Ingest(r) => Ok(r),
             _ => Err(StrataError::Internal("mismatched upstream reply".into())),
         }
+    }
+
+    /// Calls retried, and retries the budget refused, since start.
+    pub fn retries(&self) -> (u64, u64) {
+        (self.retries.retried.load(Ordering::Relaxed), self.retries.refused.load(Ordering::Relaxed))
     }
 
     /// (endpoint, breaker state, last error) of every endpoint.

@@ -20,6 +20,7 @@ use strata_core::dataset::{DatasetStatus, ReplicationStatus};
 use strata_core::routing::QueryOptions;
 use strata_proto::v1::{ArrowFrame, ChangeKind, SubscribeRequest, subscribe_event};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use tracing::{info, warn};
 
 use crate::client::UpstreamClient;
@@ -161,6 +162,7 @@ impl Replica {
             match outcome {
                 Ok(()) => backoff = Duration::from_millis(100),
                 Err(err) => {
+                    self.progress().status.interruptions += 1;
                     warn!(dataset = %self.name(), error = %err, retry_in_ms = backoff.as_millis() as u64, "replication interrupted");
                     self.progress().last_error = Some((err.to_string(), SystemTime::now()));
                 }
@@ -209,7 +211,14 @@ impl Replica {
                     if begin.version != end.version {
                         return Err(StrataError::Protocol("replication: version markers do not match".into()));
                     }
-                    self.apply(begin, frames).await?;
+                    let span = tracing::info_span!(
+                        "replicate",
+                        dataset = %self.name(),
+                        version = begin.version,
+                        kind = begin.kind,
+                        frames = frames.len(),
+                    );
+                    self.apply(begin, frames).instrument(span).await?;
                 }
                 Some(subscribe_event::Event::Heartbeat(_)) | None => {}
             }

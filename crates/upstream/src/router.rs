@@ -16,10 +16,11 @@ use datafusion::execution::SendableRecordBatchStream;
 use datafusion::logical_expr::LogicalPlan;
 use strata_core::config::{ReplicaConfig, UpstreamConfig};
 use strata_core::dataset::DatasetStatus;
-use strata_core::routing::{CatalogEntry, ForwardQuery, QueryOptions, RouteInfo, Router, Routing};
+use strata_core::routing::{CatalogEntry, ForwardQuery, QueryOptions, RouteInfo, Router, Routing, UpstreamHealth};
 use strata_core::{Engine, StrataError};
 use strata_proto::v1::{ExecuteRequest, SqlQuery, execute_request};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::client::UpstreamClient;
 use crate::replica::Replica;
@@ -64,6 +65,29 @@ fn key(name: &str) -> String {
 }
 
 impl TierRouter {
+    /// Sends one query to `upstream` (inside the `forward` span).
+    async fn forward_to(
+        &self,
+        upstream: &Upstream,
+        query: ForwardQuery<'_>,
+        options: &QueryOptions,
+        mut info: RouteInfo,
+        deadline: SystemTime,
+    ) -> strata_core::Result<(SendableRecordBatchStream, RouteInfo)> {
+        let request = ExecuteRequest {
+            context: Some(wire::context(options, &self.origin.tier, &self.origin.region, Some(deadline))),
+            query: Some(execute_request::Query::Sql(SqlQuery {
+                sql: query.sql.to_string(),
+                params: wire::params_to_ipc(query.params)?,
+            })),
+        };
+        let (metadata, frames) = upstream.client.execute(request, Some(deadline)).await?;
+        if let Some(versions) = metadata.get(wire::VERSIONS_HEADER).and_then(|v| v.to_str().ok()) {
+            info.versions = RouteInfo::parse_versions(versions);
+        }
+        Ok((wire::decode_frames(frames, query.schema), info))
+    }
+
     /// A sidecar's router: one upstream platform (with several endpoints) that answers
     /// everything not served locally.
     pub fn for_sidecar(
@@ -209,7 +233,7 @@ impl Router for TierRouter {
         &self,
         query: ForwardQuery<'_>,
         options: &QueryOptions,
-        mut info: RouteInfo,
+        info: RouteInfo,
         upstream: usize,
         deadline: SystemTime,
     ) -> strata_core::Result<(SendableRecordBatchStream, RouteInfo)> {
@@ -217,18 +241,9 @@ impl Router for TierRouter {
             .upstreams
             .get(upstream)
             .ok_or_else(|| StrataError::Internal(format!("no upstream number {upstream}")))?;
-        let request = ExecuteRequest {
-            context: Some(wire::context(options, &self.origin.tier, &self.origin.region, Some(deadline))),
-            query: Some(execute_request::Query::Sql(SqlQuery {
-                sql: query.sql.to_string(),
-                params: wire::params_to_ipc(query.params)?,
-            })),
-        };
-        let (metadata, frames) = upstream.client.execute(request, Some(deadline)).await?;
-        if let Some(versions) = metadata.get(wire::VERSIONS_HEADER).and_then(|v| v.to_str().ok()) {
-            info.versions = RouteInfo::parse_versions(versions);
-        }
-        Ok((wire::decode_frames(frames, query.schema), info))
+        // The call upstream, as the parent of the spans the upstream tier makes for it.
+        let span = tracing::info_span!("forward", upstream = %upstream.label, reason = info.reason.as_str());
+        self.forward_to(upstream, query, options, info, deadline).instrument(span).await
     }
 
     fn remote_catalog(&self) -> Vec<CatalogEntry> {
@@ -240,9 +255,31 @@ impl Router for TierRouter {
 
     fn replica_statuses(&self) -> Vec<DatasetStatus> {
         let replicas = self.replicas.read().unwrap_or_else(|p| p.into_inner());
+        let remote = self.remote.read().unwrap_or_else(|p| p.into_inner());
         let label = self.default_upstream.map(|i| self.upstreams[i].label.clone()).unwrap_or_default();
-        let mut statuses: Vec<DatasetStatus> = replicas.values().map(|r| r.status(&label)).collect();
+        let mut statuses: Vec<DatasetStatus> = replicas
+            .iter()
+            .map(|(name, replica)| {
+                let mut status = replica.status(&label);
+                if let Some(replication) = status.replication.as_mut() {
+                    replication.upstream_version = remote.get(name).map(|r| r.entry.version);
+                }
+                status
+            })
+            .collect();
         statuses.sort_by(|a, b| a.name.cmp(&b.name));
         statuses
+    }
+
+    fn upstream_health(&self) -> Vec<UpstreamHealth> {
+        let mut health = Vec::new();
+        for upstream in &self.upstreams {
+            let (retries, retries_refused) = upstream.client.retries();
+            for (endpoint, breaker, _) in upstream.client.endpoints() {
+                let upstream = upstream.only_region.clone().unwrap_or_else(|| "platform".to_string());
+                health.push(UpstreamHealth { upstream, endpoint, breaker, retries, retries_refused });
+            }
+        }
+        health
     }
 }

@@ -18,6 +18,7 @@ use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use futures::{Stream, TryStreamExt};
 use strata_core::StrataError;
 use strata_core::routing::{CatalogEntry, QueryOptions};
+use strata_core::trace_context::{self, TraceParent};
 use strata_proto::v1::{ArrowFrame, DatasetInfo, QueryContext};
 
 /// gRPC metadata key naming the [`StrataError`] kind of a failed call, so a downstream tier
@@ -50,6 +51,8 @@ fn from_millis(ms: u64) -> SystemTime {
 
 /// The context a forwarded call carries.
 pub fn context(options: &QueryOptions, tier: &str, region: &str, deadline: Option<SystemTime>) -> QueryContext {
+    // The calling span's context (the forward's), so the callee's spans hang under it.
+    let trace = trace_context::outgoing(&tracing::Span::current(), &options.trace);
     QueryContext {
         origin_tier: if options.origin_tier.is_empty() { tier.to_string() } else { options.origin_tier.clone() },
         origin_region: if options.origin_region.is_empty() {
@@ -58,7 +61,8 @@ pub fn context(options: &QueryOptions, tier: &str, region: &str, deadline: Optio
             options.origin_region.clone()
         },
         tenant: options.tenant.clone(),
-        traceparent: options.traceparent.clone(),
+        traceparent: trace.traceparent,
+        tracestate: trace.tracestate,
         deadline_unix_ms: deadline.map_or(0, millis_since_epoch),
         strong_consistency: options.strong_consistency,
         hops: options.hops + 1,
@@ -73,7 +77,7 @@ pub fn options(context: Option<QueryContext>) -> (QueryOptions, Option<SystemTim
         QueryOptions {
             strong_consistency: c.strong_consistency,
             tenant: c.tenant,
-            traceparent: c.traceparent,
+            trace: TraceParent::new(c.traceparent, c.tracestate),
             origin_tier: c.origin_tier,
             origin_region: c.origin_region,
             hops: c.hops,

@@ -17,12 +17,13 @@ use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_planner::DefaultPhysicalPlanner;
 use tokio::sync::OwnedSemaphorePermit;
-use tracing::{Instrument, info_span, warn};
+use tracing::field::Empty;
+use tracing::{Instrument, debug_span, info_span, warn};
 
 use super::Engine;
 use crate::error::{Result, StrataError};
 use crate::plan_cache::CachedPlan;
-use crate::query::{Outcome, QueryObserver, QueryStream, StreamLimits, next_query_id};
+use crate::query::{Finished, Outcome, QueryObserver, QueryStream, StreamLimits, next_query_id};
 use crate::read_only;
 use crate::routing::{ForwardQuery, QueryOptions, RouteInfo, Routing, SharedRouter, VersionRead, scanned_tables};
 
@@ -90,7 +91,7 @@ impl Engine {
         params: Vec<ScalarValue>,
         options: &QueryOptions,
     ) -> Result<QueryStream> {
-        let span = info_span!("query", id = tracing::field::Empty, sql = %truncate(sql, 200));
+        let span = query_span(sql, options);
         self.run(QueryInput::Sql { sql, params }, options, span).await
     }
 
@@ -98,7 +99,7 @@ impl Engine {
     /// limits as SQL. It may only read.
     pub async fn execute_plan(&self, plan: LogicalPlan, options: &QueryOptions) -> Result<QueryStream> {
         read_only::check_plan(&plan)?;
-        let span = info_span!("query", id = tracing::field::Empty, plan = %truncate(&plan.display().to_string(), 200));
+        let span = query_span(&plan.display().to_string(), options);
         self.run(QueryInput::Plan(plan), options, span).await
     }
 
@@ -116,25 +117,28 @@ impl Engine {
             Ok(admission) => admission,
             Err(err) => {
                 if let (StrataError::Overloaded(_), Some(observer)) = (&err, &observer) {
-                    observer(Outcome::Shed, 0, Duration::ZERO, None);
+                    observer(Finished::unanswered(Outcome::Shed, Duration::ZERO));
                 }
                 return Err(err);
             }
         };
         span.record("id", admission.id);
+        // A span per phase (debug: exported when tracing is on, free when it is off).
         let start = async {
-            let planned = self.plan_query(input).await?;
+            let planned = self.plan_query(input).instrument(debug_span!("plan")).await?;
             // Read once: the route and its execution see the same router.
             let router = self.router();
-            let routing = self.route(&planned, router.as_ref(), options)?;
-            self.execute_routed(&planned, routing, router.as_ref(), options, admission.wall_deadline).await
+            let routing = debug_span!("route").in_scope(|| self.route(&planned, router.as_ref(), options))?;
+            self.execute_routed(&planned, routing, router.as_ref(), options, admission.wall_deadline)
+                .instrument(debug_span!("execute"))
+                .await
         };
         let started = match tokio::time::timeout_at(admission.deadline, start.instrument(span.clone())).await {
             Ok(Ok(started)) => started,
             Ok(Err(err)) => {
                 span.in_scope(|| warn!(error = %err, "query rejected"));
                 if let Some(observer) = &observer {
-                    observer(Outcome::Error, 0, admission.started.elapsed(), None);
+                    observer(Finished::unanswered(Outcome::Error, admission.started.elapsed()));
                 }
                 return Err(err);
             }
@@ -337,6 +341,32 @@ fn runs_as_planned(plan: &dyn ExecutionPlan) -> bool {
         [] => plan.downcast_ref::<DataSourceExec>().is_some_and(|s| s.data_source().is::<MemorySourceConfig>()),
         _ => false,
     }
+}
+
+/// The span of one query, a child of the caller's trace context when it sent one. Its
+/// route, rows and outcome are recorded as they become known (`QueryStream`).
+fn query_span(text: &str, options: &QueryOptions) -> tracing::Span {
+    let span = info_span!(
+        "query",
+        id = Empty,
+        sql = %truncate(text, 200),
+        sql_digest = %format_args!("{:016x}", digest(text)),
+        route = Empty,
+        reason = Empty,
+        versions = Empty,
+        cache = Empty,
+        rows = Empty,
+        bytes = Empty,
+        outcome = Empty,
+    );
+    crate::trace_context::adopt(&span, &options.trace);
+    span
+}
+
+/// FNV-1a of the query text: a short stable key to group a statement's traces and logs by
+/// (the same text gives the same digest on every tier and every release).
+fn digest(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, b| (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 fn truncate(s: &str, max: usize) -> &str {

@@ -1,0 +1,168 @@
+//! PostgreSQL reads in the query's trace: every statement the PostgreSQL table provider
+//! sends runs in a `source_read` span, and carries that span's W3C `traceparent` as a
+//! leading SQL comment, so a DBA who finds it in `pg_stat_activity` or the server log can
+//! open the exact trace (the sqlcommenter convention). Without tracing, statements go out
+//! unchanged.
+//!
+//! It wraps the provider's connection pool: datafusion-table-providers builds the SQL from
+//! the plan and asks the pool for a connection at execution time, which is the one place
+//! the statement and the executing span meet.
+
+use std::any::Any;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use async_trait::async_trait;
+use datafusion::common::TableReference;
+use datafusion::error::Result as DfResult;
+use datafusion::execution::{RecordBatchStream, SendableRecordBatchStream};
+use datafusion_table_providers_common::UnsupportedTypeAction;
+use datafusion_table_providers_common::sql::db_connection_pool::dbconnection::{
+    self, AsyncDbConnection, DbConnection, GenericError, TableSchemas,
+};
+use datafusion_table_providers_common::sql::db_connection_pool::{DbConnectionPool, JoinPushDown};
+use datafusion_table_providers_postgres::conn::{PostgresConnection, PostgresPooledConnection};
+use datafusion_table_providers_postgres::pool::PostgresConnectionPool;
+use futures::Stream;
+use tokio_postgres::types::ToSql;
+use tracing::Instrument;
+
+use crate::trace_context::{self, TraceParent};
+
+type Param = &'static (dyn ToSql + Sync);
+
+/// The PostgreSQL pool, handing out connections that trace what they send.
+pub struct TracedPool {
+    inner: Arc<PostgresConnectionPool>,
+}
+
+impl TracedPool {
+    pub fn new(inner: Arc<PostgresConnectionPool>) -> Self {
+        Self { inner }
+    }
+}
+
+#[async_trait]
+impl DbConnectionPool<PostgresPooledConnection, Param> for TracedPool {
+    async fn connect(&self) -> Result<Box<dyn DbConnection<PostgresPooledConnection, Param>>, GenericError> {
+        // A pooled connection, as the pool's own `connect` gives, with the same refusal of
+        // types that have no faithful Arrow mapping.
+        let inner = self.inner.connect_direct().await?.with_unsupported_type_action(UnsupportedTypeAction::Error);
+        Ok(Box::new(TracedConnection { inner }))
+    }
+
+    fn join_push_down(&self) -> JoinPushDown {
+        self.inner.join_push_down()
+    }
+}
+
+struct TracedConnection {
+    inner: PostgresConnection,
+}
+
+impl TracedConnection {
+    fn delegate(&self) -> Result<&dyn AsyncDbConnection<PostgresPooledConnection, Param>, dbconnection::Error> {
+        Ok(&self.inner)
+    }
+}
+
+impl DbConnection<PostgresPooledConnection, Param> for TracedConnection {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+
+    fn as_async(&self) -> Option<&dyn AsyncDbConnection<PostgresPooledConnection, Param>> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl AsyncDbConnection<PostgresPooledConnection, Param> for TracedConnection {
+    fn new(conn: PostgresPooledConnection) -> Self {
+        Self { inner: <PostgresConnection as AsyncDbConnection<_, Param>>::new(conn) }
+    }
+
+    fn new_with_schemas(conn: PostgresPooledConnection, schemas: Arc<TableSchemas>) -> Self {
+        Self { inner: <PostgresConnection as AsyncDbConnection<_, Param>>::new_with_schemas(conn, schemas) }
+    }
+
+    async fn tables(&self, schema: &str) -> Result<Vec<String>, dbconnection::Error> {
+        self.delegate()?.tables(schema).await
+    }
+
+    async fn schemas(&self) -> Result<Vec<String>, dbconnection::Error> {
+        self.delegate()?.schemas().await
+    }
+
+    async fn get_schema(&self, table_reference: &TableReference) -> Result<SchemaRef, dbconnection::Error> {
+        self.delegate()?.get_schema(table_reference).await
+    }
+
+    async fn query_arrow(
+        &self,
+        sql: &str,
+        params: &[Param],
+        projected_schema: Option<SchemaRef>,
+    ) -> dbconnection::Result<SendableRecordBatchStream> {
+        let span = tracing::debug_span!("source_read", source = "postgres", sql = %sql);
+        let traced = with_trace_comment(sql, &span);
+        let inner = self.delegate()?.query_arrow(&traced, params, projected_schema).instrument(span.clone()).await?;
+        Ok(Box::pin(InSpan { inner, span }))
+    }
+
+    async fn execute(&self, sql: &str, params: &[Param]) -> dbconnection::Result<u64> {
+        let span = tracing::debug_span!("source_write", source = "postgres");
+        let traced = with_trace_comment(sql, &span);
+        self.delegate()?.execute(&traced, params).instrument(span).await
+    }
+}
+
+/// `sql` with the span's `traceparent` in a leading comment, or unchanged without tracing.
+fn with_trace_comment(sql: &str, span: &tracing::Span) -> String {
+    let trace = trace_context::outgoing(span, &TraceParent::default());
+    // Generated by the propagator, so it is hex and dashes; checked anyway, because it is
+    // pasted into SQL.
+    if trace.trace_id().is_none() || !trace.traceparent.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+        return sql.to_string();
+    }
+    format!("/*traceparent='{}'*/ {sql}", trace.traceparent)
+}
+
+/// The source's rows, polled inside the read's span, which stays open until they end.
+struct InSpan {
+    inner: SendableRecordBatchStream,
+    span: tracing::Span,
+}
+
+impl Stream for InSpan {
+    type Item = DfResult<RecordBatch>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        this.span.in_scope(|| this.inner.as_mut().poll_next(cx))
+    }
+}
+
+impl RecordBatchStream for InSpan {
+    fn schema(&self) -> SchemaRef {
+        self.inner.schema()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_tracing_the_statement_is_unchanged() {
+        let span = tracing::debug_span!("source_read");
+        assert_eq!(with_trace_comment("SELECT 1", &span), "SELECT 1");
+    }
+}

@@ -1,0 +1,183 @@
+//! One trace across the tiers: a Flight SQL client with its own `traceparent` asks a
+//! sidecar, which forwards to a platform, which reads PostgreSQL. Every tier exports to an
+//! OTLP receiver in this process; the test rebuilds the trace from what it received.
+//! And a collector that is down or hangs costs dropped spans, never a failed query.
+
+use std::time::Duration;
+
+use arrow_flight::sql::client::FlightSqlServiceClient;
+use futures::TryStreamExt;
+use strata_integration_tests::otlp::{OtlpReceiver, ReceivedSpan, span_tree};
+use strata_integration_tests::postgres::PgServer;
+use strata_integration_tests::tier::Tier;
+use strata_integration_tests::wait_until;
+use tonic::transport::Channel;
+
+const CLIENT_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+const CLIENT_SPAN: &str = "b7ad6b7169203331";
+
+fn telemetry(endpoint: &str) -> String {
+    format!("telemetry:\n  otlp_endpoint: {endpoint}\n  export_interval: 100ms\n  export_timeout: 300ms\n")
+}
+
+/// Walks from `span` up through its parents (within `spans`), returning the names.
+fn ancestry<'a>(spans: &'a [ReceivedSpan], span: &'a ReceivedSpan) -> Vec<(&'a str, &'a str)> {
+    let mut chain = vec![(span.name.as_str(), span.service.as_str())];
+    let mut current = span;
+    while let Some(parent) = spans.iter().find(|s| s.span_id == current.parent_span_id) {
+        chain.push((parent.name.as_str(), parent.service.as_str()));
+        current = parent;
+    }
+    chain
+}
+
+#[tokio::test]
+async fn one_trace_from_the_client_through_sidecar_and_platform_to_postgres() {
+    let receiver = OtlpReceiver::start().await;
+    let pg = PgServer::start();
+    pg.connect()
+        .await
+        .batch_execute(
+            "CREATE TABLE accounts (id bigint PRIMARY KEY, owner text NOT NULL);
+             INSERT INTO accounts SELECT g, 'owner-' || g FROM generate_series(1, 100) g;",
+        )
+        .await
+        .expect("seed");
+    // Read live from PostgreSQL (no accelerated copy): the query reaches the source.
+    let platform = Tier::start(
+        "platform-service",
+        &format!(
+            "region: eu\ndatasets:\n  - name: accounts\n    from: postgres:public.accounts\n    params: {}\n{}",
+            pg.params_yaml(),
+            telemetry(&receiver.endpoint())
+        ),
+    )
+    .await;
+    platform.wait_ready(Duration::from_secs(30)).await;
+    let sidecar = Tier::start(
+        "app-sidecar",
+        &format!(
+            "region: eu\nupstream:\n  endpoints: [http://{}]\n{}",
+            platform.flight_addr,
+            telemetry(&receiver.endpoint())
+        ),
+    )
+    .await;
+    sidecar
+        .wait_for(Duration::from_secs(30), "the platform's catalog", || async {
+            (sidecar.sql("SELECT count(*) FROM accounts").await.0 == 200).then_some(())
+        })
+        .await;
+
+    // The client's own span context, as an instrumented application would send it.
+    let channel =
+        Channel::from_shared(format!("http://{}", sidecar.flight_addr)).expect("uri").connect().await.expect("connect");
+    let mut client = FlightSqlServiceClient::new(channel);
+    client.set_header("traceparent", format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"));
+    client.set_header("tracestate", "client=1");
+    let sql = "SELECT owner FROM accounts WHERE id = 42";
+    let info = client.execute(sql.to_string(), None).await.expect("GetFlightInfo");
+    let mut rows = 0;
+    for endpoint in info.endpoint {
+        let stream = client.do_get(endpoint.ticket.expect("ticket")).await.expect("DoGet");
+        let batches: Vec<_> = stream.try_collect().await.expect("batches");
+        rows += batches.iter().map(|b| b.num_rows()).sum::<usize>();
+    }
+    assert_eq!(rows, 1);
+
+    // Spans arrive in batches every 100 ms; wait for the source read at the far end.
+    wait_until(Duration::from_secs(20), "the platform's source read span", || async {
+        receiver.trace(CLIENT_TRACE).iter().any(|s| s.name == "source_read" && s.service == "platform").then_some(())
+    })
+    .await;
+    // Let the sidecar's query span (closed when its stream ended) arrive too.
+    let spans = wait_until(Duration::from_secs(10), "the sidecar's query span", || async {
+        let spans = receiver.trace(CLIENT_TRACE);
+        spans.iter().any(|s| s.name == "query" && s.service == "sidecar").then_some(spans)
+    })
+    .await;
+    eprintln!("trace {CLIENT_TRACE}:\n{}", span_tree(&spans));
+
+    // Every span of both tiers for this query carries the client's trace id ...
+    let all = receiver.spans();
+    let ours = |s: &&ReceivedSpan| s.attributes.get("sql").is_some_and(|sql| sql.contains("id = 42"));
+    let other_traces: Vec<_> = all.iter().filter(ours).filter(|s| s.trace_id != CLIENT_TRACE).collect();
+    assert!(other_traces.is_empty(), "spans of this query outside the client's trace: {other_traces:?}");
+    // ... the client's span is the parent of the sidecar's query span (the root here) ...
+    let sidecar_query = spans.iter().find(|s| s.name == "query" && s.service == "sidecar").expect("sidecar query");
+    assert_eq!(sidecar_query.parent_span_id, CLIENT_SPAN, "{}", span_tree(&spans));
+    assert_eq!(sidecar_query.attributes.get("route").map(String::as_str), Some("forwarded"));
+    assert_eq!(sidecar_query.attributes.get("rows").map(String::as_str), Some("1"));
+    // ... and the source read hangs under platform query -> sidecar forward -> sidecar query.
+    let read = spans.iter().find(|s| s.name == "source_read").expect("source read");
+    let chain = ancestry(&spans, read);
+    let platform_query = chain.iter().position(|&(n, s)| n == "query" && s == "platform");
+    let forward = chain.iter().position(|&(n, s)| n == "forward" && s == "sidecar");
+    let root = chain.iter().position(|&(n, s)| n == "query" && s == "sidecar");
+    assert!(
+        matches!((platform_query, forward, root), (Some(p), Some(f), Some(r)) if p < f && f < r),
+        "source read ancestry {chain:?}\n{}",
+        span_tree(&spans)
+    );
+    assert!(read.attributes.get("sql").is_some_and(|sql| sql.contains("accounts")), "{read:?}");
+
+    // A DBA finds the trace id in pg_stat_activity: the statement carried it as a comment.
+    let seen = pg
+        .connect()
+        .await
+        .query("SELECT query FROM pg_stat_activity WHERE query LIKE '%traceparent=%'", &[])
+        .await
+        .expect("pg_stat_activity");
+    let texts: Vec<String> = seen.iter().map(|r| r.get(0)).collect();
+    assert!(
+        texts.iter().any(|q| q.contains(CLIENT_TRACE) && q.contains("accounts")),
+        "statements seen by PostgreSQL: {texts:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_collector_that_is_down_or_hangs_costs_dropped_spans_not_queries() {
+    // Nothing listens on a freshly closed port; a listener that never answers is a hung collector.
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr")
+    };
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let hung_addr = hung.local_addr().expect("addr");
+    let _held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = hung.accept().await {
+            open.push(socket);
+        }
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("t.csv"), "id,v\n1,a\n2,b\n").expect("csv");
+    for collector in [closed, hung_addr] {
+        let tier = Tier::start(
+            "platform-service",
+            &format!(
+                "datasets:\n  - name: t\n    from: file:{}/t.csv\n    acceleration: {{}}\n{}  queue_size: 8\n  batch_size: 4\n",
+                dir.path().display(),
+                telemetry(&format!("http://{collector}"))
+            ),
+        )
+        .await;
+        tier.wait_ready(Duration::from_secs(30)).await;
+        for i in 0..50 {
+            let rows = tier.rows(&format!("SELECT v FROM t WHERE id = {}", i % 2 + 1)).await;
+            assert_eq!(rows.len(), 1);
+        }
+        let dropped = tier
+            .wait_for(Duration::from_secs(20), "dropped spans to be counted", || async {
+                let text = reqwest::get(tier.url("/metrics")).await.ok()?.text().await.ok()?;
+                let total: f64 = text
+                    .lines()
+                    .filter(|l| l.starts_with("strata_trace_spans_dropped_total{"))
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .sum();
+                (total > 0.0).then_some(total)
+            })
+            .await;
+        eprintln!("collector {collector}: {dropped} spans dropped, every query answered");
+    }
+}
