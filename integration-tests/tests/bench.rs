@@ -23,6 +23,7 @@ async fn quick_benchmark_reports_every_scenario_against_its_baseline() {
         "Point lookup",
         "Aggregate",
         "Dashboard",
+        "Tracing cost",
         "Bulk transfer",
         "TPC-H",
         "Edge ingest",

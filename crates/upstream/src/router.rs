@@ -254,15 +254,20 @@ impl Router for TierRouter {
     }
 
     fn replica_statuses(&self) -> Vec<DatasetStatus> {
+        // The upstream's versions first, and that lock released: the catalog sync takes
+        // `remote` and then `replicas`, so holding both here in the other order deadlocks.
+        let upstream_versions: HashMap<String, u64> = {
+            let remote = self.remote.read().unwrap_or_else(|p| p.into_inner());
+            remote.iter().map(|(name, r)| (name.clone(), r.entry.version)).collect()
+        };
         let replicas = self.replicas.read().unwrap_or_else(|p| p.into_inner());
-        let remote = self.remote.read().unwrap_or_else(|p| p.into_inner());
         let label = self.default_upstream.map(|i| self.upstreams[i].label.clone()).unwrap_or_default();
         let mut statuses: Vec<DatasetStatus> = replicas
             .iter()
             .map(|(name, replica)| {
                 let mut status = replica.status(&label);
                 if let Some(replication) = status.replication.as_mut() {
-                    replication.upstream_version = remote.get(name).map(|r| r.entry.version);
+                    replication.upstream_version = upstream_versions.get(name).copied();
                 }
                 status
             })

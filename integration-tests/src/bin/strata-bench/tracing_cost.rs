@@ -1,0 +1,65 @@
+//! What tracing costs a query: the same point lookups against three platforms serving the
+//! same accelerated Parquet file, with trace export off, on (sampling 1.0, to a live OTLP
+//! receiver in this process), and on with the collector down (a closed port), side by side.
+//! The spans the down collector never received are read from the platform's metrics.
+
+use std::time::Duration;
+
+use strata_integration_tests::otlp::OtlpReceiver;
+use strata_integration_tests::tier::Tier;
+
+use crate::measure::{Effort, Path, Watched, measure_side_by_side, with_ratios};
+use crate::paths::{Flight, Query};
+use crate::report::{Figure, Scenario};
+
+pub async fn run(parquet: &std::path::Path, rows: i64, effort: Effort) -> anyhow::Result<Scenario> {
+    let receiver = OtlpReceiver::start().await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let platform = |telemetry: String| {
+        format!(
+            "region: eu\nlimits:\n  max_concurrent_queries: 256\ndatasets:\n  - name: points\n    from: file:{}\n    acceleration: {{}}\n{telemetry}",
+            parquet.display()
+        )
+    };
+    let export = |endpoint: &str| format!("telemetry:\n  otlp_endpoint: {endpoint}\n  sampling_ratio: 1.0\n");
+    let off = Tier::start("platform-service", &platform(String::new())).await;
+    let on = Tier::start("platform-service", &platform(export(&receiver.endpoint()))).await;
+    let down = Tier::start("platform-service", &platform(export(&format!("http://{closed}")))).await;
+    for tier in [&off, &on, &down] {
+        tier.wait_ready(Duration::from_secs(600)).await;
+    }
+    let query = Query::Lookup { rows };
+    let flight = |tier: &Tier| Flight { addr: tier.flight_addr, query, strong: false };
+    let (f_off, f_on, f_down) = (flight(&off), flight(&on), flight(&down));
+    let paths: Vec<Path> =
+        vec![("tracing off", &f_off), ("tracing on, sampling 1.0", &f_on), ("tracing on, collector down", &f_down)];
+    let watched = [
+        Watched { name: "off".into(), pid: off.pid() },
+        Watched { name: "on".into(), pid: on.pid() },
+        Watched { name: "down".into(), pid: down.pid() },
+    ];
+    let results = measure_side_by_side(&paths, effort, 1, &watched).await?;
+    let dropped = counter(&down, "strata_trace_spans_dropped_total").await?;
+    let exported = counter(&on, "strata_trace_spans_exported_total").await?;
+    Ok(Scenario {
+        name: format!("Tracing cost: Flight SQL point lookups over {rows} rows"),
+        baseline: "tracing off".into(),
+        results: with_ratios(results, "tracing off"),
+        figures: vec![
+            Figure::new("spans exported (tracing on)", exported, "spans", None),
+            Figure::new("spans dropped (collector down)", dropped, "spans", None),
+            Figure::new("spans the receiver holds", receiver.spans().len() as f64, "spans", None),
+        ],
+        table: None,
+    })
+}
+
+/// The sum of a counter's series in a tier's `/metrics`.
+async fn counter(tier: &Tier, name: &str) -> anyhow::Result<f64> {
+    let text = reqwest::get(tier.url("/metrics")).await?.text().await?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
