@@ -164,19 +164,22 @@ fn the_configuration_reference_examples_load() {
     assert!(examples >= 4, "found only {examples} yaml examples in docs/configuration.md");
 }
 
-#[tokio::test]
-async fn strata_sql_in_a_terminal_answers_lists_datasets_and_marks_errors() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("sites.csv"), "id,name\n1,north\n2,south\n").expect("csv");
+/// A platform serving a two-row `sites` table from a CSV file under `dir`.
+async fn sites_platform(dir: &std::path::Path) -> Tier {
+    std::fs::write(dir.join("sites.csv"), "id,name\n1,north\n2,south\n").expect("csv");
     let tier = Tier::start(
         "platform-service",
-        &format!(
-            "datasets:\n  - name: sites\n    from: file:{}/sites.csv\n    acceleration: {{}}\n",
-            dir.path().display()
-        ),
+        &format!("datasets:\n  - name: sites\n    from: file:{}/sites.csv\n    acceleration: {{}}\n", dir.display()),
     )
     .await;
     tier.wait_ready(Duration::from_secs(30)).await;
+    tier
+}
+
+#[tokio::test]
+async fn strata_sql_in_a_terminal_answers_lists_datasets_and_marks_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tier = sites_platform(dir.path()).await;
     let python = std::env::var("STRATA_PYTHON").unwrap_or_else(|_| {
         panic!("STRATA_PYTHON is not set: run the tests with scripts/test.sh, which installs pexpect")
     });
@@ -191,23 +194,10 @@ async fn strata_sql_in_a_terminal_answers_lists_datasets_and_marks_errors() {
     assert!(output.status.success(), "{}\n{}", text(&output), String::from_utf8_lossy(&output.stderr));
 }
 
-#[test]
-fn strata_sql_one_shot_prints_csv_and_json_and_fails_with_exit_1() {
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+#[tokio::test]
+async fn strata_sql_one_shot_prints_csv_and_json_and_fails_with_exit_1() {
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("sites.csv"), "id,name\n1,north\n2,south\n").expect("csv");
-    let tier = runtime.block_on(async {
-        let tier = Tier::start(
-            "platform-service",
-            &format!(
-                "datasets:\n  - name: sites\n    from: file:{}/sites.csv\n    acceleration: {{}}\n",
-                dir.path().display()
-            ),
-        )
-        .await;
-        tier.wait_ready(Duration::from_secs(30)).await;
-        tier
-    });
+    let tier = sites_platform(dir.path()).await;
     let endpoint = format!("http://{}", tier.flight_addr);
     let csv =
         strata(&["sql", "--endpoint", &endpoint, "--format", "csv", "-c", "SELECT id, name FROM sites ORDER BY id"]);
@@ -227,5 +217,4 @@ fn strata_sql_one_shot_prints_csv_and_json_and_fails_with_exit_1() {
     let unreachable = strata(&["sql", "--endpoint", &format!("http://127.0.0.1:{}", free_port()), "-c", "SELECT 1"]);
     assert_eq!(unreachable.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&unreachable.stderr).contains("cannot connect"), "{}", text(&unreachable));
-    drop(tier);
 }
