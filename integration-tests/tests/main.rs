@@ -13,6 +13,7 @@ mod hostile;
 mod metrics;
 mod parameterize;
 mod results_cache;
+mod status;
 mod tiers;
 mod tpch;
 mod tpch_tiers;

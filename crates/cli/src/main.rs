@@ -1,6 +1,6 @@
 //! `strata`: run a tier (`platform`, `sidecar`, `edge`), the one-command tiered demo (`demo`),
-//! the compose demo's application (`demo-app`), a container health check (`health`), or the
-//! SQL client (`sql`).
+//! the compose demo's application (`demo-app`), a container health check (`health`), the
+//! SQL client (`sql`), or the dataset status of a tier and its upstream (`status`).
 //!
 //! The container image holds this one binary with every tier as a subcommand: the tiers share
 //! one engine, so four binaries would ship that engine four times (each is most of the size).
@@ -9,6 +9,8 @@ mod demo;
 mod demo_app;
 mod health;
 mod sql;
+mod status;
+mod text_table;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -58,6 +60,9 @@ enum Command {
     DemoApp(demo_app::DemoAppArgs),
     /// A SQL client over Flight SQL to any tier: a REPL, or one-shot with -c / -f / stdin.
     Sql(sql::SqlArgs),
+    /// The datasets of a tier and of its upstream in one table; `--watch` redraws it with
+    /// progress bars for loads, refreshes and snapshots under way.
+    Status(status::StatusArgs),
 }
 
 /// The tiers, as `strata check` names them (the same words as their subcommands).
@@ -82,5 +87,6 @@ fn main() -> ExitCode {
         Command::Health(args) => health::main(args),
         Command::DemoApp(args) => demo_app::main(args),
         Command::Sql(args) => sql::main(args),
+        Command::Status(args) => status::main(args),
     }
 }

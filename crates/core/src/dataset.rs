@@ -11,6 +11,7 @@ use datafusion::catalog::TableProvider;
 use datafusion::common::Column;
 use datafusion::logical_expr::{Expr, lit};
 use datafusion::prelude::SessionContext;
+use futures::StreamExt;
 use serde::Serialize;
 use tokio::sync::Mutex;
 use tracing::{Instrument, info, info_span, warn};
@@ -18,6 +19,7 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::accelerator::{AcceleratedTable, Snapshot};
 use crate::config::{AccelerationConfig, DatasetConfig, RefreshMode};
 use crate::error::{Result, StrataError};
+use crate::progress::{LOG_INTERVAL, WorkProgress};
 use crate::refresh;
 
 /// What `/v1/datasets` says about one dataset.
@@ -46,6 +48,9 @@ pub struct DatasetStatus {
     /// For a replica: what replication from the upstream has done.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replication: Option<ReplicationStatus>,
+    /// The load, refresh or snapshot running now, how far it got.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<crate::progress::ProgressReport>,
 }
 
 /// How a replica keeps up with its upstream.
@@ -86,6 +91,8 @@ pub struct Dataset {
     source: StdMutex<Option<Arc<dyn TableProvider>>>,
     accelerated: StdMutex<Option<Arc<AcceleratedTable>>>,
     progress: StdMutex<Progress>,
+    /// The load or refresh running now.
+    work: WorkProgress,
     /// Serializes refreshes of this dataset (interval and on-demand).
     refresh_lock: Mutex<()>,
     /// Set after the first attempt to connect (and load), successful or not; readiness waits for it.
@@ -107,6 +114,7 @@ impl Dataset {
             source: StdMutex::new(None),
             accelerated: StdMutex::new(None),
             progress: StdMutex::new(Progress::default()),
+            work: WorkProgress::default(),
             refresh_lock: Mutex::new(()),
             tried: std::sync::atomic::AtomicBool::new(false),
         }
@@ -207,7 +215,10 @@ impl Dataset {
         let _guard = self.refresh_lock.lock().await;
         let started = Instant::now();
         let span = info_span!("refresh", dataset = %self.name(), mode = ?acc.refresh);
-        let outcome = self.refresh_once(ctx, &acc, source, &table).instrument(span).await.map_err(|err| match err {
+        let phase = if table.snapshot().is_some() { "refresh" } else { "load" };
+        let outcome = self.refresh_once(ctx, &acc, source, &table, phase).instrument(span).await;
+        self.work.finish();
+        let outcome = outcome.map_err(|err| match err {
             // Anything that fails while reading the source is the source's failure (503), with
             // the dataset named, not an internal error.
             StrataError::Execution(message) => StrataError::Source { dataset: self.name().to_string(), message },
@@ -249,7 +260,11 @@ impl Dataset {
         acc: &AccelerationConfig,
         source: Arc<dyn TableProvider>,
         table: &AcceleratedTable,
+        phase: &'static str,
     ) -> Result<usize> {
+        let read = |filter| {
+            Read { ctx, source: Arc::clone(&source), filter, progress: &self.work, phase, dataset: self.name() }.run()
+        };
         let previous = table.snapshot();
         let next_version = previous.as_ref().map_or(1, |s| s.version + 1);
         let time_column = acc.time_column.as_deref();
@@ -258,14 +273,14 @@ impl Dataset {
         let (mut batches, fetched, changed) = match (acc.refresh, &previous, time_column) {
             (RefreshMode::Append, Some(prev), Some(tc)) => match refresh::watermark(&prev.batches, tc)? {
                 None => {
-                    let batches = read(ctx, source, None).await?;
+                    let batches = read(None).await?;
                     let n = count(&batches);
                     (batches, n, true)
                 }
                 Some(mark) => {
                     let cutoff = refresh::shift_back(&mark, acc.append_overlap)?;
                     let column = Expr::Column(Column::new_unqualified(tc));
-                    let fetched = read(ctx, source, Some(column.gt_eq(lit(cutoff.clone())))).await?;
+                    let fetched = read(Some(column.gt_eq(lit(cutoff.clone())))).await?;
                     let n = count(&fetched);
                     let tail = refresh::keep_since(&prev.batches, tc, &cutoff)?;
                     let schema = table.schema();
@@ -278,7 +293,7 @@ impl Dataset {
                 }
             },
             _ => {
-                let batches = read(ctx, source, None).await?;
+                let batches = read(None).await?;
                 let n = count(&batches);
                 (batches, n, true)
             }
@@ -346,6 +361,7 @@ impl Dataset {
             refresh_errors: p.refresh_errors,
             refresh_seconds_total: p.refresh_seconds_total,
             replication: None,
+            progress: self.work.report(),
         }
     }
 
@@ -359,11 +375,62 @@ fn count(batches: &[RecordBatch]) -> usize {
     batches.iter().map(RecordBatch::num_rows).sum()
 }
 
-/// Reads the source through DataFusion so the filter is pushed into the source's own query.
-async fn read(ctx: &SessionContext, source: Arc<dyn TableProvider>, filter: Option<Expr>) -> Result<Vec<RecordBatch>> {
-    let mut df = ctx.read_table(source)?;
-    if let Some(filter) = filter {
-        df = df.filter(filter)?;
+/// One read of a dataset's source for a load or refresh.
+struct Read<'a> {
+    ctx: &'a SessionContext,
+    source: Arc<dyn TableProvider>,
+    filter: Option<Expr>,
+    progress: &'a WorkProgress,
+    phase: &'static str,
+    dataset: &'a str,
+}
+
+impl Read<'_> {
+    /// Reads the source through DataFusion so the filter is pushed into the source's own
+    /// query, counting rows and bytes as they arrive (with the total when the plan's
+    /// statistics know it: Parquet footers do, PostgreSQL does not) and logging how far it
+    /// got every [`LOG_INTERVAL`].
+    async fn run(self) -> Result<Vec<RecordBatch>> {
+        let mut df = self.ctx.read_table(self.source)?;
+        if let Some(filter) = self.filter {
+            df = df.filter(filter)?;
+        }
+        let task_ctx = Arc::new(df.task_ctx());
+        let plan = df.create_physical_plan().await?;
+        let expected = {
+            use datafusion::physical_plan::{StatisticsArgs, StatisticsContext};
+            let stats = StatisticsContext::default().compute(plan.as_ref(), &StatisticsArgs::new()).ok();
+            stats.and_then(|s| s.num_rows.get_value().map(|n| *n as u64))
+        };
+        self.progress.start(self.phase, expected);
+        let mut stream = datafusion::physical_plan::execute_stream(plan, task_ctx)?;
+        let mut batches = Vec::new();
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + LOG_INTERVAL, LOG_INTERVAL);
+        loop {
+            tokio::select! {
+                next = stream.next() => match next {
+                    Some(batch) => {
+                        let batch = batch?;
+                        self.progress.add(batch.num_rows() as u64, batch.get_array_memory_size() as u64);
+                        batches.push(batch);
+                    }
+                    None => return Ok(batches),
+                },
+                _ = tick.tick() => {
+                    if let Some(p) = self.progress.report() {
+                        info!(
+                            dataset = %self.dataset,
+                            phase = p.phase,
+                            rows = p.rows_read,
+                            bytes = p.bytes_read,
+                            rows_per_second = p.rows_per_second.round(),
+                            expected_rows = p.expected_rows,
+                            eta_seconds = p.eta_seconds.map(f64::round),
+                            "reading the source"
+                        );
+                    }
+                }
+            }
+        }
     }
-    Ok(df.collect().await?)
 }

@@ -239,6 +239,11 @@ impl Engine {
         entries
     }
 
+    /// The datasets this tier's upstreams advertise (empty without upstreams).
+    pub fn upstream_catalog(&self) -> Vec<CatalogEntry> {
+        self.router().map(|router| router.remote_catalog()).unwrap_or_default()
+    }
+
     /// Queries admitted and not yet finished (streaming their answer included): the load
     /// figure an autoscaler divides by replicas, which CPU misses for queries waiting on I/O.
     pub fn queries_in_flight(&self) -> usize {

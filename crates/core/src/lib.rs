@@ -15,6 +15,7 @@ mod placeholders;
 mod plan_cache;
 pub mod plan_codec;
 mod plan_size;
+pub mod progress;
 pub mod query;
 pub mod read_only;
 pub mod refresh;

@@ -62,6 +62,31 @@ async fn datasets(State(state): State<HttpState>) -> impl IntoResponse {
     if let Some(writes) = writes {
         body["backlog"] = json!(writes.backlog());
     }
+    // What the upstream tiers advertise, so one call shows a tier and its upstream.
+    let upstream: Vec<_> = state
+        .engine
+        .upstream_catalog()
+        .iter()
+        .map(|e| {
+            json!({
+                "name": e.name,
+                "home_region": e.home_region,
+                "accelerated": e.accelerated,
+                "version": e.version,
+                "rows": e.rows,
+                "age_seconds": e.refreshed_at.and_then(|t| t.elapsed().ok()).map(|d| d.as_secs_f64()),
+            })
+        })
+        .collect();
+    if !upstream.is_empty() {
+        body["upstream"] = json!(upstream);
+        body["upstream_endpoints"] = state
+            .engine
+            .upstream_health()
+            .iter()
+            .map(|u| json!({"upstream": u.upstream, "endpoint": u.endpoint, "breaker": u.breaker}))
+            .collect();
+    }
     axum::Json(body)
 }
 

@@ -224,7 +224,19 @@ async fn publish(
                 Some(added) => (ChangeKind::Append, from, added.to_vec()),
                 None => (ChangeKind::Snapshot, 0, snapshot.batches.clone()),
             };
+            let filtered: Result<Vec<RecordBatch>, StrataError> =
+                batches.iter().map(|b| apply_filter(b, filter.as_deref())).collect();
+            let filtered = match filtered {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = tx.send(Err(grpc(e))).await;
+                    return;
+                }
+            };
+            // Filtered first: the subscriber is told how many rows to expect.
+            let rows: usize = filtered.iter().map(RecordBatch::num_rows).sum();
             let begin = VersionBegin {
+                rows: rows as u64,
                 version: snapshot.version,
                 base_version: base,
                 kind: kind as i32,
@@ -245,16 +257,6 @@ async fn publish(
             if send(&tx, subscribe_event::Event::Begin(begin)).await.is_err() {
                 return;
             }
-            let filtered: Result<Vec<RecordBatch>, StrataError> =
-                batches.iter().map(|b| apply_filter(b, filter.as_deref())).collect();
-            let filtered = match filtered {
-                Ok(f) => f,
-                Err(e) => {
-                    let _ = tx.send(Err(grpc(e))).await;
-                    return;
-                }
-            };
-            let rows: usize = filtered.iter().map(RecordBatch::num_rows).sum();
             let mut frames =
                 Box::pin(wire::encode_frames(Arc::clone(&schema), futures::stream::iter(filtered.into_iter().map(Ok))));
             while let Some(frame) = frames.next().await {

@@ -17,6 +17,7 @@ use strata_core::StrataError;
 use strata_core::accelerator::{AcceleratedTable, Snapshot};
 use strata_core::config::ReplicaConfig;
 use strata_core::dataset::{DatasetStatus, ReplicationStatus};
+use strata_core::progress::WorkProgress;
 use strata_core::routing::QueryOptions;
 use strata_proto::v1::{ArrowFrame, ChangeKind, SubscribeRequest, subscribe_event};
 use tokio_util::sync::CancellationToken;
@@ -42,6 +43,8 @@ pub struct Replica {
     predicate: Option<Expr>,
     predicate_bytes: Bytes,
     progress: Mutex<Progress>,
+    /// The version being received now, how far it got.
+    work: WorkProgress,
     /// The upstream epoch the held version belongs to (0 = none).
     epoch: std::sync::atomic::AtomicU64,
     /// Where the copy is kept on disk (edge agents), with the manifest of the held version.
@@ -87,6 +90,7 @@ impl Replica {
             predicate,
             predicate_bytes,
             progress: Mutex::new(progress),
+            work: WorkProgress::default(),
             epoch: std::sync::atomic::AtomicU64::new(0),
             store,
             manifest: Mutex::new(None),
@@ -193,12 +197,17 @@ impl Replica {
         while let Some(event) = events.next().await {
             let event = event.map_err(|s| wire::status_error(&s))?;
             match event.event {
-                Some(subscribe_event::Event::Begin(begin)) => pending = Some((begin, Vec::new())),
+                Some(subscribe_event::Event::Begin(begin)) => {
+                    let phase = if begin.kind == ChangeKind::Snapshot as i32 { "snapshot" } else { "increment" };
+                    self.work.start(phase, Some(begin.rows).filter(|n| *n > 0));
+                    pending = Some((begin, Vec::new()));
+                }
                 Some(subscribe_event::Event::Data(frame)) => {
                     let Some((_, frames)) = pending.as_mut() else {
                         return Err(StrataError::Protocol("replication: data before a version began".into()));
                     };
                     let size = frame.size() as u64;
+                    self.work.add(frame_rows(&frame), size);
                     streamed += size;
                     self.progress().status.bytes_received += size;
                     frames.push(frame);
@@ -218,7 +227,9 @@ impl Replica {
                         kind = begin.kind,
                         frames = frames.len(),
                     );
-                    self.apply(begin, frames).instrument(span).await?;
+                    let applied = self.apply(begin, frames).instrument(span).await;
+                    self.work.finish();
+                    applied?;
                 }
                 Some(subscribe_event::Event::Heartbeat(_)) | None => {}
             }
@@ -328,8 +339,17 @@ impl Replica {
             refresh_errors: 0,
             refresh_seconds_total: 0.0,
             replication: Some(progress.status.clone()),
+            progress: self.work.report(),
         }
     }
+}
+
+/// Rows of one Arrow IPC frame, from its flatbuffer header (the body is not decoded here).
+fn frame_rows(frame: &ArrowFrame) -> u64 {
+    arrow::ipc::root_as_message(&frame.data_header)
+        .ok()
+        .and_then(|m| m.header_as_record_batch())
+        .map_or(0, |b| b.length().max(0) as u64)
 }
 
 #[cfg(test)]

@@ -9,6 +9,8 @@ use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::Schema;
 use tonic::metadata::MetadataMap;
 
+use crate::text_table::table;
+
 pub const HELP: &str = "\
   SQL;            run a statement (it may span lines; `;` ends it)
   \\d              datasets with status, rows, version and age
@@ -175,25 +177,6 @@ pub fn columns(batches: &[RecordBatch]) -> Result<String> {
         return Ok(String::new());
     }
     Ok(table(&["table", "column", "type", "nullable"], &rows))
-}
-
-fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        format!(" {}\n", padded.join(" | ")).trim_end().to_string() + "\n"
-    };
-    let mut out = line(header.to_vec());
-    out.push_str(&format!("-{}-\n", widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("-+-")));
-    for row in rows {
-        out.push_str(&line(row.iter().map(String::as_str).collect()));
-    }
-    out
 }
 
 /// `error: ...`, and when the message names a position (`Line: 2, Column: 8`, as the SQL
