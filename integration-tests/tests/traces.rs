@@ -1,5 +1,6 @@
 //! One trace across the tiers: a Flight SQL client with its own `traceparent` asks a
-//! sidecar, which forwards to a platform, which reads PostgreSQL. Every tier exports to an
+//! sidecar, which forwards to its platform, which forwards to the peer platform of the
+//! table's region, which reads PostgreSQL. Every tier exports to an
 //! OTLP receiver in this process; the test rebuilds the trace from what it received.
 //! And a collector that is down or hangs costs dropped spans, never a failed query.
 
@@ -32,7 +33,7 @@ fn ancestry<'a>(spans: &'a [ReceivedSpan], span: &'a ReceivedSpan) -> Vec<(&'a s
 }
 
 #[tokio::test]
-async fn one_trace_from_the_client_through_sidecar_and_platform_to_postgres() {
+async fn one_trace_from_the_client_through_sidecar_platform_and_peer_to_postgres() {
     let receiver = OtlpReceiver::start().await;
     let pg = PgServer::start();
     pg.connect()
@@ -43,22 +44,33 @@ async fn one_trace_from_the_client_through_sidecar_and_platform_to_postgres() {
         )
         .await
         .expect("seed");
-    // Read live from PostgreSQL (no accelerated copy): the query reaches the source.
-    let platform = Tier::start(
+    // The table lives in region us, read live from PostgreSQL (no accelerated copy); the
+    // sidecar's platform is in eu and reaches it through its peer.
+    let us = Tier::start(
         "platform-service",
         &format!(
-            "region: eu\ndatasets:\n  - name: accounts\n    from: postgres:public.accounts\n    params: {}\n{}",
+            "region: us\ndatasets:\n  - name: accounts\n    from: postgres:public.accounts\n    params: {}\n{}  service_name: platform-us\n",
             pg.params_yaml(),
             telemetry(&receiver.endpoint())
         ),
     )
     .await;
-    platform.wait_ready(Duration::from_secs(30)).await;
+    us.wait_ready(Duration::from_secs(30)).await;
+    let eu = Tier::start(
+        "platform-service",
+        &format!(
+            "region: eu\npeers:\n  - region: us\n    endpoint: http://{}\n{}  service_name: platform-eu\n",
+            us.flight_addr,
+            telemetry(&receiver.endpoint())
+        ),
+    )
+    .await;
+    eu.wait_ready(Duration::from_secs(30)).await;
     let sidecar = Tier::start(
         "app-sidecar",
         &format!(
             "region: eu\nupstream:\n  endpoints: [http://{}]\n{}",
-            platform.flight_addr,
+            eu.flight_addr,
             telemetry(&receiver.endpoint())
         ),
     )
@@ -86,8 +98,8 @@ async fn one_trace_from_the_client_through_sidecar_and_platform_to_postgres() {
     assert_eq!(rows, 1);
 
     // Spans arrive in batches every 100 ms; wait for the source read at the far end.
-    wait_until(Duration::from_secs(20), "the platform's source read span", || async {
-        receiver.trace(CLIENT_TRACE).iter().any(|s| s.name == "source_read" && s.service == "platform").then_some(())
+    wait_until(Duration::from_secs(20), "the peer platform's source read span", || async {
+        receiver.trace(CLIENT_TRACE).iter().any(|s| s.name == "source_read" && s.service == "platform-us").then_some(())
     })
     .await;
     // Let the sidecar's query span (closed when its stream ended) arrive too.
@@ -108,17 +120,25 @@ async fn one_trace_from_the_client_through_sidecar_and_platform_to_postgres() {
     assert_eq!(sidecar_query.parent_span_id, CLIENT_SPAN, "{}", span_tree(&spans));
     assert_eq!(sidecar_query.attributes.get("route").map(String::as_str), Some("forwarded"));
     assert_eq!(sidecar_query.attributes.get("rows").map(String::as_str), Some("1"));
-    // ... and the source read hangs under platform query -> sidecar forward -> sidecar query.
+    // ... and the source read hangs under the peer's query, the eu platform's forward and
+    // query, the sidecar's forward and query, in that order.
     let read = spans.iter().find(|s| s.name == "source_read").expect("source read");
     let chain = ancestry(&spans, read);
-    let platform_query = chain.iter().position(|&(n, s)| n == "query" && s == "platform");
-    let forward = chain.iter().position(|&(n, s)| n == "forward" && s == "sidecar");
-    let root = chain.iter().position(|&(n, s)| n == "query" && s == "sidecar");
+    let expected = [
+        ("source_read", "platform-us"),
+        ("query", "platform-us"),
+        ("forward", "platform-eu"),
+        ("query", "platform-eu"),
+        ("forward", "sidecar"),
+        ("query", "sidecar"),
+    ];
+    let positions: Vec<Option<usize>> = expected.iter().map(|want| chain.iter().position(|hop| hop == want)).collect();
     assert!(
-        matches!((platform_query, forward, root), (Some(p), Some(f), Some(r)) if p < f && f < r),
+        positions.iter().all(Option::is_some) && positions.windows(2).all(|w| w[0] < w[1]),
         "source read ancestry {chain:?}\n{}",
         span_tree(&spans)
     );
+    assert_eq!(chain.last(), Some(&("query", "sidecar")), "the sidecar's query is the root: {chain:?}");
     assert!(read.attributes.get("sql").is_some_and(|sql| sql.contains("accounts")), "{read:?}");
 
     // A DBA finds the trace id in pg_stat_activity: the statement carried it as a comment.
