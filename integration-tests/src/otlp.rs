@@ -1,32 +1,17 @@
 //! An OTLP/gRPC trace receiver in the test process: the collector stand-in the tiers export
 //! to. It keeps every span it is sent, with its service, so a test can rebuild the trace.
 
-use std::collections::HashMap;
 use std::fmt::Write;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
-use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
-use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+pub use strata_serving::trace_sink::ReceivedSpan;
+use strata_serving::trace_sink::TraceSink;
 use tokio_util::sync::CancellationToken;
-
-/// One received span, flattened.
-#[derive(Debug, Clone)]
-pub struct ReceivedSpan {
-    pub service: String,
-    pub name: String,
-    pub trace_id: String,
-    pub span_id: String,
-    /// Empty for a root.
-    pub parent_span_id: String,
-    pub attributes: HashMap<String, String>,
-}
 
 /// The receiver; dropping it stops the server.
 pub struct OtlpReceiver {
     pub addr: SocketAddr,
-    spans: Arc<Mutex<Vec<ReceivedSpan>>>,
+    sink: TraceSink,
     stop: CancellationToken,
 }
 
@@ -34,9 +19,9 @@ impl OtlpReceiver {
     pub async fn start() -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind OTLP receiver");
         let addr = listener.local_addr().expect("addr");
-        let spans = Arc::new(Mutex::new(Vec::new()));
+        let sink = TraceSink::new(1_000_000);
         let stop = CancellationToken::new();
-        let service = TraceServiceServer::new(Collector { spans: Arc::clone(&spans) });
+        let service = sink.grpc_service();
         let incoming = tokio_stream_from(listener);
         let until = stop.clone();
         tokio::spawn(async move {
@@ -45,7 +30,7 @@ impl OtlpReceiver {
                 .serve_with_incoming_shutdown(incoming, until.cancelled_owned())
                 .await;
         });
-        Self { addr, spans, stop }
+        Self { addr, sink, stop }
     }
 
     /// `http://addr`, for `telemetry.otlp_endpoint`.
@@ -54,12 +39,12 @@ impl OtlpReceiver {
     }
 
     pub fn spans(&self) -> Vec<ReceivedSpan> {
-        self.spans.lock().expect("spans").clone()
+        self.sink.spans()
     }
 
     /// The spans of one trace.
     pub fn trace(&self, trace_id: &str) -> Vec<ReceivedSpan> {
-        self.spans().into_iter().filter(|s| s.trace_id == trace_id).collect()
+        self.sink.trace(trace_id)
     }
 }
 
@@ -99,57 +84,6 @@ pub fn span_tree(spans: &[ReceivedSpan]) -> String {
         walk(spans, root, 1, &mut out);
     }
     out
-}
-
-struct Collector {
-    spans: Arc<Mutex<Vec<ReceivedSpan>>>,
-}
-
-#[tonic::async_trait]
-impl TraceService for Collector {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let mut received = Vec::new();
-        for resource_spans in request.into_inner().resource_spans {
-            let service = resource_spans
-                .resource
-                .as_ref()
-                .and_then(|r| r.attributes.iter().find(|kv| kv.key == "service.name"))
-                .map(value_of)
-                .unwrap_or_default();
-            for scope in resource_spans.scope_spans {
-                for span in scope.spans {
-                    received.push(ReceivedSpan {
-                        service: service.clone(),
-                        name: span.name,
-                        trace_id: hex(&span.trace_id),
-                        span_id: hex(&span.span_id),
-                        parent_span_id: hex(&span.parent_span_id),
-                        attributes: span.attributes.iter().map(|kv| (kv.key.clone(), value_of(kv))).collect(),
-                    });
-                }
-            }
-        }
-        self.spans.lock().expect("spans").extend(received);
-        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
-    }
-}
-
-fn value_of(kv: &KeyValue) -> String {
-    match kv.value.as_ref().and_then(|v: &AnyValue| v.value.as_ref()) {
-        Some(any_value::Value::StringValue(s)) => s.clone(),
-        Some(any_value::Value::IntValue(i)) => i.to_string(),
-        Some(any_value::Value::BoolValue(b)) => b.to_string(),
-        Some(any_value::Value::DoubleValue(d)) => d.to_string(),
-        Some(other) => format!("{other:?}"),
-        None => String::new(),
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn tokio_stream_from(

@@ -11,6 +11,7 @@ mod health;
 mod sql;
 mod status;
 mod text_table;
+mod trace_sink;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -63,6 +64,9 @@ enum Command {
     /// The datasets of a tier and of its upstream in one table; `--watch` redraws it with
     /// progress bars for loads, refreshes and snapshots under way.
     Status(status::StatusArgs),
+    /// An OTLP/gRPC trace receiver that shows the spans it was sent at `GET /v1/spans`: the
+    /// compose demo's collector stand-in.
+    TraceSink(trace_sink::TraceSinkArgs),
 }
 
 /// The tiers, as `strata check` names them (the same words as their subcommands).
@@ -88,5 +92,6 @@ fn main() -> ExitCode {
         Command::DemoApp(args) => demo_app::main(args),
         Command::Sql(args) => sql::main(args),
         Command::Status(args) => status::main(args),
+        Command::TraceSink(args) => trace_sink::main(args),
     }
 }

@@ -12,5 +12,6 @@ pub mod stack;
 pub mod status;
 pub mod telemetry;
 pub mod tier;
+pub mod trace_sink;
 
 pub use server::{ServeError, Servers, start};
