@@ -306,8 +306,50 @@ def step_sigterm_drain():
     FIGURES["drain_query_seconds"] = round(took, 1)
 
 
+def http_json(url, timeout=5.0):
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def step_observability():
+    log("Prometheus scrapes every tier; one query's trace reaches the collector from each tier it crossed")
+    prometheus = f"http://127.0.0.1:{os.environ['PROMETHEUS_PORT']}"
+    tiers = {"platform-eu:8080", "platform-us:8080", "app:8080", "edge:8080"}
+
+    def scraped():
+        targets = http_json(f"{prometheus}/api/v1/targets")["data"]["activeTargets"]
+        return {t["labels"]["instance"] for t in targets if t["health"] == "up"} >= tiers
+    took = wait_for("Prometheus to scrape every tier", scraped, 90)
+    ready = http_json(f"{prometheus}/api/v1/query?query=strata_ready")["data"]["result"]
+    if {r["metric"]["instance"] for r in ready} != tiers or any(r["value"][1] != "1" for r in ready):
+        fail(f"strata_ready in Prometheus: {ready}")
+    routes = http_json(f"{prometheus}/api/v1/query?query=sum%20by%20(route)%20(strata_query_routes_total)")
+    log(f"  every tier scraped {took:.1f} s in; queries by route: "
+        + ", ".join(f"{r['metric'].get('route')}={r['value'][1]}" for r in routes["data"]["result"]))
+
+    trace_id, parent = os.urandom(16).hex(), os.urandom(8).hex()
+    answer = sql("sidecar", SHIPMENTS, headers={"traceparent": f"00-{trace_id}-{parent}-01"})
+    if answer.status != 200 or answer.rows != psql(SHIPMENTS):
+        fail(f"the traced query answered {answer.status}: {answer.body.strip()[:200]}")
+    collector = f"http://127.0.0.1:{os.environ['COLLECTOR_HTTP_PORT']}"
+    crossed = {"sidecar", "platform-eu", "platform-us"}
+
+    def traced():
+        spans = http_json(f"{collector}/v1/spans?trace_id={trace_id}")
+        return {s["service"] for s in spans if s["name"] == "query"} >= crossed
+    wait_for("the query's spans from every tier it crossed", traced, 30)
+    spans = http_json(f"{collector}/v1/spans?trace_id={trace_id}")
+    roots = [s for s in spans if s["name"] == "query" and s["service"] == "sidecar"]
+    if len(roots) != 1 or roots[0]["parent_span_id"] != parent:
+        fail(f"the sidecar's query span is not the child of the client's span {parent}: {roots}")
+    log(f"  trace {trace_id}: {len(spans)} spans from " + ", ".join(sorted({s['service'] for s in spans})))
+    FIGURES["prometheus_all_tiers_scraped_seconds"] = round(took, 1)
+    FIGURES["trace_spans_one_cross_region_query"] = len(spans)
+
+
 def main():
     step_routes()
+    step_observability()
     step_platform_kill()
     step_partition()
     step_edge_restart()

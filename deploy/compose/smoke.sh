@@ -2,7 +2,9 @@
 # The compose demo's smoke and fault test, run by CI: builds the images offline, brings the
 # demo up from nothing, checks a query at every tier against PostgreSQL and runs every fault
 # step (platform kill and restart, edge partition with writes, edge restart offline, SIGTERM
-# drain), then tears everything down and checks nothing of the project is left.
+# drain), checks Prometheus scrapes every tier and one query's trace reaches the collector
+# stand-in from every tier it crossed, then tears everything down and checks nothing of the
+# project is left.
 #
 #   deploy/compose/smoke.sh [--profile dev|release]
 #
@@ -24,6 +26,7 @@ export COMPOSE_PROJECT_NAME="strata-smoke-$$"
 export STRATA_IMAGE="strata:$profile"
 export PLATFORM_EU_HTTP_PORT=28081 PLATFORM_EU_FLIGHT_PORT=25051 PLATFORM_US_HTTP_PORT=28082 PLATFORM_US_FLIGHT_PORT=25052
 export SIDECAR_HTTP_PORT=28083 SIDECAR_FLIGHT_PORT=25053 EDGE_HTTP_PORT=28084 EDGE_FLIGHT_PORT=25054
+export PROMETHEUS_PORT=29090 COLLECTOR_HTTP_PORT=26686
 compose+=(--project-directory "$here" -f "$here/docker-compose.yml")
 
 teardown() {

@@ -42,8 +42,11 @@ Endpoints (HTTP /v1/sql takes a SQL body; Flight SQL on the grpc ports):
   edge        (eu)             http://127.0.0.1:${EDGE_HTTP_PORT:-18084}      grpc://127.0.0.1:${EDGE_FLIGHT_PORT:-15054}
   platform-eu                  http://127.0.0.1:${PLATFORM_EU_HTTP_PORT:-18081}      grpc://127.0.0.1:${PLATFORM_EU_FLIGHT_PORT:-15051}
   platform-us                  http://127.0.0.1:${PLATFORM_US_HTTP_PORT:-18082}      grpc://127.0.0.1:${PLATFORM_US_FLIGHT_PORT:-15052}
+  prometheus                   http://127.0.0.1:${PROMETHEUS_PORT:-19090}      (every tier's /metrics; dashboard: deploy/monitoring/)
+  traces                       http://127.0.0.1:${COLLECTOR_HTTP_PORT:-16686}/v1/spans?trace_id=...
 
 Try:  curl -si -d 'SELECT status, count(*) FROM orders GROUP BY status' http://127.0.0.1:${SIDECAR_HTTP_PORT:-18083}/v1/sql
       ${compose[*]} logs -f app        (each answer's route, versions and latency)
+      strata sql --endpoint http://127.0.0.1:${SIDECAR_FLIGHT_PORT:-15053} --http http://127.0.0.1:${SIDECAR_HTTP_PORT:-18083}
 Stop: ${compose[*]} down -v
 EOT

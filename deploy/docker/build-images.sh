@@ -11,6 +11,8 @@
 #   strata-postgres:15      the same plus PostgreSQL 15, the demo's sample data
 #                           (postgres/demo-data.sql) and an entrypoint that initializes $PGDATA
 #                           and runs /docker-entrypoint-initdb.d/*.sql once
+#   strata-prometheus:2     the same plus Debian's prometheus package (the compose demo's
+#                           metrics; its scrape config is mounted by the compose file)
 #   strata:<profile>        strata-base + the `strata` binary (every tier is a subcommand)
 #
 # A base image is rebuilt only when its inputs (this script's recipe, the entrypoint) change;
@@ -100,7 +102,10 @@ base_image() {
   ln "$tar" "$ctx/rootfs.tar" 2>/dev/null || cp "$tar" "$ctx/rootfs.tar"
   for f in "$@"; do cp "$f" "$ctx/"; done
   printf 'FROM scratch\nADD rootfs.tar /\nLABEL strata.inputs=%s\n' "$inputs" > "$ctx/Dockerfile"
-  [ "$tag" = strata-postgres:15 ] && cat "$here/postgres/Dockerfile.tail" >> "$ctx/Dockerfile"
+  # An image's own instructions (user, entrypoint) come from the Dockerfile.tail among its files.
+  for f in "$@"; do
+    if [ "$(basename "$f")" = Dockerfile.tail ]; then cat "$f" >> "$ctx/Dockerfile"; fi
+  done
   quiet_build -t "$tag" "$ctx"
   rm -rf "$ctx"
   # Older rootfs tars of this tag are of no further use.
@@ -110,6 +115,7 @@ base_image() {
 base_image strata-base:bookworm ""
 base_image strata-postgres:15 "postgresql-15" "$here/postgres/entrypoint.sh" "$here/postgres/demo-data.sql" \
   "$here/postgres/Dockerfile.tail"
+base_image strata-prometheus:2 "prometheus" "$here/prometheus/Dockerfile.tail"
 
 # The strata image: the host-built binary on strata-base. The host is Debian 12 (bookworm),
 # so the binary's glibc matches the image's.
@@ -129,6 +135,6 @@ quiet_build --build-arg BASE=strata-base:bookworm -t "strata:$profile" "$ctx"
 docker image prune -f --filter label=strata.inputs >/dev/null
 
 echo "images:"
-for tag in strata-base:bookworm strata-postgres:15 "strata:$profile"; do
+for tag in strata-base:bookworm strata-postgres:15 strata-prometheus:2 "strata:$profile"; do
   printf '  %-22s %s MB\n' "$tag" "$(( $(docker image inspect -f '{{.Size}}' "$tag") / 1000000 ))"
 done

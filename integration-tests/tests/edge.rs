@@ -93,7 +93,7 @@ async fn sink_rows(pg: &PgServer) -> Vec<(i32, i64)> {
 async fn wait_drained(edge: &Tier, pg: &PgServer, expected_at_least: usize) {
     edge.wait_for(Duration::from_secs(120), "the edge to drain its log", || async {
         let (_, body) = edge.get_json("/v1/datasets").await;
-        let empty = body["backlog"]["records"] == 0;
+        let empty = body["backlog"]["records"] == 0 && body["backlog"]["oldest_seconds"].is_null();
         (empty && sink_rows(pg).await.len() >= expected_at_least).then_some(())
     })
     .await
@@ -113,6 +113,11 @@ async fn edge_writes_survive_an_outage_and_kill_9_and_land_exactly_once() {
     let acked: Arc<Mutex<HashSet<(i32, i64)>>> = Arc::new(Mutex::new((1..=3).map(|n| (9, n)).collect()));
     let (rows, route, _) = edge.routed("SELECT count(*) AS n FROM readings WHERE writer = 9", &[]).await;
     assert_eq!(rows[0]["n"], 3, "read-your-writes while the platform is down (route {route})");
+    // The operator sees the write waiting, and for how long.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_, listed) = edge.get_json("/v1/datasets").await;
+    assert!(listed["backlog"]["records"].as_u64() >= Some(1), "{listed}");
+    assert!(listed["backlog"]["oldest_seconds"].as_f64().is_some_and(|s| s >= 0.2), "upload lag: {listed}");
 
     // Concurrent writers; the agent is killed with SIGKILL in the middle and restarted.
     const WRITERS: i64 = 4;

@@ -121,7 +121,15 @@ async fn every_tier_exports_metrics_a_prometheus_parser_accepts() {
     assert_has(
         &edge_metrics,
         "edge",
-        &[EVERY_TIER, replicas, &[("strata_edge_backlog_records", "gauge"), ("strata_edge_backlog_bytes", "gauge")]]
-            .concat(),
+        &[
+            EVERY_TIER,
+            replicas,
+            &[
+                ("strata_edge_backlog_records", "gauge"),
+                ("strata_edge_backlog_bytes", "gauge"),
+                ("strata_edge_upload_lag_seconds", "gauge"),
+            ],
+        ]
+        .concat(),
     );
 }

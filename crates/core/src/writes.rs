@@ -38,12 +38,14 @@ pub trait LocalWrites: Send + Sync {
 
 /// Acknowledged writes waiting for the upstream: what an operator watches during an outage
 /// (and a test waits on to know an upload has finished).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Backlog {
     /// Batches in the log not confirmed upstream.
     pub records: u64,
     /// Their size in the log, bytes.
     pub bytes: u64,
+    /// Seconds since the oldest of them was accepted (the upload lag); `None` when none waits.
+    pub oldest_seconds: Option<f64>,
 }
 
 /// Writes of one dataset that the upstream refused permanently, kept on disk.

@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
@@ -29,13 +29,20 @@ const MAX_UPLOAD_BATCHES: usize = 2048;
 /// ... and at most about this many bytes of log records (a single larger batch goes alone).
 const MAX_UPLOAD_BYTES: u64 = 8 << 20;
 
+/// A write acknowledged and not yet confirmed upstream, with when it was accepted (the upload
+/// lag is the age of the oldest).
+struct Pending {
+    entry: Entry,
+    accepted: Instant,
+}
+
 /// The write path of one edge agent.
 pub struct EdgeWrites {
     config: EdgeConfig,
     log: Arc<IngestLog>,
     router: Arc<TierRouter>,
     /// Written and not yet confirmed by the platform, in sequence order.
-    pending: Arc<Mutex<VecDeque<Entry>>>,
+    pending: Arc<Mutex<VecDeque<Pending>>>,
     /// Per writable dataset, the pending rows as a table local queries union in.
     tables: Mutex<Vec<(String, Arc<PendingTable>)>>,
     wake: Notify,
@@ -98,7 +105,9 @@ impl EdgeWrites {
                     warn!(seq = entry.seq, error = %err, "a recovered write cannot be shown to local queries");
                 }
             }
-            lock(&writes.pending).push_back(entry);
+            // Its first acceptance was before the restart; the lag counts from when this
+            // process took it over (the log keeps no wall time per record).
+            lock(&writes.pending).push_back(Pending { entry, accepted: Instant::now() });
         }
         writes
     }
@@ -127,7 +136,7 @@ impl EdgeWrites {
         let pending = lock(&self.pending);
         let mut group = Vec::new();
         let mut bytes = 0;
-        for entry in pending.iter().take_while(|e| e.seq <= durable) {
+        for entry in pending.iter().map(|p| &p.entry).take_while(|e| e.seq <= durable) {
             let full = alone || group.len() == MAX_UPLOAD_BATCHES || bytes + entry.bytes > MAX_UPLOAD_BYTES;
             if !group.is_empty() && full {
                 break;
@@ -141,7 +150,7 @@ impl EdgeWrites {
     /// Forgets every write up to `seq` once the platform confirmed it.
     fn confirmed_through(&self, seq: u64) {
         let mut pending = lock(&self.pending);
-        while pending.front().is_some_and(|e| e.seq <= seq) {
+        while pending.front().is_some_and(|p| p.entry.seq <= seq) {
             pending.pop_front();
         }
         for (_, table) in lock(&self.tables).iter() {
@@ -361,7 +370,11 @@ impl LocalWrites for EdgeWrites {
 
     fn backlog(&self) -> strata_core::writes::Backlog {
         let pending = lock(&self.pending);
-        strata_core::writes::Backlog { records: pending.len() as u64, bytes: pending.iter().map(|e| e.bytes).sum() }
+        strata_core::writes::Backlog {
+            records: pending.len() as u64,
+            bytes: pending.iter().map(|p| p.entry.bytes).sum(),
+            oldest_seconds: pending.front().map(|p| p.accepted.elapsed().as_secs_f64()),
+        }
     }
 
     async fn write(&self, dataset: &str, batches: Vec<RecordBatch>) -> Result<WriteReceipt, StrataError> {
@@ -387,7 +400,7 @@ impl LocalWrites for EdgeWrites {
                 if let Err(err) = table.push(seq, &entry.batches) {
                     warn!(seq, error = %err, "a write cannot be shown to local queries");
                 }
-                pending.push_back(entry);
+                pending.push_back(Pending { entry, accepted: Instant::now() });
                 seq
             };
             // Acknowledged only once durable; concurrent writers share one fsync.

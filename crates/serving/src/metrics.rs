@@ -217,6 +217,12 @@ impl Metrics {
             );
             let _ = writeln!(out, "# TYPE strata_edge_backlog_bytes gauge");
             let _ = writeln!(out, "strata_edge_backlog_bytes {}", backlog.bytes);
+            let _ = writeln!(
+                out,
+                "# HELP strata_edge_upload_lag_seconds Age of the oldest edge write not yet confirmed upstream (0 when none waits)."
+            );
+            let _ = writeln!(out, "# TYPE strata_edge_upload_lag_seconds gauge");
+            let _ = writeln!(out, "strata_edge_upload_lag_seconds {}", backlog.oldest_seconds.unwrap_or(0.0));
         }
         let traces = crate::telemetry::export_stats();
         let _ = writeln!(out, "# HELP strata_trace_spans_exported_total Spans sent to the OTLP collector.");
