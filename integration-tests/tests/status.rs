@@ -96,4 +96,16 @@ async fn strata_status_shows_a_sidecar_with_its_platform() {
     let zones = line("zones");
     assert!(zones.contains("| upstream ") && zones.contains("region eu") && zones.contains("| no "), "{shown}");
     assert!(shown.contains(&format!("upstream http://{}: breaker closed", platform.flight_addr)), "{shown}");
+
+    // `--watch` off a terminal (a pipe, a log): the plain table again every interval.
+    let mut watch = std::process::Command::new(bin_dir().join("strata"))
+        .args(["status", "--watch", "--interval", "200ms", "--http", &format!("http://{}", sidecar.http_addr)])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run strata status --watch");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let _ = watch.kill();
+    let out = watch.wait_with_output().expect("watch output");
+    let redrawn = String::from_utf8_lossy(&out.stdout).matches(" dataset | served").count();
+    assert!(redrawn >= 3, "the table was drawn {redrawn} times in 1.5 s at a 200 ms interval");
 }
