@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use arrow_flight::sql::client::FlightSqlServiceClient;
-use futures::TryStreamExt;
+use futures::StreamExt;
 use strata_integration_tests::otlp::{OtlpReceiver, ReceivedSpan, span_tree};
 use strata_integration_tests::postgres::PgServer;
 use strata_integration_tests::tier::Tier;
@@ -91,8 +91,14 @@ async fn one_trace_from_the_client_through_sidecar_platform_and_peer_to_postgres
     let info = client.execute(sql.to_string(), None).await.expect("GetFlightInfo");
     let mut rows = 0;
     for endpoint in info.endpoint {
-        let stream = client.do_get(endpoint.ticket.expect("ticket")).await.expect("DoGet");
-        let batches: Vec<_> = stream.try_collect().await.expect("batches");
+        let mut stream = client.do_get(endpoint.ticket.expect("ticket")).await.expect("DoGet");
+        let mut batches = Vec::new();
+        while let Some(batch) = stream.next().await {
+            batches.push(batch.expect("batch"));
+        }
+        // The answer names its trace, so a client can look it up.
+        let trace_id = stream.headers().get("strata-trace-id").and_then(|v| v.to_str().ok());
+        assert_eq!(trace_id, Some(CLIENT_TRACE));
         rows += batches.iter().map(|b| b.num_rows()).sum::<usize>();
     }
     assert_eq!(rows, 1);

@@ -100,6 +100,10 @@ pub struct RouteInfo {
     /// Whether the answer came from the results cache (only for answers it may hold).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cache: Option<crate::results_cache::CacheStatus>,
+    /// The trace this answer belongs to (32 hex digits), when the query was traced here or
+    /// its caller sent a trace context: what to look up in the trace store.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
 }
 
 impl RouteInfo {
@@ -111,6 +115,7 @@ impl RouteInfo {
             versions: Vec::new(),
             warning: None,
             cache: None,
+            trace_id: None,
         }
     }
 

@@ -2,7 +2,7 @@
 //! `strata-route` (local | forwarded | mixed), `strata-route-reason`, `strata-route-detail`
 //! and `strata-versions` (`dataset=version@age`), plus the request header that asks for the
 //! authoritative copy (`strata-consistency: strong`); `strata-cache` (HIT | MISS | BYPASS)
-//! on answers the results cache may hold.
+//! on answers the results cache may hold; `strata-trace-id` on answers that were traced.
 
 use strata_core::routing::{QueryOptions, RouteInfo};
 use strata_core::trace_context::TraceParent;
@@ -30,7 +30,13 @@ pub const WARNING_HEADER: &str = "strata-warning";
 /// HIT, MISS or BYPASS, on answers the results cache may hold.
 pub const CACHE_HEADER: &str = "strata-cache";
 
+/// The trace id of the answer (32 hex digits), when it was traced: what to look up.
+pub const TRACE_ID_HEADER: &str = "strata-trace-id";
+
 pub fn insert_grpc(metadata: &mut tonic::metadata::MetadataMap, route: &RouteInfo) {
+    if let Some(Ok(value)) = route.trace_id.as_deref().map(str::parse) {
+        metadata.insert(TRACE_ID_HEADER, value);
+    }
     if let Some(Ok(value)) = route.warning.as_deref().map(|w| ascii(w).parse()) {
         metadata.insert(WARNING_HEADER, value);
     }
@@ -45,6 +51,9 @@ pub fn insert_grpc(metadata: &mut tonic::metadata::MetadataMap, route: &RouteInf
 }
 
 pub fn insert_http(headers: &mut axum::http::HeaderMap, route: &RouteInfo) {
+    if let Some(Ok(value)) = route.trace_id.as_deref().map(axum::http::HeaderValue::from_str) {
+        headers.insert(TRACE_ID_HEADER, value);
+    }
     if let Some(Ok(value)) = route.warning.as_deref().map(|w| axum::http::HeaderValue::from_str(&ascii(w))) {
         headers.insert(WARNING_HEADER, value);
     }

@@ -39,6 +39,7 @@ pub struct Where {
     reason: String,
     versions: String,
     cache: String,
+    trace_id: String,
 }
 
 impl Where {
@@ -49,6 +50,7 @@ impl Where {
             reason: get("strata-route-reason"),
             versions: get("strata-versions"),
             cache: get("strata-cache"),
+            trace_id: get("strata-trace-id"),
         }
     }
 }
@@ -60,7 +62,8 @@ pub struct Answer<'a> {
 }
 
 impl Answer<'_> {
-    /// `(3 rows, 1.2 ms) route: forwarded (cold_start) versions: orders=4@1200ms cache: MISS`
+    /// `(3 rows, 1.2 ms) route: forwarded (cold_start) versions: orders=4@1200ms cache: MISS
+    /// trace: 4bf9...` (each part only when the answer said it)
     pub fn footer(&self, timing: bool) -> String {
         let rows: usize = self.batches.iter().map(RecordBatch::num_rows).sum();
         let mut line = format!("({rows} row{}", if rows == 1 { "" } else { "s" });
@@ -80,6 +83,9 @@ impl Answer<'_> {
         }
         if !place.cache.is_empty() {
             line.push_str(&format!(" cache: {}", place.cache));
+        }
+        if !place.trace_id.is_empty() {
+            line.push_str(&format!(" trace: {}", place.trace_id));
         }
         line
     }
@@ -225,9 +231,17 @@ mod tests {
         metadata.insert("strata-route", "forwarded".parse().expect("header"));
         metadata.insert("strata-route-reason", "cold_start".parse().expect("header"));
         metadata.insert("strata-versions", "orders=4@1200ms".parse().expect("header"));
+        metadata.insert("strata-trace-id", "4bf92f3577b34da6a3ce929d0e0e4736".parse().expect("header"));
         let answer =
             Answer { batches: &[], elapsed: Duration::from_micros(1500), place: Where::from_metadata(&metadata) };
-        assert_eq!(answer.footer(true), "(0 rows, 1.5 ms) route: forwarded (cold_start) versions: orders=4@1200ms");
-        assert_eq!(answer.footer(false), "(0 rows) route: forwarded (cold_start) versions: orders=4@1200ms");
+        let trace = "trace: 4bf92f3577b34da6a3ce929d0e0e4736";
+        assert_eq!(
+            answer.footer(true),
+            format!("(0 rows, 1.5 ms) route: forwarded (cold_start) versions: orders=4@1200ms {trace}")
+        );
+        assert_eq!(
+            answer.footer(false),
+            format!("(0 rows) route: forwarded (cold_start) versions: orders=4@1200ms {trace}")
+        );
     }
 }

@@ -145,6 +145,8 @@ impl Engine {
             Err(_) => return Err(StrataError::Timeout(admission.budget)),
         };
         span.in_scope(|| tracing::debug!(route = %started.info, "routed"));
+        let mut info = started.info;
+        info.trace_id = crate::trace_context::trace_id(&span, &options.trace);
         let limits = StreamLimits {
             deadline: admission.deadline,
             timeout: admission.budget,
@@ -159,7 +161,7 @@ impl Engine {
             admission.started,
             span,
             observer,
-            started.info,
+            info,
         )
         .with_running_slot(started.running_slot))
     }

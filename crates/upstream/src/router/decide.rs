@@ -142,12 +142,21 @@ impl TierRouter {
                     versions: Vec::new(),
                     warning: None,
                     cache: None,
+                    trace_id: None,
                 },
                 upstream,
             }),
             _ => Ok(Routing::Run {
                 plan,
-                info: RouteInfo { route: Route::Mixed, reason, detail, versions, warning: stale_warning, cache: None },
+                info: RouteInfo {
+                    route: Route::Mixed,
+                    reason,
+                    detail,
+                    versions,
+                    warning: stale_warning,
+                    cache: None,
+                    trace_id: None,
+                },
             }),
         }
     }
@@ -183,8 +192,15 @@ impl TierRouter {
         let Some((reason, detail)) = forced else { return Ok(None) };
         let single_upstream = (unforced_scans == 0 && upstreams.len() == 1).then(|| upstreams.into_iter().next());
         let Some(upstream) = self.default_upstream.or(single_upstream.flatten()) else { return Ok(None) };
-        let info =
-            RouteInfo { route: Route::Forwarded, reason, detail, versions: Vec::new(), warning: None, cache: None };
+        let info = RouteInfo {
+            route: Route::Forwarded,
+            reason,
+            detail,
+            versions: Vec::new(),
+            warning: None,
+            cache: None,
+            trace_id: None,
+        };
         Ok(Some((info, upstream)))
     }
 
