@@ -146,6 +146,14 @@ async fn one_trace_from_the_client_through_sidecar_platform_and_peer_to_postgres
     );
     assert_eq!(chain.last(), Some(&("query", "sidecar")), "the sidecar's query is the root: {chain:?}");
     assert!(read.attributes.get("sql").is_some_and(|sql| sql.contains("accounts")), "{read:?}");
+    // Each hop's call upstream names its endpoint, attempt and the breaker it went through.
+    let calls: Vec<_> = spans.iter().filter(|s| s.name == "upstream_call").collect();
+    assert_eq!(calls.len(), 2, "{}", span_tree(&spans));
+    for call in calls {
+        let attr = |k: &str| call.attributes.get(k).map(String::as_str);
+        assert_eq!((attr("rpc"), attr("attempt"), attr("breaker")), (Some("Execute"), Some("1"), Some("closed")));
+        assert!(attr("endpoint").is_some_and(|e| e.starts_with("http://127.0.0.1:")), "{call:?}");
+    }
 
     // A DBA finds the trace id in pg_stat_activity: the statement carried it as a comment.
     let seen = pg

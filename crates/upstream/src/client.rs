@@ -47,9 +47,17 @@ const MAX_FRAME: u32 = 1 << 20;
 /// Largest message accepted from an upstream (Arrow frames of big batches).
 const MAX_MESSAGE: usize = 64 << 20;
 
-/// One upstream call. Cheap to clone (bytes are shared), so it can be retried.
+/// One upstream call and which attempt of it this is. Cheap to clone (bytes are shared), so
+/// it can be retried.
 #[derive(Clone, Debug)]
-enum Call {
+struct Call {
+    rpc: Rpc,
+    /// 1 for the first try; the retry policy counts up.
+    attempt: u32,
+}
+
+#[derive(Clone, Debug)]
+enum Rpc {
     List(ListDatasetsRequest),
     Subscribe(SubscribeRequest),
     Execute(ExecuteRequest, Option<Duration>),
@@ -57,14 +65,20 @@ enum Call {
     Ingest(IngestRequest),
 }
 
-impl Call {
+impl From<Rpc> for Call {
+    fn from(rpc: Rpc) -> Self {
+        Self { rpc, attempt: 1 }
+    }
+}
+
+impl Rpc {
     fn name(&self) -> &'static str {
         match self {
-            Call::List(_) => "ListDatasets",
-            Call::Subscribe(_) => "Subscribe",
-            Call::Execute(..) => "Execute",
-            Call::Health => "Health",
-            Call::Ingest(_) => "Ingest",
+            Rpc::List(_) => "ListDatasets",
+            Rpc::Subscribe(_) => "Subscribe",
+            Rpc::Execute(..) => "Execute",
+            Rpc::Health => "Health",
+            Rpc::Ingest(_) => "Ingest",
         }
     }
 }
@@ -129,17 +143,18 @@ impl Service<Call> for EndpointService {
         // One span per attempt on one endpoint: a retried call shows each try and where it went.
         let span = tracing::debug_span!(
             "upstream_call",
-            rpc = call.name(),
+            rpc = call.rpc.name(),
+            attempt = call.attempt,
             endpoint = %breaker.endpoint,
             breaker = breaker.state_name(),
             error = tracing::field::Empty,
         );
         let recorded = span.clone();
         let call = async move {
-            let result = match call {
-                Call::List(req) => client.list_datasets(req).await.map(|r| Reply::List(r.into_inner())),
-                Call::Subscribe(req) => client.subscribe(req).await.map(|r| Reply::Subscribe(r.into_inner())),
-                Call::Execute(req, timeout) => {
+            let result = match call.rpc {
+                Rpc::List(req) => client.list_datasets(req).await.map(|r| Reply::List(r.into_inner())),
+                Rpc::Subscribe(req) => client.subscribe(req).await.map(|r| Reply::Subscribe(r.into_inner())),
+                Rpc::Execute(req, timeout) => {
                     let mut request = tonic::Request::new(req);
                     if let Some(timeout) = timeout {
                         request.set_timeout(timeout);
@@ -149,8 +164,8 @@ impl Service<Call> for EndpointService {
                         Reply::Execute(metadata, stream)
                     })
                 }
-                Call::Health => client.health(HealthRequest {}).await.map(|r| Reply::Health(r.into_inner())),
-                Call::Ingest(req) => client.ingest(req).await.map(|r| Reply::Ingest(r.into_inner())),
+                Rpc::Health => client.health(HealthRequest {}).await.map(|r| Reply::Health(r.into_inner())),
+                Rpc::Ingest(req) => client.ingest(req).await.map(|r| Reply::Ingest(r.into_inner())),
             };
             match &result {
                 Err(status) if is_unreachable(status) => breaker.failure(status.message()),
@@ -210,8 +225,11 @@ impl Policy<Call, Reply, BoxError> for RetryUnreachable {
         }
     }
 
+    /// The copy kept for the next attempt (tower clones before each try), numbered as such.
     fn clone_request(&mut self, call: &Call) -> Option<Call> {
-        Some(call.clone())
+        let mut next = call.clone();
+        next.attempt += 1;
+        Some(next)
     }
 }
 
@@ -314,7 +332,7 @@ impl UpstreamClient {
     }
 
     pub async fn list_datasets(&self, request: ListDatasetsRequest) -> Result<ListDatasetsResponse, StrataError> {
-        match self.call(Call::List(request)).await? {
+        match self.call(Rpc::List(request).into()).await? {
             Reply::List(r) => Ok(r),
             _ => Err(StrataError::Internal("mismatched upstream reply".into())),
         }
@@ -322,7 +340,7 @@ impl UpstreamClient {
 
     /// Opens a version stream; failures after it opened arrive on the stream.
     pub async fn subscribe(&self, request: SubscribeRequest) -> Result<Streaming<SubscribeEvent>, StrataError> {
-        match self.call(Call::Subscribe(request)).await? {
+        match self.call(Rpc::Subscribe(request).into()).await? {
             Reply::Subscribe(s) => Ok(s),
             _ => Err(StrataError::Internal("mismatched upstream reply".into())),
         }
@@ -335,14 +353,14 @@ impl UpstreamClient {
         deadline: Option<SystemTime>,
     ) -> Result<(MetadataMap, Streaming<ArrowFrame>), StrataError> {
         let timeout = deadline.map(|d| d.duration_since(SystemTime::now()).unwrap_or(Duration::from_millis(1)));
-        match self.call(Call::Execute(request, timeout)).await? {
+        match self.call(Rpc::Execute(request, timeout).into()).await? {
             Reply::Execute(metadata, stream) => Ok((metadata, stream)),
             _ => Err(StrataError::Internal("mismatched upstream reply".into())),
         }
     }
 
     pub async fn health(&self) -> Result<HealthResponse, StrataError> {
-        match self.call(Call::Health).await? {
+        match self.call(Rpc::Health.into()).await? {
             Reply::Health(r) => Ok(r),
             _ => Err(StrataError::Internal("mismatched upstream reply".into())),
         }
@@ -350,7 +368,7 @@ impl UpstreamClient {
 
     /// Uploads one edge batch. Safe to retry: the platform applies each batch id once.
     pub async fn ingest(&self, request: IngestRequest) -> Result<IngestResponse, StrataError> {
-        match self.call(Call::Ingest(request)).await? {
+        match self.call(Rpc::Ingest(request).into()).await? {
             Reply::Ingest(r) => Ok(r),
             _ => Err(StrataError::Internal("mismatched upstream reply".into())),
         }
