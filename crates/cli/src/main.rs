@@ -5,6 +5,7 @@
 //! The container image holds this one binary with every tier as a subcommand: the tiers share
 //! one engine, so four binaries would ship that engine four times (each is most of the size).
 
+mod command;
 mod demo;
 mod demo_app;
 mod health;

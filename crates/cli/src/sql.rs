@@ -72,20 +72,7 @@ fn parse_header(s: &str) -> std::result::Result<(String, String), String> {
 }
 
 pub fn main(args: SqlArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(err) => {
-            eprintln!("error: cannot start the runtime: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(code) => code,
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
+    crate::command::run(run(args))
 }
 
 async fn run(args: SqlArgs) -> Result<ExitCode> {

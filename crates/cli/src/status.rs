@@ -30,20 +30,10 @@ pub struct StatusArgs {
 }
 
 pub fn main(args: StatusArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(err) => {
-            eprintln!("error: cannot start the runtime: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
+    crate::command::run(async move {
+        run(args).await?;
+        Ok(ExitCode::SUCCESS)
+    })
 }
 
 async fn run(args: StatusArgs) -> Result<()> {

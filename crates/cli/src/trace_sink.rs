@@ -26,20 +26,10 @@ pub struct TraceSinkArgs {
 
 pub fn main(args: TraceSinkArgs) -> ExitCode {
     telemetry::init(args.log_format);
-    let runtime = match strata_serving::process::runtime() {
-        Ok(rt) => rt,
-        Err(err) => {
-            eprintln!("error: cannot start the runtime: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(serve(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
+    crate::command::run(async move {
+        serve(args).await?;
+        Ok(ExitCode::SUCCESS)
+    })
 }
 
 async fn serve(args: TraceSinkArgs) -> anyhow::Result<()> {

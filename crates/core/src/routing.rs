@@ -119,6 +119,11 @@ impl RouteInfo {
         }
     }
 
+    /// A query sent whole to an upstream tier; its versions come with the answer.
+    pub fn forwarded(reason: RouteReason, detail: impl Into<String>) -> Self {
+        Self { route: Route::Forwarded, reason, ..Self::local(detail) }
+    }
+
     /// `dataset=version@age_ms` pairs, comma separated: the `strata-versions` header.
     pub fn versions_header(&self) -> String {
         self.versions

@@ -134,18 +134,9 @@ impl TierRouter {
             _ => None,
         };
         match target {
-            Some(upstream) if can_forward && !with_local_writes => Ok(Routing::Forward {
-                info: RouteInfo {
-                    route: Route::Forwarded,
-                    reason,
-                    detail,
-                    versions: Vec::new(),
-                    warning: None,
-                    cache: None,
-                    trace_id: None,
-                },
-                upstream,
-            }),
+            Some(upstream) if can_forward && !with_local_writes => {
+                Ok(Routing::Forward { info: RouteInfo::forwarded(reason, detail), upstream })
+            }
             _ => Ok(Routing::Run {
                 plan,
                 info: RouteInfo {
@@ -192,16 +183,7 @@ impl TierRouter {
         let Some((reason, detail)) = forced else { return Ok(None) };
         let single_upstream = (unforced_scans == 0 && upstreams.len() == 1).then(|| upstreams.into_iter().next());
         let Some(upstream) = self.default_upstream.or(single_upstream.flatten()) else { return Ok(None) };
-        let info = RouteInfo {
-            route: Route::Forwarded,
-            reason,
-            detail,
-            versions: Vec::new(),
-            warning: None,
-            cache: None,
-            trace_id: None,
-        };
-        Ok(Some((info, upstream)))
+        Ok(Some((RouteInfo::forwarded(reason, detail), upstream)))
     }
 
     /// Why a scan of remote table `name` must go upstream whatever the query's filters say.
