@@ -192,8 +192,8 @@ async fn run() -> Result<()> {
         println!("  {:<15} Flight SQL grpc://{}   HTTP http://{}", p.name, p.flight, p.http);
     }
     println!(
-        "\nTry: curl -si -d \"SELECT * FROM orders LIMIT 3\" http://{}/v1/sql | grep -i strata-route",
-        sidecar.http
+        "\nTry: curl -si -d \"SELECT * FROM orders LIMIT 3\" http://{}/v1/sql | grep -i strata-route\n     cargo run -p strata-cli -- sql --endpoint http://{} --http http://{}",
+        sidecar.http, sidecar.flight, sidecar.http
     );
     tokio::signal::ctrl_c().await.context("cannot wait for Ctrl-C")?;
     println!("stopping");
