@@ -38,7 +38,7 @@ use tower::{BoxError, Service, ServiceExt};
 use tracing::Instrument;
 
 use crate::breaker::Breaker;
-use crate::wire::{is_unreachable, status_error};
+use crate::wire::{self, is_unreachable, status_error};
 
 /// HTTP/2 flow-control window (per stream and per connection) and frame size of upstream calls.
 const STREAM_WINDOW: u32 = 16 << 20;
@@ -155,9 +155,15 @@ impl Service<Call> for EndpointService {
                 Rpc::List(req) => client.list_datasets(req).await.map(|r| Reply::List(r.into_inner())),
                 Rpc::Subscribe(req) => client.subscribe(req).await.map(|r| Reply::Subscribe(r.into_inner())),
                 Rpc::Execute(req, timeout) => {
+                    let trace = req.context.as_ref().map(|c| (c.traceparent.clone(), c.tracestate.clone()));
                     let mut request = tonic::Request::new(req);
                     if let Some(timeout) = timeout {
                         request.set_timeout(timeout);
+                    }
+                    // The tiers read the context from the request; a proxy or service mesh
+                    // between them reads the same W3C headers.
+                    if let Some((parent, state)) = trace {
+                        wire::insert_trace_headers(request.metadata_mut(), &parent, &state);
                     }
                     client.execute(request).await.map(|r| {
                         let (metadata, stream, _) = r.into_parts();

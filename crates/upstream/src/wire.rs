@@ -69,6 +69,16 @@ pub fn context(options: &QueryOptions, tier: &str, region: &str, deadline: Optio
     }
 }
 
+/// Writes a call's W3C trace context as `traceparent` / `tracestate` metadata (skipping
+/// empty or non-header-safe values), for proxies and meshes between the tiers.
+pub fn insert_trace_headers(metadata: &mut tonic::metadata::MetadataMap, traceparent: &str, tracestate: &str) {
+    for (name, value) in [("traceparent", traceparent), ("tracestate", tracestate)] {
+        if let (false, Ok(value)) = (value.is_empty(), value.parse()) {
+            metadata.insert(name, value);
+        }
+    }
+}
+
 /// Options and deadline of a call received from another tier.
 pub fn options(context: Option<QueryContext>) -> (QueryOptions, Option<SystemTime>) {
     let c = context.unwrap_or_default();
@@ -278,6 +288,21 @@ pub fn is_unreachable(status: &tonic::Status) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trace_headers_carry_the_calls_context_and_skip_what_a_header_cannot_hold() {
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        insert_trace_headers(&mut metadata, "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "");
+        assert_eq!(
+            metadata.get("traceparent").and_then(|v| v.to_str().ok()),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        );
+        assert!(metadata.get("tracestate").is_none());
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        insert_trace_headers(&mut metadata, "bad\nvalue", "k=v");
+        assert!(metadata.get("traceparent").is_none());
+        assert_eq!(metadata.get("tracestate").and_then(|v| v.to_str().ok()), Some("k=v"));
+    }
 
     #[test]
     fn parameters_round_trip_as_one_ipc_row() {
