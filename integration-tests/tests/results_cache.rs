@@ -102,3 +102,27 @@ async fn results_cache_can_be_turned_off() {
         assert_eq!((rows[0]["s"].as_i64(), status.as_str()), (Some(4), "none"));
     }
 }
+
+#[tokio::test]
+async fn cache_control_no_cache_gets_a_fresh_answer_and_leaves_the_entry() {
+    let dir = tempfile::tempdir().expect("dir");
+    let csv = dir.path().join("t.csv");
+    std::fs::write(&csv, "a,b\n1,2\n3,4\n").expect("csv");
+    let tier = Tier::start(
+        "platform-service",
+        &format!("datasets:\n  - name: t\n    from: file:{}\n    acceleration: {{}}\n", csv.display()),
+    )
+    .await;
+    tier.wait_ready(Duration::from_secs(30)).await;
+    let sql = "SELECT sum(a) AS s FROM t";
+    assert_eq!(query(&tier, sql).await.1, "MISS");
+    assert_eq!(query(&tier, sql).await.1, "HIT");
+    for directive in ["no-cache", "max-age=0, No-Store"] {
+        let (status, body, headers) = tier.sql_with(sql, &[("cache-control", directive)]).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body[0]["s"].as_i64(), Some(4));
+        assert_eq!(headers.get("strata-cache").and_then(|v| v.to_str().ok()), Some("BYPASS"), "{directive}");
+    }
+    // The entry is still there for everyone else.
+    assert_eq!(query(&tier, sql).await.1, "HIT");
+}

@@ -171,6 +171,9 @@ pub struct QueryOptions {
     /// When the caller stops waiting (a downstream tier's own deadline): the query ends by
     /// then even if `limits.query_timeout` would allow longer.
     pub deadline: Option<std::time::SystemTime>,
+    /// The caller asked for a fresh answer (`Cache-Control: no-cache` or `no-store`): the
+    /// results cache is neither read nor written for this query, on any tier it crosses.
+    pub bypass_cache: bool,
 }
 
 /// What the router decided for one planned query.

@@ -2,7 +2,8 @@
 //! `strata-route` (local | forwarded | mixed), `strata-route-reason`, `strata-route-detail`
 //! and `strata-versions` (`dataset=version@age`), plus the request header that asks for the
 //! authoritative copy (`strata-consistency: strong`); `strata-cache` (HIT | MISS | BYPASS)
-//! on answers the results cache may hold; `strata-trace-id` on answers that were traced.
+//! on answers the results cache may hold; `strata-trace-id` on answers that were traced. A
+//! request's `Cache-Control: no-cache` (or `no-store`) keeps the results cache out of it.
 
 use strata_core::routing::{QueryOptions, RouteInfo};
 use strata_core::trace_context::TraceParent;
@@ -74,11 +75,36 @@ pub fn options(headers: &axum::http::HeaderMap) -> QueryOptions {
         strong_consistency: get(CONSISTENCY_HEADER).eq_ignore_ascii_case("strong"),
         tenant: get(TENANT_HEADER),
         trace: TraceParent::new(get("traceparent"), get("tracestate")),
+        bypass_cache: wants_fresh(&get("cache-control")),
         ..QueryOptions::default()
     }
+}
+
+/// Whether a `Cache-Control` request header asks for a fresh answer (`no-cache`, `no-store`,
+/// in any case, among other directives).
+fn wants_fresh(cache_control: &str) -> bool {
+    cache_control.split(',').any(|d| {
+        let d = d.trim();
+        d.eq_ignore_ascii_case("no-cache") || d.eq_ignore_ascii_case("no-store")
+    })
 }
 
 /// The JSON `app_metadata` of the first Flight message: the route, for clients that cannot read headers.
 pub fn app_metadata(route: &RouteInfo) -> bytes::Bytes {
     serde_json::to_vec(route).map(bytes::Bytes::from).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_control_no_cache_or_no_store_asks_for_a_fresh_answer() {
+        for fresh in ["no-cache", "No-Store", "max-age=0, no-cache", " no-store ,private"] {
+            assert!(wants_fresh(fresh), "{fresh}");
+        }
+        for cached in ["", "max-age=60", "no-cachex", "private", "no-transform"] {
+            assert!(!wants_fresh(cached), "{cached}");
+        }
+    }
 }

@@ -66,6 +66,7 @@ pub fn context(options: &QueryOptions, tier: &str, region: &str, deadline: Optio
         deadline_unix_ms: deadline.map_or(0, millis_since_epoch),
         strong_consistency: options.strong_consistency,
         hops: options.hops + 1,
+        bypass_cache: options.bypass_cache,
     }
 }
 
@@ -92,6 +93,7 @@ pub fn options(context: Option<QueryContext>) -> (QueryOptions, Option<SystemTim
             origin_region: c.origin_region,
             hops: c.hops,
             deadline,
+            bypass_cache: c.bypass_cache,
         },
         deadline,
     )

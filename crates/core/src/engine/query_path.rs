@@ -267,6 +267,14 @@ impl Engine {
             Ok(datafusion::physical_plan::execute_stream(physical, Arc::clone(&self.inner.task_ctx))?)
         };
         let cache = self.inner.results.as_ref().filter(|_| planned.deterministic);
+        // The client asked for a fresh answer: neither read nor stored, and said so.
+        let cache = match cache {
+            Some(_) if options.bypass_cache => {
+                info.cache = Some(crate::results_cache::CacheStatus::Bypass);
+                None
+            }
+            cache => cache,
+        };
         if let Some((cache, key)) = cache.and_then(|c| Some((c, c.key(&plan)?))) {
             match cache.get_or_run(key, execute()).await? {
                 Some((stream, status)) => {
