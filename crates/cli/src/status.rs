@@ -14,7 +14,7 @@ use anyhow::{Context, Result, anyhow};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::Value;
 
-use crate::text_table::table;
+use crate::text_table::{age_cell, cell, table};
 
 #[derive(clap::Args, Debug)]
 pub struct StatusArgs {
@@ -67,14 +67,14 @@ pub fn render(body: &Value) -> String {
     let mut out = datasets_table(body);
     if let Some(endpoints) = body["upstream_endpoints"].as_array() {
         for e in endpoints {
-            out.push_str(&format!("upstream {}: breaker {}\n", text(&e["endpoint"]), text(&e["breaker"])));
+            out.push_str(&format!("upstream {}: breaker {}\n", cell(&e["endpoint"]), cell(&e["breaker"])));
         }
     }
     if let Some(backlog) = body.get("backlog") {
         out.push_str(&format!(
             "edge backlog: {} records, {} bytes not yet confirmed upstream\n",
-            text(&backlog["records"]),
-            text(&backlog["bytes"])
+            cell(&backlog["records"]),
+            cell(&backlog["bytes"])
         ));
     }
     for (name, progress) in in_progress(body) {
@@ -92,7 +92,7 @@ fn datasets_table(body: &Value) -> String {
     let mut rows: Vec<[String; 10]> = local
         .iter()
         .map(|d| {
-            let name = text(&d["name"]);
+            let name = cell(&d["name"]);
             let replica = d.get("replication").is_some_and(|r| !r.is_null());
             let lag = match (replica, upstream_versions.get(name.as_str()), d["version"].as_u64()) {
                 (true, Some(up), held) => format!("{} versions", up.saturating_sub(held.unwrap_or(0))),
@@ -101,30 +101,30 @@ fn datasets_table(body: &Value) -> String {
             [
                 name,
                 if replica { "replica" } else { "here" }.into(),
-                text(&d["source"]),
+                cell(&d["source"]),
                 yes_no(&d["accelerated"]),
-                text(&d["rows"]),
-                text(&d["version"]),
-                age(&d["staleness_seconds"]),
-                text(&d["last_refresh"]),
+                cell(&d["rows"]),
+                cell(&d["version"]),
+                age_cell(&d["staleness_seconds"]),
+                cell(&d["last_refresh"]),
                 d["last_error"].as_str().map_or("-".into(), |e| e.chars().take(50).collect()),
                 lag,
             ]
         })
         .collect();
     for u in upstream {
-        let name = text(&u["name"]);
+        let name = cell(&u["name"]);
         if rows.iter().any(|r| r[0].eq_ignore_ascii_case(&name)) {
             continue;
         }
         rows.push([
             name,
             "upstream".into(),
-            format!("region {}", text(&u["home_region"])),
+            format!("region {}", cell(&u["home_region"])),
             yes_no(&u["accelerated"]),
-            text(&u["rows"]),
-            text(&u["version"]),
-            age(&u["age_seconds"]),
+            cell(&u["rows"]),
+            cell(&u["version"]),
+            age_cell(&u["age_seconds"]),
             "-".into(),
             "-".into(),
             "-".into(),
@@ -142,14 +142,14 @@ fn datasets_table(body: &Value) -> String {
 fn in_progress(body: &Value) -> Vec<(String, &Value)> {
     body["datasets"]
         .as_array()
-        .map(|d| d.iter().filter(|d| d["progress"].is_object()).map(|d| (text(&d["name"]), &d["progress"])).collect())
+        .map(|d| d.iter().filter(|d| d["progress"].is_object()).map(|d| (cell(&d["name"]), &d["progress"])).collect())
         .unwrap_or_default()
 }
 
 /// `load: 12000/50000 rows (24%), 3000 rows/s, 1.2 MB, eta 13s`
 fn progress_line(p: &Value) -> String {
     let rows = p["rows_read"].as_u64().unwrap_or(0);
-    let mut line = format!("{}: {rows}", text(&p["phase"]));
+    let mut line = format!("{}: {rows}", cell(&p["phase"]));
     if let Some(total) = p["expected_rows"].as_u64() {
         line.push_str(&format!("/{total} rows ({:.0}%)", 100.0 * rows as f64 / total.max(1) as f64));
     } else {
@@ -166,20 +166,8 @@ fn progress_line(p: &Value) -> String {
     line
 }
 
-fn text(v: &Value) -> String {
-    match v {
-        Value::Null => "-".into(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
-
 fn yes_no(v: &Value) -> String {
     if v.as_bool().unwrap_or(false) { "yes" } else { "no" }.into()
-}
-
-fn age(v: &Value) -> String {
-    v.as_f64().map_or("-".into(), |s| humantime::format_duration(Duration::from_secs(s as u64)).to_string())
 }
 
 /// `--watch`: on a terminal, the table as the top line of indicatif's multi-progress and a
@@ -241,7 +229,7 @@ impl Watch {
             if let Ok(style) = ProgressStyle::with_template(template) {
                 bar.set_style(style.progress_chars("=> "));
             }
-            bar.set_message(text(&progress["phase"]));
+            bar.set_message(cell(&progress["phase"]));
             bar.set_position(rows);
         }
     }

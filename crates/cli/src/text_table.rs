@@ -1,4 +1,23 @@
-//! Plain aligned tables for the terminal (`strata sql`'s listings, `strata status`).
+//! Plain aligned tables for the terminal (`strata sql`'s listings, `strata status`), and the
+//! cells they make of a tier's JSON status.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// A JSON value as a cell: `-` for null, strings unquoted.
+pub fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Seconds as a whole-second age (`1m 5s`), `-` when absent.
+pub fn age_cell(v: &Value) -> String {
+    v.as_f64().map_or("-".into(), |s| humantime::format_duration(Duration::from_secs(s as u64)).to_string())
+}
 
 /// `header` and `rows` as left-aligned columns separated by ` | `, with a rule under the
 /// header; trailing spaces trimmed.

@@ -9,7 +9,7 @@ use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::Schema;
 use tonic::metadata::MetadataMap;
 
-use crate::text_table::table;
+use crate::text_table::{age_cell, cell, table};
 
 pub const HELP: &str = "\
   SQL;            run a statement (it may span lines; `;` ends it)
@@ -131,23 +131,16 @@ pub fn datasets(body: &serde_json::Value) -> String {
     let Some(datasets) = body["datasets"].as_array() else {
         return "no datasets\n".to_string();
     };
-    let text = |v: &serde_json::Value| match v {
-        serde_json::Value::Null => "-".to_string(),
-        serde_json::Value::String(s) => s.clone(),
-        other => other.to_string(),
-    };
     let rows: Vec<[String; 7]> = datasets
         .iter()
         .map(|d| {
             [
-                text(&d["name"]),
-                text(&d["source"]),
-                text(&d["state"]),
-                text(&d["rows"]),
-                text(&d["version"]),
-                d["staleness_seconds"]
-                    .as_f64()
-                    .map_or("-".into(), |s| humantime::format_duration(Duration::from_secs(s as u64)).to_string()),
+                cell(&d["name"]),
+                cell(&d["source"]),
+                cell(&d["state"]),
+                cell(&d["rows"]),
+                cell(&d["version"]),
+                age_cell(&d["staleness_seconds"]),
                 d["last_error"].as_str().map_or("-".into(), |e| e.chars().take(60).collect()),
             ]
         })
