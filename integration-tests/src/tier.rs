@@ -20,6 +20,8 @@ pub struct Tier {
     log: PathBuf,
     _dir: tempfile::TempDir,
     http: reqwest::Client,
+    /// Sent by the Flight SQL clients of [`Tier::flight`] (see [`Tier::with_key`]).
+    key: Option<String>,
 }
 
 /// What `spawn` saw when the process exited before listening (bad config, for example).
@@ -133,6 +135,7 @@ impl TierBuilder {
             log,
             _dir: dir,
             http: reqwest::Client::new(),
+            key: None,
         };
         tier.wait_for(Duration::from_secs(10), "a /health answer", || tier.answers("/health")).await;
         Ok(tier)
@@ -160,6 +163,16 @@ impl Tier {
     /// `Tier::builder(binary).config(config).start()`, the common case.
     pub async fn start(binary: &str, config: &str) -> Self {
         Self::builder(binary).config(config).start().await
+    }
+
+    /// This tier's HTTP helpers (`sql`, `get_json`, `wait_ready`, ...) send `key` as
+    /// `authorization: Bearer`, and `flight()` clients too: for tiers with `auth:`.
+    pub fn with_key(mut self, key: &str) -> Self {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {key}").parse().expect("ascii key"));
+        self.http = reqwest::Client::builder().default_headers(headers).build().expect("http client");
+        self.key = Some(key.to_string());
+        self
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -275,7 +288,11 @@ impl Tier {
             .connect()
             .await
             .expect("connect flight");
-        FlightSqlServiceClient::new(channel)
+        let mut client = FlightSqlServiceClient::new(channel);
+        if let Some(key) = &self.key {
+            client.set_token(key.clone());
+        }
+        client
     }
 
     /// Runs a statement over Flight SQL and collects the batches.

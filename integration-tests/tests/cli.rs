@@ -156,6 +156,8 @@ fn the_configuration_reference_examples_load() {
             .args(["check", tier, "--config"])
             .arg(&path)
             .env("PG_PASSWORD", "example")
+            .env("STRATA_UPSTREAM_KEY", "strata_example")
+            .env("STRATA_US_KEY", "strata_example")
             .output()
             .expect("run strata check");
         assert!(out.status.success(), "example {i} of docs/configuration.md ({tier}):\n{yaml}\n{}", text(&out));

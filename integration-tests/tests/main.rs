@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `platform-service` binary on free ports, a throwaway
 //! PostgreSQL, real Flight SQL clients. One test binary with modules, to link once.
 
+mod auth;
 mod bad_input;
 mod bench;
 mod cli;

@@ -22,3 +22,16 @@ pub fn run(work: impl Future<Output = anyhow::Result<ExitCode>>) -> ExitCode {
         }
     }
 }
+
+/// An HTTP client for a tier's API: every request carries `token` as `authorization: Bearer`
+/// when one is given (`--token` / `STRATA_TOKEN`; needed on tiers with `auth:`).
+pub fn http_client(timeout: std::time::Duration, token: Option<&str>) -> anyhow::Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = token {
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", token.trim()))
+            .map_err(|_| anyhow::anyhow!("--token: the key must be printable ASCII"))?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    Ok(reqwest::Client::builder().timeout(timeout).default_headers(headers).build()?)
+}

@@ -19,6 +19,9 @@ pub struct HealthArgs {
     /// Give up after this long.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    /// API key for `--ready` on tiers with `auth:` (`/health` needs none).
+    #[arg(long, env = "STRATA_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 pub fn main(args: HealthArgs) -> ExitCode {
@@ -32,11 +35,11 @@ pub fn main(args: HealthArgs) -> ExitCode {
         }
     };
     let outcome = runtime.block_on(async {
-        let client = reqwest::Client::builder().timeout(args.timeout).build()?;
+        let client = crate::command::http_client(args.timeout, args.token.as_deref())?;
         let response = client.get(&url).send().await?;
         let status = response.status();
         let body = response.text().await.unwrap_or_default();
-        Ok::<_, reqwest::Error>((status, body))
+        Ok::<_, anyhow::Error>((status, body))
     });
     match outcome {
         Ok((status, _)) if status.is_success() => {

@@ -9,6 +9,7 @@ mod command;
 mod demo;
 mod demo_app;
 mod health;
+mod keygen;
 mod sql;
 mod status;
 mod text_table;
@@ -68,6 +69,9 @@ enum Command {
     /// An OTLP/gRPC trace receiver that shows the spans it was sent at `GET /v1/spans`: the
     /// compose demo's collector stand-in.
     TraceSink(trace_sink::TraceSinkArgs),
+    /// Print a new API key and the hash to put in `auth.keys[].hash` (the key is shown once;
+    /// only its hash belongs in the config).
+    Keygen,
 }
 
 /// The tiers, as `strata check` names them (the same words as their subcommands).
@@ -94,5 +98,6 @@ fn main() -> ExitCode {
         Command::Sql(args) => sql::main(args),
         Command::Status(args) => status::main(args),
         Command::TraceSink(args) => trace_sink::main(args),
+        Command::Keygen => keygen::main(),
     }
 }

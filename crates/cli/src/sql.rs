@@ -154,6 +154,8 @@ async fn repl(mut session: Session) -> Result<ExitCode> {
 struct Session {
     endpoint: String,
     http: String,
+    /// For `\\d` (the tier's HTTP API), with the same key as the Flight calls.
+    http_client: reqwest::Client,
     client: FlightServiceClient<Channel>,
     headers: Vec<(String, String)>,
     format: Format,
@@ -179,6 +181,7 @@ impl Session {
         Ok(Self {
             endpoint: args.endpoint.clone(),
             http: args.http.trim_end_matches('/').to_string(),
+            http_client: crate::command::http_client(Duration::from_secs(30), args.token.as_deref())?,
             client: FlightServiceClient::new(channel).max_decoding_message_size(256 << 20),
             headers,
             format: args.format,
@@ -235,7 +238,10 @@ impl Session {
     /// catalog lists names only).
     async fn list_datasets(&mut self) -> Result<()> {
         let url = format!("{}/v1/datasets", self.http);
-        let body: serde_json::Value = reqwest::get(&url)
+        let body: serde_json::Value = self
+            .http_client
+            .get(&url)
+            .send()
             .await
             .and_then(|r| r.error_for_status())
             .map_err(|err| anyhow!("cannot read {url}: {err} (set --http to the tier's HTTP address)"))?

@@ -27,6 +27,9 @@ pub struct StatusArgs {
     /// How often `--watch` redraws.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     interval: Duration,
+    /// API key, sent as `authorization: Bearer ...` (tiers with `auth:`).
+    #[arg(long, env = "STRATA_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 pub fn main(args: StatusArgs) -> ExitCode {
@@ -38,7 +41,7 @@ pub fn main(args: StatusArgs) -> ExitCode {
 
 async fn run(args: StatusArgs) -> Result<()> {
     let url = format!("{}/v1/datasets", args.http.trim_end_matches('/'));
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
+    let client = crate::command::http_client(Duration::from_secs(10), args.token.as_deref())?;
     if !args.watch {
         print!("{}", render(&fetch(&client, &url).await?));
         return Ok(());

@@ -44,6 +44,13 @@ pub struct Config {
     /// Trace export (OpenTelemetry over OTLP/gRPC); off unless `otlp_endpoint` is set.
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// API keys (stored hashed). When set, every request but `GET /health` must carry one,
+    /// on every interface; without it a tier answers anyone (fine on loopback only).
+    #[serde(default)]
+    pub auth: Option<crate::auth::AuthConfig>,
+    /// Which datasets each tenant's keys may read, and its share of the tier (with `auth:`).
+    #[serde(default)]
+    pub tenants: BTreeMap<String, crate::auth::TenantConfig>,
 }
 
 /// Where and how a tier exports its traces. Export never slows a query: finished spans go
@@ -168,6 +175,13 @@ pub struct UpstreamConfig {
     /// How often the platform's dataset catalog is re-read.
     #[serde(default = "default_catalog_interval", with = "duration")]
     pub catalog_interval: Duration,
+    /// This tier's API key for the platform (`${VAR}` keeps it out of the file).
+    #[serde(default)]
+    pub credential: Option<String>,
+    /// A file holding this tier's API key (a mounted Secret): re-read when it changes, so a
+    /// rotated key is used without a restart. Takes precedence over `credential`.
+    #[serde(default)]
+    pub credential_file: Option<PathBuf>,
 }
 
 impl UpstreamConfig {
@@ -181,6 +195,8 @@ impl UpstreamConfig {
             breaker_failures: default_breaker_failures(),
             breaker_open_for: default_breaker_open_for(),
             catalog_interval: default_catalog_interval(),
+            credential: None,
+            credential_file: None,
         }
     }
 }
@@ -241,6 +257,11 @@ pub enum OnStale {
 pub struct PeerConfig {
     pub region: String,
     pub endpoint: String,
+    /// This platform's API key for the peer; unset: the `upstream:` one, if any.
+    #[serde(default)]
+    pub credential: Option<String>,
+    #[serde(default)]
+    pub credential_file: Option<PathBuf>,
 }
 
 fn default_region() -> String {
@@ -772,6 +793,7 @@ impl Config {
         if telemetry.export_interval.is_zero() || telemetry.export_timeout.is_zero() {
             return Err("telemetry.export_interval and telemetry.export_timeout must be above zero".into());
         }
+        crate::auth::check(self.auth.as_ref(), &self.tenants)?;
         if self.limits.max_concurrent_queries == 0 {
             return Err("limits.max_concurrent_queries must be at least 1".into());
         }

@@ -76,6 +76,8 @@ struct Inner {
     planning_without_physical_rules: SessionState,
     /// Likewise the execution context every query runs in.
     task_ctx: Arc<datafusion::execution::TaskContext>,
+    /// Tenants and their grants (enforced when `auth:` is configured).
+    tenancy: crate::auth::Tenancy,
 }
 
 /// A planned query: its logical plan and what a client needs before executing it.
@@ -140,9 +142,16 @@ impl Engine {
                 .with_physical_optimizer_rules(Vec::new())
                 .build(),
                 task_ctx: ctx.task_ctx(),
+                tenancy: crate::auth::Tenancy::new(config.auth.as_ref(), &config.tenants),
                 ctx,
             }),
         })
+    }
+
+    /// What the caller of `options` may read: everything without `auth:`, else the
+    /// datasets granted to its tenant (and to the tenant another tier carried for).
+    pub fn access(&self, options: &crate::routing::QueryOptions) -> crate::auth::Access {
+        self.inner.tenancy.access(&options.tenant, &options.on_behalf_of)
     }
 
     /// Installs the router that sends queries upstream (sidecars, edge agents, platforms with peers).

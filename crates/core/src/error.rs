@@ -52,6 +52,14 @@ pub enum StrataError {
     #[error("server busy: {0} queries already running (limits.max_concurrent_queries); retry later")]
     Overloaded(usize),
 
+    /// The caller's tenant is at its own share of the tier; the message names the limit.
+    #[error("{0}")]
+    Throttled(String),
+
+    /// The caller is authenticated but its tenant may not do this (operator endpoints).
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+
     /// A source (PostgreSQL, files) failed.
     #[error("source error for dataset `{dataset}`: {message}")]
     Source { dataset: String, message: String },
@@ -150,8 +158,10 @@ error_kinds! {
     ResourcesExhausted => "resources_exhausted",
     /// The query ran past its timeout.
     Timeout => "timeout",
-    /// Too many queries in flight.
+    /// Too many queries in flight (on the tier, or of the caller's tenant).
     Overloaded => "overloaded",
+    /// The caller's tenant may not do this.
+    Forbidden => "forbidden",
     /// A source failed.
     Source => "source",
     /// The upstream tier cannot be reached.
@@ -189,7 +199,8 @@ impl StrataError {
             StrataError::DatasetUnavailable { .. } => ErrorKind::DatasetUnavailable,
             StrataError::ResourcesExhausted(_) => ErrorKind::ResourcesExhausted,
             StrataError::Timeout(_) => ErrorKind::Timeout,
-            StrataError::Overloaded(_) => ErrorKind::Overloaded,
+            StrataError::Overloaded(_) | StrataError::Throttled(_) => ErrorKind::Overloaded,
+            StrataError::Forbidden(_) => ErrorKind::Forbidden,
             StrataError::Source { .. } => ErrorKind::Source,
             StrataError::UpstreamUnavailable(_) => ErrorKind::UpstreamUnavailable,
             StrataError::LogFull(_) => ErrorKind::LogFull,

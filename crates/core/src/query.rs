@@ -74,6 +74,8 @@ pub(crate) struct StreamLimits {
     pub deadline: tokio::time::Instant,
     pub timeout: Duration,
     pub max_rows: u64,
+    /// The setting `max_rows` comes from, named in the error.
+    pub rows_limit: String,
     /// A query that takes longer is logged at `info` with its SQL; others at `debug` only
     /// (one line per query would cost more than a lookup's execution at high rates).
     pub slow_query: Duration,
@@ -87,6 +89,7 @@ pub struct QueryStream {
     deadline: Pin<Box<Sleep>>,
     timeout: Duration,
     max_rows: u64,
+    rows_limit: String,
     slow_query: Duration,
     rows: u64,
     bytes: u64,
@@ -100,6 +103,8 @@ pub struct QueryStream {
     _permit: OwnedSemaphorePermit,
     /// A slot of `limits.max_running_queries`, held while a query that runs here streams.
     _running: Option<OwnedSemaphorePermit>,
+    /// Slots of its tenants' `max_concurrent_queries`, held until the answer ends.
+    _tenant_slots: Vec<OwnedSemaphorePermit>,
 }
 
 impl QueryStream {
@@ -129,6 +134,7 @@ impl QueryStream {
             deadline: Box::pin(tokio::time::sleep_until(limits.deadline)),
             timeout: limits.timeout,
             max_rows: limits.max_rows,
+            rows_limit: limits.rows_limit,
             slow_query: limits.slow_query,
             rows: 0,
             bytes: 0,
@@ -139,7 +145,14 @@ impl QueryStream {
             route,
             _permit: permit,
             _running: None,
+            _tenant_slots: Vec::new(),
         }
+    }
+
+    /// Holds `slots` (of tenants' `max_concurrent_queries`) until the stream ends.
+    pub(crate) fn with_tenant_slots(mut self, slots: Vec<OwnedSemaphorePermit>) -> Self {
+        self._tenant_slots = slots;
+        self
     }
 
     /// Holds `slot` (of `limits.max_running_queries`) until the stream ends.
@@ -203,8 +216,8 @@ impl Stream for QueryStream {
                 this.bytes += batch.get_array_memory_size() as u64;
                 if this.rows > this.max_rows {
                     let err = StrataError::ResourcesExhausted(format!(
-                        "result exceeds the limit of {} rows (limits.max_result_rows)",
-                        this.max_rows
+                        "result exceeds the limit of {} rows ({})",
+                        this.max_rows, this.rows_limit
                     ));
                     this.finish(Outcome::Error, Some(&err));
                     return Poll::Ready(Some(Err(err)));

@@ -72,6 +72,8 @@ enum Failure {
 pub struct CacheKey {
     plan: LogicalPlan,
     snapshots: Vec<(String, u64)>,
+    /// Who may share the answer: empty when tenancy is off, else the caller's tenants.
+    scope: String,
 }
 
 /// The cache of one tier.
@@ -113,9 +115,9 @@ impl ResultsCache {
     /// The key of optimized `plan`, if its answer may be cached: every table it scans is a
     /// local accelerated copy with a loaded snapshot (the caller checked, on the plan before
     /// optimization, that it is deterministic).
-    pub fn key(&self, plan: &LogicalPlan) -> Option<CacheKey> {
+    pub fn key(&self, plan: &LogicalPlan, scope: String) -> Option<CacheKey> {
         let snapshots = snapshots_read(plan)?;
-        Some(CacheKey { plan: plan.clone(), snapshots })
+        Some(CacheKey { plan: plan.clone(), snapshots, scope })
     }
 
     /// The answer for `key`: cached, or produced by `run` once for all concurrent callers.

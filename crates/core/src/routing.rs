@@ -161,7 +161,12 @@ impl fmt::Display for RouteInfo {
 pub struct QueryOptions {
     /// Read the authoritative copy in each dataset's home region, even when a local copy exists.
     pub strong_consistency: bool,
+    /// Who is asking. With `auth:` configured the server sets it from the caller's key
+    /// (a client's own claim is ignored); without, it is only a label.
     pub tenant: String,
+    /// The tenant another tier carried for its own client (`QueryContext.tenant`), when the
+    /// caller is a tier: the answer holds only what both tenants are granted.
+    pub on_behalf_of: String,
     /// W3C trace context of the caller, if any: the query's span is its child.
     pub trace: crate::trace_context::TraceParent,
     pub origin_tier: String,

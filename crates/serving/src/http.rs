@@ -26,6 +26,8 @@ pub struct HttpState {
     pub metrics: Arc<Metrics>,
     /// Set on shutdown so load balancers stop sending traffic before the process exits.
     pub draining: Arc<AtomicBool>,
+    /// The keys every route but `/health` requires (none without `auth:`).
+    pub auth: Option<Arc<crate::auth::Authenticator>>,
 }
 
 /// The HTTP routes; `crate::stack::http` puts the layers around them.
@@ -45,28 +47,53 @@ async fn health() -> impl IntoResponse {
     axum::Json(json!({"status": "ok"}))
 }
 
-async fn ready(State(state): State<HttpState>) -> Response {
+/// What the caller of `headers` may read and do (its tenant was marked by the
+/// authentication layer).
+fn access(state: &HttpState, headers: &HeaderMap) -> strata_core::auth::Access {
+    state.engine.access(&crate::route_headers::options(headers))
+}
+
+/// The operator endpoints answer only tenants marked `operator: true` (when `auth:` is on).
+/// The refusal to send, when the caller may not use `what`.
+fn unless_operator(state: &HttpState, headers: &HeaderMap, what: &str) -> Option<Response> {
+    let forbidden = || error_response(&StrataError::Forbidden(format!("{what} needs a key of an operator tenant")));
+    (!access(state, headers).is_operator()).then(forbidden)
+}
+
+async fn ready(State(state): State<HttpState>, headers: HeaderMap) -> Response {
     let draining = state.draining.load(Ordering::Relaxed);
     let ready = state.engine.is_ready() && !draining;
-    let pending: Vec<String> =
-        state.engine.datasets().into_iter().filter(|d| d.accelerated && d.version.is_none()).map(|d| d.name).collect();
+    let access = access(&state, &headers);
+    let pending: Vec<String> = state
+        .engine
+        .datasets()
+        .into_iter()
+        .filter(|d| d.accelerated && d.version.is_none() && access.allows(&d.name))
+        .map(|d| d.name)
+        .collect();
     let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, axum::Json(json!({"ready": ready, "draining": draining, "pending": pending}))).into_response()
 }
 
-async fn datasets(State(state): State<HttpState>) -> impl IntoResponse {
-    let writes = state.engine.writes();
-    let dead_letter = writes.as_ref().map(|w| w.dead_letters()).unwrap_or_default();
-    let mut body =
-        json!({"region": state.engine.region(), "datasets": state.engine.datasets(), "dead_letter": dead_letter});
-    if let Some(writes) = writes {
+/// A tenant sees its datasets only; the edge's dead letters and backlog and the upstream
+/// endpoints are for operators.
+async fn datasets(State(state): State<HttpState>, headers: HeaderMap) -> impl IntoResponse {
+    let access = access(&state, &headers);
+    let operator = access.is_operator();
+    let visible: Vec<_> = state.engine.datasets().into_iter().filter(|d| access.allows(&d.name)).collect();
+    let mut body = json!({"region": state.engine.region(), "datasets": visible});
+    if let Some(writes) = state.engine.writes().filter(|_| operator) {
+        body["dead_letter"] = json!(writes.dead_letters());
         body["backlog"] = json!(writes.backlog());
+    } else if operator {
+        body["dead_letter"] = json!([]);
     }
     // What the upstream tiers advertise, so one call shows a tier and its upstream.
     let upstream: Vec<_> = state
         .engine
         .upstream_catalog()
         .iter()
+        .filter(|e| access.allows(&e.name))
         .map(|e| {
             json!({
                 "name": e.name,
@@ -80,6 +107,8 @@ async fn datasets(State(state): State<HttpState>) -> impl IntoResponse {
         .collect();
     if !upstream.is_empty() {
         body["upstream"] = json!(upstream);
+    }
+    if !upstream.is_empty() && operator {
         body["upstream_endpoints"] = state
             .engine
             .upstream_health()
@@ -90,15 +119,28 @@ async fn datasets(State(state): State<HttpState>) -> impl IntoResponse {
     axum::Json(body)
 }
 
-async fn refresh(State(state): State<HttpState>, Path(name): Path<String>) -> Response {
+async fn refresh(State(state): State<HttpState>, headers: HeaderMap, Path(name): Path<String>) -> Response {
+    if !access(&state, &headers).allows(&name) {
+        return error_response(&StrataError::UnknownDataset(name));
+    }
+    if let Some(refused) = unless_operator(&state, &headers, "a refresh on demand") {
+        return refused;
+    }
     match state.engine.refresh(&name).await {
         Ok(status) => axum::Json(status).into_response(),
         Err(err) => error_response(&err),
     }
 }
 
-async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render(&state.engine))
+async fn metrics(State(state): State<HttpState>, headers: HeaderMap) -> Response {
+    if let Some(refused) = unless_operator(&state, &headers, "/metrics") {
+        return refused;
+    }
+    let mut text = state.metrics.render(&state.engine);
+    if let Some(auth) = &state.auth {
+        crate::metrics::render_auth(&mut text, auth);
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
 /// A JSON error body with the error kind and its message.
@@ -151,6 +193,9 @@ async fn ingest(
             "this tier accepts no writes; write to an edge-agent".into(),
         ));
     };
+    if !access(&state, &headers).allows(&dataset) {
+        return error_response(&StrataError::UnknownDataset(dataset));
+    }
     let schema = match writes.schema(&dataset) {
         Ok(s) => s,
         Err(err) => return error_response(&err),

@@ -1,6 +1,7 @@
 //! Strata's serving layer, written once for every tier: Flight SQL, the HTTP API, metrics,
 //! limits, start-up and graceful shutdown.
 
+pub mod auth;
 pub mod connections;
 pub mod flight;
 pub mod http;

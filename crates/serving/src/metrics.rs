@@ -330,3 +330,16 @@ fn render_upstreams(out: &mut String, upstreams: &[strata_core::routing::Upstrea
         let _ = writeln!(out, "strata_upstream_retries_refused_total{{upstream=\"{upstream}\"}} {refused}");
     }
 }
+
+/// Requests refused for missing or invalid credentials, by interface (with `auth:`).
+pub fn render_auth(out: &mut String, auth: &crate::auth::Authenticator) {
+    family(
+        out,
+        "strata_auth_refused_total",
+        "counter",
+        "Requests refused for missing or invalid credentials, by interface.",
+    );
+    let (grpc, http) = auth.refused();
+    let _ = writeln!(out, "strata_auth_refused_total{{interface=\"grpc\"}} {grpc}");
+    let _ = writeln!(out, "strata_auth_refused_total{{interface=\"http\"}} {http}");
+}

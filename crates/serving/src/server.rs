@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use strata_core::Engine;
+use strata_core::auth::{AuthConfig, KeyStore};
 use strata_core::config::ServerConfig;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
@@ -45,13 +46,24 @@ pub struct Servers {
 
 /// Binds both listeners and starts serving `engine` until `shutdown` is cancelled. The
 /// Flight listener also serves the tier protocol (`strata.v1.TierService`) and gRPC
-/// reflection; `tier` names this process's tier in health answers.
+/// reflection; `tier` names this process's tier in health answers. With `auth`, every
+/// request but `GET /health` must carry a key (see [`crate::auth`]).
 pub async fn start(
     engine: Engine,
     server: &ServerConfig,
+    auth: Option<&AuthConfig>,
     tier: &'static str,
     shutdown: CancellationToken,
 ) -> Result<Servers, ServeError> {
+    let auth = match auth {
+        Some(config) => Some(crate::auth::Authenticator::new(
+            KeyStore::new(config).map_err(|message| ServeError::Server { what: "auth", message })?,
+        )),
+        None => {
+            warn_if_exposed(server);
+            None
+        }
+    };
     let flight_listener = TcpListener::bind(server.flight_addr).await.map_err(|source| ServeError::Bind {
         what: "flight",
         addr: server.flight_addr,
@@ -84,11 +96,12 @@ pub async fn start(
     let grpc = crate::stack::grpc(
         &engine,
         tier,
+        auth.clone(),
         GuardedListener::new(flight_listener, Arc::clone(&connections)),
         stop_accepting.clone(),
     )?;
     tasks.spawn(grpc);
-    let app = crate::stack::http(HttpState { engine, metrics, draining: Arc::clone(&draining) });
+    let app = crate::stack::http(HttpState { engine, metrics, draining: Arc::clone(&draining), auth: auth.clone() });
     let stop = stop_accepting.clone();
     let header_read_timeout = server.handshake_timeout;
     tasks.spawn(serve_http(GuardedListener::new(http_listener, connections), app, header_read_timeout, stop));
@@ -117,6 +130,20 @@ pub async fn start(
         shutdown: stop_accepting,
         grace: server.shutdown_grace,
     })
+}
+
+/// Without `auth:` a tier answers anyone who can reach it: fine on loopback (a sidecar beside
+/// its app), not on a shared network, so a listener on any other address is called out.
+fn warn_if_exposed(server: &ServerConfig) {
+    for (what, addr) in [("flight", server.flight_addr), ("http", server.http_addr)] {
+        if !addr.ip().is_loopback() {
+            warn!(
+                listener = what,
+                %addr,
+                "NO AUTHENTICATION: this tier listens on a non-loopback address without `auth:`; anyone who can reach {addr} can query every dataset. Configure `auth:` keys (strata keygen) or listen on 127.0.0.1"
+            );
+        }
+    }
 }
 
 /// Serves HTTP/1.1 and HTTP/2 on `listener` until `stop`, then lets open connections finish

@@ -1,6 +1,5 @@
 //! The two server stacks of a tier, each built in one function, outermost layer first, with
-//! why each layer sits where it does. The next layers (authentication, W3C trace context)
-//! have their slots marked here.
+//! why each layer sits where it does.
 //!
 //! What is *not* a layer, on purpose: query admission (`limits.max_concurrent_queries`), the
 //! running-slot queue and the query timeout live in `Engine::run` and `QueryStream`. A tower
@@ -8,6 +7,7 @@
 //! a streamed answer is when the first bytes go out; the engine holds its permit until the
 //! last batch has been sent (or the client went away), so a slow reader still counts.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -16,6 +16,7 @@ use strata_core::Engine;
 use tokio_util::sync::CancellationToken;
 use tower_http::trace::TraceLayer;
 
+use crate::auth::{Authenticator, GrpcAuthLayer};
 use crate::connections::GuardedListener;
 use crate::http::{HttpState, router};
 use crate::server::ServeError;
@@ -25,6 +26,7 @@ use crate::server::ServeError;
 pub fn grpc(
     engine: &Engine,
     tier: &'static str,
+    auth: Option<Arc<Authenticator>>,
     listener: GuardedListener,
     stop: CancellationToken,
 ) -> Result<impl Future<Output = Result<(), ServeError>> + Send + 'static, ServeError> {
@@ -50,8 +52,11 @@ pub fn grpc(
         .layer(TraceLayer::new_for_grpc().make_span_with(
             |request: &axum::http::Request<_>| tracing::debug_span!("grpc", method = %request.uri().path()),
         ))
-        // 2. Slot: authentication (API keys, tenants), before any handler sees the call.
-        // 3. Slot: W3C trace context read from the metadata, inside the request span.
+        // 2. Authentication (API keys; the caller's tenant marked on the call), before any
+        //    handler sees the call. Absent without `auth:`.
+        .layer(tower::util::option_layer(auth.map(GrpcAuthLayer)))
+        // 3. W3C trace context is read from the metadata by the handlers (it travels in the
+        //    tier protocol's QueryContext too), inside the request span.
         // 4. Message size bounds are per service (`limits.max_message_size`, below); query
         //    admission, queueing and timeouts are the engine's (see the module docs).
         .add_service(crate::flight::flight_server(engine.clone()))
@@ -69,16 +74,22 @@ pub fn grpc(
 /// The HTTP stack on the HTTP listener: the routes of `crate::http`, layered.
 pub fn http(state: HttpState) -> Router {
     let body_limit = state.engine.limits().max_request_body.as_usize();
-    router(state)
+    let auth = state.auth.clone();
+    let routes = router(state)
         // Innermost first in axum's `layer` order, so read from the bottom up:
         // 4. Bodies (SQL text, ingested rows) bounded by `limits.max_request_body` before a
         //    handler buffers them; headers are bounded by the connection loop
         //    (`server.handshake_timeout`), admission and timeouts by the engine.
-        .layer(DefaultBodyLimit::max(body_limit))
-        // 3. Slot: W3C trace context from `traceparent`, inside the request span.
-        // 2. Slot: authentication (`Authorization: Bearer`, `x-api-key`), except `/health`.
-        // 1. Request span (outermost): method and path on everything logged below.
-        .layer(TraceLayer::new_for_http().make_span_with(|request: &axum::http::Request<_>| {
+        .layer(DefaultBodyLimit::max(body_limit));
+    // 3. W3C trace context from `traceparent` is read by the handlers, inside the request span.
+    // 2. Authentication (`Authorization: Bearer`, `x-api-key`), except `/health`; absent
+    //    without `auth:`.
+    let routes = match auth {
+        Some(auth) => routes.layer(axum::middleware::from_fn_with_state(auth, crate::auth::http_middleware)),
+        None => routes,
+    };
+    // 1. Request span (outermost): method and path on everything logged below.
+    routes.layer(TraceLayer::new_for_http().make_span_with(|request: &axum::http::Request<_>| {
             tracing::debug_span!("http", method = %request.method(), path = %request.uri().path())
         }))
 }

@@ -10,7 +10,7 @@ pub fn to_grpc(err: &StrataError) -> tonic::Status {
     use tonic::Code;
     let code = match err.kind() {
         ErrorKind::Parse | ErrorKind::Plan | ErrorKind::Config | ErrorKind::InvalidRequest => Code::InvalidArgument,
-        ErrorKind::ReadOnly => Code::PermissionDenied,
+        ErrorKind::ReadOnly | ErrorKind::Forbidden => Code::PermissionDenied,
         ErrorKind::NotSupported => Code::Unimplemented,
         ErrorKind::UnknownDataset => Code::NotFound,
         ErrorKind::DatasetUnavailable | ErrorKind::Source | ErrorKind::UpstreamUnavailable => Code::Unavailable,
@@ -33,7 +33,7 @@ pub fn to_grpc(err: &StrataError) -> tonic::Status {
 pub fn to_http(err: &StrataError) -> StatusCode {
     match err.kind() {
         ErrorKind::Parse | ErrorKind::Plan | ErrorKind::Config | ErrorKind::InvalidRequest => StatusCode::BAD_REQUEST,
-        ErrorKind::ReadOnly => StatusCode::FORBIDDEN,
+        ErrorKind::ReadOnly | ErrorKind::Forbidden => StatusCode::FORBIDDEN,
         ErrorKind::NotSupported => StatusCode::NOT_IMPLEMENTED,
         ErrorKind::UnknownDataset => StatusCode::NOT_FOUND,
         ErrorKind::DatasetUnavailable | ErrorKind::Source | ErrorKind::UpstreamUnavailable | ErrorKind::LogFull => {

@@ -61,17 +61,31 @@ fn grpc(err: StrataError) -> Status {
 impl TierService for Tier {
     async fn list_datasets(
         &self,
-        _request: Request<ListDatasetsRequest>,
+        request: Request<ListDatasetsRequest>,
     ) -> Result<Response<ListDatasetsResponse>, Status> {
-        let datasets =
-            self.engine.catalog().iter().map(wire::dataset_info).collect::<Result<Vec<_>, _>>().map_err(grpc)?;
+        let (options, _) = caller_options(request.metadata(), request.get_ref().context.clone());
+        let access = self.engine.access(&options);
+        let datasets = self
+            .engine
+            .catalog()
+            .iter()
+            .filter(|e| access.allows(&e.name))
+            .map(wire::dataset_info)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(grpc)?;
         Ok(Response::new(ListDatasetsResponse { region: self.engine.region().to_string(), datasets }))
     }
 
     type SubscribeStream = EventStream;
 
     async fn subscribe(&self, request: Request<SubscribeRequest>) -> Result<Response<EventStream>, Status> {
+        let (caller, _) = caller_options(request.metadata(), request.get_ref().context.clone());
         let request = request.into_inner();
+        // Replicating a dataset reads all of it: only a caller granted it may, and to any
+        // other it does not exist.
+        if !self.engine.access(&caller).allows(&request.dataset) {
+            return Err(grpc(StrataError::UnknownDataset(request.dataset)));
+        }
         let table = self.engine.accelerated_table(&request.dataset).ok_or_else(|| {
             let known = self.engine.catalog().iter().any(|e| e.name.eq_ignore_ascii_case(&request.dataset));
             grpc(if known {
@@ -115,8 +129,8 @@ impl TierService for Tier {
     type ExecuteStream = FrameStream;
 
     async fn execute(&self, request: Request<ExecuteRequest>) -> Result<Response<FrameStream>, Status> {
+        let (options, _deadline) = caller_options(request.metadata(), request.get_ref().context.clone());
         let request = request.into_inner();
-        let (options, _deadline) = wire::options(request.context);
         let stream = match request.query {
             Some(execute_request::Query::Sql(q)) => {
                 let params = wire::params_from_ipc(&q.params, self.max_message()).map_err(grpc)?;
@@ -137,8 +151,14 @@ impl TierService for Tier {
     }
 
     async fn ingest(&self, request: Request<IngestRequest>) -> Result<Response<IngestResponse>, Status> {
+        let (options, _) = caller_options(request.metadata(), request.get_ref().context.clone());
         let request = request.into_inner();
-        let (options, _) = wire::options(request.context.clone());
+        // Every batch of the upload must be into a dataset the caller may write; one that is
+        // not fails the whole upload (the edge keeps it and reports it), as an unknown one does.
+        let access = self.engine.access(&options);
+        if let Some(refused) = request.batches.iter().find(|b| !access.allows(&b.dataset)) {
+            return Err(grpc(StrataError::UnknownDataset(refused.dataset.clone())));
+        }
         let span = info_span!("ingest", edge = %request.edge_id, batches = request.batches.len());
         trace_context::adopt(&span, &options.trace);
         self.ingest_batches(request).instrument(span).await
@@ -151,6 +171,19 @@ impl TierService for Tier {
             ready: self.engine.is_ready(),
         }))
     }
+}
+
+/// A tier call's options: what its `QueryContext` carried (the tenant there is who the
+/// calling tier acts for) and who is calling (the tenant the authentication layer marked on
+/// the call from the caller's key).
+fn caller_options(
+    metadata: &tonic::metadata::MetadataMap,
+    context: Option<strata_proto::v1::QueryContext>,
+) -> (strata_core::QueryOptions, Option<std::time::SystemTime>) {
+    let (mut options, deadline) = wire::options(context);
+    options.tenant =
+        metadata.get(crate::route_headers::TENANT_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    (options, deadline)
 }
 
 impl Tier {

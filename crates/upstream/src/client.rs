@@ -26,6 +26,7 @@ use strata_proto::v1::{
 };
 use tonic::Streaming;
 use tonic::metadata::MetadataMap;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tower::balance::p2c::Balance;
 use tower::buffer::Buffer;
@@ -38,6 +39,7 @@ use tower::{BoxError, Service, ServiceExt};
 use tracing::Instrument;
 
 use crate::breaker::Breaker;
+use crate::credential::Credential;
 use crate::wire::{self, is_unreachable, status_error};
 
 /// HTTP/2 flow-control window (per stream and per connection) and frame size of upstream calls.
@@ -101,7 +103,7 @@ struct AllOpen {
 
 /// One endpoint: a lazily connected channel behind its breaker.
 struct EndpointService {
-    client: TierServiceClient<Channel>,
+    client: TierServiceClient<InterceptedService<Channel, Credential>>,
     breaker: Arc<Breaker>,
     wait: Option<Pin<Box<tokio::time::Sleep>>>,
 }
@@ -257,7 +259,8 @@ pub struct UpstreamClient {
 impl UpstreamClient {
     /// Builds the stack; connects lazily, so an unreachable platform does not fail start-up.
     /// Must run inside a Tokio runtime.
-    pub fn new(endpoints: &[String], config: &UpstreamConfig) -> Result<Self, StrataError> {
+    /// Every call carries `credential` (this tier's API key), when it has one.
+    pub fn new(endpoints: &[String], config: &UpstreamConfig, credential: Credential) -> Result<Self, StrataError> {
         let mut services = Vec::new();
         let mut breakers = Vec::new();
         for endpoint in endpoints {
@@ -277,7 +280,8 @@ impl UpstreamClient {
                 .keep_alive_while_idle(true)
                 .connect_lazy();
             let breaker = Arc::new(Breaker::new(endpoint, config.breaker_failures, config.breaker_open_for));
-            let client = TierServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE);
+            let client =
+                TierServiceClient::with_interceptor(channel, credential.clone()).max_decoding_message_size(MAX_MESSAGE);
             breakers.push(Arc::clone(&breaker));
             services.push(EndpointService { client, breaker, wait: None });
         }

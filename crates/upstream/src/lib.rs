@@ -4,6 +4,7 @@
 
 pub mod breaker;
 pub mod client;
+pub mod credential;
 pub mod disk;
 pub mod replica;
 pub mod router;

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::client::UpstreamClient;
+use crate::credential::Credential;
 use crate::replica::Replica;
 use crate::table::Origin;
 use crate::wire;
@@ -121,7 +122,9 @@ impl TierRouter {
         disk: Option<(std::path::PathBuf, u64)>,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, StrataError> {
-        let client = UpstreamClient::new(&upstream.endpoints, upstream)?;
+        let credential =
+            Credential::new(upstream.credential.as_deref(), upstream.credential_file.as_deref(), "upstream")?;
+        let client = UpstreamClient::new(&upstream.endpoints, upstream, credential)?;
         let label = upstream.endpoints.join(",");
         Ok(Self::build(
             engine,
@@ -142,9 +145,16 @@ impl TierRouter {
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, StrataError> {
         let mut upstreams = Vec::new();
-        for peer in peers {
+        for (i, peer) in peers.iter().enumerate() {
+            // The peer's own key, else this platform's `upstream:` one.
+            let credential = match (&peer.credential, &peer.credential_file) {
+                (None, None) => {
+                    Credential::new(settings.credential.as_deref(), settings.credential_file.as_deref(), "upstream")?
+                }
+                (key, file) => Credential::new(key.as_deref(), file.as_deref(), &format!("peers[{i}]"))?,
+            };
             upstreams.push(Upstream {
-                client: UpstreamClient::new(std::slice::from_ref(&peer.endpoint), settings)?,
+                client: UpstreamClient::new(std::slice::from_ref(&peer.endpoint), settings, credential)?,
                 label: format!("{} ({})", peer.region, peer.endpoint),
                 only_region: Some(peer.region.clone()),
             });

@@ -60,7 +60,8 @@ pub fn context(options: &QueryOptions, tier: &str, region: &str, deadline: Optio
         } else {
             options.origin_region.clone()
         },
-        tenant: options.tenant.clone(),
+        // The end client's tenant: the one this tier carried for, else its own caller's.
+        tenant: if options.on_behalf_of.is_empty() { options.tenant.clone() } else { options.on_behalf_of.clone() },
         traceparent: trace.traceparent,
         tracestate: trace.tracestate,
         deadline_unix_ms: deadline.map_or(0, millis_since_epoch),
@@ -80,14 +81,17 @@ pub fn insert_trace_headers(metadata: &mut tonic::metadata::MetadataMap, tracepa
     }
 }
 
-/// Options and deadline of a call received from another tier.
+/// Options and deadline of a call received from another tier. The tenant it carried is
+/// who that tier acts for (`on_behalf_of`); who is calling (`tenant`) is the server's to set
+/// from the caller's credential.
 pub fn options(context: Option<QueryContext>) -> (QueryOptions, Option<SystemTime>) {
     let c = context.unwrap_or_default();
     let deadline = (c.deadline_unix_ms > 0).then(|| from_millis(c.deadline_unix_ms));
     (
         QueryOptions {
             strong_consistency: c.strong_consistency,
-            tenant: c.tenant,
+            tenant: String::new(),
+            on_behalf_of: c.tenant,
             trace: TraceParent::new(c.traceparent, c.tracestate),
             origin_tier: c.origin_tier,
             origin_region: c.origin_region,
@@ -271,6 +275,11 @@ pub fn status_error(status: &tonic::Status) -> StrataError {
             }
             tonic::Code::Unimplemented => StrataError::UpstreamUnavailable(format!(
                 "the upstream does not speak the strata.v1 tier protocol ({message})"
+            )),
+            // Refused by its authentication layer: this tier's own key is the problem, not
+            // the client's query.
+            tonic::Code::Unauthenticated => StrataError::UpstreamUnavailable(format!(
+                "the upstream refused this tier's credential ({message}); check upstream.credential / credential_file"
             )),
             _ => StrataError::UpstreamUnavailable(message),
         },

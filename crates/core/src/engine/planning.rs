@@ -10,42 +10,93 @@ use datafusion::execution::SessionState;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::sql::parser::Statement as DfStatement;
 
+use datafusion::common::TableReference;
+
 use super::{Engine, PlannedQuery};
+use crate::auth::Access;
 use crate::error::{Result, StrataError};
 use crate::plan_cache::{CachedPlan, ProviderRef};
 use crate::read_only;
+use crate::routing::QueryOptions;
 
 impl Engine {
-    /// Parses and plans one read-only statement without running it.
-    pub async fn plan(&self, sql: &str) -> Result<PlannedQuery> {
-        Ok(self.plan_cached(sql).await?.planned.clone())
+    /// Parses and plans one read-only statement for the caller of `options` without
+    /// running it.
+    pub async fn plan(&self, sql: &str, options: &QueryOptions) -> Result<PlannedQuery> {
+        Ok(self.plan_cached(sql, &self.access(options)).await?.planned.clone())
     }
 
     /// The schema of the rows `sql` returns, from the plan its shape shares (see
     /// [`Engine::plan_for_text`]): what GetFlightInfo answers before the query runs.
-    pub async fn result_schema(&self, sql: &str) -> Result<SchemaRef> {
-        Ok(Arc::clone(&self.plan_for_text(sql).await?.0.planned.schema))
+    pub async fn result_schema(&self, sql: &str, options: &QueryOptions) -> Result<SchemaRef> {
+        Ok(Arc::clone(&self.plan_for_text(sql, &self.access(options)).await?.0.planned.schema))
     }
 
     /// The plan of `sql` from the plan cache, planned now if it is not there or if a table
-    /// it reads has been registered anew since (a reconnected source, a new replica).
-    pub(super) async fn plan_cached(&self, sql: &str) -> Result<Arc<CachedPlan>> {
+    /// it reads has been registered anew since (a reconnected source, a new replica). Plans
+    /// are shared by every caller; what each may read is checked on every use.
+    pub(super) async fn plan_cached(&self, sql: &str, access: &Access) -> Result<Arc<CachedPlan>> {
         if let Some(hit) = self.cached(sql).await {
+            self.check_cached(access, &hit)?;
             return Ok(hit);
         }
-        let statement = self.parse(sql)?;
-        self.plan_and_cache(sql.to_string(), statement).await
+        let statement = self.parse(sql, access)?;
+        let planned = self.plan_and_cache(sql.to_string(), statement).await?;
+        self.check_cached(access, &planned)?;
+        Ok(planned)
+    }
+
+    /// A table the caller may not read fails exactly as one that does not exist, with
+    /// DataFusion's own message, before anything else about the query is looked at (so a
+    /// column error cannot tell that the table exists).
+    fn check_references(&self, access: &Access, statement: &DfStatement) -> Result<()> {
+        if !access.is_restricted() {
+            return Ok(());
+        }
+        for reference in self.inner.planning.resolve_table_references(statement)? {
+            self.check_table(access, &reference)?;
+        }
+        Ok(())
+    }
+
+    fn check_cached(&self, access: &Access, cached: &CachedPlan) -> Result<()> {
+        if !access.is_restricted() {
+            return Ok(());
+        }
+        cached.tables.iter().try_for_each(|(reference, _)| self.check_table(access, reference))
+    }
+
+    /// Refuses `reference` unless it names a dataset `access` grants (the catalog's
+    /// `information_schema` lists every dataset, so it is refused to restricted callers).
+    pub(super) fn check_table(&self, access: &Access, reference: &TableReference) -> Result<()> {
+        let resolved = reference.clone().resolve(super::CATALOG, super::DEFAULT_SCHEMA);
+        let name = if &*resolved.schema == super::DEFAULT_SCHEMA {
+            resolved.table.to_string()
+        } else {
+            format!("{}.{}", resolved.schema, resolved.table)
+        };
+        let granted =
+            &*resolved.catalog == super::CATALOG && &*resolved.schema != "information_schema" && access.allows(&name);
+        if granted {
+            return Ok(());
+        }
+        Err(datafusion::error::DataFusionError::Plan(format!("table '{resolved}' not found")).into())
     }
 
     /// The plan for SQL sent without parameters, and the values to bind into it. A query
     /// whose comparison literals can be taken out (see [`crate::parameterize`]) shares the
     /// cached plan of its shape and binds its own literals, when each has exactly the type
     /// the plan expects; any other is planned as written.
-    pub(super) async fn plan_for_text(&self, sql: &str) -> Result<(Arc<CachedPlan>, Vec<ScalarValue>)> {
+    pub(super) async fn plan_for_text(
+        &self,
+        sql: &str,
+        access: &Access,
+    ) -> Result<(Arc<CachedPlan>, Vec<ScalarValue>)> {
         if let Some(hit) = self.cached(sql).await {
+            self.check_cached(access, &hit)?;
             return Ok((hit, Vec::new()));
         }
-        let statement = self.parse(sql)?;
+        let statement = self.parse(sql, access)?;
         if let Some(shape) = crate::parameterize::parameterize(sql, &statement)
             && !self.inner.plans.is_refused_shape(&shape.key)
         {
@@ -60,10 +111,13 @@ impl Engine {
                 },
             };
             if let Some(planned) = planned.filter(|p| p.binds(&shape.values)) {
+                self.check_cached(access, &planned)?;
                 return Ok((planned, shape.values));
             }
         }
-        Ok((self.plan_and_cache(sql.to_string(), statement).await?, Vec::new()))
+        let planned = self.plan_and_cache(sql.to_string(), statement).await?;
+        self.check_cached(access, &planned)?;
+        Ok((planned, Vec::new()))
     }
 
     async fn cached(&self, key: &str) -> Option<Arc<CachedPlan>> {
@@ -72,8 +126,9 @@ impl Engine {
     }
 
     /// Parses one statement within the configured bounds: its text's size, then (once
-    /// `?` placeholders are numbered and OR chains folded) its nesting depth.
-    fn parse(&self, sql: &str) -> Result<DfStatement> {
+    /// `?` placeholders are numbered and OR chains folded) its nesting depth; then the
+    /// tables it names against what the caller may read.
+    fn parse(&self, sql: &str, access: &Access) -> Result<DfStatement> {
         let limits = &self.inner.limits;
         crate::statement_bounds::check_size(sql, limits.max_query_size.as_usize())?;
         let sql = crate::placeholders::number_positional(sql)?;
@@ -81,6 +136,7 @@ impl Engine {
             self.inner.planning.sql_to_statement(&sql, &datafusion::common::config::Dialect::Generic)?;
         read_only::check_statement(&statement)?;
         crate::statement_bounds::bound_statement(&mut statement, limits.max_expression_depth)?;
+        self.check_references(access, &statement)?;
         Ok(statement)
     }
 

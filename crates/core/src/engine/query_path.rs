@@ -21,6 +21,7 @@ use tracing::field::Empty;
 use tracing::{Instrument, debug_span, info_span, warn};
 
 use super::Engine;
+use crate::auth::Access;
 use crate::error::{Result, StrataError};
 use crate::plan_cache::CachedPlan;
 use crate::query::{Finished, Outcome, QueryObserver, QueryStream, StreamLimits, next_query_id};
@@ -40,6 +41,8 @@ struct Admission {
     id: u64,
     /// Its place among `limits.max_concurrent_queries`, held until its answer is streamed.
     permit: OwnedSemaphorePermit,
+    /// Its place among its tenants' `max_concurrent_queries`, likewise.
+    tenant_slots: Vec<OwnedSemaphorePermit>,
     started: Instant,
     /// The sooner of `limits.query_timeout` and the caller's deadline.
     budget: Duration,
@@ -113,10 +116,11 @@ impl Engine {
     /// the returned stream keeps to the same deadline while it streams.
     async fn run(&self, input: QueryInput<'_>, options: &QueryOptions, span: tracing::Span) -> Result<QueryStream> {
         let observer = self.observer();
-        let admission = match self.admit(options) {
+        let access = self.access(options);
+        let admission = match self.admit(options, &access) {
             Ok(admission) => admission,
             Err(err) => {
-                if let (StrataError::Overloaded(_), Some(observer)) = (&err, &observer) {
+                if let (StrataError::Overloaded(_) | StrataError::Throttled(_), Some(observer)) = (&err, &observer) {
                     observer(Finished::unanswered(Outcome::Shed, Duration::ZERO));
                 }
                 return Err(err);
@@ -125,11 +129,11 @@ impl Engine {
         span.record("id", admission.id);
         // A span per phase (debug: exported when tracing is on, free when it is off).
         let start = async {
-            let planned = self.plan_query(input).instrument(debug_span!("plan")).await?;
+            let planned = self.plan_query(input, &access).instrument(debug_span!("plan")).await?;
             // Read once: the route and its execution see the same router.
             let router = self.router();
             let routing = debug_span!("route").in_scope(|| self.route(&planned, router.as_ref(), options))?;
-            self.execute_routed(&planned, routing, router.as_ref(), options, admission.wall_deadline)
+            self.execute_routed(&planned, routing, router.as_ref(), options, &access, admission.wall_deadline)
                 .instrument(debug_span!("execute"))
                 .await
         };
@@ -147,10 +151,22 @@ impl Engine {
         span.in_scope(|| tracing::debug!(route = %started.info, "routed"));
         let mut info = started.info;
         info.trace_id = crate::trace_context::trace_id(&span, &options.trace);
+        let (max_rows, rows_limit) = match access
+            .policies()
+            .iter()
+            .filter_map(|p| Some((p.max_result_rows?, p)))
+            .min_by_key(|(rows, _)| *rows)
+        {
+            Some((rows, tenant)) if rows < self.inner.limits.max_result_rows => {
+                (rows, format!("tenants.{}.max_result_rows", tenant.name))
+            }
+            _ => (self.inner.limits.max_result_rows, "limits.max_result_rows".to_string()),
+        };
         let limits = StreamLimits {
             deadline: admission.deadline,
             timeout: admission.budget,
-            max_rows: self.inner.limits.max_result_rows,
+            max_rows,
+            rows_limit,
             slow_query: self.inner.limits.slow_query,
         };
         Ok(QueryStream::new(
@@ -163,13 +179,29 @@ impl Engine {
             observer,
             info,
         )
-        .with_running_slot(started.running_slot))
+        .with_running_slot(started.running_slot)
+        .with_tenant_slots(admission.tenant_slots))
     }
 
     /// Phase 1: a slot among `limits.max_concurrent_queries` (none free: shed at once, so a
     /// client retries elsewhere instead of queueing behind a burst) and the time budget.
-    fn admit(&self, options: &QueryOptions) -> Result<Admission> {
+    /// A tenant at its own `max_concurrent_queries` is refused the same way
+    /// (RESOURCE_EXHAUSTED / 429), leaving the tier's other slots to other tenants.
+    fn admit(&self, options: &QueryOptions, access: &Access) -> Result<Admission> {
         let limits = &self.inner.limits;
+        let mut tenant_slots = Vec::new();
+        for tenant in access.policies() {
+            let Some(running) = &tenant.running else { continue };
+            let Ok(slot) = Arc::clone(running).try_acquire_owned() else {
+                return Err(StrataError::Throttled(format!(
+                    "tenant `{}` already has {} queries running (tenants.{}.max_concurrent_queries); retry later",
+                    tenant.name,
+                    tenant.max_concurrent_queries.unwrap_or_default(),
+                    tenant.name
+                )));
+            };
+            tenant_slots.push(slot);
+        }
         let Ok(permit) = Arc::clone(&self.inner.admission).try_acquire_owned() else {
             return Err(StrataError::Overloaded(limits.max_concurrent_queries));
         };
@@ -185,6 +217,7 @@ impl Engine {
         Ok(Admission {
             id: next_query_id(),
             permit,
+            tenant_slots,
             started: Instant::now(),
             budget,
             deadline: clock + budget,
@@ -194,17 +227,26 @@ impl Engine {
 
     /// Phase 2: the logical plan from the plan cache (see `planning.rs`), with the values to
     /// bind into it, and whether it may share state and cached answers.
-    async fn plan_query<'a>(&self, input: QueryInput<'a>) -> Result<Planned<'a>> {
+    /// A shipped plan is held to the caller's grants like SQL: the tier that shipped it is
+    /// not trusted to have filtered.
+    async fn plan_query<'a>(&self, input: QueryInput<'a>, access: &Access) -> Result<Planned<'a>> {
         let input = match input {
             QueryInput::Sql { sql, params } if params.is_empty() => {
-                let (cached, bound) = self.plan_for_text(sql).await?;
+                let (cached, bound) = self.plan_for_text(sql, access).await?;
                 PlannedInput::Sql { sql, params, cached, bound }
             }
             QueryInput::Sql { sql, params } => {
-                let cached = self.plan_cached(sql).await?;
+                let cached = self.plan_cached(sql, access).await?;
                 PlannedInput::Sql { sql, bound: params.clone(), params, cached }
             }
-            QueryInput::Plan(plan) => PlannedInput::Shipped(plan),
+            QueryInput::Plan(plan) => {
+                if access.is_restricted() {
+                    for reference in scanned_references(&plan) {
+                        self.check_table(access, &reference)?;
+                    }
+                }
+                PlannedInput::Shipped(plan)
+            }
         };
         let deterministic = match &input {
             PlannedInput::Sql { cached, .. } => cached.deterministic,
@@ -246,6 +288,7 @@ impl Engine {
         routing: Routing,
         router: Option<&SharedRouter>,
         options: &QueryOptions,
+        access: &Access,
         wall_deadline: SystemTime,
     ) -> Result<Started> {
         let (plan, mut info) = match routing {
@@ -275,7 +318,12 @@ impl Engine {
             }
             cache => cache,
         };
-        if let Some((cache, key)) = cache.and_then(|c| Some((c, c.key(&plan)?))) {
+        // Entries never cross tenants: a restricted caller's answers are keyed by who asked.
+        let scope = match access.is_restricted() {
+            true => format!("{}\u{0}{}", options.tenant, options.on_behalf_of),
+            false => String::new(),
+        };
+        if let Some((cache, key)) = cache.and_then(|c| Some((c, c.key(&plan, scope)?))) {
             match cache.get_or_run(key, execute()).await? {
                 Some((stream, status)) => {
                     info.cache = Some(status);
@@ -386,6 +434,19 @@ fn truncate(s: &str, max: usize) -> &str {
     }
 }
 
+/// The tables a plan scans, as referenced, subqueries included.
+fn scanned_references(plan: &LogicalPlan) -> Vec<datafusion::common::TableReference> {
+    use datafusion::common::tree_node::TreeNodeRecursion;
+    let mut references = Vec::new();
+    let _ = plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node {
+            references.push(scan.table_name.clone());
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    references
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -429,16 +490,16 @@ mod tests {
     #[tokio::test]
     async fn admit_sheds_past_the_concurrency_limit_and_refuses_a_spent_deadline() {
         let engine = engine("region: eu\nlimits:\n  max_concurrent_queries: 1\n");
-        let first = engine.admit(&QueryOptions::default()).expect("a free slot");
-        assert!(matches!(engine.admit(&QueryOptions::default()), Err(StrataError::Overloaded(1))));
+        let first = engine.admit(&QueryOptions::default(), &Access::Everything).expect("a free slot");
+        assert!(matches!(engine.admit(&QueryOptions::default(), &Access::Everything), Err(StrataError::Overloaded(1))));
         assert_eq!(engine.queries_in_flight(), 1);
         drop(first);
 
         let spent = QueryOptions { deadline: Some(SystemTime::now() - Duration::from_secs(1)), ..Default::default() };
-        assert!(matches!(engine.admit(&spent), Err(StrataError::Timeout(d)) if d.is_zero()));
+        assert!(matches!(engine.admit(&spent, &Access::Everything), Err(StrataError::Timeout(d)) if d.is_zero()));
         let soon =
             QueryOptions { deadline: Some(SystemTime::now() + Duration::from_millis(500)), ..Default::default() };
-        let admission = engine.admit(&soon).expect("admitted");
+        let admission = engine.admit(&soon, &Access::Everything).expect("admitted");
         assert!(admission.budget <= Duration::from_millis(500), "the caller's deadline bounds the budget");
         assert!(admission.wall_deadline <= soon.deadline.expect("deadline"));
     }
@@ -446,8 +507,8 @@ mod tests {
     #[tokio::test]
     async fn plan_phase_shares_one_plan_among_literal_queries_of_one_shape() {
         let engine = engine("region: eu\n");
-        let three = engine.plan_query(sql("SELECT v FROM t WHERE k = 3")).await.expect("plan");
-        let four = engine.plan_query(sql("SELECT v FROM t WHERE k = 4")).await.expect("plan");
+        let three = engine.plan_query(sql("SELECT v FROM t WHERE k = 3"), &Access::Everything).await.expect("plan");
+        let four = engine.plan_query(sql("SELECT v FROM t WHERE k = 4"), &Access::Everything).await.expect("plan");
         let (PlannedInput::Sql { cached: a, .. }, PlannedInput::Sql { cached: b, bound, .. }) =
             (&three.input, &four.input)
         else {
@@ -458,18 +519,18 @@ mod tests {
         assert_eq!(engine.cached_plans(), 1);
         assert!(four.deterministic && four.own_state.is_none());
 
-        let clock = engine.plan_query(sql("SELECT now() AS t0, v FROM t")).await.expect("plan");
+        let clock = engine.plan_query(sql("SELECT now() AS t0, v FROM t"), &Access::Everything).await.expect("plan");
         assert!(!clock.deterministic, "now() is not deterministic");
         assert!(clock.own_state.is_some(), "a query calling now() gets a state stamped with its start");
 
-        let write = engine.plan_query(sql("DELETE FROM t")).await.err().expect("refused");
+        let write = engine.plan_query(sql("DELETE FROM t"), &Access::Everything).await.err().expect("refused");
         assert!(matches!(write, StrataError::ReadOnly(ref kind) if kind == "DELETE"), "{write}");
     }
 
     #[tokio::test]
     async fn route_phase_without_a_router_runs_here() {
         let engine = engine("region: eu\n");
-        let planned = engine.plan_query(sql("SELECT v FROM t WHERE k = 3")).await.expect("plan");
+        let planned = engine.plan_query(sql("SELECT v FROM t WHERE k = 3"), &Access::Everything).await.expect("plan");
         match engine.route(&planned, engine.router().as_ref(), &QueryOptions::default()).expect("route") {
             Routing::Run { plan, info } => {
                 assert_eq!(info.reason, RouteReason::Local);
@@ -521,13 +582,13 @@ mod tests {
         let engine = engine("region: eu\n");
         let router = Arc::new(ForceUpstream::default());
         engine.set_router(router.clone());
-        let planned = engine.plan_query(sql("SELECT v FROM t")).await.expect("plan");
+        let planned = engine.plan_query(sql("SELECT v FROM t"), &Access::Everything).await.expect("plan");
         let routing = engine.route(&planned, engine.router().as_ref(), &QueryOptions::default()).expect("route");
         assert!(matches!(routing, Routing::Forward { upstream: 7, .. }));
         assert!(!router.routed.load(Ordering::SeqCst), "a forced forward is decided before optimizing");
 
         let shipped = planned_plan(&planned);
-        let planned = engine.plan_query(QueryInput::Plan(shipped)).await.expect("plan");
+        let planned = engine.plan_query(QueryInput::Plan(shipped), &Access::Everything).await.expect("plan");
         assert!(matches!(
             engine.route(&planned, engine.router().as_ref(), &QueryOptions::default()).expect("route"),
             Routing::Run { .. }

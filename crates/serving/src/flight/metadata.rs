@@ -13,6 +13,7 @@ use datafusion::catalog::TableProvider;
 use datafusion::datasource::TableType;
 use futures::stream;
 use prost::Message;
+use strata_core::auth::Access;
 use tonic::{Response, Status};
 
 use super::codec::encode;
@@ -53,12 +54,20 @@ impl StrataFlightSql {
         builder.build().map_err(|e| Status::internal(e.to_string()))
     }
 
-    pub(super) fn db_schemas(&self, query: CommandGetDbSchemas) -> Result<RecordBatch, Status> {
+    /// The schemas; a restricted caller sees only those holding a dataset it may read.
+    pub(super) async fn db_schemas(&self, query: CommandGetDbSchemas, access: &Access) -> Result<RecordBatch, Status> {
         let mut builder = query.into_builder();
         let ctx = self.engine.session();
+        let visible: Vec<(String, String)> = match access.is_restricted() {
+            true => self.catalog_tables(access).await.into_iter().map(|(c, s, _, _)| (c, s)).collect(),
+            false => Vec::new(),
+        };
         for catalog_name in ctx.catalog_names() {
             let Some(catalog) = ctx.catalog(&catalog_name) else { continue };
             for schema_name in catalog.schema_names() {
+                if access.is_restricted() && !visible.iter().any(|(c, s)| *c == catalog_name && *s == schema_name) {
+                    continue;
+                }
                 builder.append(&catalog_name, schema_name);
             }
         }
@@ -67,9 +76,9 @@ impl StrataFlightSql {
 
     /// Every table, with its Arrow schema when the client asked for it (the builder drops it
     /// otherwise), filtered by the command's patterns.
-    pub(super) async fn tables(&self, query: CommandGetTables) -> Result<RecordBatch, Status> {
+    pub(super) async fn tables(&self, query: CommandGetTables, access: &Access) -> Result<RecordBatch, Status> {
         let mut builder = query.into_builder();
-        for (catalog, schema, name, table) in self.catalog_tables().await {
+        for (catalog, schema, name, table) in self.catalog_tables(access).await {
             builder
                 .append(catalog, schema, name, table_type_name(table.table_type()), &table.schema())
                 .map_err(|e| Status::internal(e.to_string()))?;
@@ -77,14 +86,26 @@ impl StrataFlightSql {
         builder.build().map_err(|e| Status::internal(e.to_string()))
     }
 
-    async fn catalog_tables(&self) -> Vec<(String, String, String, Arc<dyn TableProvider>)> {
+    /// Every table the caller may read (a restricted caller: its datasets, and not the
+    /// `information_schema`, which lists every dataset).
+    async fn catalog_tables(&self, access: &Access) -> Vec<(String, String, String, Arc<dyn TableProvider>)> {
         let ctx = self.engine.session();
         let mut out = Vec::new();
         for catalog_name in ctx.catalog_names() {
             let Some(catalog) = ctx.catalog(&catalog_name) else { continue };
             for schema_name in catalog.schema_names() {
+                if access.is_restricted() && schema_name == "information_schema" {
+                    continue;
+                }
                 let Some(schema) = catalog.schema(&schema_name) else { continue };
                 for table_name in schema.table_names() {
+                    let dataset = match schema_name == strata_core::engine::DEFAULT_SCHEMA {
+                        true => table_name.clone(),
+                        false => format!("{schema_name}.{table_name}"),
+                    };
+                    if !access.allows(&dataset) {
+                        continue;
+                    }
                     if let Ok(Some(table)) = schema.table(&table_name).await {
                         out.push((catalog_name.clone(), schema_name.clone(), table_name, table));
                     }

@@ -73,13 +73,14 @@ impl FlightService for StrataFlightService {
     }
 
     /// Every dataset as a flight with a path descriptor and a JSON ticket.
-    async fn list_flights(&self, _request: Request<Criteria>) -> Result<Response<Self::ListFlightsStream>, Status> {
+    async fn list_flights(&self, request: Request<Criteria>) -> Result<Response<Self::ListFlightsStream>, Status> {
         let mut infos = Vec::new();
-        for status in self.sql.engine.datasets() {
+        let access = self.sql.engine.access(&StrataFlightSql::options(request.metadata()));
+        for status in self.sql.engine.datasets().into_iter().filter(|d| access.allows(&d.name)) {
             let path: Vec<String> = status.name.split('.').map(str::to_string).collect();
             let descriptor = FlightDescriptor::new_path(path);
             let sql = Self::descriptor_sql(&descriptor)?;
-            let Ok(schema) = self.sql.statement_schema(&sql).await else { continue };
+            let Ok(schema) = self.sql.statement_schema(&sql, request.metadata()).await else { continue };
             let ticket = serde_json::json!({ "sql": sql }).to_string();
             infos.push(Ok(self.sql.flight_info(&schema, ticket, descriptor)?));
         }
@@ -88,9 +89,9 @@ impl FlightService for StrataFlightService {
 
     async fn get_flight_info(&self, request: Request<FlightDescriptor>) -> Result<Response<FlightInfo>, Status> {
         if request.get_ref().r#type == DescriptorType::Path as i32 {
+            let sql = Self::descriptor_sql(request.get_ref())?;
+            let schema = self.sql.statement_schema(&sql, request.metadata()).await?;
             let descriptor = request.into_inner();
-            let sql = Self::descriptor_sql(&descriptor)?;
-            let schema = self.sql.statement_schema(&sql).await?;
             let ticket = serde_json::json!({ "sql": sql }).to_string();
             return Ok(Response::new(self.sql.flight_info(&schema, ticket, descriptor)?));
         }
@@ -110,7 +111,7 @@ impl FlightService for StrataFlightService {
 
     async fn get_schema(&self, request: Request<FlightDescriptor>) -> Result<Response<SchemaResult>, Status> {
         let sql = Self::descriptor_sql(request.get_ref())?;
-        let schema = self.sql.statement_schema(&sql).await?;
+        let schema = self.sql.statement_schema(&sql, request.metadata()).await?;
         let result: SchemaResult = SchemaAsIpc::new(&schema, &IpcWriteOptions::default())
             .try_into()
             .map_err(|e: arrow::error::ArrowError| Status::internal(format!("cannot encode schema: {e}")))?;

@@ -48,11 +48,14 @@ impl FlightSqlService for StrataFlightSql {
 
     async fn do_handshake(
         &self,
-        _request: Request<Streaming<HandshakeRequest>>,
+        request: Request<Streaming<HandshakeRequest>>,
     ) -> Result<Response<Pin<Box<dyn Stream<Item = Result<HandshakeResponse, Status>> + Send>>>, Status> {
-        // Authentication is not configured: any basic credentials get a session token back,
-        // so clients that always authenticate (JDBC, ADBC with a user) can connect.
-        let token = format!("strata-{}", uuid::Uuid::new_v4());
+        // With `auth:` the layer in front has verified the presented key, which is the bearer
+        // token to use (stateless: any replica accepts it). Without, any credentials get a
+        // random token back, so clients that always authenticate (JDBC, ADBC with a user)
+        // can connect.
+        let token = crate::auth::handshake_token(request.metadata())
+            .unwrap_or_else(|| format!("strata-{}", uuid::Uuid::new_v4()));
         let response = HandshakeResponse { protocol_version: 0, payload: token.clone().into() };
         let mut resp: Response<Pin<Box<dyn Stream<Item = Result<HandshakeResponse, Status>> + Send>>> =
             Response::new(Box::pin(stream::iter([Ok(response)])));
@@ -69,7 +72,7 @@ impl FlightSqlService for StrataFlightSql {
     ) -> Result<Response<FlightInfo>, Status> {
         let mut handle = StatementHandle::new(query.query);
         handle.run = self.prefetch(&handle, request.metadata());
-        let schema = self.prefetched_schema(&handle).await?;
+        let schema = self.prefetched_schema(&handle, request.metadata()).await?;
         let ticket = TicketStatementQuery { statement_handle: handle.encode() };
         let info = self.flight_info(&schema, ticket.as_any().encode_to_vec(), request.into_inner())?;
         Ok(Response::new(info))
@@ -82,7 +85,7 @@ impl FlightSqlService for StrataFlightSql {
     ) -> Result<Response<FlightInfo>, Status> {
         let mut handle = StatementHandle::decode(&query.prepared_statement_handle)?;
         handle.run = self.prefetch(&handle, request.metadata());
-        let schema = self.prefetched_schema(&handle).await?;
+        let schema = self.prefetched_schema(&handle, request.metadata()).await?;
         let ticket = CommandPreparedStatementQuery { prepared_statement_handle: handle.encode() };
         let info = self.flight_info(&schema, ticket.as_any().encode_to_vec(), request.into_inner())?;
         Ok(Response::new(info))
@@ -200,17 +203,19 @@ impl FlightSqlService for StrataFlightSql {
     async fn do_get_schemas(
         &self,
         query: CommandGetDbSchemas,
-        _request: Request<Ticket>,
+        request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
-        self.batch_response(self.db_schemas(query))
+        let access = self.engine.access(&Self::options(request.metadata()));
+        self.batch_response(self.db_schemas(query, &access).await)
     }
 
     async fn do_get_tables(
         &self,
         query: CommandGetTables,
-        _request: Request<Ticket>,
+        request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
-        self.batch_response(self.tables(query).await)
+        let access = self.engine.access(&Self::options(request.metadata()));
+        self.batch_response(self.tables(query, &access).await)
     }
 
     async fn do_get_table_types(
@@ -288,11 +293,12 @@ impl FlightSqlService for StrataFlightSql {
         request: Request<PeekableFlightDataStream>,
     ) -> Result<i64, Status> {
         let handle = StatementHandle::decode(&query.prepared_statement_handle)?;
+        let options = Self::options(request.metadata());
         let batches = read_parameters(request, self.engine.limits().max_request_body.as_usize()).await?;
         let handle = handle.with_params(&batches)?;
         let mut rows = 0i64;
         for params in handle.parameter_rows()? {
-            let mut results = self.engine.execute(&handle.sql, params).await.map_err(|e| to_grpc(&e))?;
+            let mut results = self.engine.execute_with(&handle.sql, params, &options).await.map_err(|e| to_grpc(&e))?;
             while let Some(batch) = results.next().await {
                 rows += batch.map_err(|e| to_grpc(&e))?.num_rows() as i64;
             }
@@ -303,10 +309,10 @@ impl FlightSqlService for StrataFlightSql {
     async fn do_put_statement_update(
         &self,
         command: CommandStatementUpdate,
-        _request: Request<PeekableFlightDataStream>,
+        request: Request<PeekableFlightDataStream>,
     ) -> Result<i64, Status> {
         // Planning applies the read-only check, so writes get the same clear error as queries.
-        self.engine.plan(&command.query).await.map_err(|e| to_grpc(&e))?;
+        self.engine.plan(&command.query, &Self::options(request.metadata())).await.map_err(|e| to_grpc(&e))?;
         Err(Status::invalid_argument("statement updates must be writes; use a query command for SELECT"))
     }
 
@@ -322,6 +328,10 @@ impl FlightSqlService for StrataFlightSql {
                 "this tier accepts no writes; write to an edge-agent".into(),
             ))
         })?;
+        // A dataset the caller may not see is as unknown as one that does not exist.
+        if !self.engine.access(&Self::options(request.metadata())).allows(&command.table) {
+            return Err(to_grpc(&strata_core::StrataError::UnknownDataset(command.table)));
+        }
         let max = self.engine.limits().max_request_body.as_usize();
         let batches = read_put(request, max, "ingested rows").await?;
         let receipt = writes.write(&command.table, batches).await.map_err(|e| to_grpc(&e))?;
@@ -331,9 +341,10 @@ impl FlightSqlService for StrataFlightSql {
     async fn do_action_create_prepared_statement(
         &self,
         query: ActionCreatePreparedStatementRequest,
-        _request: Request<Action>,
+        request: Request<Action>,
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
-        let planned = self.engine.plan(&query.query).await.map_err(|e| to_grpc(&e))?;
+        let planned =
+            self.engine.plan(&query.query, &Self::options(request.metadata())).await.map_err(|e| to_grpc(&e))?;
         Ok(ActionCreatePreparedStatementResult {
             prepared_statement_handle: StatementHandle::new(query.query).encode(),
             dataset_schema: ipc_schema(&planned.schema)?,

@@ -24,24 +24,38 @@ impl StrataFlightSql {
         if rows.len() != 1 {
             return None;
         }
-        let options = crate::route_headers::options(&metadata.clone().into_headers());
+        let options = Self::options(metadata);
         self.prefetcher.start(&self.engine, &handle.sql, rows.pop().unwrap_or_default(), &options)
     }
 
     /// Schema of a statement started by [`Self::prefetch`]. It is planned after the run
     /// starts, so a forwarded run's upstream call is already under way while this tier plans;
     /// a statement that does not plan has its run cancelled.
-    pub(super) async fn prefetched_schema(&self, handle: &StatementHandle) -> Result<SchemaRef, Status> {
-        let schema = self.statement_schema(&handle.sql).await;
+    pub(super) async fn prefetched_schema(
+        &self,
+        handle: &StatementHandle,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<SchemaRef, Status> {
+        let schema = self.statement_schema(&handle.sql, metadata).await;
         if let (Err(_), Some(run)) = (&schema, handle.run) {
             self.prefetcher.cancel(run);
         }
         schema
     }
 
-    /// Schema of a statement's result, planned but not run.
-    pub(crate) async fn statement_schema(&self, sql: &str) -> Result<SchemaRef, Status> {
-        self.engine.result_schema(sql).await.map_err(|e| to_grpc(&e))
+    /// Schema of a statement's result, planned but not run, for the caller of `metadata`.
+    pub(crate) async fn statement_schema(
+        &self,
+        sql: &str,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<SchemaRef, Status> {
+        self.engine.result_schema(sql, &Self::options(metadata)).await.map_err(|e| to_grpc(&e))
+    }
+
+    /// A call's query options from its metadata (the caller's tenant among them, marked by
+    /// the authentication layer).
+    pub(crate) fn options(metadata: &tonic::metadata::MetadataMap) -> strata_core::routing::QueryOptions {
+        crate::route_headers::options(&metadata.clone().into_headers())
     }
 
     /// Runs a statement once per bound parameter row and streams all results as one.
@@ -52,7 +66,7 @@ impl StrataFlightSql {
         handle: StatementHandle,
         metadata: &tonic::metadata::MetadataMap,
     ) -> Result<Response<DoGetStream>, Status> {
-        let options = crate::route_headers::options(&metadata.clone().into_headers());
+        let options = Self::options(metadata);
         let rows = handle.parameter_rows()?;
         let engine = self.engine.clone();
         let sql = handle.sql;
