@@ -1,6 +1,7 @@
 //! Helpers for end-to-end tests: a throwaway PostgreSQL, the real `platform-service`
 //! binary on free ports, and clients for its HTTP and Flight SQL interfaces.
 
+pub mod certs;
 pub mod otlp;
 pub mod postgres;
 pub mod tier;

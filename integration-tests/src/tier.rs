@@ -22,6 +22,23 @@ pub struct Tier {
     http: reqwest::Client,
     /// Sent by the Flight SQL clients of [`Tier::flight`] (see [`Tier::with_key`]).
     key: Option<String>,
+    /// Set when the tier serves TLS (see [`TierBuilder::tls`]).
+    tls_ca: Option<PathBuf>,
+}
+
+/// The HTTP client of a tier handle: trusting `ca` (a TLS tier), sending `key`.
+fn http_client(ca: Option<&std::path::Path>, key: Option<&str>) -> reqwest::Client {
+    let mut builder = reqwest::Client::builder();
+    if let Some(key) = key {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {key}").parse().expect("ascii key"));
+        builder = builder.default_headers(headers);
+    }
+    if let Some(ca) = ca {
+        let pem = std::fs::read(ca).expect("read CA");
+        builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("CA pem"));
+    }
+    builder.build().expect("http client")
 }
 
 /// What `spawn` saw when the process exited before listening (bad config, for example).
@@ -43,12 +60,21 @@ pub struct TierBuilder {
     config: String,
     flight: String,
     http: String,
+    /// The CA of a tier that serves TLS: its clients here verify against it.
+    tls_ca: Option<PathBuf>,
 }
 
 impl TierBuilder {
     /// The YAML config file's text.
     pub fn config(mut self, yaml: &str) -> Self {
         self.config = yaml.to_string();
+        self
+    }
+
+    /// The tier serves TLS (`server.tls` in its config) with a certificate signed by the CA
+    /// in `ca_file`: this handle's HTTP and Flight clients use https and verify against it.
+    pub fn tls(mut self, ca_file: &std::path::Path) -> Self {
+        self.tls_ca = Some(ca_file.to_path_buf());
         self
     }
 
@@ -134,8 +160,9 @@ impl TierBuilder {
             child,
             log,
             _dir: dir,
-            http: reqwest::Client::new(),
+            http: http_client(self.tls_ca.as_deref(), None),
             key: None,
+            tls_ca: self.tls_ca,
         };
         tier.wait_for(Duration::from_secs(10), "a /health answer", || tier.answers("/health")).await;
         Ok(tier)
@@ -150,6 +177,7 @@ impl Tier {
             subcommand: None,
             prefix: Vec::new(),
             config: String::new(),
+            tls_ca: None,
             flight: "127.0.0.1:0".into(),
             http: "127.0.0.1:0".into(),
         }
@@ -168,15 +196,39 @@ impl Tier {
     /// This tier's HTTP helpers (`sql`, `get_json`, `wait_ready`, ...) send `key` as
     /// `authorization: Bearer`, and `flight()` clients too: for tiers with `auth:`.
     pub fn with_key(mut self, key: &str) -> Self {
-        let mut headers = reqwest::header::HeaderMap::new();
-        headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {key}").parse().expect("ascii key"));
-        self.http = reqwest::Client::builder().default_headers(headers).build().expect("http client");
+        self.http = http_client(self.tls_ca.as_deref(), Some(key));
         self.key = Some(key.to_string());
         self
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.http_addr, path)
+        let scheme = if self.tls_ca.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}{}", self.http_addr, path)
+    }
+
+    /// The Flight endpoint (`http://` or `https://`).
+    pub fn flight_url(&self) -> String {
+        let scheme = if self.tls_ca.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.flight_addr)
+    }
+
+    /// A channel to the Flight listener, over TLS when the tier serves it.
+    pub async fn channel(&self) -> Channel {
+        let endpoint = Channel::from_shared(self.flight_url()).expect("uri");
+        match &self.tls_ca {
+            None => endpoint.connect().await.expect("connect flight"),
+            Some(ca) => {
+                let files = strata_core::config::ClientTlsConfig {
+                    ca_file: ca.clone(),
+                    cert_file: None,
+                    key_file: None,
+                    server_name: Some("localhost".into()),
+                };
+                let tls = strata_upstream::tls::ClientTls::new(&files, "test").expect("client TLS");
+                let connector = strata_upstream::tls::TlsConnector::new(tls, Duration::from_secs(5));
+                endpoint.connect_with_connector(connector).await.expect("connect flight over TLS")
+            }
+        }
     }
 
     /// The process's log output so far.
@@ -283,11 +335,7 @@ impl Tier {
 
     /// A Flight SQL client connected to this tier.
     pub async fn flight(&self) -> FlightSqlServiceClient<Channel> {
-        let channel = Channel::from_shared(format!("http://{}", self.flight_addr))
-            .expect("uri")
-            .connect()
-            .await
-            .expect("connect flight");
+        let channel = self.channel().await;
         let mut client = FlightSqlServiceClient::new(channel);
         if let Some(key) = &self.key {
             client.set_token(key.clone());

@@ -511,22 +511,28 @@ async fn a_sidecar_uses_its_own_key_and_the_platform_enforces_the_tenant_again()
 }
 
 #[tokio::test]
-async fn python_clients_connect_with_a_key() {
+async fn python_clients_connect_with_a_key_over_tls() {
     let python = std::env::var("STRATA_PYTHON").unwrap_or_else(|_| {
         panic!("STRATA_PYTHON is not set: run the tests with scripts/test.sh, which installs the Python clients")
     });
     let (keys, auth) = Keys::new();
     // `analytics` without `orders` here: one granted dataset, one hidden.
     let auth = auth.replace("analytics: { datasets: [customers, \"ord*\"] }", "analytics: { datasets: [customers] }");
-    let tier = Tier::start("platform-service", &format!("{auth}{}", datasets())).await.with_key(&keys.ops);
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = strata_integration_tests::certs::TestCa::new(dir.path(), "clients");
+    let tls = ca.server("server").server_yaml(None, false);
+    let config = format!("server:\n{tls}{auth}{}", datasets());
+    let tier = Tier::builder("platform-service").config(&config).tls(&ca.ca_file).start().await.with_key(&keys.ops);
     tier.wait_ready(Duration::from_secs(20)).await;
     let test_file = workspace_root().join("integration-tests/python/test_auth.py");
-    let uri = format!("grpc://{}", tier.flight_addr);
+    let uri = format!("grpc+tls://{}", tier.flight_addr);
+    let ca_file = ca.ca_file.clone();
     let output = tokio::task::spawn_blocking(move || {
         std::process::Command::new(python)
             .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
             .arg(test_file)
             .env("STRATA_FLIGHT_URI", uri)
+            .env("STRATA_CA_FILE", ca_file)
             .env("STRATA_KEY", &keys.analytics)
             .env("STRATA_EXPIRED_KEY", &keys.old)
             .output()
@@ -541,4 +547,5 @@ async fn python_clients_connect_with_a_key() {
         String::from_utf8_lossy(&output.stderr),
         tier.logs()
     );
+    assert!(stdout.contains("10 passed") && !stdout.contains("skipped"), "{stdout}");
 }

@@ -16,6 +16,7 @@ mod parameterize;
 mod results_cache;
 mod status;
 mod tiers;
+mod tls;
 mod tpch;
 mod tpch_tiers;
 mod traces;

@@ -22,11 +22,15 @@ pub struct HealthArgs {
     /// API key for `--ready` on tiers with `auth:` (`/health` needs none).
     #[arg(long, env = "STRATA_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// The tier serves TLS (`server.tls`): check over https, trusting this CA certificate.
+    #[arg(long, env = "STRATA_CA_FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 pub fn main(args: HealthArgs) -> ExitCode {
     let path = if args.ready { "/v1/ready" } else { "/health" };
-    let url = format!("http://{}{path}", args.http);
+    let scheme = if args.ca_file.is_some() { "https" } else { "http" };
+    let url = format!("{scheme}://{}{path}", args.http);
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(err) => {
@@ -35,7 +39,7 @@ pub fn main(args: HealthArgs) -> ExitCode {
         }
     };
     let outcome = runtime.block_on(async {
-        let client = crate::command::http_client(args.timeout, args.token.as_deref())?;
+        let client = crate::command::http_client(args.timeout, args.token.as_deref(), args.ca_file.as_deref())?;
         let response = client.get(&url).send().await?;
         let status = response.status();
         let body = response.text().await.unwrap_or_default();

@@ -57,6 +57,9 @@ pub struct SqlArgs {
     /// Bearer token sent as `authorization: Bearer ...` on every call.
     #[arg(long, env = "STRATA_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// The CA certificate (PEM) an `https://` tier's certificate must chain to.
+    #[arg(long, env = "STRATA_CA_FILE")]
+    ca_file: Option<PathBuf>,
     /// Do not print the rows/time/route line after each answer.
     #[arg(long, short = 'q')]
     quiet: bool,
@@ -165,12 +168,9 @@ struct Session {
 
 impl Session {
     async fn connect(args: &SqlArgs) -> Result<Self> {
-        let channel = Channel::from_shared(args.endpoint.clone())
-            .map_err(|_| anyhow!("`{}` is not an endpoint: expected http://host:port", args.endpoint))?
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
+        let channel = crate::command::flight_channel(&args.endpoint, args.ca_file.as_deref(), Duration::from_secs(5))
             .await
-            .map_err(|err| anyhow!("cannot connect to {}: {}", args.endpoint, source_message(&err)))?;
+            .map_err(|err| anyhow!("cannot connect to {}: {}", args.endpoint, err.root_cause()))?;
         let mut headers = args.headers.clone();
         if args.consistency == "strong" {
             headers.push(("strata-consistency".into(), "strong".into()));
@@ -181,7 +181,11 @@ impl Session {
         Ok(Self {
             endpoint: args.endpoint.clone(),
             http: args.http.trim_end_matches('/').to_string(),
-            http_client: crate::command::http_client(Duration::from_secs(30), args.token.as_deref())?,
+            http_client: crate::command::http_client(
+                Duration::from_secs(30),
+                args.token.as_deref(),
+                args.ca_file.as_deref(),
+            )?,
             client: FlightServiceClient::new(channel).max_decoding_message_size(256 << 20),
             headers,
             format: args.format,
@@ -325,15 +329,6 @@ fn status(status: tonic::Status) -> anyhow::Error {
         _ if message.is_empty() => anyhow!("{code}"),
         _ => anyhow!("{message}"),
     }
-}
-
-/// The innermost cause of a transport error, which says what actually failed.
-fn source_message(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut current = err;
-    while let Some(next) = current.source() {
-        current = next;
-    }
-    current.to_string()
 }
 
 /// Statements of a script, split at `;` outside quotes and comments; empty ones dropped.

@@ -30,6 +30,9 @@ pub struct StatusArgs {
     /// API key, sent as `authorization: Bearer ...` (tiers with `auth:`).
     #[arg(long, env = "STRATA_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// The CA certificate (PEM) an `https://` tier's certificate must chain to.
+    #[arg(long, env = "STRATA_CA_FILE")]
+    ca_file: Option<std::path::PathBuf>,
 }
 
 pub fn main(args: StatusArgs) -> ExitCode {
@@ -41,7 +44,7 @@ pub fn main(args: StatusArgs) -> ExitCode {
 
 async fn run(args: StatusArgs) -> Result<()> {
     let url = format!("{}/v1/datasets", args.http.trim_end_matches('/'));
-    let client = crate::command::http_client(Duration::from_secs(10), args.token.as_deref())?;
+    let client = crate::command::http_client(Duration::from_secs(10), args.token.as_deref(), args.ca_file.as_deref())?;
     if !args.watch {
         print!("{}", render(&fetch(&client, &url).await?));
         return Ok(());

@@ -31,6 +31,20 @@ pub struct AuthConfig {
     /// names, no data). Off by default: everything but `GET /health` needs a key.
     #[serde(default)]
     pub public_reflection: bool,
+    /// Callers known by their TLS client certificate (mutual TLS, `server.tls.client_ca_file`)
+    /// rather than a key: a verified certificate whose subject common name is listed acts
+    /// for its tenant. A key sent on the same call wins.
+    #[serde(default)]
+    pub certificates: Vec<CertificateIdentity>,
+}
+
+/// A client certificate subject and the tenant it acts for.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateIdentity {
+    /// The certificate's subject common name (`CN`), e.g. `sidecar-eu-1`.
+    pub subject: String,
+    pub tenant: String,
 }
 
 /// One accepted API key, stored as its hash.
@@ -96,6 +110,7 @@ struct StoredKey {
 pub struct KeyStore {
     keys: Vec<StoredKey>,
     public_reflection: bool,
+    certificates: HashMap<String, Principal>,
 }
 
 impl std::fmt::Debug for KeyStore {
@@ -125,7 +140,21 @@ impl KeyStore {
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
-        Ok(Self { keys, public_reflection: config.public_reflection })
+        let certificates = config
+            .certificates
+            .iter()
+            .map(|c| {
+                let principal =
+                    Principal { key_id: format!("certificate:{}", c.subject).into(), tenant: c.tenant.as_str().into() };
+                (c.subject.clone(), principal)
+            })
+            .collect();
+        Ok(Self { keys, public_reflection: config.public_reflection, certificates })
+    }
+
+    /// The principal of a caller whose verified client certificate has subject `subject`.
+    pub fn verify_certificate(&self, subject: &str) -> Result<Principal, AuthError> {
+        self.certificates.get(subject).cloned().ok_or(AuthError::Invalid)
     }
 
     /// Whether reflection answers without a key.
@@ -232,6 +261,14 @@ pub fn check(auth: Option<&AuthConfig>, tenants: &BTreeMap<String, TenantConfig>
                 key.id,
                 key.tenant,
                 tenants.keys().cloned().collect::<Vec<_>>().join(", ")
+            ));
+        }
+    }
+    for (i, identity) in auth.certificates.iter().enumerate() {
+        if !tenants.contains_key(&identity.tenant) {
+            return Err(format!(
+                "auth.certificates[{i}] (`{}`).tenant: `{}` is not one of tenants:",
+                identity.subject, identity.tenant
             ));
         }
     }
@@ -408,6 +445,7 @@ mod tests {
                 })
                 .collect(),
             public_reflection: false,
+            certificates: Vec::new(),
         })
         .expect("valid keys")
     }
@@ -476,6 +514,7 @@ mod tests {
                 expires: expires.map(str::to_string),
             }],
             public_reflection: false,
+            certificates: Vec::new(),
         };
         let good = format!("sha256:{}", "ab".repeat(32));
         let err = KeyStore::new(&config("md5:abc", None)).expect_err("refused");
@@ -502,7 +541,7 @@ mod tests {
             ("eu".to_string(), TenantConfig { datasets: vec!["eu.*".into(), "orders".into()], ..tenant() }),
             ("shop".to_string(), TenantConfig { datasets: vec!["orders".into()], ..tenant() }),
         ]);
-        let auth = AuthConfig { keys: Vec::new(), public_reflection: false };
+        let auth = AuthConfig { keys: Vec::new(), public_reflection: false, certificates: Vec::new() };
         let tenancy = Tenancy::new(Some(&auth), &tenants);
         assert!(tenancy.access("tier", "").allows("secrets"));
         assert!(!tenancy.access("tier", "eu").allows("secrets"));

@@ -182,6 +182,10 @@ pub struct UpstreamConfig {
     /// rotated key is used without a restart. Takes precedence over `credential`.
     #[serde(default)]
     pub credential_file: Option<PathBuf>,
+    /// TLS to `https://` endpoints: the CA that signs their certificates, and this tier's
+    /// own certificate for platforms that require one (mutual TLS).
+    #[serde(default)]
+    pub tls: Option<ClientTlsConfig>,
 }
 
 impl UpstreamConfig {
@@ -197,6 +201,7 @@ impl UpstreamConfig {
             catalog_interval: default_catalog_interval(),
             credential: None,
             credential_file: None,
+            tls: None,
         }
     }
 }
@@ -262,6 +267,9 @@ pub struct PeerConfig {
     pub credential: Option<String>,
     #[serde(default)]
     pub credential_file: Option<PathBuf>,
+    /// TLS to an `https://` peer; unset: `upstream.tls`, if any.
+    #[serde(default)]
+    pub tls: Option<ClientTlsConfig>,
 }
 
 fn default_region() -> String {
@@ -293,6 +301,83 @@ pub struct ServerConfig {
     /// `limits.query_timeout` (a query writes nothing until its first rows).
     #[serde(with = "duration")]
     pub idle_timeout: Duration,
+    /// TLS on both listeners (Flight SQL / gRPC and HTTP); none: plaintext.
+    pub tls: Option<ServerTlsConfig>,
+}
+
+/// A listener's certificate and, for mutual TLS, the CA its clients' certificates must chain
+/// to. Every file is re-read when it changes, so a renewed certificate is served without a
+/// restart.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// PEM CA certificates that sign client certificates. With it, a client may present a
+    /// certificate (verified against it; a tier then knows the caller by its subject).
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+    /// Refuse connections to the Flight / tier protocol listener without a valid client
+    /// certificate (mutual TLS between tiers). The HTTP listener still answers probes
+    /// without one (its routes need a key when `auth:` is on).
+    #[serde(default)]
+    pub require_client_cert: bool,
+}
+
+/// How a tier verifies its upstream's certificate and, for mutual TLS, which certificate it
+/// presents. Used for `https://` endpoints; files are re-read when they change.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTlsConfig {
+    /// PEM CA certificates the upstream's certificate must chain to.
+    pub ca_file: PathBuf,
+    /// This tier's own certificate chain and key, for platforms that require one.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// The name the upstream's certificate must carry, when not the endpoint's host.
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
+impl ClientTlsConfig {
+    fn check(&self, at: &str) -> std::result::Result<(), String> {
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return Err(format!("{at}.tls: cert_file and key_file go together (a client certificate needs its key)"));
+        }
+        Ok(())
+    }
+
+    fn make_relative_to(&mut self, base: &Path) {
+        for path in [Some(&mut self.ca_file), self.cert_file.as_mut(), self.key_file.as_mut()].into_iter().flatten() {
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
+        }
+    }
+}
+
+/// `https://` endpoints need `tls:` (the CA to verify them), and `tls:` needs them.
+fn check_tls_endpoints<'a>(
+    at: &str,
+    endpoints: impl IntoIterator<Item = &'a String>,
+    tls: Option<&ClientTlsConfig>,
+) -> std::result::Result<(), String> {
+    for endpoint in endpoints {
+        let https = endpoint.starts_with("https://");
+        if https && tls.is_none() {
+            return Err(format!(
+                "{at}: `{endpoint}` is https but {at}.tls (the CA that signs its certificate) is not set"
+            ));
+        }
+        if !https && tls.is_some() {
+            return Err(format!("{at}: `{endpoint}` is not https but {at}.tls is set; use https://"));
+        }
+    }
+    tls.map_or(Ok(()), |tls| tls.check(at))
 }
 
 impl Default for ServerConfig {
@@ -305,6 +390,7 @@ impl Default for ServerConfig {
             max_connections: 1024,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
+            tls: None,
         }
     }
 }
@@ -663,6 +749,21 @@ impl Config {
         {
             edge.data_dir = base.join(&edge.data_dir);
         }
+        if let Some(tls) = &mut config.server.tls {
+            for path in
+                [Some(&mut tls.cert_file), Some(&mut tls.key_file), tls.client_ca_file.as_mut()].into_iter().flatten()
+            {
+                if path.is_relative() {
+                    *path = base.join(&*path);
+                }
+            }
+        }
+        if let Some(tls) = config.upstream.as_mut().and_then(|u| u.tls.as_mut()) {
+            tls.make_relative_to(base);
+        }
+        for tls in config.peers.iter_mut().filter_map(|p| p.tls.as_mut()) {
+            tls.make_relative_to(base);
+        }
         for ds in &mut config.datasets {
             if let SourceRef::File { path } = &mut ds.from
                 && path.is_relative()
@@ -745,6 +846,7 @@ impl Config {
             if upstream.breaker_failures == 0 {
                 return Err("upstream.breaker_failures must be at least 1".into());
             }
+            check_tls_endpoints("upstream", &upstream.endpoints, upstream.tls.as_ref())?;
         }
         let mut replicas = std::collections::HashSet::new();
         for (i, r) in self.replicas.iter().enumerate() {
@@ -776,6 +878,8 @@ impl Config {
             if p.region == self.region {
                 return Err(format!("peers[{i}].region: `{}` is this platform's own region", p.region));
             }
+            let tls = p.tls.as_ref().or(self.upstream.as_ref().and_then(|u| u.tls.as_ref()));
+            check_tls_endpoints(&format!("peers[{i}]"), [&p.endpoint], tls)?;
         }
         let telemetry = &self.telemetry;
         if let Some(endpoint) = &telemetry.otlp_endpoint {
@@ -794,6 +898,12 @@ impl Config {
             return Err("telemetry.export_interval and telemetry.export_timeout must be above zero".into());
         }
         crate::auth::check(self.auth.as_ref(), &self.tenants)?;
+        if let Some(tls) = &self.server.tls
+            && tls.require_client_cert
+            && tls.client_ca_file.is_none()
+        {
+            return Err("server.tls.require_client_cert: needs server.tls.client_ca_file (the CA client certificates must chain to)".into());
+        }
         if self.limits.max_concurrent_queries == 0 {
             return Err("limits.max_concurrent_queries must be at least 1".into());
         }

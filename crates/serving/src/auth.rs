@@ -8,7 +8,8 @@
 //! accepts it, no session is kept). Only `GET /health` answers without a key, and gRPC
 //! reflection when `auth.public_reflection` says so. Once in, the caller's tenant replaces
 //! any `strata-tenant` header it sent, so every handler reads who is asking from one place
-//! that the client cannot forge.
+//! that the client cannot forge. Over mutual TLS a caller may instead be known by its
+//! verified client certificate's subject (`auth.certificates`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,7 +51,15 @@ impl Authenticator {
             return Ok(());
         }
         let handshake = path == HANDSHAKE;
-        let principal = self.verify(request.headers(), handshake);
+        let headers = request.headers();
+        let sent_key = headers.contains_key(header::AUTHORIZATION) || headers.contains_key("x-api-key");
+        // No key, but a client certificate the TLS handshake verified: known by its subject
+        // (`auth.certificates`), as a platform knows the sidecars that call it over mTLS.
+        let certificate = request.extensions().get::<crate::tls::PeerCertificate>().and_then(|p| p.subject.clone());
+        let principal = match certificate {
+            Some(subject) if !sent_key => self.keys.verify_certificate(&subject),
+            _ => self.verify(headers, handshake),
+        };
         self.finish(principal, request, &self.refused_grpc)
     }
 

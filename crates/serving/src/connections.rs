@@ -151,6 +151,11 @@ impl GuardedIo {
         Self { stream, _permit: permit, guard, deadline, last_activity: now, read_any: false }
     }
 
+    /// The client's address.
+    pub fn remote_addr(&self) -> Option<SocketAddr> {
+        self.stream.peer_addr().ok()
+    }
+
     fn handshaken(&self) -> bool {
         self.read_any
     }

@@ -13,6 +13,7 @@ pub mod stack;
 pub mod status;
 pub mod telemetry;
 pub mod tier;
+pub mod tls;
 pub mod trace_sink;
 
 pub use server::{ServeError, Servers, start};

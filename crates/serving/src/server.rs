@@ -18,6 +18,7 @@ use tracing::{info, warn};
 use crate::connections::GuardedListener;
 use crate::http::HttpState;
 use crate::metrics::Metrics;
+use crate::tls::ServerTls;
 
 /// Why the servers could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -93,18 +94,28 @@ pub async fn start(
     let mut tasks = JoinSet::new();
 
     // Connections are admitted (and set to nodelay) by the process-wide guard.
+    // TLS: gRPC speaks HTTP/2 only; the HTTP listener either.
+    let tls_error = |message| ServeError::Server { what: "tls", message };
+    let (grpc_tls, http_tls) = match &server.tls {
+        Some(files) => (
+            Some(ServerTls::new(files, &[b"h2"], files.require_client_cert).map_err(tls_error)?),
+            Some(ServerTls::new(files, &[b"h2", b"http/1.1"], false).map_err(tls_error)?),
+        ),
+        None => (None, None),
+    };
     let grpc = crate::stack::grpc(
         &engine,
         tier,
         auth.clone(),
         GuardedListener::new(flight_listener, Arc::clone(&connections)),
+        grpc_tls.map(|tls| (tls, server.handshake_timeout)),
         stop_accepting.clone(),
     )?;
     tasks.spawn(grpc);
     let app = crate::stack::http(HttpState { engine, metrics, draining: Arc::clone(&draining), auth: auth.clone() });
     let stop = stop_accepting.clone();
     let header_read_timeout = server.handshake_timeout;
-    tasks.spawn(serve_http(GuardedListener::new(http_listener, connections), app, header_read_timeout, stop));
+    tasks.spawn(serve_http(GuardedListener::new(http_listener, connections), app, header_read_timeout, http_tls, stop));
 
     info!(%flight_addr, %http_addr, "serving");
     // Shutdown order: report not-ready first, keep serving for `shutdown_delay` while load
@@ -149,33 +160,54 @@ fn warn_if_exposed(server: &ServerConfig) {
 /// Serves HTTP/1.1 and HTTP/2 on `listener` until `stop`, then lets open connections finish
 /// their requests. Each request's headers must arrive within `header_read_timeout`
 /// (`server.handshake_timeout`): a client trickling them byte by byte cannot hold a
-/// connection (axum's own server loop sets no timer, so it had no such bound).
+/// connection (axum's own server loop sets no timer, so it had no such bound). With `tls`,
+/// each connection's handshake runs in the connection's own task, within the same bound.
 async fn serve_http(
     mut listener: GuardedListener,
     app: axum::Router,
     header_read_timeout: Duration,
+    tls: Option<Arc<ServerTls>>,
     stop: CancellationToken,
 ) -> Result<(), ServeError> {
-    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-    use hyper_util::service::TowerToHyperService;
+    use hyper_util::rt::{TokioExecutor, TokioTimer};
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(header_read_timeout);
+    let builder = Arc::new(builder);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
-        let (io, _) = tokio::select! {
+        let (io, peer) = tokio::select! {
             accepted = listener.next() => accepted,
             _ = stop.cancelled() => break,
         };
-        let service = TowerToHyperService::new(app.clone());
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
-        let connection = graceful.watch(connection);
+        let (app, builder, watcher, tls) = (app.clone(), Arc::clone(&builder), graceful.watcher(), tls.clone());
         tokio::spawn(async move {
             // A client that goes away or times out ends its own connection; nothing to report.
-            let _ = connection.await;
+            match tls {
+                None => serve_connection(&builder, io, app, watcher).await,
+                Some(tls) => match crate::tls::accept(&tls, io, header_read_timeout).await {
+                    Ok(io) => serve_connection(&builder, io, app, watcher).await,
+                    Err(err) => tracing::debug!(%peer, error = %err, "TLS handshake failed"),
+                },
+            }
         });
     }
     graceful.shutdown().await;
     Ok(())
+}
+
+async fn serve_connection<I>(
+    builder: &hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    io: I,
+    app: axum::Router,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use hyper_util::rt::TokioIo;
+    use hyper_util::service::TowerToHyperService;
+    let service = TowerToHyperService::new(app);
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
+    let _ = watcher.watch(connection).await;
 }
 
 /// How long background tasks (refresh, replication, upload) get to stop once the servers

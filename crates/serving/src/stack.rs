@@ -20,6 +20,7 @@ use crate::auth::{Authenticator, GrpcAuthLayer};
 use crate::connections::GuardedListener;
 use crate::http::{HttpState, router};
 use crate::server::ServeError;
+use crate::tls::ServerTls;
 
 /// The gRPC stack on the Flight listener: Flight SQL, the tier protocol and reflection.
 /// Returns the server future, which runs until `stop` and then lets open streams finish.
@@ -28,6 +29,7 @@ pub fn grpc(
     tier: &'static str,
     auth: Option<Arc<Authenticator>>,
     listener: GuardedListener,
+    tls: Option<(Arc<ServerTls>, Duration)>,
     stop: CancellationToken,
 ) -> Result<impl Future<Output = Result<(), ServeError>> + Send + 'static, ServeError> {
     let reflection_error =
@@ -63,12 +65,20 @@ pub fn grpc(
         .add_service(crate::tier::tier_server(engine.clone(), tier))
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
-    Ok(async move {
-        router
-            .serve_with_incoming_shutdown(listener.into_incoming(), stop.cancelled_owned())
-            .await
-            .map_err(|e| ServeError::Server { what: "flight", message: e.to_string() })
-    })
+    let failed = |e: tonic::transport::Error| ServeError::Server { what: "flight", message: e.to_string() };
+    // 0. Transport: TLS handshakes (each in its own task) before HTTP/2, when configured.
+    let serve: futures::future::BoxFuture<'static, Result<(), ServeError>> = match tls {
+        Some((tls, handshake_timeout)) => {
+            let incoming = crate::tls::incoming(listener, tls, handshake_timeout);
+            Box::pin(async move {
+                router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await.map_err(failed)
+            })
+        }
+        None => Box::pin(async move {
+            router.serve_with_incoming_shutdown(listener.into_incoming(), stop.cancelled_owned()).await.map_err(failed)
+        }),
+    };
+    Ok(serve)
 }
 
 /// The HTTP stack on the HTTP listener: the routes of `crate::http`, layered.

@@ -40,6 +40,7 @@ use tracing::Instrument;
 
 use crate::breaker::Breaker;
 use crate::credential::Credential;
+use crate::tls::{ClientTls, TlsConnector};
 use crate::wire::{self, is_unreachable, status_error};
 
 /// HTTP/2 flow-control window (per stream and per connection) and frame size of upstream calls.
@@ -259,8 +260,14 @@ pub struct UpstreamClient {
 impl UpstreamClient {
     /// Builds the stack; connects lazily, so an unreachable platform does not fail start-up.
     /// Must run inside a Tokio runtime.
-    /// Every call carries `credential` (this tier's API key), when it has one.
-    pub fn new(endpoints: &[String], config: &UpstreamConfig, credential: Credential) -> Result<Self, StrataError> {
+    /// Every call carries `credential` (this tier's API key), when it has one; `https://`
+    /// endpoints are reached over TLS with `tls`.
+    pub fn new(
+        endpoints: &[String],
+        config: &UpstreamConfig,
+        credential: Credential,
+        tls: Option<Arc<ClientTls>>,
+    ) -> Result<Self, StrataError> {
         let mut services = Vec::new();
         let mut breakers = Vec::new();
         for endpoint in endpoints {
@@ -277,8 +284,18 @@ impl UpstreamClient {
                 .max_frame_size(MAX_FRAME)
                 .http2_keep_alive_interval(Duration::from_secs(10))
                 .keep_alive_timeout(Duration::from_secs(5))
-                .keep_alive_while_idle(true)
-                .connect_lazy();
+                .keep_alive_while_idle(true);
+            let channel = match (&tls, endpoint.starts_with("https://")) {
+                (Some(tls), true) => {
+                    channel.connect_with_connector_lazy(TlsConnector::new(Arc::clone(tls), config.connect_timeout))
+                }
+                (None, true) => {
+                    return Err(StrataError::Config(format!(
+                        "upstream endpoint `{endpoint}` is https but no TLS settings (the CA) are configured"
+                    )));
+                }
+                (_, false) => channel.connect_lazy(),
+            };
             let breaker = Arc::new(Breaker::new(endpoint, config.breaker_failures, config.breaker_open_for));
             let client =
                 TierServiceClient::with_interceptor(channel, credential.clone()).max_decoding_message_size(MAX_MESSAGE);

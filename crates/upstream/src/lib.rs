@@ -10,6 +10,7 @@ pub mod replica;
 pub mod router;
 pub mod subset;
 pub mod table;
+pub mod tls;
 pub mod wire;
 
 pub use client::UpstreamClient;

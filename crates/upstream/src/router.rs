@@ -26,6 +26,7 @@ use crate::client::UpstreamClient;
 use crate::credential::Credential;
 use crate::replica::Replica;
 use crate::table::Origin;
+use crate::tls::ClientTls;
 use crate::wire;
 
 /// Forwarding stops after this many platforms (a misconfigured peer loop fails, not spins).
@@ -124,7 +125,8 @@ impl TierRouter {
     ) -> Result<Arc<Self>, StrataError> {
         let credential =
             Credential::new(upstream.credential.as_deref(), upstream.credential_file.as_deref(), "upstream")?;
-        let client = UpstreamClient::new(&upstream.endpoints, upstream, credential)?;
+        let tls = upstream.tls.as_ref().map(|t| ClientTls::new(t, "upstream.tls")).transpose()?;
+        let client = UpstreamClient::new(&upstream.endpoints, upstream, credential, tls)?;
         let label = upstream.endpoints.join(",");
         Ok(Self::build(
             engine,
@@ -153,8 +155,13 @@ impl TierRouter {
                 }
                 (key, file) => Credential::new(key.as_deref(), file.as_deref(), &format!("peers[{i}]"))?,
             };
+            let tls = match (&peer.tls, &settings.tls) {
+                (Some(tls), _) => Some(ClientTls::new(tls, &format!("peers[{i}].tls"))?),
+                (None, Some(tls)) => Some(ClientTls::new(tls, "upstream.tls")?),
+                (None, None) => None,
+            };
             upstreams.push(Upstream {
-                client: UpstreamClient::new(std::slice::from_ref(&peer.endpoint), settings, credential)?,
+                client: UpstreamClient::new(std::slice::from_ref(&peer.endpoint), settings, credential, tls)?,
                 label: format!("{} ({})", peer.region, peer.endpoint),
                 only_region: Some(peer.region.clone()),
             });

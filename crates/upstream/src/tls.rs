@@ -1,0 +1,183 @@
+//! TLS from a tier to its upstream (rustls with ring; no OpenSSL): the upstream's
+//! certificate is verified against a configured CA, and this tier presents its own
+//! certificate where the platform requires one (mutual TLS). The files are re-read when
+//! they change, so a renewed client certificate is used by the next connection without a
+//! restart. Also the PEM helpers the serving side shares.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::future::BoxFuture;
+use rustls::ClientConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use strata_core::StrataError;
+use strata_core::config::ClientTlsConfig;
+use tokio::net::TcpStream;
+use tonic::codegen::http::Uri;
+use tower::BoxError;
+use tracing::{info, warn};
+
+/// How often at most the files' modification times are looked at.
+const RECHECK: Duration = Duration::from_secs(1);
+
+/// The certificates of a PEM file; `field` names the setting in errors.
+pub fn certificates(path: &Path, field: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{field}: cannot read certificates from {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{field}: {} holds no PEM certificate", path.display()));
+    }
+    Ok(certs)
+}
+
+/// The private key of a PEM file (PKCS#8, PKCS#1 or SEC1).
+pub fn private_key(path: &Path, field: &str) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| format!("{field}: cannot read a private key from {}: {e}", path.display()))
+}
+
+/// The CA certificates of a PEM file as a trust store.
+pub fn root_store(path: &Path, field: &str) -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certificates(path, field)? {
+        roots.add(cert).map_err(|e| format!("{field}: {} holds a certificate rustls refuses: {e}", path.display()))?;
+    }
+    Ok(roots)
+}
+
+/// The crypto of every TLS connection of a tier: ring's. rustls 0.23.48 deprecated it
+/// because it has no post-quantum key exchange (aws-lc-rs has), but aws-lc-rs builds a C
+/// library with CMake on every cold build, which this project's two-core CI cannot afford.
+/// Revisit when ring gains ML-KEM or CI grows.
+#[allow(deprecated)]
+pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Modification times of `paths`, to notice a change.
+pub fn stamps<'a>(paths: impl IntoIterator<Item = &'a Path>) -> Vec<Option<SystemTime>> {
+    paths.into_iter().map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok()).collect()
+}
+
+/// A tier's client TLS settings, reloaded when their files change.
+pub struct ClientTls {
+    files: ClientTlsConfig,
+    field: String,
+    state: Mutex<Loaded>,
+}
+
+struct Loaded {
+    config: Arc<ClientConfig>,
+    stamps: Vec<Option<SystemTime>>,
+    checked: Instant,
+}
+
+impl ClientTls {
+    /// Loads the files once; errors name `field` (`upstream.tls`, `peers[0].tls`).
+    pub fn new(files: &ClientTlsConfig, field: &str) -> Result<Arc<Self>, StrataError> {
+        let config = build(files, field).map_err(StrataError::Config)?;
+        Ok(Arc::new(Self {
+            files: files.clone(),
+            field: field.to_string(),
+            state: Mutex::new(Loaded { config, stamps: client_stamps(files), checked: Instant::now() }),
+        }))
+    }
+
+    fn current(&self) -> Arc<ClientConfig> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.checked.elapsed() >= RECHECK {
+            state.checked = Instant::now();
+            let now = client_stamps(&self.files);
+            if now != state.stamps {
+                match build(&self.files, &self.field) {
+                    Ok(config) => {
+                        info!(field = %self.field, "TLS files changed: new connections use them");
+                        state.config = config;
+                        state.stamps = now;
+                    }
+                    Err(message) => warn!(%message, "TLS files changed but do not load; keeping the previous ones"),
+                }
+            }
+        }
+        Arc::clone(&state.config)
+    }
+}
+
+fn client_stamps(files: &ClientTlsConfig) -> Vec<Option<SystemTime>> {
+    stamps([Some(files.ca_file.as_path()), files.cert_file.as_deref(), files.key_file.as_deref()].into_iter().flatten())
+}
+
+fn build(files: &ClientTlsConfig, field: &str) -> Result<Arc<ClientConfig>, String> {
+    let provider = crypto_provider();
+    let roots = root_store(&files.ca_file, &format!("{field}.ca_file"))?;
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("{field}: {e}"))?
+        .with_root_certificates(roots);
+    let mut config = match (&files.cert_file, &files.key_file) {
+        (Some(cert), Some(key)) => {
+            let certs = certificates(cert, &format!("{field}.cert_file"))?;
+            let key = private_key(key, &format!("{field}.key_file"))?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| format!("{field}: the key does not fit the client certificate: {e}"))?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    // The tier protocol is gRPC: HTTP/2 only.
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Connects to an `https://` upstream: TCP, then TLS with the current settings. A tonic
+/// channel's connector (`Endpoint::connect_with_connector_lazy`).
+#[derive(Clone)]
+pub struct TlsConnector {
+    tls: Arc<ClientTls>,
+    server_name: Option<String>,
+    connect_timeout: Duration,
+}
+
+impl TlsConnector {
+    pub fn new(tls: Arc<ClientTls>, connect_timeout: Duration) -> Self {
+        let server_name = tls.files.server_name.clone();
+        Self { tls, server_name, connect_timeout }
+    }
+}
+
+type TlsIo = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+
+impl tower::Service<Uri> for TlsConnector {
+    type Response = TlsIo;
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<TlsIo, BoxError>>;
+
+    fn poll_ready(&mut self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), BoxError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let config = self.tls.current();
+        let name = self.server_name.clone();
+        let timeout = self.connect_timeout;
+        Box::pin(async move {
+            let host = uri.host().ok_or("an upstream endpoint without a host")?.to_string();
+            let port = uri.port_u16().unwrap_or(443);
+            let name = name.unwrap_or_else(|| host.trim_start_matches('[').trim_end_matches(']').to_string());
+            let server_name =
+                ServerName::try_from(name.clone()).map_err(|_| format!("`{name}` is not a TLS server name"))?;
+            let connect = async {
+                let tcp = TcpStream::connect((host.trim_start_matches('[').trim_end_matches(']'), port)).await?;
+                tcp.set_nodelay(true)?;
+                tokio_rustls::TlsConnector::from(config).connect(server_name, tcp).await
+            };
+            let stream = tokio::time::timeout(timeout, connect).await.map_err(|_| {
+                format!("no TLS connection to {host}:{port} within {timeout:?} (upstream.connect_timeout)")
+            })??;
+            Ok(hyper_util::rt::TokioIo::new(stream))
+        })
+    }
+}
