@@ -14,6 +14,7 @@ mod netns;
 mod paths;
 mod points;
 mod report;
+mod security_cost;
 mod tpch;
 mod tracing_cost;
 
@@ -32,12 +33,12 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Scenarios to run (comma separated): lookup, aggregate, dashboard, footprint, netns,
-    /// tracing, bulk, tpch, edge-ingest, edge-restart, edge-outage. `netns` needs root; without it
+    /// tracing, security, bulk, tpch, edge-ingest, edge-restart, edge-outage. `netns` needs root; without it
     /// the scenario is skipped with the reason.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "lookup,aggregate,dashboard,footprint,netns,tracing,bulk,tpch,edge-ingest,edge-restart,edge-outage"
+        default_value = "lookup,aggregate,dashboard,footprint,netns,tracing,security,bulk,tpch,edge-ingest,edge-restart,edge-outage"
     )]
     only: Vec<String>,
     /// Measure only the paths whose names contain one of these (comma separated), for
@@ -77,7 +78,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Err(err) => eprintln!("{name} failed: {err:#}"),
     };
-    if ["lookup", "aggregate", "dashboard", "footprint", "netns", "tracing"].iter().any(|s| wants(s)) {
+    if ["lookup", "aggregate", "dashboard", "footprint", "netns", "tracing", "security"].iter().any(|s| wants(s)) {
         eprintln!("setting up {rows} rows in PostgreSQL, a platform and a sidecar");
         let points = points::Points::start(rows).await?;
         if wants("footprint") {
@@ -102,6 +103,10 @@ async fn main() -> anyhow::Result<()> {
         if wants("tracing") {
             eprintln!("tracing off, on, and on with the collector down");
             keep("tracing", tracing_cost::run(&points.parquet, rows, lookup_effort).await);
+        }
+        if wants("security") {
+            eprintln!("API keys and TLS off and on");
+            keep("security", security_cost::run(&points.parquet, rows, lookup_effort).await);
         }
     }
     if wants("bulk") {

@@ -44,7 +44,7 @@ impl Query {
         }
     }
 
-    fn sql(self, i: usize) -> String {
+    pub fn sql(self, i: usize) -> String {
         match self {
             Query::Lookup { rows } => format!("SELECT v FROM points WHERE id = {}", key(i, rows)),
             Query::Aggregate => AGGREGATE.to_string(),
