@@ -344,3 +344,72 @@ async fn version_streams_are_capped_and_caller_deadlines_are_kept() {
     assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
     still_answers(&tier).await;
 }
+
+#[tokio::test]
+async fn http2_abuse_oversized_headers_and_long_lists_are_refused_and_the_tier_answers() {
+    let tier = Tier::start("platform-service", &config("")).await;
+    tier.wait_ready(Duration::from_secs(20)).await;
+
+    // Rapid reset (CVE-2023-44487): open streams and reset them at once, as fast as the
+    // client can, on several connections. Each stream costs the server a task that is
+    // cancelled at once; streams reset before the server took them count toward a GOAWAY.
+    // The tier must keep answering with its memory near where it was.
+    let before = peak_rss(&tier);
+    let mut opened = 0;
+    for _ in 0..4 {
+        opened += rapid_reset(tier.flight_addr, 5_000).await;
+    }
+    assert!(opened > 1_000, "only {opened} streams could be opened");
+    still_answers(&tier).await;
+    let grown = peak_rss(&tier).saturating_sub(before);
+    assert!(grown < 200 << 20, "peak memory grew {} MiB under {opened} reset streams", grown >> 20);
+
+    // Metadata far over the header bound is refused; the connection's next call works.
+    let mut flight = tier.flight().await;
+    flight.set_header("x-padding", "x".repeat(64 << 10));
+    assert!(flight.execute("SELECT 1".into(), None).await.is_err(), "64 KiB of metadata accepted");
+    still_answers(&tier).await;
+    // HTTP/1.1 headers past the buffer bound.
+    let response = reqwest::Client::new()
+        .post(tier.url("/v1/sql"))
+        .header("x-padding", "x".repeat(100 << 10))
+        .body("SELECT 1")
+        .send()
+        .await;
+    assert!(response.map(|r| !r.status().is_success()).unwrap_or(true), "100 KiB of headers accepted");
+    still_answers(&tier).await;
+
+    // An IN list over limits.max_in_list, and too many parameters.
+    let list: Vec<String> = (0..70_000).map(|i| i.to_string()).collect();
+    let (code, body) = tier.sql(&format!("SELECT count(*) FROM orders WHERE order_id IN ({})", list.join(","))).await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.to_string().contains("limits.max_in_list"), "{body}");
+    let params: Vec<String> = (1..=70_000).map(|i| format!("${i}")).collect();
+    let (code, body) = tier.sql(&format!("SELECT {}", params.join(","))).await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.to_string().contains("limits.max_parameters"), "{body}");
+    still_answers(&tier).await;
+}
+
+/// Opens up to `count` HTTP/2 streams on one connection, resetting each at once; returns
+/// how many were opened before the server closed the connection.
+async fn rapid_reset(addr: std::net::SocketAddr, count: usize) -> usize {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    let driver = tokio::spawn(connection);
+    let mut opened = 0;
+    for _ in 0..count {
+        let Ok(ready) = client.clone().ready().await else { break };
+        client = ready;
+        let request = http::Request::post("/arrow.flight.protocol.FlightService/DoGet")
+            .header("content-type", "application/grpc")
+            .body(())
+            .expect("request");
+        let Ok((_, mut stream)) = client.send_request(request, false) else { break };
+        stream.send_reset(h2::Reason::CANCEL);
+        opened += 1;
+    }
+    drop(client);
+    driver.abort();
+    opened
+}

@@ -414,6 +414,11 @@ pub struct LimitsConfig {
     /// Deepest nesting of expressions and subqueries a statement may have (after `k = 1 OR
     /// k = 2 ...` chains are folded into IN lists): planning walks them recursively.
     pub max_expression_depth: usize,
+    /// Longest IN list a statement may hold.
+    pub max_in_list: usize,
+    /// Most distinct parameters (`$1`, `?`) a statement may have (PostgreSQL's protocol
+    /// allows 65,535).
+    pub max_parameters: usize,
     /// Bytes the plan cache may hold (SQL texts and their plans); texts longer than 1/256
     /// of it are planned every time rather than cached.
     pub plan_cache_size: ByteSize,
@@ -446,6 +451,8 @@ impl Default for LimitsConfig {
             slow_query: Duration::from_secs(1),
             max_query_size: ByteSize(1 << 20),
             max_expression_depth: 1024,
+            max_in_list: 65_536,
+            max_parameters: 65_535,
             plan_cache_size: ByteSize(64 << 20),
             max_subscribers: 256,
             max_running_queries: None,

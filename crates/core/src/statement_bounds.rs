@@ -46,6 +46,64 @@ pub fn bound_statement(statement: &mut DfStatement, max_depth: usize) -> Result<
     Ok(())
 }
 
+/// Refuses a statement whose IN lists are longer than `max_in_list` (`limits.max_in_list`) or
+/// that has more than `max_parameters` distinct placeholders (`limits.max_parameters`). Both
+/// are bounded by the text's size too, but each element costs far more planned than written,
+/// and a clear error names the limit a generated query ran into.
+pub fn check_lists(statement: &DfStatement, max_in_list: usize, max_parameters: usize) -> Result<()> {
+    let inner: &Statement = match statement {
+        DfStatement::Statement(s) => s,
+        DfStatement::Explain(explain) => return check_lists(&explain.statement, max_in_list, max_parameters),
+        _ => return Ok(()),
+    };
+    let mut lists = Lists { max_in_list, max_parameters, parameters: std::collections::HashSet::new() };
+    match Visit::visit(inner, &mut lists) {
+        ControlFlow::Break(ListBound::InList(len)) => Err(StrataError::InvalidRequest(format!(
+            "an IN list of the query has {len} elements, over limits.max_in_list ({max_in_list}); \
+             pass long lists as a joined table or split the query"
+        ))),
+        ControlFlow::Break(ListBound::Parameters) => Err(StrataError::InvalidRequest(format!(
+            "the query has more than {max_parameters} parameters, over limits.max_parameters ({max_parameters})"
+        ))),
+        ControlFlow::Continue(()) => Ok(()),
+    }
+}
+
+enum ListBound {
+    InList(usize),
+    Parameters,
+}
+
+struct Lists {
+    max_in_list: usize,
+    max_parameters: usize,
+    parameters: std::collections::HashSet<String>,
+}
+
+impl Visitor for Lists {
+    type Break = ListBound;
+
+    fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<ListBound> {
+        match expr {
+            Expr::InList { list, .. } if list.len() > self.max_in_list => {
+                ControlFlow::Break(ListBound::InList(list.len()))
+            }
+            Expr::Value(value) => match &value.value {
+                Value::Placeholder(name) => {
+                    self.parameters.insert(name.clone());
+                    if self.parameters.len() > self.max_parameters {
+                        ControlFlow::Break(ListBound::Parameters)
+                    } else {
+                        ControlFlow::Continue(())
+                    }
+                }
+                _ => ControlFlow::Continue(()),
+            },
+            _ => ControlFlow::Continue(()),
+        }
+    }
+}
+
 /// Tracks nesting of expressions and queries; breaks as soon as it passes the bound.
 struct Depth {
     current: usize,
@@ -166,6 +224,21 @@ mod tests {
 
     fn parse(sql: &str) -> DfStatement {
         DFParser::parse_sql(sql).expect("parses").pop_front().expect("one statement")
+    }
+
+    #[test]
+    fn long_in_lists_and_too_many_parameters_are_refused_naming_the_limit() {
+        let list: Vec<String> = (0..101).map(|i| i.to_string()).collect();
+        let err =
+            check_lists(&parse(&format!("SELECT 1 WHERE 1 IN ({})", list.join(","))), 100, 10).expect_err("long list");
+        assert!(err.to_string().contains("101 elements, over limits.max_in_list (100)"), "{err}");
+        check_lists(&parse(&format!("SELECT 1 WHERE 1 IN ({})", list[..100].join(","))), 100, 10)
+            .expect("at the bound");
+        let params: Vec<String> = (1..=11).map(|i| format!("${i}")).collect();
+        let err = check_lists(&parse(&format!("SELECT {}", params.join(","))), 100, 10).expect_err("11 parameters");
+        assert!(err.to_string().contains("limits.max_parameters (10)"), "{err}");
+        // The same placeholder used twice is one parameter.
+        check_lists(&parse(&format!("SELECT {}, $1", params[..10].join(","))), 100, 10).expect("10 parameters");
     }
 
     #[test]

@@ -171,7 +171,16 @@ async fn serve_http(
 ) -> Result<(), ServeError> {
     use hyper_util::rt::{TokioExecutor, TokioTimer};
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(header_read_timeout);
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(header_read_timeout).max_buf_size(HTTP1_MAX_BUF);
+    // The same HTTP/2 bounds as the gRPC listener (see `stack.rs`).
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(crate::stack::HTTP2_MAX_STREAMS)
+        .max_header_list_size(crate::stack::HTTP2_MAX_HEADER_BYTES)
+        .max_pending_accept_reset_streams(crate::stack::HTTP2_MAX_PENDING_RESETS)
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
     let builder = Arc::new(builder);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
@@ -209,6 +218,9 @@ async fn serve_connection<I>(
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
     let _ = watcher.watch(connection).await;
 }
+
+/// Bytes an HTTP/1.1 connection buffers (a request line and headers beyond it are refused).
+const HTTP1_MAX_BUF: usize = 64 << 10;
 
 /// How long background tasks (refresh, replication, upload) get to stop once the servers
 /// have drained: each watches its stop signal at every wait, so they stop at once unless a

@@ -22,6 +22,13 @@ use crate::http::{HttpState, router};
 use crate::server::ServeError;
 use crate::tls::ServerTls;
 
+/// Streams one HTTP/2 connection may have open at once (a client multiplexing more waits).
+pub const HTTP2_MAX_STREAMS: u32 = 256;
+/// Bytes of headers (gRPC metadata) one request may carry.
+pub const HTTP2_MAX_HEADER_BYTES: u32 = 16 << 10;
+/// Streams a client may reset before the server has accepted them; past it, GOAWAY.
+pub const HTTP2_MAX_PENDING_RESETS: usize = 32;
+
 /// The gRPC stack on the Flight listener: Flight SQL, the tier protocol and reflection.
 /// Returns the server future, which runs until `stop` and then lets open streams finish.
 pub fn grpc(
@@ -49,6 +56,12 @@ pub fn grpc(
         // are the listener's: `GuardedListener`.)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // HTTP/2 abuse: streams one connection may hold open, headers a call may send
+        // (metadata), and streams a client may open and reset before the server answers
+        // (CVE-2023-44487, rapid reset: past it the connection gets GOAWAY).
+        .max_concurrent_streams(Some(HTTP2_MAX_STREAMS))
+        .http2_max_header_list_size(Some(HTTP2_MAX_HEADER_BYTES))
+        .http2_max_pending_accept_reset_streams(Some(HTTP2_MAX_PENDING_RESETS))
         // 1. Request span (outermost): every call is in a span naming its method, so the
         //    layers and handlers below log inside it, failures included.
         .layer(TraceLayer::new_for_grpc().make_span_with(

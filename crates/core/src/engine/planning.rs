@@ -136,6 +136,7 @@ impl Engine {
             self.inner.planning.sql_to_statement(&sql, &datafusion::common::config::Dialect::Generic)?;
         read_only::check_statement(&statement)?;
         crate::statement_bounds::bound_statement(&mut statement, limits.max_expression_depth)?;
+        crate::statement_bounds::check_lists(&statement, limits.max_in_list, limits.max_parameters)?;
         self.check_references(access, &statement)?;
         Ok(statement)
     }
