@@ -21,6 +21,40 @@ pub fn bin_dir() -> PathBuf {
 }
 
 /// The workspace root, for fixtures such as `examples/` and `integration-tests/slt/`.
+/// The YAML `datasets:` of the sample data in examples/data: `customers` (CSV, read live)
+/// and `orders` (NDJSON, accelerated).
+pub fn sample_datasets_yaml() -> String {
+    let data = workspace_root().join("examples/data");
+    format!(
+        "datasets:\n  - name: customers\n    from: file:{}/customers.csv\n  - name: orders\n    from: file:{}/orders.ndjson\n    acceleration: {{refresh: full}}\n",
+        data.display(),
+        data.display()
+    )
+}
+
+/// A gRPC channel to `url` (`https://...`) over TLS, trusting `ca_file`, presenting
+/// `client` (a certificate and its key) when given.
+pub async fn tls_channel(
+    url: &str,
+    ca_file: &std::path::Path,
+    client: Option<&certs::CertFiles>,
+) -> tonic::transport::Channel {
+    let files = strata_core::config::ClientTlsConfig {
+        ca_file: ca_file.to_path_buf(),
+        cert_file: client.map(|c| c.cert_file.clone()),
+        key_file: client.map(|c| c.key_file.clone()),
+        server_name: Some("localhost".into()),
+    };
+    let tls = strata_upstream::tls::ClientTls::new(&files, "test").expect("client TLS");
+    let connector = strata_upstream::tls::TlsConnector::new(tls, std::time::Duration::from_secs(5));
+    tonic::transport::Channel::from_shared(url.to_string())
+        .expect("uri")
+        .tcp_nodelay(true)
+        .connect_with_connector(connector)
+        .await
+        .expect("connect over TLS")
+}
+
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
 }

@@ -214,20 +214,9 @@ impl Tier {
 
     /// A channel to the Flight listener, over TLS when the tier serves it.
     pub async fn channel(&self) -> Channel {
-        let endpoint = Channel::from_shared(self.flight_url()).expect("uri");
         match &self.tls_ca {
-            None => endpoint.connect().await.expect("connect flight"),
-            Some(ca) => {
-                let files = strata_core::config::ClientTlsConfig {
-                    ca_file: ca.clone(),
-                    cert_file: None,
-                    key_file: None,
-                    server_name: Some("localhost".into()),
-                };
-                let tls = strata_upstream::tls::ClientTls::new(&files, "test").expect("client TLS");
-                let connector = strata_upstream::tls::TlsConnector::new(tls, Duration::from_secs(5));
-                endpoint.connect_with_connector(connector).await.expect("connect flight over TLS")
-            }
+            None => Channel::from_shared(self.flight_url()).expect("uri").connect().await.expect("connect flight"),
+            Some(ca) => crate::tls_channel(&self.flight_url(), ca, None).await,
         }
     }
 

@@ -15,6 +15,7 @@ use arrow_flight::sql::{
 use arrow_flight::{Action, Criteria, Empty, FlightData, FlightDescriptor, HandshakeRequest, Ticket};
 use futures::StreamExt;
 use prost::Message;
+use strata_integration_tests::sample_datasets_yaml as datasets;
 use strata_integration_tests::tier::Tier;
 use strata_integration_tests::workspace_root;
 use strata_proto::v1::tier_service_client::TierServiceClient;
@@ -57,15 +58,6 @@ impl Keys {
         );
         (keys, yaml)
     }
-}
-
-fn datasets() -> String {
-    let data = workspace_root().join("examples/data");
-    format!(
-        "datasets:\n  - name: customers\n    from: file:{}/customers.csv\n  - name: orders\n    from: file:{}/orders.ndjson\n    acceleration: {{refresh: full}}\n",
-        data.display(),
-        data.display()
-    )
 }
 
 /// Sends one fixed `authorization` value (or none) on every call.

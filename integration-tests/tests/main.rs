@@ -11,6 +11,7 @@ mod edge;
 mod federation;
 mod golden;
 mod hostile;
+mod injection;
 mod metrics;
 mod parameterize;
 mod results_cache;

@@ -6,17 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use strata_integration_tests::certs::{CertFiles, TestCa};
+use strata_integration_tests::sample_datasets_yaml as datasets;
 use strata_integration_tests::tier::Tier;
-use strata_integration_tests::workspace_root;
-
-fn datasets() -> String {
-    let data = workspace_root().join("examples/data");
-    format!(
-        "datasets:\n  - name: customers\n    from: file:{}/customers.csv\n  - name: orders\n    from: file:{}/orders.ndjson\n    acceleration: {{refresh: full}}\n",
-        data.display(),
-        data.display()
-    )
-}
 
 /// The certificate a TLS handshake with `addr` is served, verified against `ca`.
 async fn served_certificate(addr: std::net::SocketAddr, ca: &std::path::Path) -> Result<Vec<u8>, String> {
@@ -137,19 +128,7 @@ async fn flight_with_certificate(
     client: &CertFiles,
     key: &str,
 ) -> arrow_flight::sql::client::FlightSqlServiceClient<tonic::transport::Channel> {
-    let files = strata_core::config::ClientTlsConfig {
-        ca_file: ca.ca_file.clone(),
-        cert_file: Some(client.cert_file.clone()),
-        key_file: Some(client.key_file.clone()),
-        server_name: Some("localhost".into()),
-    };
-    let tls = strata_upstream::tls::ClientTls::new(&files, "test").expect("client TLS");
-    let connector = strata_upstream::tls::TlsConnector::new(tls, Duration::from_secs(5));
-    let channel = tonic::transport::Channel::from_shared(tier.flight_url())
-        .expect("uri")
-        .connect_with_connector(connector)
-        .await
-        .expect("connect");
+    let channel = strata_integration_tests::tls_channel(&tier.flight_url(), &ca.ca_file, Some(client)).await;
     let mut client = arrow_flight::sql::client::FlightSqlServiceClient::new(channel);
     client.set_token(key.to_string());
     client

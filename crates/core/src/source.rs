@@ -123,8 +123,170 @@ async fn open_file(
 /// Lets a SQL source answer scans that need no column (`SELECT count(*)`): the provider
 /// returns a column even for an empty projection, which DataFusion rejects as a schema
 /// mismatch. We read the narrowest column and project it away.
+///
+/// It also keeps filters whose string literals hold a quote or a backslash from being
+/// pushed down (DataFusion applies them to the rows instead): the provider renders filters
+/// through sqlparser's string escaping, which leaves `''` and `\'` as it finds them, taking
+/// them for escapes already made. A value `''x` then reached PostgreSQL as `'x` (a wrong
+/// answer), and `\' OR '1'='1` as a literal that ends after the backslash followed by SQL
+/// of the client's choosing (PostgreSQL reads backslashes literally). Found by
+/// `tests/injection.rs`.
 #[derive(Debug)]
 struct ZeroColumnScan(Arc<dyn TableProvider>);
+
+impl ZeroColumnScan {
+    /// A scan whose filters include one SQL generation cannot quote safely. A plan made once
+    /// for a statement's shape (or a prepared statement) decided pushdown on a placeholder
+    /// and had the value bound in after, so such filters can still arrive here: the source
+    /// gets the other filters, every column and no limit, and these are applied to its rows
+    /// here, then the projection and the limit.
+    async fn scan_filtering_here(
+        &self,
+        state: &dyn datafusion::catalog::Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[datafusion::logical_expr::Expr],
+        limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
+        use datafusion::common::tree_node::{Transformed, TreeNode};
+        use datafusion::physical_plan::filter::FilterExec;
+        use datafusion::physical_plan::limit::GlobalLimitExec;
+        use datafusion::physical_plan::projection::{ProjectionExec, ProjectionExpr};
+        let (here, pushed): (Vec<_>, Vec<_>) = filters.iter().cloned().partition(has_unsafe_string_literal);
+        let input = sealed(self.0.scan(state, None, &pushed, None).await?);
+        let schema = self.schema();
+        let df_schema = datafusion::common::DFSchema::try_from(schema.as_ref().clone())?;
+        let predicate = datafusion::logical_expr::utils::conjunction(here)
+            .ok_or_else(|| datafusion::error::DataFusionError::Internal("no filter to apply".into()))?
+            .transform(|e| match e {
+                datafusion::logical_expr::Expr::Column(c) => Ok(Transformed::yes(
+                    datafusion::logical_expr::Expr::Column(datafusion::common::Column::new_unqualified(c.name)),
+                )),
+                other => Ok(Transformed::no(other)),
+            })?
+            .data;
+        let predicate = state.create_physical_expr(predicate, &df_schema)?;
+        let mut plan: Arc<dyn datafusion::physical_plan::ExecutionPlan> =
+            Arc::new(FilterExec::try_new(predicate, input)?);
+        if let Some(columns) = projection {
+            let exprs = columns
+                .iter()
+                .map(|&i| {
+                    let name = schema.field(i).name().clone();
+                    let column = datafusion::physical_expr::expressions::Column::new(&name, i);
+                    ProjectionExpr { expr: Arc::new(column), alias: name }
+                })
+                .collect::<Vec<_>>();
+            plan = Arc::new(ProjectionExec::try_new(exprs, plan)?);
+        }
+        if limit.is_some() {
+            plan = Arc::new(GlobalLimitExec::new(plan, 0, limit));
+        }
+        Ok(plan)
+    }
+}
+
+/// `plan` (the source's scan) behind [`NoPhysicalPushdown`].
+fn sealed(
+    plan: Arc<dyn datafusion::physical_plan::ExecutionPlan>,
+) -> Arc<dyn datafusion::physical_plan::ExecutionPlan> {
+    Arc::new(NoPhysicalPushdown(plan))
+}
+
+/// Keeps DataFusion's physical optimizer from pushing filters (and limits) into the source's
+/// scan after planning: the provider's scan accepts them and pastes their SQL rendering into
+/// its query text, with the same quoting flaw, bypassing the check made in
+/// `supports_filters_pushdown`. Everything the source may evaluate was decided there.
+#[derive(Debug)]
+struct NoPhysicalPushdown(Arc<dyn datafusion::physical_plan::ExecutionPlan>);
+
+impl datafusion::physical_plan::DisplayAs for NoPhysicalPushdown {
+    fn fmt_as(
+        &self,
+        _t: datafusion::physical_plan::DisplayFormatType,
+        f: &mut std::fmt::Formatter,
+    ) -> std::fmt::Result {
+        write!(f, "NoPhysicalPushdown")
+    }
+}
+
+impl datafusion::physical_plan::ExecutionPlan for NoPhysicalPushdown {
+    fn name(&self) -> &str {
+        "NoPhysicalPushdown"
+    }
+
+    fn properties(&self) -> &Arc<datafusion::physical_plan::PlanProperties> {
+        self.0.properties()
+    }
+
+    /// It holds no expressions of its own.
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(
+            &Arc<dyn datafusion::physical_expr::PhysicalExpr>,
+        ) -> datafusion::error::Result<datafusion::common::tree_node::TreeNodeRecursion>,
+    ) -> datafusion::error::Result<datafusion::common::tree_node::TreeNodeRecursion> {
+        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
+        vec![&self.0]
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        mut children: Vec<Arc<dyn datafusion::physical_plan::ExecutionPlan>>,
+    ) -> datafusion::error::Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
+        match (children.pop(), children.is_empty()) {
+            (Some(child), true) => Ok(sealed(child)),
+            _ => Err(datafusion::error::DataFusionError::Internal("NoPhysicalPushdown takes one child".into())),
+        }
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<datafusion::execution::TaskContext>,
+    ) -> datafusion::error::Result<datafusion::execution::SendableRecordBatchStream> {
+        self.0.execute(partition, context)
+    }
+
+    // Planning should treat it as the source scan itself: a pass-through that neither wants
+    // its input repartitioned nor changes its order. (Without these two, a slow source's
+    // first load reported no progress until its end: tests/status.rs.)
+    fn benefits_from_input_partitioning(&self) -> Vec<bool> {
+        vec![false]
+    }
+
+    fn maintains_input_order(&self) -> Vec<bool> {
+        vec![true]
+    }
+}
+
+/// Whether `filter` holds a string literal that SQL generation cannot be trusted to quote.
+fn has_unsafe_string_literal(filter: &datafusion::logical_expr::Expr) -> bool {
+    use datafusion::common::ScalarValue;
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    let mut unsafe_literal = false;
+    let _ = filter.apply(|expr| {
+        if let datafusion::logical_expr::Expr::Literal(value, _) = expr {
+            let text = match value {
+                ScalarValue::Utf8(Some(s)) | ScalarValue::LargeUtf8(Some(s)) | ScalarValue::Utf8View(Some(s)) => {
+                    Some(s.as_str())
+                }
+                ScalarValue::Dictionary(_, inner) => match inner.as_ref() {
+                    ScalarValue::Utf8(Some(s)) | ScalarValue::LargeUtf8(Some(s)) | ScalarValue::Utf8View(Some(s)) => {
+                        Some(s.as_str())
+                    }
+                    _ => None,
+                },
+                _ => None,
+            };
+            unsafe_literal |= text.is_some_and(|s| s.contains(['\'', '\\', '\0']));
+        }
+        Ok(if unsafe_literal { TreeNodeRecursion::Stop } else { TreeNodeRecursion::Continue })
+    });
+    unsafe_literal
+}
 
 #[async_trait::async_trait]
 impl TableProvider for ZeroColumnScan {
@@ -140,7 +302,17 @@ impl TableProvider for ZeroColumnScan {
         &self,
         filters: &[&datafusion::logical_expr::Expr],
     ) -> datafusion::error::Result<Vec<datafusion::logical_expr::TableProviderFilterPushDown>> {
-        self.0.supports_filters_pushdown(filters)
+        use datafusion::logical_expr::TableProviderFilterPushDown;
+        let safe: Vec<&datafusion::logical_expr::Expr> =
+            filters.iter().copied().filter(|f| !has_unsafe_string_literal(f)).collect();
+        let mut answers = self.0.supports_filters_pushdown(&safe)?.into_iter();
+        Ok(filters
+            .iter()
+            .map(|f| match has_unsafe_string_literal(f) {
+                true => TableProviderFilterPushDown::Unsupported,
+                false => answers.next().unwrap_or(TableProviderFilterPushDown::Unsupported),
+            })
+            .collect())
     }
 
     async fn scan(
@@ -151,12 +323,15 @@ impl TableProvider for ZeroColumnScan {
         limit: Option<usize>,
     ) -> datafusion::error::Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
         use datafusion::physical_plan::projection::{ProjectionExec, ProjectionExpr};
+        if filters.iter().any(has_unsafe_string_literal) {
+            return self.scan_filtering_here(state, projection, filters, limit).await;
+        }
         match projection {
             Some(columns) if columns.is_empty() && !self.schema().fields().is_empty() => {
-                let input = self.0.scan(state, Some(&vec![0]), filters, limit).await?;
+                let input = sealed(self.0.scan(state, Some(&vec![0]), filters, limit).await?);
                 Ok(Arc::new(ProjectionExec::try_new(Vec::<ProjectionExpr>::new(), input)?))
             }
-            _ => self.0.scan(state, projection, filters, limit).await,
+            _ => Ok(sealed(self.0.scan(state, projection, filters, limit).await?)),
         }
     }
 }

@@ -84,21 +84,9 @@ struct SecuredProbe {
 #[async_trait]
 impl ProbeFactory for SecuredFlight {
     async fn probe(&self) -> anyhow::Result<Box<dyn Probe>> {
-        let endpoint = Channel::from_shared(self.url.clone())?.tcp_nodelay(true);
         let channel = match &self.ca {
-            None => endpoint.connect().await?,
-            Some(ca) => {
-                let files = strata_core::config::ClientTlsConfig {
-                    ca_file: ca.clone(),
-                    cert_file: None,
-                    key_file: None,
-                    server_name: Some("localhost".into()),
-                };
-                let tls = strata_upstream::tls::ClientTls::new(&files, "bench")?;
-                endpoint
-                    .connect_with_connector(strata_upstream::tls::TlsConnector::new(tls, Duration::from_secs(5)))
-                    .await?
-            }
+            None => Channel::from_shared(self.url.clone())?.tcp_nodelay(true).connect().await?,
+            Some(ca) => strata_integration_tests::tls_channel(&self.url, ca, None).await,
         };
         let mut client = FlightSqlServiceClient::new(channel);
         if let Some(key) = &self.key {
