@@ -541,3 +541,38 @@ async fn python_clients_connect_with_a_key_over_tls() {
     );
     assert!(stdout.contains("10 passed") && !stdout.contains("skipped"), "{stdout}");
 }
+
+#[tokio::test]
+async fn a_tenant_at_its_concurrency_limit_is_refused_while_others_run() {
+    let (keys, auth) = Keys::new();
+    let auth = auth.replace(
+        "analytics: { datasets: [customers, \"ord*\"] }",
+        "analytics: { datasets: [customers, \"ord*\"], max_concurrent_queries: 1 }",
+    );
+    let tier = Tier::start("platform-service", &format!("{auth}{}", datasets())).await.with_key(&keys.ops);
+    tier.wait_ready(Duration::from_secs(20)).await;
+    // A query that runs for seconds (8 billion joined rows counted), holding analytics' slot.
+    let slow = {
+        let (url, key) = (tier.url("/v1/sql"), keys.analytics.clone());
+        tokio::spawn(async move {
+            let sql = "SELECT count(*) FROM orders a, orders b, customers c WHERE a.amount + b.amount > c.customer_id";
+            reqwest::Client::new().post(url).bearer_auth(key).body(sql).send().await
+        })
+    };
+    let refused = tier
+        .wait_for(Duration::from_secs(10), "analytics' second query to be refused", || async {
+            let (code, body) = sql_as(&tier, &keys.analytics, "SELECT 1 AS one").await;
+            (code == 429).then_some(body)
+        })
+        .await;
+    assert!(refused.to_string().contains("tenants.analytics.max_concurrent_queries"), "{refused}");
+    // Another tenant is not held up by analytics' limit.
+    let (code, body) = sql_as(&tier, &keys.shop, "SELECT count(*) AS n FROM orders").await;
+    assert_eq!(code, 200, "{body}");
+    // The slot comes back when the slow query goes away.
+    slow.abort();
+    tier.wait_for(Duration::from_secs(30), "analytics' slot to come back", || async {
+        (sql_as(&tier, &keys.analytics, "SELECT 1 AS one").await.0 == 200).then_some(())
+    })
+    .await;
+}
