@@ -15,9 +15,9 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
 use rustls::ServerConfig;
 use rustls::pki_types::CertificateDer;
@@ -25,30 +25,15 @@ use rustls::server::WebPkiClientVerifier;
 use strata_core::config::ServerTlsConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::server::TlsStream;
-use tracing::{debug, info, warn};
+use tracing::debug;
 
+use strata_upstream::reloading::Reloading;
 use strata_upstream::tls as pem;
 
 use crate::connections::{GuardedIo, GuardedListener};
 
-/// How often at most the files' modification times are looked at.
-const RECHECK: Duration = Duration::from_secs(1);
-
 /// A listener's TLS settings, reloaded when their files change.
-pub struct ServerTls {
-    files: ServerTlsConfig,
-    alpn: Vec<Vec<u8>>,
-    /// Refuse clients without a certificate (`require_client_cert`, on the listener it
-    /// applies to).
-    require_client_cert: bool,
-    state: Mutex<Loaded>,
-}
-
-struct Loaded {
-    config: Arc<ServerConfig>,
-    stamps: Vec<Option<SystemTime>>,
-    checked: Instant,
-}
+pub struct ServerTls(Reloading<ServerConfig>);
 
 impl ServerTls {
     /// Loads the files once; an error names the field and the file. `alpn`: the protocols
@@ -57,47 +42,25 @@ impl ServerTls {
     /// present no certificate, so there a client certificate is asked for but optional.
     pub fn new(files: &ServerTlsConfig, alpn: &[&[u8]], require_client_cert: bool) -> Result<Arc<Self>, String> {
         let alpn: Vec<Vec<u8>> = alpn.iter().map(|p| p.to_vec()).collect();
-        let config = build(files, &alpn, require_client_cert)?;
-        let stamps = stamps(files);
-        Ok(Arc::new(Self {
-            files: files.clone(),
-            alpn,
-            require_client_cert,
-            state: Mutex::new(Loaded { config, stamps, checked: Instant::now() }),
-        }))
+        let paths = [Some(&files.cert_file), Some(&files.key_file), files.client_ca_file.as_ref()];
+        let owned = files.clone();
+        let config = Reloading::new(
+            paths.into_iter().flatten().cloned().collect(),
+            "TLS files changed: serving the new certificate",
+            // Mid-renewal: files are replaced one at a time; the last good pair stays.
+            "TLS files changed but do not load; serving the previous certificate",
+            move || build(&owned, &alpn, require_client_cert),
+        )?;
+        Ok(Arc::new(Self(config)))
     }
 
     /// The configuration for the next handshake, reloaded first if a file changed.
     pub fn current(&self) -> Arc<ServerConfig> {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if state.checked.elapsed() >= RECHECK {
-            state.checked = Instant::now();
-            let now = stamps(&self.files);
-            if now != state.stamps {
-                match build(&self.files, &self.alpn, self.require_client_cert) {
-                    Ok(config) => {
-                        info!(cert = %self.files.cert_file.display(), "TLS files changed: serving the new certificate");
-                        state.config = config;
-                        state.stamps = now;
-                    }
-                    // Mid-renewal: files are replaced one at a time. Keep serving the last
-                    // good pair and look again next time.
-                    Err(message) => {
-                        warn!(%message, "TLS files changed but do not load; serving the previous certificate")
-                    }
-                }
-            }
-        }
-        Arc::clone(&state.config)
+        self.0.current()
     }
 }
 
-fn stamps(files: &ServerTlsConfig) -> Vec<Option<SystemTime>> {
-    let paths = [Some(files.cert_file.as_path()), Some(files.key_file.as_path()), files.client_ca_file.as_deref()];
-    pem::stamps(paths.into_iter().flatten())
-}
-
-fn build(files: &ServerTlsConfig, alpn: &[Vec<u8>], require_client_cert: bool) -> Result<Arc<ServerConfig>, String> {
+fn build(files: &ServerTlsConfig, alpn: &[Vec<u8>], require_client_cert: bool) -> Result<ServerConfig, String> {
     let provider = pem::crypto_provider();
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
@@ -118,7 +81,7 @@ fn build(files: &ServerTlsConfig, alpn: &[Vec<u8>], require_client_cert: bool) -
         format!("server.tls: the key in {} does not fit the certificate: {e}", files.key_file.display())
     })?;
     config.alpn_protocols = alpn.to_vec();
-    Ok(Arc::new(config))
+    Ok(config)
 }
 
 /// The verified client certificate's subject common name, when the client presented one:

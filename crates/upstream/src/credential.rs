@@ -3,17 +3,14 @@
 //! `${VAR}`) or from a file (`credential_file`, a mounted Secret), which is re-read when it
 //! changes so a rotated key is picked up without a restart.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::path::Path;
+use std::sync::Arc;
 
 use strata_core::StrataError;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
-use tracing::{info, warn};
 
-/// How often at most the key file's modification time is looked at.
-const RECHECK: Duration = Duration::from_secs(1);
+use crate::reloading::Reloading;
 
 type Header = MetadataValue<Ascii>;
 
@@ -25,13 +22,7 @@ pub struct Credential {
 
 enum Source {
     Fixed(Header),
-    File { path: PathBuf, state: Mutex<FileState> },
-}
-
-struct FileState {
-    header: Header,
-    modified: Option<SystemTime>,
-    checked: Instant,
+    File(Reloading<Header>),
 }
 
 impl Credential {
@@ -41,12 +32,17 @@ impl Credential {
     pub fn new(key: Option<&str>, file: Option<&Path>, field: &str) -> Result<Self, StrataError> {
         let source = match (file, key) {
             (Some(path), _) => {
-                let (header, modified) =
-                    read(path).map_err(|m| StrataError::Config(format!("{field}.credential_file: {m}")))?;
-                Some(Source::File {
-                    path: path.to_path_buf(),
-                    state: Mutex::new(FileState { header, modified, checked: Instant::now() }),
-                })
+                let owned = path.to_path_buf();
+                let reloading = Reloading::new(
+                    vec![path.to_path_buf()],
+                    "upstream credential file changed: using the new key",
+                    // Mid-rotation (the file being replaced) or removed: keep the last good
+                    // key rather than send none.
+                    "keeping the previous upstream credential",
+                    move || read(&owned),
+                )
+                .map_err(|m| StrataError::Config(format!("{field}.credential_file: {m}")))?;
+                Some(Source::File(reloading))
             }
             (None, Some(key)) => {
                 Some(Source::Fixed(header(key).map_err(|m| StrataError::Config(format!("{field}.credential: {m}")))?))
@@ -60,28 +56,7 @@ impl Credential {
     fn current(&self) -> Option<Header> {
         match self.source.as_deref()? {
             Source::Fixed(header) => Some(header.clone()),
-            Source::File { path, state } => {
-                let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
-                if state.checked.elapsed() >= RECHECK {
-                    state.checked = Instant::now();
-                    let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-                    if modified != state.modified {
-                        match read(path) {
-                            Ok((header, modified)) => {
-                                info!(path = %path.display(), "upstream credential file changed: using the new key");
-                                state.header = header;
-                                state.modified = modified;
-                            }
-                            // Mid-rotation (the file being replaced) or removed: keep the last
-                            // good key rather than send none.
-                            Err(message) => {
-                                warn!(path = %path.display(), %message, "keeping the previous upstream credential")
-                            }
-                        }
-                    }
-                }
-                Some(state.header.clone())
-            }
+            Source::File(reloading) => Some((*reloading.current()).clone()),
         }
     }
 }
@@ -95,10 +70,9 @@ impl Interceptor for Credential {
     }
 }
 
-fn read(path: &Path) -> Result<(Header, Option<SystemTime>), String> {
+fn read(path: &Path) -> Result<Header, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-    Ok((header(text.trim()).map_err(|m| format!("{}: {m}", path.display()))?, modified))
+    header(text.trim()).map_err(|m| format!("{}: {m}", path.display()))
 }
 
 fn header(key: &str) -> Result<Header, String> {
@@ -116,7 +90,10 @@ fn header(key: &str) -> Result<Header, String> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, SystemTime};
+
     use super::*;
+    use crate::reloading::RECHECK;
 
     fn sent(credential: &Credential) -> Option<String> {
         let mut c = credential.clone();

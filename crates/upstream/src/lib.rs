@@ -6,6 +6,7 @@ pub mod breaker;
 pub mod client;
 pub mod credential;
 pub mod disk;
+pub mod reloading;
 pub mod replica;
 pub mod router;
 pub mod subset;

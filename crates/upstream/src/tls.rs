@@ -5,8 +5,8 @@
 //! restart. Also the PEM helpers the serving side shares.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use rustls::ClientConfig;
@@ -17,10 +17,8 @@ use strata_core::config::ClientTlsConfig;
 use tokio::net::TcpStream;
 use tonic::codegen::http::Uri;
 use tower::BoxError;
-use tracing::{info, warn};
 
-/// How often at most the files' modification times are looked at.
-const RECHECK: Duration = Duration::from_secs(1);
+use crate::reloading::Reloading;
 
 /// The certificates of a PEM file; `field` names the setting in errors.
 pub fn certificates(path: &Path, field: &str) -> Result<Vec<CertificateDer<'static>>, String> {
@@ -57,60 +55,29 @@ pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Modification times of `paths`, to notice a change.
-pub fn stamps<'a>(paths: impl IntoIterator<Item = &'a Path>) -> Vec<Option<SystemTime>> {
-    paths.into_iter().map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok()).collect()
-}
-
 /// A tier's client TLS settings, reloaded when their files change.
 pub struct ClientTls {
-    files: ClientTlsConfig,
-    field: String,
-    state: Mutex<Loaded>,
-}
-
-struct Loaded {
-    config: Arc<ClientConfig>,
-    stamps: Vec<Option<SystemTime>>,
-    checked: Instant,
+    config: Reloading<ClientConfig>,
+    server_name: Option<String>,
 }
 
 impl ClientTls {
     /// Loads the files once; errors name `field` (`upstream.tls`, `peers[0].tls`).
     pub fn new(files: &ClientTlsConfig, field: &str) -> Result<Arc<Self>, StrataError> {
-        let config = build(files, field).map_err(StrataError::Config)?;
-        Ok(Arc::new(Self {
-            files: files.clone(),
-            field: field.to_string(),
-            state: Mutex::new(Loaded { config, stamps: client_stamps(files), checked: Instant::now() }),
-        }))
-    }
-
-    fn current(&self) -> Arc<ClientConfig> {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if state.checked.elapsed() >= RECHECK {
-            state.checked = Instant::now();
-            let now = client_stamps(&self.files);
-            if now != state.stamps {
-                match build(&self.files, &self.field) {
-                    Ok(config) => {
-                        info!(field = %self.field, "TLS files changed: new connections use them");
-                        state.config = config;
-                        state.stamps = now;
-                    }
-                    Err(message) => warn!(%message, "TLS files changed but do not load; keeping the previous ones"),
-                }
-            }
-        }
-        Arc::clone(&state.config)
+        let paths = [Some(&files.ca_file), files.cert_file.as_ref(), files.key_file.as_ref()];
+        let (owned, field_name) = (files.clone(), field.to_string());
+        let config = Reloading::new(
+            paths.into_iter().flatten().cloned().collect(),
+            "TLS files changed: new connections use them",
+            "TLS files changed but do not load; keeping the previous ones",
+            move || build(&owned, &field_name),
+        )
+        .map_err(StrataError::Config)?;
+        Ok(Arc::new(Self { config, server_name: files.server_name.clone() }))
     }
 }
 
-fn client_stamps(files: &ClientTlsConfig) -> Vec<Option<SystemTime>> {
-    stamps([Some(files.ca_file.as_path()), files.cert_file.as_deref(), files.key_file.as_deref()].into_iter().flatten())
-}
-
-fn build(files: &ClientTlsConfig, field: &str) -> Result<Arc<ClientConfig>, String> {
+fn build(files: &ClientTlsConfig, field: &str) -> Result<ClientConfig, String> {
     let provider = crypto_provider();
     let roots = root_store(&files.ca_file, &format!("{field}.ca_file"))?;
     let builder = ClientConfig::builder_with_provider(provider)
@@ -129,7 +96,7 @@ fn build(files: &ClientTlsConfig, field: &str) -> Result<Arc<ClientConfig>, Stri
     };
     // The tier protocol is gRPC: HTTP/2 only.
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
+    Ok(config)
 }
 
 /// Connects to an `https://` upstream: TCP, then TLS with the current settings. A tonic
@@ -143,7 +110,7 @@ pub struct TlsConnector {
 
 impl TlsConnector {
     pub fn new(tls: Arc<ClientTls>, connect_timeout: Duration) -> Self {
-        let server_name = tls.files.server_name.clone();
+        let server_name = tls.server_name.clone();
         Self { tls, server_name, connect_timeout }
     }
 }
@@ -160,7 +127,7 @@ impl tower::Service<Uri> for TlsConnector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let config = self.tls.current();
+        let config = self.tls.config.current();
         let name = self.server_name.clone();
         let timeout = self.connect_timeout;
         Box::pin(async move {
