@@ -14,9 +14,11 @@ use arrow::ipc::reader::StreamReader;
 
 use crate::error::{Result, StrataError};
 
-/// A reader over `bytes`, an Arrow IPC stream at most `max` bytes long (`limit` names the
-/// configured limit in the error), whose every message fits in the bytes that follow it.
-pub fn checked_reader<'a>(bytes: &'a [u8], max: usize, limit: &str) -> Result<StreamReader<Cursor<&'a [u8]>>> {
+/// Every record batch of `bytes`, an Arrow IPC stream at most `max` bytes long (`limit`
+/// names the configured limit in the error), whose every message fits in the bytes that
+/// follow it. Decoding runs under [`guarded`]: Arrow's reader panics on some malformed
+/// messages (a buffer claiming bytes past the body, an integer type of width 0).
+pub fn read_batches(bytes: &[u8], max: usize, limit: &str) -> Result<Vec<RecordBatch>> {
     if bytes.len() > max {
         return Err(StrataError::InvalidRequest(format!(
             "the Arrow IPC stream is {} bytes, over {limit} ({max} bytes)",
@@ -24,15 +26,24 @@ pub fn checked_reader<'a>(bytes: &'a [u8], max: usize, limit: &str) -> Result<St
         )));
     }
     check_framing(bytes)?;
-    StreamReader::try_new(Cursor::new(bytes), None)
-        .map_err(|e| StrataError::InvalidRequest(format!("cannot read the Arrow IPC stream: {e}")))
+    guarded("the Arrow IPC stream", || {
+        StreamReader::try_new(Cursor::new(bytes), None)?.collect::<std::result::Result<Vec<_>, _>>()
+    })
+    .map_err(|e| match e {
+        StrataError::InvalidRequest(_) => e,
+        other => StrataError::InvalidRequest(format!("cannot read the Arrow IPC stream: {other}")),
+    })
 }
 
-/// Every record batch of a checked stream (see [`checked_reader`]).
-pub fn read_batches(bytes: &[u8], max: usize, limit: &str) -> Result<Vec<RecordBatch>> {
-    checked_reader(bytes, max, limit)?
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| StrataError::InvalidRequest(format!("cannot read the Arrow IPC stream: {e}")))
+/// Runs `decode` over bytes from outside; a panic inside it (Arrow's IPC and Flight decoders
+/// panic on some malformed input rather than returning an error) becomes an
+/// `InvalidRequest` naming `what`, never a crashed request task or process. `decode` must
+/// only read its input: whatever it built is dropped.
+pub fn guarded<T>(what: &str, decode: impl FnOnce() -> std::result::Result<T, arrow::error::ArrowError>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode)) {
+        Ok(result) => result.map_err(StrataError::from),
+        Err(_) => Err(StrataError::InvalidRequest(format!("{what} is malformed (its decoder failed)"))),
+    }
 }
 
 /// Walks the messages of an IPC stream: `[0xFFFFFFFF] length:i32 | metadata | body`, until
@@ -99,6 +110,20 @@ mod tests {
         writer.finish().expect("finish");
         drop(writer);
         out
+    }
+
+    #[test]
+    fn lying_buffers_and_types_inside_messages_are_refused_not_panicked_on() {
+        // Found by fuzzing: a buffer whose offset or length points past the message body,
+        // or a schema with an integer of width 0, made Arrow's reader panic.
+        let bytes = stream();
+        for at in 0..bytes.len().saturating_sub(4) {
+            for liar in [0u32, 1, 0x7FFF_FFFF, 0xFFFF_FFFF, 0x0001_0000] {
+                let mut lying = bytes.clone();
+                lying[at..at + 4].copy_from_slice(&liar.to_le_bytes());
+                let _ = read_batches(&lying, 1 << 20, "x");
+            }
+        }
     }
 
     #[test]

@@ -15,12 +15,12 @@ use std::sync::Mutex;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::Schema;
-use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
 use strata_core::StrataError;
 use tracing::{info, warn};
 
-const MAGIC: u32 = 0x4C52_5453; // "STRL"
+/// The first word of every record ("STRL").
+pub const MAGIC: u32 = 0x4C52_5453;
 const HEADER: usize = 12;
 /// A new segment starts once the current one is this large.
 const SEGMENT_BYTES: u64 = 16 << 20;
@@ -333,8 +333,10 @@ fn decode_record(data: &[u8]) -> Option<(u64, String, Vec<RecordBatch>, usize)> 
     let seq = u64::from_le_bytes(body[0..8].try_into().ok()?);
     let name_len = u16::from_le_bytes([body[8], body[9]]) as usize;
     let dataset = std::str::from_utf8(body.get(10..10 + name_len)?).ok()?.to_string();
-    let reader = StreamReader::try_new(std::io::Cursor::new(body.get(10 + name_len..)?), None).ok()?;
-    let batches = reader.collect::<Result<Vec<_>, _>>().ok()?;
+    // Checked and guarded like any IPC from outside: a record can pass its checksum and
+    // still not decode (written by a broken build, or crafted), and must not crash the agent.
+    let ipc = body.get(10 + name_len..)?;
+    let batches = strata_core::ipc::read_batches(ipc, ipc.len(), "the ingest log record").ok()?;
     Some((seq, dataset, batches, HEADER + len))
 }
 

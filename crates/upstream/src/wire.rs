@@ -196,6 +196,16 @@ where
     let data = frames.map_ok(FlightData::from).map_err(|status| FlightError::Tonic(Box::new(status)));
     let batches = FlightRecordBatchStream::new_from_flight_data(data)
         .map_err(|e| datafusion::error::DataFusionError::from(flight_error(e)));
+    // Arrow's Flight decoder panics on some malformed messages: a broken or hostile upstream
+    // fails this query with an error, never the task serving it.
+    let caught = futures::StreamExt::catch_unwind(std::panic::AssertUnwindSafe(batches));
+    let batches = futures::StreamExt::map(caught, |item| {
+        item.unwrap_or_else(|_| {
+            Err(datafusion::error::DataFusionError::Execution(
+                "the upstream's answer is malformed (the Arrow decoder failed)".into(),
+            ))
+        })
+    });
     Box::pin(RecordBatchStreamAdapter::new(expected, batches))
 }
 

@@ -8,7 +8,7 @@ use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
 use arrow_flight::sql::server::PeekableFlightDataStream;
 use arrow_flight::{IpcMessage, SchemaAsIpc};
-use futures::{Stream, TryStreamExt};
+use futures::{FutureExt, Stream, TryStreamExt};
 use tonic::{Request, Status};
 
 use super::sql_service::DoGetStream;
@@ -73,10 +73,14 @@ pub(super) async fn read_put(
             Ok(data)
         }
     });
-    arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(data)
-        .try_collect()
-        .await
-        .map_err(|e| Status::invalid_argument(format!("cannot read the {what}: {e}")))
+    // Arrow's Flight decoder panics on some malformed messages: caught, it is a bad request.
+    let decoded = std::panic::AssertUnwindSafe(
+        arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(data).try_collect::<Vec<_>>(),
+    )
+    .catch_unwind()
+    .await
+    .map_err(|_| Status::invalid_argument(format!("the {what} are malformed (the Arrow decoder failed)")))?;
+    decoded.map_err(|e| Status::invalid_argument(format!("cannot read the {what}: {e}")))
 }
 
 pub(super) fn ipc_schema(schema: &Schema) -> Result<bytes::Bytes, Status> {

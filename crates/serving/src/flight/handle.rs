@@ -62,11 +62,10 @@ impl StatementHandle {
         let bytes =
             STANDARD.decode(encoded).map_err(|e| Status::invalid_argument(format!("invalid parameters: {e}")))?;
         // The handle comes back from the client: its parameters are checked like any input.
-        let reader = strata_core::ipc::checked_reader(&bytes, bytes.len(), "the statement handle")
+        let batches = strata_core::ipc::read_batches(&bytes, bytes.len(), "the statement handle")
             .map_err(|e| Status::invalid_argument(format!("invalid parameters: {e}")))?;
         let mut rows = Vec::new();
-        for batch in reader {
-            let batch = batch.map_err(|e| Status::invalid_argument(format!("invalid parameters: {e}")))?;
+        for batch in batches {
             for row in 0..batch.num_rows() {
                 let values = batch
                     .columns()
