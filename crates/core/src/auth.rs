@@ -76,6 +76,11 @@ pub struct TenantConfig {
     /// Rows one answer may return to this tenant (at most `limits.max_result_rows`).
     #[serde(default)]
     pub max_result_rows: Option<u64>,
+    /// Query memory all of this tenant's running queries may hold together (`512MiB`),
+    /// within the shared `limits.memory_limit`; past it a query fails with RESOURCES
+    /// EXHAUSTED naming this limit, and other tenants' queries are unaffected.
+    #[serde(default)]
+    pub memory_limit: Option<crate::config::ByteSize>,
     /// May use the operator endpoints: `/metrics`, refreshes on demand, and the whole
     /// `/v1/datasets` status (dead letters, upstream endpoints). For Prometheus and on-call.
     #[serde(default)]
@@ -276,6 +281,11 @@ pub fn check(auth: Option<&AuthConfig>, tenants: &BTreeMap<String, TenantConfig>
         if tenant.max_concurrent_queries == Some(0) {
             return Err(format!("tenants.{name}.max_concurrent_queries must be at least 1"));
         }
+        if tenant.memory_limit.is_some_and(|m| m.0 < MIN_TENANT_MEMORY) {
+            return Err(format!(
+                "tenants.{name}.memory_limit must be at least 1MiB (a smaller budget fails every query)"
+            ));
+        }
         for (i, pattern) in tenant.datasets.iter().enumerate() {
             if pattern.is_empty() || !pattern.chars().all(|c| c.is_ascii_alphanumeric() || "_.*".contains(c)) {
                 return Err(format!(
@@ -286,6 +296,9 @@ pub fn check(auth: Option<&AuthConfig>, tenants: &BTreeMap<String, TenantConfig>
     }
     Ok(())
 }
+
+/// The smallest `tenants.<name>.memory_limit` accepted.
+const MIN_TENANT_MEMORY: u64 = 1 << 20;
 
 /// `*` matches any run of characters; anything else itself, ASCII case aside.
 fn glob_matches(pattern: &str, name: &str) -> bool {
@@ -319,6 +332,8 @@ pub struct TenantPolicy {
     pub operator: bool,
     /// One permit per running query of this tenant, when limited.
     pub running: Option<Arc<tokio::sync::Semaphore>>,
+    /// The memory its running queries hold, when limited.
+    pub memory: Option<Arc<crate::tenant_memory::TenantBudget>>,
 }
 
 impl TenantPolicy {
@@ -347,6 +362,9 @@ impl Tenancy {
                     max_concurrent_queries: t.max_concurrent_queries,
                     operator: t.operator,
                     running: t.max_concurrent_queries.map(|n| Arc::new(tokio::sync::Semaphore::new(n))),
+                    memory: t
+                        .memory_limit
+                        .map(|m| Arc::new(crate::tenant_memory::TenantBudget::new(name, m.as_usize()))),
                 };
                 (name.clone(), Arc::new(policy))
             })
@@ -407,6 +425,14 @@ impl Access {
         match self {
             Access::Everything => true,
             Access::Granted(policies) => !policies.is_empty() && policies.iter().all(|p| p.operator),
+        }
+    }
+
+    /// The memory budgets a query of this caller is charged to (none: only the shared pool).
+    pub fn memory_budgets(&self) -> Vec<Arc<crate::tenant_memory::TenantBudget>> {
+        match self {
+            Access::Everything => Vec::new(),
+            Access::Granted(policies) => policies.iter().filter_map(|p| p.memory.clone()).collect(),
         }
     }
 
@@ -553,6 +579,12 @@ mod tests {
     }
 
     fn tenant() -> TenantConfig {
-        TenantConfig { datasets: Vec::new(), max_concurrent_queries: None, max_result_rows: None, operator: false }
+        TenantConfig {
+            datasets: Vec::new(),
+            max_concurrent_queries: None,
+            max_result_rows: None,
+            memory_limit: None,
+            operator: false,
+        }
     }
 }

@@ -76,6 +76,8 @@ struct Inner {
     planning_without_physical_rules: SessionState,
     /// Likewise the execution context every query runs in.
     task_ctx: Arc<datafusion::execution::TaskContext>,
+    /// The execution contexts of tenants with a `memory_limit`, by the tenants charged.
+    tenant_contexts: std::sync::Mutex<std::collections::HashMap<String, Arc<datafusion::execution::TaskContext>>>,
     /// Tenants and their grants (enforced when `auth:` is configured).
     tenancy: crate::auth::Tenancy,
 }
@@ -142,6 +144,7 @@ impl Engine {
                 .with_physical_optimizer_rules(Vec::new())
                 .build(),
                 task_ctx: ctx.task_ctx(),
+                tenant_contexts: Default::default(),
                 tenancy: crate::auth::Tenancy::new(config.auth.as_ref(), &config.tenants),
                 ctx,
             }),

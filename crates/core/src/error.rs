@@ -272,6 +272,10 @@ fn classify(err: DataFusionError) -> StrataError {
                 Err(other) => StrataError::Execution(other.to_string()),
             },
         },
+        // A tenant's budget names its own limit (see crate::tenant_memory).
+        DataFusionError::ResourcesExhausted(msg) if msg.contains(".memory_limit") => {
+            StrataError::ResourcesExhausted(format!("memory limit exceeded: {msg}"))
+        }
         DataFusionError::ResourcesExhausted(msg) => {
             StrataError::ResourcesExhausted(format!("memory limit exceeded (limits.memory_limit): {msg}"))
         }

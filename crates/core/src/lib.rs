@@ -25,6 +25,7 @@ pub mod routing;
 pub mod sink;
 pub mod source;
 mod statement_bounds;
+pub mod tenant_memory;
 pub mod trace_context;
 mod traced_postgres;
 pub mod writes;

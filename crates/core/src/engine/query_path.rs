@@ -279,6 +279,40 @@ impl Engine {
         }
     }
 
+    /// The context a query executes in: the shared one, or, for a tenant with a
+    /// `memory_limit`, the same with its reservations charged to the tenant too (see
+    /// [`crate::tenant_memory`]). Built once per combination of tenants (a context holds
+    /// every function registry: too much to copy per query).
+    fn task_context(&self, access: &Access) -> Result<Arc<datafusion::execution::TaskContext>> {
+        let budgets = access.memory_budgets();
+        if budgets.is_empty() {
+            return Ok(Arc::clone(&self.inner.task_ctx));
+        }
+        let key = budgets.iter().map(|b| b.tenant()).collect::<Vec<_>>().join("\u{0}");
+        let mut contexts = self.inner.tenant_contexts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(ctx) = contexts.get(&key) {
+            return Ok(Arc::clone(ctx));
+        }
+        let shared = &self.inner.task_ctx;
+        let runtime = shared.runtime_env();
+        let pool = crate::tenant_memory::TenantPool::new(budgets, Arc::clone(&runtime.memory_pool));
+        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::from_runtime_env(&runtime)
+            .with_memory_pool(Arc::new(pool))
+            .build_arc()?;
+        let ctx = Arc::new(datafusion::execution::TaskContext::new(
+            shared.task_id(),
+            shared.session_id(),
+            shared.session_config().clone(),
+            shared.scalar_functions().clone(),
+            shared.higher_order_functions().clone(),
+            shared.aggregate_functions().clone(),
+            shared.window_functions().clone(),
+            runtime,
+        ));
+        contexts.insert(key, Arc::clone(&ctx));
+        Ok(ctx)
+    }
+
     /// Phase 4: starts the answer. Here: wait (within the deadline, first come first served)
     /// for a running slot, then answer from the results cache or plan physically and
     /// execute. Upstream: forward the client's SQL.
@@ -305,9 +339,10 @@ impl Engine {
         self.add_local_versions(&plan, &mut info);
         let running_slot = Arc::clone(&self.inner.running).acquire_owned().await.ok();
         let state = planned.state(self);
+        let task_ctx = self.task_context(access)?;
         let execute = || async {
             let physical = self.physical_plan(&plan, state, planned.deterministic).await?;
-            Ok(datafusion::physical_plan::execute_stream(physical, Arc::clone(&self.inner.task_ctx))?)
+            Ok(datafusion::physical_plan::execute_stream(physical, Arc::clone(&task_ctx))?)
         };
         let cache = self.inner.results.as_ref().filter(|_| planned.deterministic);
         // The client asked for a fresh answer: neither read nor stored, and said so.
