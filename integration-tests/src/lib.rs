@@ -4,6 +4,7 @@
 pub mod certs;
 pub mod otlp;
 pub mod postgres;
+pub mod sqlgen;
 pub mod tier;
 
 use std::path::PathBuf;

@@ -15,6 +15,7 @@ mod injection;
 mod metrics;
 mod parameterize;
 mod results_cache;
+mod sql_fuzz;
 mod status;
 mod tiers;
 mod tls;

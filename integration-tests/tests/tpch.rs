@@ -47,16 +47,25 @@ fn pg_type(t: &DataType) -> String {
         DataType::Decimal128(p, s) => format!("numeric({p},{s})"),
         DataType::Date32 => "date".into(),
         DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8 => "text".into(),
+        DataType::Boolean => "boolean".into(),
+        DataType::Float64 => "double precision".into(),
+        DataType::Timestamp(_, None) => "timestamp".into(),
         other => panic!("no PostgreSQL type for {other}"),
     }
 }
 
-async fn load_postgres(pg: &PgServer, tables: &[(&str, Vec<RecordBatch>)]) {
+pub(crate) async fn load_postgres(pg: &PgServer, tables: &[(&str, Vec<RecordBatch>)]) {
     let client = pg.connect().await;
     for (name, batches) in tables {
         let schema = batches[0].schema();
-        let columns: Vec<String> =
-            schema.fields().iter().map(|f| format!("{} {} NOT NULL", f.name(), pg_type(f.data_type()))).collect();
+        let columns: Vec<String> = schema
+            .fields()
+            .iter()
+            .map(|f| {
+                let null = if f.is_nullable() { "" } else { " NOT NULL" };
+                format!("{} {}{null}", f.name(), pg_type(f.data_type()))
+            })
+            .collect();
         client.batch_execute(&format!("CREATE TABLE {name} ({})", columns.join(", "))).await.expect("create");
         let mut csv = Vec::new();
         {
@@ -90,7 +99,7 @@ pub(crate) fn rows(batches: &[RecordBatch]) -> Vec<Vec<String>> {
     out
 }
 
-fn same_value(a: &str, b: &str) -> bool {
+pub(crate) fn same_value(a: &str, b: &str) -> bool {
     if a == b {
         return true;
     }

@@ -124,8 +124,9 @@ async fn open_file(
 /// returns a column even for an empty projection, which DataFusion rejects as a schema
 /// mismatch. We read the narrowest column and project it away.
 ///
-/// It also keeps filters whose string literals hold a quote or a backslash from being
-/// pushed down (DataFusion applies them to the rows instead): the provider renders filters
+/// It also keeps filters SQL generation gets wrong from being pushed down (DataFusion
+/// applies them to the rows instead; see [`renders_unsafely`]): those whose string literals
+/// hold a quote or a backslash, because the provider renders filters
 /// through sqlparser's string escaping, which leaves `''` and `\'` as it finds them, taking
 /// them for escapes already made. A value `''x` then reached PostgreSQL as `'x` (a wrong
 /// answer), and `\' OR '1'='1` as a literal that ends after the backslash followed by SQL
@@ -151,7 +152,7 @@ impl ZeroColumnScan {
         use datafusion::physical_plan::filter::FilterExec;
         use datafusion::physical_plan::limit::GlobalLimitExec;
         use datafusion::physical_plan::projection::{ProjectionExec, ProjectionExpr};
-        let (here, pushed): (Vec<_>, Vec<_>) = filters.iter().cloned().partition(has_unsafe_string_literal);
+        let (here, pushed): (Vec<_>, Vec<_>) = filters.iter().cloned().partition(renders_unsafely);
         let input = sealed(self.0.scan(state, None, &pushed, None).await?);
         let schema = self.schema();
         let df_schema = datafusion::common::DFSchema::try_from(schema.as_ref().clone())?;
@@ -262,6 +263,40 @@ impl datafusion::physical_plan::ExecutionPlan for NoPhysicalPushdown {
     }
 }
 
+/// Whether SQL generation cannot be trusted with `filter`: it holds a string literal the
+/// provider's quoting mishandles, or a `NOT` that the unparser would print without the
+/// parentheses it needs.
+fn renders_unsafely(filter: &datafusion::logical_expr::Expr) -> bool {
+    has_unsafe_string_literal(filter) || has_unparenthesized_not(filter)
+}
+
+/// DataFusion's unparser prints `NOT x` bare (no parentheses) wherever it occurs, and
+/// PostgreSQL's NOT binds looser than comparisons and `IS`: `(NOT flag) IS NULL` reached
+/// PostgreSQL as `NOT flag IS NULL`, which it reads as `NOT (flag IS NULL)`: every row
+/// where the answer wanted none (DataFusion's simplifier makes such a filter from
+/// `(flag BETWEEN false AND false) IS NULL`). A `NOT` is printed safely only at the top of
+/// the filter or right under `AND`, `OR` or another `NOT`. Found by the differential SQL
+/// fuzzer (`tests/sql_fuzz.rs`).
+fn has_unparenthesized_not(filter: &datafusion::logical_expr::Expr) -> bool {
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    use datafusion::logical_expr::{BinaryExpr, Expr, Operator};
+    let mut found = false;
+    let _ = filter.apply(|expr| {
+        let safe_parent =
+            matches!(expr, Expr::Not(_) | Expr::BinaryExpr(BinaryExpr { op: Operator::And | Operator::Or, .. }));
+        if !safe_parent {
+            let mut children = Vec::new();
+            let _ = expr.apply_children(|child| {
+                children.push(child);
+                Ok(TreeNodeRecursion::Continue)
+            });
+            found |= children.iter().any(|child| matches!(child, Expr::Not(_)));
+        }
+        Ok(if found { TreeNodeRecursion::Stop } else { TreeNodeRecursion::Continue })
+    });
+    found
+}
+
 /// Whether `filter` holds a string literal that SQL generation cannot be trusted to quote.
 fn has_unsafe_string_literal(filter: &datafusion::logical_expr::Expr) -> bool {
     use datafusion::common::ScalarValue;
@@ -304,11 +339,11 @@ impl TableProvider for ZeroColumnScan {
     ) -> datafusion::error::Result<Vec<datafusion::logical_expr::TableProviderFilterPushDown>> {
         use datafusion::logical_expr::TableProviderFilterPushDown;
         let safe: Vec<&datafusion::logical_expr::Expr> =
-            filters.iter().copied().filter(|f| !has_unsafe_string_literal(f)).collect();
+            filters.iter().copied().filter(|f| !renders_unsafely(f)).collect();
         let mut answers = self.0.supports_filters_pushdown(&safe)?.into_iter();
         Ok(filters
             .iter()
-            .map(|f| match has_unsafe_string_literal(f) {
+            .map(|f| match renders_unsafely(f) {
                 true => TableProviderFilterPushDown::Unsupported,
                 false => answers.next().unwrap_or(TableProviderFilterPushDown::Unsupported),
             })
@@ -323,7 +358,7 @@ impl TableProvider for ZeroColumnScan {
         limit: Option<usize>,
     ) -> datafusion::error::Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
         use datafusion::physical_plan::projection::{ProjectionExec, ProjectionExpr};
-        if filters.iter().any(has_unsafe_string_literal) {
+        if filters.iter().any(renders_unsafely) {
             return self.scan_filtering_here(state, projection, filters, limit).await;
         }
         match projection {
@@ -333,5 +368,25 @@ impl TableProvider for ZeroColumnScan {
             }
             _ => Ok(sealed(self.0.scan(state, projection, filters, limit).await?)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::logical_expr::{col, lit, not};
+
+    use super::*;
+
+    #[test]
+    fn a_not_under_anything_but_and_or_not_is_kept_from_the_source() {
+        // The unparser prints these as `NOT flag IS NULL` and `NOT flag = true`.
+        assert!(renders_unsafely(&not(col("flag")).is_null()));
+        assert!(renders_unsafely(&not(col("flag")).eq(lit(true))));
+        assert!(renders_unsafely(&col("a").gt(lit(1)).and(not(col("flag")).is_not_null())));
+        // These print correctly.
+        assert!(!renders_unsafely(&not(col("a").eq(lit(1)))));
+        assert!(!renders_unsafely(&col("a").gt(lit(1)).and(not(col("flag")))));
+        assert!(!renders_unsafely(&not(not(col("flag")).or(col("other")))));
+        assert!(!renders_unsafely(&col("flag").is_null()));
     }
 }
