@@ -180,6 +180,19 @@ def check_overlay(path):
                 fail(f"{overlay}: Service/{doc['metadata']['name']}", f"targetPort {target} is no container port")
 
 
+def dotenv(directory):
+    """The variables compose reads from the project directory's .env (the demo's API keys)."""
+    values = {}
+    path = os.path.join(directory, ".env")
+    if os.path.exists(path):
+        for line in open(path):
+            line = line.strip()
+            if line and not line.startswith("#") and "=" in line:
+                name, _, value = line.partition("=")
+                values[name.strip()] = value.strip()
+    return values
+
+
 def check_compose():
     here = os.path.dirname(os.path.abspath(COMPOSE_FILE))
     compose = yaml.safe_load(open(COMPOSE_FILE))
@@ -194,7 +207,7 @@ def check_compose():
             fail(where, f"nothing is mounted at {config_path}")
             continue
         text = open(os.path.join(here, source)).read()
-        env = {"PATH": os.environ.get("PATH", ""), "STRATA_DB_PASSWORD": "placeholder"}
+        env = {"PATH": os.environ.get("PATH", ""), "STRATA_DB_PASSWORD": "placeholder", **dotenv(here)}
         strata_check(where, command[0], text, env)
         ports = listen_ports(where, yaml.safe_load(text))
         published = service.get("ports", [])

@@ -22,6 +22,21 @@ PORTS = {
     "sidecar": int(os.environ["SIDECAR_HTTP_PORT"]),
     "edge": int(os.environ["EDGE_HTTP_PORT"]),
 }
+def dotenv():
+    """The demo's API keys, from .env beside the compose file (the environment wins)."""
+    values = {}
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".env")) as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith("#") and "=" in line:
+                name, _, value = line.partition("=")
+                values[name.strip()] = os.environ.get(name.strip(), value.strip())
+    return values
+
+
+KEYS = dotenv()
+# The platforms require a key: an app's for queries, an operator's for the full status.
+PLATFORM_AUTH = {"sql": KEYS["STRATA_APP_KEY"], "status": KEYS["STRATA_OPS_KEY"]}
 CALL_TIMEOUT_S = 3.0  # upstream.call_timeout in config/sidecar.yaml and config/edge.yaml
 FIGURES = {}
 
@@ -71,10 +86,14 @@ class Answer:
         return self.headers.get(name, "-")
 
 
+def auth(tier, use):
+    return {"authorization": f"Bearer {PLATFORM_AUTH[use]}"} if tier.startswith("platform") else {}
+
+
 def sql(tier, text, timeout=30.0, headers=None):
     request = urllib.request.Request(
         f"http://127.0.0.1:{PORTS[tier]}/v1/sql", data=text.encode(), method="POST",
-        headers={"accept": "text/csv", **(headers or {})})
+        headers={"accept": "text/csv", **auth(tier, "sql"), **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return Answer(response.status, {k.lower(): v for k, v in response.headers.items()}, response.read().decode())
@@ -83,8 +102,26 @@ def sql(tier, text, timeout=30.0, headers=None):
 
 
 def get_json(tier, path, timeout=5.0):
-    with urllib.request.urlopen(f"http://127.0.0.1:{PORTS[tier]}{path}", timeout=timeout) as response:
+    request = urllib.request.Request(f"http://127.0.0.1:{PORTS[tier]}{path}", headers=auth(tier, "status"))
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())
+
+
+def step_auth():
+    log("The platforms answer only with a key: none or a wrong one gets 401, /health stays open")
+    query = "SELECT count(*) AS n FROM orders"
+    for tier in ("platform-eu", "platform-us"):
+        for headers, what in (({"authorization": ""}, "no key"), ({"authorization": "Bearer strata_wrong"}, "a wrong key")):
+            answer = sql(tier, query, headers=headers)
+            if answer.status != 401:
+                fail(f"{tier} answered {what} with {answer.status}, not 401: {answer.body.strip()[:200]}")
+        with urllib.request.urlopen(f"http://127.0.0.1:{PORTS[tier]}/health", timeout=5) as response:
+            if response.status != 200:
+                fail(f"{tier}'s /health needs no key but answered {response.status}")
+    answer = sql("platform-eu", query)
+    if answer.status != 200 or answer.rows != psql("SELECT count(*) FROM orders"):
+        fail(f"platform-eu with the app's key answered {answer.status}: {answer.body.strip()[:200]}")
+    log("  401 without a key and with a wrong one on both platforms; the app's key answers")
 
 
 def ingest(tier, dataset, csv_text):
@@ -348,6 +385,7 @@ def step_observability():
 
 
 def main():
+    step_auth()
     step_routes()
     step_observability()
     step_platform_kill()
