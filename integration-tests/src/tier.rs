@@ -225,6 +225,30 @@ impl Tier {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// A sidecar in region eu of `platform`, replicating `replicas` (queries time out after
+    /// `query_timeout`), once it is ready and every replica has loaded.
+    pub async fn sidecar_of(platform: &Tier, replicas: &[&str], query_timeout: &str) -> Tier {
+        let mut yaml = format!(
+            "region: eu\nlimits:\n  query_timeout: {query_timeout}\nupstream:\n  endpoints: [http://{}]\nreplicas:\n",
+            platform.flight_addr
+        );
+        for name in replicas {
+            yaml.push_str(&format!("  - name: {name}\n"));
+        }
+        let sidecar = Tier::start("app-sidecar", &yaml).await;
+        sidecar.wait_ready(Duration::from_secs(60)).await;
+        sidecar
+            .wait_for(Duration::from_secs(60), "the sidecar's replicas to load", || async {
+                let (_, body) = sidecar.get_json("/v1/datasets").await;
+                body["datasets"]
+                    .as_array()
+                    .is_some_and(|d| d.len() == replicas.len() && d.iter().all(|d| d["state"] == "ready"))
+                    .then_some(())
+            })
+            .await;
+        sidecar
+    }
+
     /// Waits until `/v1/ready` says ready.
     pub async fn wait_ready(&self, timeout: Duration) {
         self.wait_for(timeout, "/v1/ready to answer 200", || self.answers("/v1/ready")).await

@@ -146,24 +146,7 @@ impl Engines {
 
         let platform = Tier::start("platform-service", &platform_yaml).await;
         platform.wait_ready(Duration::from_secs(120)).await;
-        let mut sidecar_yaml = format!(
-            "region: eu\nlimits:\n  query_timeout: 60s\nupstream:\n  endpoints: [http://{}]\nreplicas:\n",
-            platform.flight_addr
-        );
-        for name in REPLICATED {
-            sidecar_yaml.push_str(&format!("  - name: {name}\n"));
-        }
-        let sidecar = Tier::start("app-sidecar", &sidecar_yaml).await;
-        sidecar.wait_ready(Duration::from_secs(60)).await;
-        sidecar
-            .wait_for(Duration::from_secs(60), "the sidecar's replicas", || async {
-                let (_, body) = sidecar.get_json("/v1/datasets").await;
-                body["datasets"]
-                    .as_array()
-                    .is_some_and(|d| d.len() == REPLICATED.len() && d.iter().all(|d| d["state"] == "ready"))
-                    .then_some(())
-            })
-            .await;
+        let sidecar = Tier::sidecar_of(&platform, &REPLICATED, "60s").await;
         let pg = pg_server.connect().await;
         Self { reference, platform, sidecar, pg, _pg_server: pg_server, _dir: dir }
     }

@@ -37,25 +37,7 @@ async fn tpch_through_a_sidecar_matches_the_platform_and_datafusion() {
     }
     let platform = Tier::start("platform-service", &platform_yaml).await;
     platform.wait_ready(Duration::from_secs(60)).await;
-    let mut sidecar_yaml = format!(
-        "region: eu\nlimits:\n  query_timeout: 120s\nupstream:\n  endpoints: [http://{}]\nreplicas:\n",
-        platform.flight_addr
-    );
-    for name in REPLICATED {
-        sidecar_yaml.push_str(&format!("  - name: {name}\n"));
-    }
-    let sidecar = Tier::start("app-sidecar", &sidecar_yaml).await;
-    sidecar.wait_ready(Duration::from_secs(30)).await;
-    for _ in 0..300 {
-        let (_, body) = sidecar.get_json("/v1/datasets").await;
-        if body["datasets"]
-            .as_array()
-            .is_some_and(|d| d.len() == REPLICATED.len() && d.iter().all(|d| d["state"] == "ready"))
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let sidecar = Tier::sidecar_of(&platform, &REPLICATED, "120s").await;
 
     let mut failures = Vec::new();
     let mut routes = std::collections::BTreeMap::new();
