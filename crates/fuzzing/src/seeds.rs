@@ -80,7 +80,8 @@ fn configs() -> Vec<(String, String)> {
     .collect()
 }
 
-/// `${NAME}` becomes `${NAME:-x}` (a config's secrets come from the environment).
+/// `${NAME}` becomes `${NAME:-x}` (a config's secrets come from the environment), an API
+/// key hash's default a well-formed hash.
 fn with_defaults(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
@@ -90,6 +91,9 @@ fn with_defaults(text: &str) -> String {
         out.push_str(&rest[..start]);
         if name.contains(":-") {
             out.push_str(&rest[start..=start + len]);
+        } else if name.ends_with("_HASH") {
+            // An API key's hash: it must look like one.
+            out.push_str(&format!("${{{name}:-sha256:{}}}", "0".repeat(64)));
         } else {
             out.push_str(&format!("${{{name}:-x}}"));
         }
