@@ -136,7 +136,8 @@ async fn open_file(
 struct ZeroColumnScan(Arc<dyn TableProvider>);
 
 impl ZeroColumnScan {
-    /// A scan whose filters include one SQL generation cannot quote safely. A plan made once
+    /// A scan whose filters include one SQL generation cannot render safely (see
+    /// [`renders_unsafely`]). A plan made once
     /// for a statement's shape (or a prepared statement) decided pushdown on a placeholder
     /// and had the value bound in after, so such filters can still arrive here: the source
     /// gets the other filters, every column and no limit, and these are applied to its rows

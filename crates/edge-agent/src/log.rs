@@ -20,7 +20,7 @@ use strata_core::StrataError;
 use tracing::{info, warn};
 
 /// The first word of every record ("STRL").
-pub const MAGIC: u32 = 0x4C52_5453;
+const MAGIC: u32 = 0x4C52_5453;
 const HEADER: usize = 12;
 /// A new segment starts once the current one is this large.
 const SEGMENT_BYTES: u64 = 16 << 20;
@@ -218,15 +218,12 @@ impl IngestLog {
     pub fn append_unsynced(&self, dataset: &str, batches: &[RecordBatch]) -> Result<Entry, StrataError> {
         self.check_poisoned()?;
         let ipc = encode_batches(batches)?;
-        let name = dataset.as_bytes();
-        let name_len = u16::try_from(name.len()).map_err(|_| StrataError::Plan("dataset name too long".into()))?;
+        if u16::try_from(dataset.len()).is_err() {
+            return Err(StrataError::Plan("dataset name too long".into()));
+        }
         let mut state = self.state();
         let seq = state.next_seq;
-        let mut body = Vec::with_capacity(10 + name.len() + ipc.len());
-        body.extend_from_slice(&seq.to_le_bytes());
-        body.extend_from_slice(&name_len.to_le_bytes());
-        body.extend_from_slice(name);
-        body.extend_from_slice(&ipc);
+        let body = record_body(seq, dataset, &ipc);
         let size = (HEADER + body.len()) as u64;
         if state.total_bytes + size > self.max_bytes {
             return Err(StrataError::LogFull(format!(
@@ -234,12 +231,7 @@ impl IngestLog {
                 state.total_bytes, self.max_bytes
             )));
         }
-        let body_len = u32::try_from(body.len()).map_err(|_| StrataError::Plan("batch too large".into()))?;
-        let mut record = Vec::with_capacity(size as usize);
-        record.extend_from_slice(&MAGIC.to_le_bytes());
-        record.extend_from_slice(&body_len.to_le_bytes());
-        record.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-        record.extend_from_slice(&body);
+        let record = frame_record(&body).ok_or_else(|| StrataError::Plan("batch too large".into()))?;
 
         let rotate = state.segments.last().is_none_or(|s| s.bytes >= SEGMENT_BYTES) || state.file.is_none();
         if rotate {
@@ -315,6 +307,29 @@ impl IngestLog {
     pub fn uploaded_through(&self) -> u64 {
         self.state().uploaded_through
     }
+}
+
+/// A record's body: `seq u64 | dataset length u16 | dataset | Arrow IPC stream` (a dataset
+/// name is at most 65535 bytes: longer ones are refused before).
+pub fn record_body(seq: u64, dataset: &str, ipc: &[u8]) -> Vec<u8> {
+    let name = dataset.as_bytes();
+    let mut body = Vec::with_capacity(10 + name.len() + ipc.len());
+    body.extend_from_slice(&seq.to_le_bytes());
+    body.extend_from_slice(&(name.len() as u16).to_le_bytes());
+    body.extend_from_slice(name);
+    body.extend_from_slice(ipc);
+    body
+}
+
+/// `body` as a record on disk: magic, body length, checksum, body; `None` past 4 GiB.
+pub fn frame_record(body: &[u8]) -> Option<Vec<u8>> {
+    let body_len = u32::try_from(body.len()).ok()?;
+    let mut record = Vec::with_capacity(HEADER + body.len());
+    record.extend_from_slice(&MAGIC.to_le_bytes());
+    record.extend_from_slice(&body_len.to_le_bytes());
+    record.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
+    record.extend_from_slice(body);
+    Some(record)
 }
 
 fn decode_record(data: &[u8]) -> Option<(u64, String, Vec<RecordBatch>, usize)> {

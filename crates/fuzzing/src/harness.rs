@@ -137,15 +137,20 @@ pub(crate) fn request_body(mode: u8, rest: &[u8]) -> Bytes {
     match mode % 3 {
         0 => Bytes::copy_from_slice(rest),
         1 => grpc_frame(rest).into(),
-        _ => {
-            let mut out = Vec::new();
-            let mut rest = rest;
-            while rest.len() >= 2 {
-                let len = (u16::from_le_bytes([rest[0], rest[1]]) as usize).min(rest.len() - 2);
-                out.extend(grpc_frame(&rest[2..2 + len]));
-                rest = &rest[2 + len..];
-            }
-            out.into()
-        }
+        _ => chunks(rest).flat_map(grpc_frame).collect::<Vec<u8>>().into(),
     }
+}
+
+/// The pieces of `[len u16 | bytes]...` (a length past the end takes what is left), the way
+/// the targets' multi-message modes read fuzz bytes.
+pub(crate) fn chunks(mut rest: &[u8]) -> impl Iterator<Item = &[u8]> {
+    std::iter::from_fn(move || {
+        if rest.len() < 2 {
+            return None;
+        }
+        let len = (u16::from_le_bytes([rest[0], rest[1]]) as usize).min(rest.len() - 2);
+        let (chunk, after) = rest[2..].split_at(len);
+        rest = after;
+        Some(chunk)
+    })
 }

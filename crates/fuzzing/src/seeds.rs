@@ -130,7 +130,7 @@ fn ipc(batches: &[RecordBatch]) -> Vec<u8> {
 
 /// The body of an ingest log record: `seq u64 | dataset length u16 | dataset | IPC`.
 fn log_body(seq: u64, dataset: &str, ipc: &[u8]) -> Vec<u8> {
-    [&seq.to_le_bytes()[..], &(dataset.len() as u16).to_le_bytes(), dataset.as_bytes(), ipc].concat()
+    strata_edge_agent::log::record_body(seq, dataset, ipc)
 }
 
 /// `[len u16 | bytes]`, the chunking the framed modes of the targets read.

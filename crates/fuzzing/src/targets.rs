@@ -14,7 +14,7 @@ use prost::Message;
 use strata_core::routing::QueryOptions;
 
 use crate::Outcome;
-use crate::harness::{call, grpc_frame, harness, request_body};
+use crate::harness::{call, chunks, grpc_frame, harness, request_body};
 
 /// Every Flight (SQL) method a client can call.
 const FLIGHT_METHODS: &[&str] = &[
@@ -168,18 +168,8 @@ pub(crate) fn ingest_log(data: &[u8]) -> Outcome {
 }
 
 /// Records with a correct header around each `[len u16 | body]` chunk of `rest`.
-fn framed_records(mut rest: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while rest.len() >= 2 {
-        let len = (u16::from_le_bytes([rest[0], rest[1]]) as usize).min(rest.len() - 2);
-        let body = &rest[2..2 + len];
-        out.extend_from_slice(&strata_edge_agent::log::MAGIC.to_le_bytes());
-        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        out.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
-        out.extend_from_slice(body);
-        rest = &rest[2 + len..];
-    }
-    out
+fn framed_records(rest: &[u8]) -> Vec<u8> {
+    chunks(rest).filter_map(strata_edge_agent::log::frame_record).flatten().collect()
 }
 
 /// `[method, mode, body...]`: the body sent to one RPC of the tier protocol, as a sidecar,
