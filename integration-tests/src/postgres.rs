@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::{Client, NoTls};
 
+use crate::certs::CertFiles;
+
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
 /// A running (or stopped) PostgreSQL cluster owned by one test.
@@ -34,6 +36,17 @@ fn pg_command(binary: &str) -> Command {
 impl PgServer {
     /// initdb + start; waits until it accepts connections.
     pub fn start() -> Self {
+        Self::init(None)
+    }
+
+    /// Like [`PgServer::start`], with TLS on (`ssl = on`, the given certificate) and TCP
+    /// connections accepted over TLS only (`hostnossl ... reject`): a query that works
+    /// proves its connection was encrypted. [`PgServer::connect`] uses the Unix socket.
+    pub fn start_tls(cert: &CertFiles) -> Self {
+        Self::init(Some(cert))
+    }
+
+    fn init(tls: Option<&CertFiles>) -> Self {
         let dir = tempfile::Builder::new().prefix("strata-pg-").tempdir().expect("temp dir");
         if is_root() {
             let status =
@@ -47,6 +60,9 @@ impl PgServer {
             .output()
             .expect("run initdb");
         assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        if let Some(cert) = tls {
+            enable_tls(&data, cert);
+        }
         let mut server = Self { port: crate::free_port(), dir, child: None };
         server.resume();
         server
@@ -103,14 +119,34 @@ impl PgServer {
         format!("{{host: 127.0.0.1, port: '{}', user: postgres, db: postgres, sslmode: disable}}", self.port)
     }
 
-    /// A client connection for loading data and computing expected answers.
+    /// A client connection for loading data and computing expected answers, over the
+    /// server's Unix socket.
     pub async fn connect(&self) -> Client {
-        let (client, connection) =
-            tokio_postgres::connect(&format!("host=127.0.0.1 port={} user=postgres dbname=postgres", self.port), NoTls)
-                .await
-                .expect("connect to PostgreSQL");
+        let (client, connection) = tokio_postgres::connect(
+            &format!("host={} port={} user=postgres dbname=postgres", self.dir.path().display(), self.port),
+            NoTls,
+        )
+        .await
+        .expect("connect to PostgreSQL");
         tokio::spawn(connection);
         client
+    }
+}
+
+/// `ssl = on` with `cert` as the server's certificate, and TCP over TLS only.
+fn enable_tls(data: &Path, cert: &CertFiles) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::copy(&cert.cert_file, data.join("server.crt")).expect("copy certificate");
+    std::fs::copy(&cert.key_file, data.join("server.key")).expect("copy key");
+    // PostgreSQL refuses a key others can read.
+    std::fs::set_permissions(data.join("server.key"), std::fs::Permissions::from_mode(0o600)).expect("chmod key");
+    let mut conf = std::fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).expect("conf");
+    std::io::Write::write_all(&mut conf, b"\nssl = on\n").expect("write conf");
+    let hba = "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n";
+    std::fs::write(data.join("pg_hba.conf"), hba).expect("write pg_hba.conf");
+    if is_root() {
+        let status = Command::new("chown").args(["-R", "postgres:postgres"]).arg(data).status().expect("chown");
+        assert!(status.success(), "chown of the PostgreSQL data dir failed");
     }
 }
 

@@ -14,6 +14,7 @@ mod hostile;
 mod injection;
 mod metrics;
 mod parameterize;
+mod postgres_tls;
 mod results_cache;
 mod sql_fuzz;
 mod status;

@@ -11,8 +11,8 @@ use strata_integration_tests::tier::Tier;
 
 /// The certificate a TLS handshake with `addr` is served, verified against `ca`.
 async fn served_certificate(addr: std::net::SocketAddr, ca: &std::path::Path) -> Result<Vec<u8>, String> {
-    let roots = strata_upstream::tls::root_store(ca, "ca")?;
-    let config = rustls::ClientConfig::builder_with_provider(strata_upstream::tls::crypto_provider())
+    let roots = strata_core::pem::root_store(ca, "ca")?;
+    let config = rustls::ClientConfig::builder_with_provider(strata_core::pem::crypto_provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)

@@ -837,6 +837,7 @@ impl Config {
                             ));
                         }
                     }
+                    crate::source_tls::SourceTls::from_params(&ds.params).map_err(|e| format!("{at}.params.{e}"))?;
                 }
             }
         }

@@ -23,12 +23,19 @@ use tokio::sync::Mutex;
 
 use crate::config::{DatasetConfig, FileFormat, SourceRef};
 use crate::error::{Result, StrataError};
+use crate::source_tls::{RELAY_PORT, SourceTls, SslMode, TlsRelay};
 use crate::traced_postgres::TracedPool;
 
 /// Opens sources, sharing one PostgreSQL connection pool per distinct set of connection params.
 #[derive(Default)]
 pub struct SourceConnector {
-    pools: Mutex<HashMap<BTreeMap<String, String>, Arc<PostgresConnectionPool>>>,
+    pools: Mutex<HashMap<BTreeMap<String, String>, SourcePool>>,
+}
+
+/// A PostgreSQL pool, and the relay its connections go through when the source uses TLS.
+struct SourcePool {
+    pool: Arc<PostgresConnectionPool>,
+    _relay: Option<TlsRelay>,
 }
 
 impl SourceConnector {
@@ -65,11 +72,13 @@ impl SourceConnector {
         params: &BTreeMap<String, String>,
     ) -> std::result::Result<Arc<PostgresConnectionPool>, String> {
         let mut pools = self.pools.lock().await;
-        if let Some(pool) = pools.get(params) {
-            return Ok(Arc::clone(pool));
+        if let Some(known) = pools.get(params) {
+            return Ok(Arc::clone(&known.pool));
         }
-        let provider_params: HashMap<String, String> = params
+        let tls = SourceTls::from_params(params)?;
+        let mut provider_params: HashMap<String, String> = params
             .iter()
+            .filter(|(k, _)| k.as_str() != "sslrootcert")
             .map(|(k, v)| {
                 let key = match k.as_str() {
                     "password" => "pass",
@@ -79,16 +88,48 @@ impl SourceConnector {
                 (key.to_string(), v.clone())
             })
             .collect();
+        // TLS is ours (rustls, see `source_tls`): the provider connects in plaintext to the
+        // relay's socket, never with its own TLS.
+        let relay = if tls.mode == SslMode::Disable {
+            None
+        } else {
+            let host = params.get("host").map_or("localhost", String::as_str);
+            let port = match params.get("port") {
+                Some(port) => port.parse().map_err(|_| format!("port: `{port}` is not a port number"))?,
+                None => 5432,
+            };
+            let relay = TlsRelay::start(host, port, tls).await?;
+            provider_params.insert("host".into(), relay.socket_dir().to_string_lossy().into_owned());
+            provider_params.insert("port".into(), RELAY_PORT.to_string());
+            Some(relay)
+        };
+        provider_params.insert("sslmode".into(), "disable".into());
         let pool = PostgresConnectionPool::new(to_secret_map(provider_params))
             .await
-            .map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?
+            .map_err(|e| format!("cannot connect to PostgreSQL: {}", with_causes(&e)))?
             // A column whose type has no faithful Arrow mapping must fail loudly, naming it,
             // rather than be dropped or turned into text behind the user's back.
             .with_unsupported_type_action(UnsupportedTypeAction::Error);
         let pool = Arc::new(pool);
-        pools.insert(params.clone(), Arc::clone(&pool));
+        pools.insert(params.clone(), SourcePool { pool: Arc::clone(&pool), _relay: relay });
         Ok(pool)
     }
+}
+
+/// An error and what caused it, in one line: the provider's connection errors say "db
+/// error" and leave PostgreSQL's own reason ("no pg_hba.conf entry ...") to their source.
+fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string().replace('\n', " ");
+    let mut cause = err.source();
+    while let Some(inner) = cause {
+        let line = inner.to_string().replace('\n', " ");
+        if !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        cause = inner.source();
+    }
+    text
 }
 
 async fn open_file(

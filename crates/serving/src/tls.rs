@@ -27,8 +27,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::server::TlsStream;
 use tracing::debug;
 
+use strata_core::pem;
 use strata_upstream::reloading::Reloading;
-use strata_upstream::tls as pem;
 
 use crate::connections::{GuardedIo, GuardedListener};
 

@@ -2,58 +2,22 @@
 //! certificate is verified against a configured CA, and this tier presents its own
 //! certificate where the platform requires one (mutual TLS). The files are re-read when
 //! they change, so a renewed client certificate is used by the next connection without a
-//! restart. Also the PEM helpers the serving side shares.
+//! restart.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use rustls::ClientConfig;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use strata_core::StrataError;
 use strata_core::config::ClientTlsConfig;
+use strata_core::pem::{certificates, crypto_provider, private_key, root_store};
 use tokio::net::TcpStream;
 use tonic::codegen::http::Uri;
 use tower::BoxError;
 
 use crate::reloading::Reloading;
-
-/// The certificates of a PEM file; `field` names the setting in errors.
-pub fn certificates(path: &Path, field: &str) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("{field}: cannot read certificates from {}: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{field}: {} holds no PEM certificate", path.display()));
-    }
-    Ok(certs)
-}
-
-/// The private key of a PEM file (PKCS#8, PKCS#1 or SEC1).
-pub fn private_key(path: &Path, field: &str) -> Result<PrivateKeyDer<'static>, String> {
-    PrivateKeyDer::from_pem_file(path)
-        .map_err(|e| format!("{field}: cannot read a private key from {}: {e}", path.display()))
-}
-
-/// The CA certificates of a PEM file as a trust store.
-pub fn root_store(path: &Path, field: &str) -> Result<rustls::RootCertStore, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in certificates(path, field)? {
-        roots.add(cert).map_err(|e| format!("{field}: {} holds a certificate rustls refuses: {e}", path.display()))?;
-    }
-    Ok(roots)
-}
-
-/// The crypto of every TLS connection of a tier: ring's. rustls 0.23.48 deprecated it
-/// because it has no post-quantum key exchange (aws-lc-rs has), but aws-lc-rs builds a C
-/// library with CMake on every cold build, which this project's two-core CI cannot afford.
-/// Revisit when ring gains ML-KEM or CI grows.
-#[allow(deprecated)]
-pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
 
 /// A tier's client TLS settings, reloaded when their files change.
 pub struct ClientTls {
