@@ -16,6 +16,8 @@ usage: validate.py STRATA_BINARY RENDERED_DIR COMPOSE_FILE
 """
 import os
 import re
+import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -30,6 +32,27 @@ TIERS = {"platform", "sidecar", "edge"}
 DEFAULT_PORTS = {"flight": 50051, "http": 8080}
 failures = []
 checked = []
+# The containers' TLS files (mounted at /etc/strata/tls), made here by `strata certs` with the
+# names the deployments give them, so a tier with TLS starts on its own config.
+TLS_DIR = tempfile.mkdtemp(prefix="strata-validate-tls-")
+subprocess.run([STRATA, "certs", "--out", TLS_DIR] + [
+    arg for name in ("platform", "platform-eu", "platform-us", "sidecar", "edge")
+    for arg in ("--cert", f"{name}=localhost,127.0.0.1")], check=True, capture_output=True)
+# The Kubernetes layout of the same (Secrets of type kubernetes.io/tls with ca.crt), and the
+# tier key file a sidecar's credential_file names (/var/run/secrets/strata/key).
+for name, source in (("tls.crt", "platform.pem"), ("tls.key", "platform.key"), ("ca.crt", "ca.pem")):
+    shutil.copy(os.path.join(TLS_DIR, source), os.path.join(TLS_DIR, name))
+with open(os.path.join(TLS_DIR, "key"), "w") as f:
+    f.write("strata_placeholder_key_for_validation_0000000000000")
+TLS_CONTEXT = ssl.create_default_context(cafile=os.path.join(TLS_DIR, "ca.pem"))
+SECRET_PATHS = ("/etc/strata/tls/", "/var/run/secrets/strata/")
+
+
+def local_paths(config_text):
+    """The config with the containers' secret mounts pointing at this run's files."""
+    for path in SECRET_PATHS:
+        config_text = config_text.replace(path, f"{TLS_DIR}/")
+    return config_text
 
 
 def fail(where, message):
@@ -44,7 +67,7 @@ def duration_seconds(text):
 
 def strata_check(where, tier, config_text, env):
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        f.write(config_text)
+        f.write(local_paths(config_text))
     try:
         out = subprocess.run([STRATA, "check", tier, "--config", f.name], env=env, capture_output=True, text=True)
         if out.returncode != 0:
@@ -56,7 +79,8 @@ def strata_check(where, tier, config_text, env):
 def probe_paths_exist(where, tier, config_text, env, paths):
     """Starts the tier on its config (listening on loopback, data in a temp dir) and asks each path."""
     with tempfile.TemporaryDirectory() as tmp:
-        text = re.sub(r"data_dir: .*", f"data_dir: {tmp}/data", config_text)
+        text = local_paths(re.sub(r"data_dir: .*", f"data_dir: {tmp}/data", config_text))
+        scheme = "https" if server_tls(text) else "http"
         path = os.path.join(tmp, "strata.yaml")
         with open(path, "w") as f:
             f.write(text)
@@ -72,7 +96,8 @@ def probe_paths_exist(where, tier, config_text, env, paths):
                 return
             for probe_path in sorted(paths):
                 try:
-                    with urllib.request.urlopen(f"http://{match.group(1)}{probe_path}", timeout=5) as r:
+                    url = f"{scheme}://{match.group(1)}{probe_path}"
+                    with urllib.request.urlopen(url, timeout=5, context=TLS_CONTEXT) as r:
                         status = r.status
                 except urllib.error.HTTPError as err:
                     status = err.code
@@ -84,6 +109,10 @@ def probe_paths_exist(where, tier, config_text, env, paths):
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def server_tls(config_text):
+    return (yaml.safe_load(config_text).get("server") or {}).get("tls")
 
 
 def listen_ports(where, config):
@@ -108,6 +137,8 @@ def container_env(container):
             env[var["name"]] = str(var["value"])
         elif "fieldRef" in var.get("valueFrom", {}):
             env[var["name"]] = "node-1"
+        elif var["name"].endswith("_HASH"):  # an API key hash from a Secret: any well-formed one
+            env[var["name"]] = "sha256:" + "0" * 64
         else:  # a Secret or ConfigMap key: its value is not here
             env[var["name"]] = "placeholder"
     return env
@@ -154,6 +185,10 @@ def check_overlay(path):
                 http = (container.get(probe) or {}).get("httpGet")
                 if http:
                     probe_paths.add(http["path"])
+                    serves_tls = bool(server_tls(text))
+                    if serves_tls != (http.get("scheme", "HTTP") == "HTTPS"):
+                        fail(where, f"{probe} asks with scheme {http.get('scheme', 'HTTP')}, but the config "
+                                    f"{'serves' if serves_tls else 'does not serve'} TLS")
                     if named.get(http["port"], http["port"]) != ports.get("http"):
                         fail(where, f"{probe} asks port {http['port']}, not the http port {ports.get('http')}")
             probe_paths_exist(where, args[0], text, env, probe_paths)
@@ -225,6 +260,7 @@ def check_compose():
 for rendered in sorted(os.listdir(RENDERED)):
     check_overlay(os.path.join(RENDERED, rendered))
 check_compose()
+shutil.rmtree(TLS_DIR, ignore_errors=True)
 for where in checked:
     print(f"  agrees with the binary: {where}")
 if failures:

@@ -33,4 +33,8 @@ done
 echo "yamllint: deploy/ is clean"
 
 (cd "$repo" && cargo build --quiet --workspace --all-targets)
+# The Secrets make-secrets.sh writes for a test cluster are valid too.
+bash "$here/k8s/make-secrets.sh" strata-dev "$CARGO_TARGET_DIR/debug/strata" 2>/dev/null > "$rendered/secrets.yaml.txt"
+"$bin/kubernetes-validate" --strict --quiet -k 1.33 "$rendered/secrets.yaml.txt"
+echo "make-secrets.sh: 4 Secrets, valid (strict) for Kubernetes 1.33"
 "$python" "$here/validate.py" "$CARGO_TARGET_DIR/debug/strata" "$rendered" "$here/compose/docker-compose.yml"

@@ -8,10 +8,13 @@ to PostgreSQL through psql inside its container.
 """
 import json
 import os
+import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
+import http.client
 import urllib.error
 import urllib.request
 
@@ -22,6 +25,15 @@ PORTS = {
     "sidecar": int(os.environ["SIDECAR_HTTP_PORT"]),
     "edge": int(os.environ["EDGE_HTTP_PORT"]),
 }
+# The platforms serve TLS from the demo's private CA (up.sh copies its certificate out).
+TLS = ssl.create_default_context(cafile=os.environ["SMOKE_CA"])
+
+
+def base(tier):
+    scheme = "https" if tier.startswith("platform") else "http"
+    return f"{scheme}://127.0.0.1:{PORTS[tier]}"
+
+
 def dotenv():
     """The demo's API keys, from .env beside the compose file (the environment wins)."""
     values = {}
@@ -92,18 +104,18 @@ def auth(tier, use):
 
 def sql(tier, text, timeout=30.0, headers=None):
     request = urllib.request.Request(
-        f"http://127.0.0.1:{PORTS[tier]}/v1/sql", data=text.encode(), method="POST",
+        f"{base(tier)}/v1/sql", data=text.encode(), method="POST",
         headers={"accept": "text/csv", **auth(tier, "sql"), **(headers or {})})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout, context=TLS) as response:
             return Answer(response.status, {k.lower(): v for k, v in response.headers.items()}, response.read().decode())
     except urllib.error.HTTPError as err:
         return Answer(err.code, {k.lower(): v for k, v in err.headers.items()}, err.read().decode())
 
 
 def get_json(tier, path, timeout=5.0):
-    request = urllib.request.Request(f"http://127.0.0.1:{PORTS[tier]}{path}", headers=auth(tier, "status"))
-    with urllib.request.urlopen(request, timeout=timeout) as response:
+    request = urllib.request.Request(f"{base(tier)}{path}", headers=auth(tier, "status"))
+    with urllib.request.urlopen(request, timeout=timeout, context=TLS) as response:
         return json.loads(response.read())
 
 
@@ -115,7 +127,7 @@ def step_auth():
             answer = sql(tier, query, headers=headers)
             if answer.status != 401:
                 fail(f"{tier} answered {what} with {answer.status}, not 401: {answer.body.strip()[:200]}")
-        with urllib.request.urlopen(f"http://127.0.0.1:{PORTS[tier]}/health", timeout=5) as response:
+        with urllib.request.urlopen(f"{base(tier)}/health", timeout=5, context=TLS) as response:
             if response.status != 200:
                 fail(f"{tier}'s /health needs no key but answered {response.status}")
     answer = sql("platform-eu", query)
@@ -124,11 +136,35 @@ def step_auth():
     log("  401 without a key and with a wrong one on both platforms; the app's key answers")
 
 
+def step_tls():
+    log("The platforms serve TLS only, and their gRPC port only to holders of a demo certificate")
+    for tier in ("platform-eu", "platform-us"):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{PORTS[tier]}/health", timeout=5)
+            fail(f"{tier} answered plaintext HTTP")
+        except (urllib.error.URLError, ConnectionError, http.client.HTTPException):
+            pass
+    port = int(os.environ["PLATFORM_EU_FLIGHT_PORT"])
+    context = ssl.create_default_context(cafile=os.environ["SMOKE_CA"])
+    context.set_alpn_protocols(["h2"])
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                # TLS 1.3 sends the refusal of a missing client certificate after the
+                # handshake: the first read gets it.
+                tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                if tls.recv(1024):
+                    fail("platform-eu's gRPC port spoke to a client without a certificate")
+    except (ssl.SSLError, ConnectionError):
+        pass
+    log("  plaintext HTTP refused on both platforms; a TLS client without a certificate refused on gRPC")
+
+
 def ingest(tier, dataset, csv_text):
     request = urllib.request.Request(
-        f"http://127.0.0.1:{PORTS[tier]}/v1/ingest/{dataset}", data=csv_text.encode(), method="POST",
+        f"{base(tier)}/v1/ingest/{dataset}", data=csv_text.encode(), method="POST",
         headers={"content-type": "text/csv"})
-    with urllib.request.urlopen(request, timeout=10) as response:
+    with urllib.request.urlopen(request, timeout=10, context=TLS) as response:
         return json.loads(response.read())
 
 
@@ -385,6 +421,7 @@ def step_observability():
 
 
 def main():
+    step_tls()
     step_auth()
     step_routes()
     step_observability()

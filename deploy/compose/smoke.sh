@@ -28,6 +28,9 @@ export PLATFORM_EU_HTTP_PORT=28081 PLATFORM_EU_FLIGHT_PORT=25051 PLATFORM_US_HTT
 export SIDECAR_HTTP_PORT=28083 SIDECAR_FLIGHT_PORT=25053 EDGE_HTTP_PORT=28084 EDGE_FLIGHT_PORT=25054
 export PROMETHEUS_PORT=29090 COLLECTOR_HTTP_PORT=26686
 compose+=(--project-directory "$here" -f "$here/docker-compose.yml")
+# up.sh copies the demo CA's certificate here; the smoke's HTTPS clients trust it.
+scratch="$(mktemp -d)"
+export STRATA_DEMO_CA="$scratch/demo-ca.pem"
 
 teardown() {
   local status=$?
@@ -36,14 +39,17 @@ teardown() {
     "${compose[@]}" logs --no-color --tail 40 >&2 2>&1 || true
   fi
   "${compose[@]}" down -v --remove-orphans >/dev/null 2>&1 || true
+  rm -rf "$scratch"
 }
 trap teardown EXIT
 
 started=$SECONDS
 "$here/up.sh" --profile "$profile"
-SMOKE_COMPOSE="$(IFS=$'\x1f'; echo "${compose[*]}")" SMOKE_PROJECT="$COMPOSE_PROJECT_NAME" python3 "$here/smoke.py"
+SMOKE_COMPOSE="$(IFS=$'\x1f'; echo "${compose[*]}")" SMOKE_PROJECT="$COMPOSE_PROJECT_NAME" SMOKE_CA="$STRATA_DEMO_CA" \
+  python3 "$here/smoke.py"
 
 "${compose[@]}" down -v --remove-orphans
+rm -rf "$scratch"
 trap - EXIT
 label="com.docker.compose.project=$COMPOSE_PROJECT_NAME"
 left="$(docker ps -aq --filter "label=$label"; docker volume ls -q --filter "label=$label"; docker network ls -q --filter "label=$label")"

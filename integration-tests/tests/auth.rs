@@ -278,6 +278,9 @@ async fn every_endpoint_refuses_a_missing_wrong_expired_or_malformed_key_alike()
     ];
     for (method, path) in routes {
         for header in [None, Some("Bearer strata_wrong".to_string()), Some(format!("Bearer {}", keys.old))] {
+            if path == "/v1/ready" && header.is_none() {
+                continue; // open to probes: below
+            }
             let mut request = http.request(method.parse().expect("method"), tier.url(path)).body("SELECT 1");
             if let Some(header) = &header {
                 request = request.header("authorization", header);
@@ -291,6 +294,12 @@ async fn every_endpoint_refuses_a_missing_wrong_expired_or_malformed_key_alike()
     }
     let health = http.get(tier.url("/health")).send().await.expect("health");
     assert_eq!(health.status(), 200, "/health answers probes without a key");
+    // /v1/ready answers a probe without a key (Kubernetes probes carry none), naming no
+    // dataset, even for a client that claims a tenant.
+    let ready = http.get(tier.url("/v1/ready")).header("strata-tenant", "ops").send().await.expect("ready");
+    assert!([200, 503].contains(&ready.status().as_u16()), "{ready:?}");
+    let body: serde_json::Value = ready.json().await.expect("json");
+    assert_eq!(body["pending"], serde_json::json!([]), "{body}");
     for (name, value) in [("authorization", format!("Bearer {}", keys.ops)), ("x-api-key", keys.ops.clone())] {
         let response =
             http.post(tier.url("/v1/sql")).header(name, value).body("SELECT 1 AS one").send().await.expect("sql");

@@ -5,6 +5,7 @@
 //! The container image holds this one binary with every tier as a subcommand: the tiers share
 //! one engine, so four binaries would ship that engine four times (each is most of the size).
 
+mod certs;
 mod command;
 mod demo;
 mod demo_app;
@@ -72,6 +73,9 @@ enum Command {
     /// Print a new API key and the hash to put in `auth.keys[].hash` (the key is shown once;
     /// only its hash belongs in the config).
     Keygen,
+    /// Make a private CA and certificates signed by it for a set of tiers (TLS and mutual
+    /// TLS in demos and test clusters; the CA's key is not kept).
+    Certs(certs::CertsArgs),
 }
 
 /// The tiers, as `strata check` names them (the same words as their subcommands).
@@ -99,5 +103,6 @@ fn main() -> ExitCode {
         Command::Status(args) => status::main(args),
         Command::TraceSink(args) => trace_sink::main(args),
         Command::Keygen => keygen::main(),
+        Command::Certs(args) => certs::main(args),
     }
 }
