@@ -162,6 +162,50 @@ pub fn lying_ipc() -> Vec<u8> {
     bytes
 }
 
+/// A valid-looking Arrow IPC stream whose values buffer claims to run 1 MiB past the message
+/// body: Arrow's reader panics on it (arrow-buffer's slice bounds assertion).
+pub fn panicking_ipc() -> Vec<u8> {
+    use std::sync::Arc;
+
+    use arrow::array::{Int64Array, RecordBatch};
+    use arrow::datatypes::{DataType, Field, Schema};
+    let schema = Arc::new(Schema::new(vec![Field::new("$1", DataType::Int64, false)]));
+    let batch =
+        RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(Int64Array::from(vec![1, 2, 3]))]).expect("batch");
+    let mut bytes = Vec::new();
+    let mut writer = arrow::ipc::writer::StreamWriter::try_new(&mut bytes, &schema).expect("writer");
+    writer.write(&batch).expect("write");
+    writer.finish().expect("finish");
+    drop(writer);
+    let schema_len = i32::from_le_bytes(bytes[4..8].try_into().expect("4")) as usize;
+    let at = 8 + schema_len;
+    let meta_len = i32::from_le_bytes(bytes[at + 4..at + 8].try_into().expect("4")) as usize;
+    let meta = at + 8..at + 8 + meta_len;
+    // The values buffer's (offset, length) pair: three Int64 values, 24 bytes.
+    let length = bytes[meta.clone()].windows(8).rposition(|w| w == 24i64.to_le_bytes()).expect("buffer length");
+    bytes[meta.start + length..meta.start + length + 8].copy_from_slice(&(24i64 + (1 << 20)).to_le_bytes());
+    bytes
+}
+
+#[tokio::test]
+async fn a_decoder_panic_on_client_bytes_is_a_refusal_not_a_log_flood() {
+    let tier = Tier::start("platform-service", &config("")).await;
+    for _ in 0..20 {
+        let query = SqlQuery { sql: "SELECT $1".into(), params: panicking_ipc().into() };
+        let err = tier_client(&tier)
+            .await
+            .execute(ExecuteRequest { context: None, query: Some(execute_request::Query::Sql(query)) })
+            .await
+            .expect_err("malformed parameters");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+        // Only the caught panic says this: the bytes reached Arrow's decoder and it panicked.
+        assert!(err.message().contains("its decoder failed"), "{err}");
+    }
+    still_answers(&tier).await;
+    let logs = tier.logs();
+    assert!(!logs.contains("panicked at"), "a contained panic reached stderr outside the log:\n{logs}");
+}
+
 #[tokio::test]
 async fn hostile_queries_get_clear_errors_and_leave_memory_near_its_baseline() {
     let tier = Tier::start(

@@ -40,7 +40,7 @@ pub fn read_batches(bytes: &[u8], max: usize, limit: &str) -> Result<Vec<RecordB
 /// `InvalidRequest` naming `what`, never a crashed request task or process. `decode` must
 /// only read its input: whatever it built is dropped.
 pub fn guarded<T>(what: &str, decode: impl FnOnce() -> std::result::Result<T, arrow::error::ArrowError>) -> Result<T> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode)) {
+    match crate::contained_panic::contain(decode) {
         Ok(result) => result.map_err(StrataError::from),
         Err(_) => Err(StrataError::InvalidRequest(format!("{what} is malformed (its decoder failed)"))),
     }

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod background;
 mod bounded_functions;
 pub mod config;
+pub mod contained_panic;
 pub mod dataset;
 pub mod engine;
 pub mod error;

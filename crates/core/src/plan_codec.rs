@@ -98,10 +98,9 @@ pub fn decode_plan(bytes: &[u8], ctx: &SessionContext, task_ctx: &TaskContext) -
     let catalog =
         ctx.catalog(crate::engine::CATALOG).ok_or_else(|| StrataError::Internal("default catalog missing".into()))?;
     let codec = ByNameCodec::with_catalog(Arc::clone(&catalog));
-    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        logical_plan_from_bytes_with_extension_codec(bytes, task_ctx, &codec)
-    }))
-    .map_err(|_| StrataError::InvalidRequest("the shipped plan is malformed (its decoder failed)".into()))?;
+    let decoded =
+        crate::contained_panic::contain(|| logical_plan_from_bytes_with_extension_codec(bytes, task_ctx, &codec))
+            .map_err(|_| StrataError::InvalidRequest("the shipped plan is malformed (its decoder failed)".into()))?;
     let plan = decoded.map_err(|e| StrataError::InvalidRequest(format!("cannot decode the shipped plan: {e}")))?;
     check_leaves(&plan, &codec)?;
     Ok(plan)

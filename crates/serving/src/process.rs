@@ -131,6 +131,9 @@ pub fn run<T: Tier>(args: TierArgs) -> ExitCode {
     let result = runtime.block_on(async {
         let telemetry = telemetry::init_with_traces(args.log_format, &config.telemetry, T::KIND, &config.region)
             .map_err(|e| e.to_string())?;
+        // Panics are logged like everything else; those a decoder of client bytes had
+        // (caught: the request is refused) only at debug level.
+        strata_core::contained_panic::install_hook();
         let shutdown = CancellationToken::new();
         let servers = start::<T>(&config, shutdown.clone()).await.map_err(|e| e.to_string())?;
         // One machine-readable line on stdout: tests and scripts read the bound ports here.

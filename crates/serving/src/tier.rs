@@ -222,10 +222,9 @@ impl Tier {
         // datafusion-proto decodes plans nested in expressions (subqueries) itself, and some of
         // its decoders panic on malformed input: a panic is a malformed request here.
         let task_ctx = ctx.task_ctx();
-        let expr =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Expr::from_bytes_with_ctx(predicate, &task_ctx)))
-                .map_err(|_| StrataError::InvalidRequest("the subset predicate is malformed".into()))?
-                .map_err(|e| StrataError::InvalidRequest(format!("cannot decode the subset predicate: {e}")))?;
+        let expr = strata_core::contained_panic::contain(|| Expr::from_bytes_with_ctx(predicate, &task_ctx))
+            .map_err(|_| StrataError::InvalidRequest("the subset predicate is malformed".into()))?
+            .map_err(|e| StrataError::InvalidRequest(format!("cannot decode the subset predicate: {e}")))?;
         // A subset is a condition on the dataset's own columns; a subquery could read anything.
         let mut reads_tables = false;
         let _ = expr.apply(|e| {

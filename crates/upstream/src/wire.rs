@@ -198,13 +198,10 @@ where
         .map_err(|e| datafusion::error::DataFusionError::from(flight_error(e)));
     // Arrow's Flight decoder panics on some malformed messages: a broken or hostile upstream
     // fails this query with an error, never the task serving it.
-    let caught = futures::StreamExt::catch_unwind(std::panic::AssertUnwindSafe(batches));
-    let batches = futures::StreamExt::map(caught, |item| {
-        item.unwrap_or_else(|_| {
-            Err(datafusion::error::DataFusionError::Execution(
-                "the upstream's answer is malformed (the Arrow decoder failed)".into(),
-            ))
-        })
+    let batches = strata_core::contained_panic::Contained::new(Box::pin(batches), || {
+        Err(datafusion::error::DataFusionError::Execution(
+            "the upstream's answer is malformed (the Arrow decoder failed)".into(),
+        ))
     });
     Box::pin(RecordBatchStreamAdapter::new(expected, batches))
 }

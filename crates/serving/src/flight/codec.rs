@@ -9,6 +9,7 @@ use arrow_flight::error::FlightError;
 use arrow_flight::sql::server::PeekableFlightDataStream;
 use arrow_flight::{IpcMessage, SchemaAsIpc};
 use futures::{FutureExt, Stream, TryStreamExt};
+use strata_core::contained_panic::Contained;
 use tonic::{Request, Status};
 
 use super::sql_service::DoGetStream;
@@ -74,12 +75,10 @@ pub(super) async fn read_put(
         }
     });
     // Arrow's Flight decoder panics on some malformed messages: caught, it is a bad request.
-    let decoded = std::panic::AssertUnwindSafe(
-        arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(data).try_collect::<Vec<_>>(),
-    )
-    .catch_unwind()
-    .await
-    .map_err(|_| Status::invalid_argument(format!("the {what} are malformed (the Arrow decoder failed)")))?;
+    let decode = arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(data).try_collect::<Vec<_>>();
+    let decoded = Contained::new(Box::pin(decode.map(Some)), || None)
+        .await
+        .ok_or_else(|| Status::invalid_argument(format!("the {what} are malformed (the Arrow decoder failed)")))?;
     decoded.map_err(|e| Status::invalid_argument(format!("cannot read the {what}: {e}")))
 }
 
