@@ -137,16 +137,15 @@ fn patch_delimiters(node: &mut datafusion_proto::protobuf::LogicalPlanNode, patc
     }
 }
 
-/// An Arrow IPC stream of one Int64 column whose record batch message claims a body of 2 GiB.
-pub fn lying_ipc() -> Vec<u8> {
+/// A valid Arrow IPC stream of one Int64 column `$1` with `values`, and where its record
+/// batch message's metadata lies in the bytes (to be made to lie).
+fn int64_ipc(values: Vec<Option<i64>>) -> (Vec<u8>, std::ops::Range<usize>) {
     use std::sync::Arc;
 
     use arrow::array::{Int64Array, RecordBatch};
     use arrow::datatypes::{DataType, Field, Schema};
     let schema = Arc::new(Schema::new(vec![Field::new("$1", DataType::Int64, true)]));
-    let batch =
-        RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(Int64Array::from(vec![Some(1), None, Some(3)]))])
-            .expect("batch");
+    let batch = RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(Int64Array::from(values))]).expect("batch");
     let mut bytes = Vec::new();
     let mut writer = arrow::ipc::writer::StreamWriter::try_new(&mut bytes, &schema).expect("writer");
     writer.write(&batch).expect("write");
@@ -155,7 +154,12 @@ pub fn lying_ipc() -> Vec<u8> {
     let schema_len = i32::from_le_bytes(bytes[4..8].try_into().expect("4")) as usize;
     let at = 8 + schema_len;
     let meta_len = i32::from_le_bytes(bytes[at + 4..at + 8].try_into().expect("4")) as usize;
-    let meta = at + 8..at + 8 + meta_len;
+    (bytes, at + 8..at + 8 + meta_len)
+}
+
+/// An Arrow IPC stream of one Int64 column whose record batch message claims a body of 2 GiB.
+pub fn lying_ipc() -> Vec<u8> {
+    let (mut bytes, meta) = int64_ipc(vec![Some(1), None, Some(3)]);
     let real = arrow::ipc::root_as_message(&bytes[meta.clone()]).expect("message").bodyLength();
     let offset = bytes[meta.clone()].windows(8).position(|w| w == real.to_le_bytes()).expect("field");
     bytes[meta.start + offset..meta.start + offset + 8].copy_from_slice(&(2i64 << 30).to_le_bytes());
@@ -165,22 +169,7 @@ pub fn lying_ipc() -> Vec<u8> {
 /// A valid-looking Arrow IPC stream whose values buffer claims to run 1 MiB past the message
 /// body: Arrow's reader panics on it (arrow-buffer's slice bounds assertion).
 pub fn panicking_ipc() -> Vec<u8> {
-    use std::sync::Arc;
-
-    use arrow::array::{Int64Array, RecordBatch};
-    use arrow::datatypes::{DataType, Field, Schema};
-    let schema = Arc::new(Schema::new(vec![Field::new("$1", DataType::Int64, false)]));
-    let batch =
-        RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(Int64Array::from(vec![1, 2, 3]))]).expect("batch");
-    let mut bytes = Vec::new();
-    let mut writer = arrow::ipc::writer::StreamWriter::try_new(&mut bytes, &schema).expect("writer");
-    writer.write(&batch).expect("write");
-    writer.finish().expect("finish");
-    drop(writer);
-    let schema_len = i32::from_le_bytes(bytes[4..8].try_into().expect("4")) as usize;
-    let at = 8 + schema_len;
-    let meta_len = i32::from_le_bytes(bytes[at + 4..at + 8].try_into().expect("4")) as usize;
-    let meta = at + 8..at + 8 + meta_len;
+    let (mut bytes, meta) = int64_ipc(vec![Some(1), Some(2), Some(3)]);
     // The values buffer's (offset, length) pair: three Int64 values, 24 bytes.
     let length = bytes[meta.clone()].windows(8).rposition(|w| w == 24i64.to_le_bytes()).expect("buffer length");
     bytes[meta.start + length..meta.start + length + 8].copy_from_slice(&(24i64 + (1 << 20)).to_le_bytes());
