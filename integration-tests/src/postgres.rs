@@ -114,6 +114,11 @@ impl PgServer {
         }
     }
 
+    /// The directory of the server's Unix socket (a `host` that is a path).
+    pub fn socket_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// Connection params for a Strata dataset, as YAML flow mapping.
     pub fn params_yaml(&self) -> String {
         format!("{{host: 127.0.0.1, port: '{}', user: postgres, db: postgres, sslmode: disable}}", self.port)
@@ -123,7 +128,7 @@ impl PgServer {
     /// server's Unix socket.
     pub async fn connect(&self) -> Client {
         let (client, connection) = tokio_postgres::connect(
-            &format!("host={} port={} user=postgres dbname=postgres", self.dir.path().display(), self.port),
+            &format!("host={} port={} user=postgres dbname=postgres", self.socket_dir().display(), self.port),
             NoTls,
         )
         .await

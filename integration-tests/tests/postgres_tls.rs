@@ -21,7 +21,11 @@ async fn seed(pg: &PgServer) {
 
 /// A federated dataset `name` over `items`, and `<name>_acc` accelerated, with `tls` params.
 fn dataset(name: &str, port: u16, tls: &str) -> String {
-    let params = format!("{{host: {host}, port: '{port}', user: postgres, db: postgres, {tls}}}", host = "127.0.0.1");
+    dataset_at(name, "127.0.0.1", port, tls)
+}
+
+fn dataset_at(name: &str, host: &str, port: u16, tls: &str) -> String {
+    let params = format!("{{host: '{host}', port: '{port}', user: postgres, db: postgres, {tls}}}");
     format!(
         "  - name: {name}\n    from: postgres:public.items\n    params: {params}\n\
          \x20 - name: {name}_acc\n    from: postgres:public.items\n    params: {params}\n    acceleration: {{refresh: full}}\n"
@@ -127,16 +131,20 @@ async fn servers_the_ca_did_not_sign_or_that_name_another_host_are_refused_with_
 }
 
 #[tokio::test]
-async fn a_server_without_tls_is_refused_unless_tls_is_only_preferred() {
+async fn a_server_without_tls_is_refused_unless_tls_is_only_preferred_or_local() {
     let pg = PgServer::start();
     seed(&pg).await;
+    let socket = pg.socket_dir().display().to_string();
     let config = format!(
-        "datasets:\n{}{}",
+        "datasets:\n{}{}{}",
         dataset("required", pg.port, "sslmode: require"),
         dataset("preferred", pg.port, "sslmode: prefer"),
+        // The server's Unix socket: no TLS there, as with libpq, whatever sslmode says.
+        dataset_at("local", &socket, pg.port, "sslmode: verify-full"),
     );
     let tier = Tier::start("platform-service", &config).await;
     let required = outcome(&tier, "required").await.expect_err("no TLS refused");
     assert!(required.contains("does not accept TLS"), "{required}");
     assert_eq!(outcome(&tier, "preferred").await, Ok(500));
+    assert_eq!(outcome(&tier, "local").await, Ok(500));
 }

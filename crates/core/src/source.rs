@@ -89,8 +89,10 @@ impl SourceConnector {
             })
             .collect();
         // TLS is ours (rustls, see `source_tls`): the provider connects in plaintext to the
-        // relay's socket, never with its own TLS.
-        let relay = if tls.mode == SslMode::Disable {
+        // relay's socket, never with its own TLS. A host that is a path is PostgreSQL's own
+        // Unix socket, where libpq ignores sslmode too.
+        let unix_socket = params.get("host").is_some_and(|host| host.starts_with('/'));
+        let relay = if tls.mode == SslMode::Disable || unix_socket {
             None
         } else {
             let host = params.get("host").map_or("localhost", String::as_str);
