@@ -8,6 +8,7 @@
 #![allow(clippy::print_stdout)]
 
 mod bulk;
+mod delay_relay;
 mod edge;
 mod measure;
 mod netns;

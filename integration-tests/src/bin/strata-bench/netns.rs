@@ -1,18 +1,23 @@
 //! An emulated network hop: the platform runs in its own network namespace behind a veth
 //! pair whose both ends delay every packet by 0.5 ms (`tc netem`), the sidecar on the host.
-//! Local answers stay on loopback; forwarded ones pay the hop. Needs root (CAP_NET_ADMIN).
+//! Where the kernel has no netem, the delay is a relay of ours on the host end instead
+//! ([`DelayRelay`], 0.5 ms each way), through which every path to the platform goes. Local
+//! answers stay on loopback; forwarded ones pay the hop. Needs root (CAP_NET_ADMIN).
 
 use std::process::Command;
 use std::time::Duration;
 
 use strata_integration_tests::tier::Tier;
 
+use crate::delay_relay::DelayRelay;
 use crate::measure::{Effort, Path, Watched, measure_side_by_side, with_ratios};
 use crate::paths::{Flight, Floor, Query};
 use crate::report::Scenario;
 
 const HOST_IP: &str = "10.213.7.1";
 const NS_IP: &str = "10.213.7.2";
+/// The hop's delay, each way.
+const ONE_WAY: Duration = Duration::from_micros(500);
 
 /// The namespace and its veth pair; removed when dropped.
 struct Namespace {
@@ -78,7 +83,7 @@ impl Drop for Namespace {
 
 /// The lookup scenario across the emulated hop.
 pub async fn run(parquet: &std::path::Path, rows: i64, effort: Effort) -> anyhow::Result<Scenario> {
-    let ns = Namespace::create("0.5ms")?;
+    let ns = Namespace::create(&format!("{}us", ONE_WAY.as_micros()))?;
     let platform = Tier::builder("platform-service")
         .config(&format!(
             "region: eu\nlimits:\n  max_concurrent_queries: 256\ndatasets:\n  - name: points\n    from: file:{}\n    acceleration: {{}}\n",
@@ -88,11 +93,16 @@ pub async fn run(parquet: &std::path::Path, rows: i64, effort: Effort) -> anyhow
         .start()
         .await;
     platform.wait_ready(Duration::from_secs(600)).await;
+    // Without netem, everything that reaches the platform goes through the delay relay.
+    let relay = match &ns.no_delay {
+        None => None,
+        Some(_) => Some(DelayRelay::start(format!("{HOST_IP}:0").parse()?, platform.flight_addr, ONE_WAY)?),
+    };
+    let platform_addr = relay.as_ref().map_or(platform.flight_addr, |r| r.addr);
     let sidecar = Tier::start(
         "app-sidecar",
         &format!(
-            "region: eu\nlimits:\n  max_concurrent_queries: 256\nupstream:\n  endpoints: [http://{}]\n  call_timeout: 10s\nreplicas:\n  - name: points\n",
-            platform.flight_addr
+            "region: eu\nlimits:\n  max_concurrent_queries: 256\nupstream:\n  endpoints: [http://{platform_addr}]\n  call_timeout: 10s\nreplicas:\n  - name: points\n",
         ),
     )
     .await;
@@ -103,7 +113,7 @@ pub async fn run(parquet: &std::path::Path, rows: i64, effort: Effort) -> anyhow
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let query = Query::Lookup { rows };
-    let (s, p) = (sidecar.flight_addr, platform.flight_addr);
+    let (s, p) = (sidecar.flight_addr, platform_addr);
     let paths: [Path; 4] = [
         ("tonic unary round trip across the hop (floor)", &Floor { addr: p }),
         ("sidecar local (Flight SQL, loopback)", &Flight { addr: s, query, strong: false }),
@@ -117,9 +127,12 @@ pub async fn run(parquet: &std::path::Path, rows: i64, effort: Effort) -> anyhow
     let results = measure_side_by_side(&paths, effort, 1, &watch).await?;
     drop(sidecar);
     drop(platform);
+    drop(relay);
     let hop = match &ns.no_delay {
         None => "an emulated hop (veth between network namespaces, netem 0.5 ms each way)".to_string(),
-        Some(why) => format!("a veth hop between network namespaces, without netem delay ({why})"),
+        Some(_) => "an emulated hop (veth between network namespaces and a delay relay, 0.5 ms each way; \
+                    this kernel has no netem)"
+            .to_string(),
     };
     drop(ns);
     Ok(Scenario {
