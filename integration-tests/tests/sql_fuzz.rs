@@ -18,13 +18,12 @@ use arrow::array::{
     TimestampMicrosecondArray,
 };
 use datafusion::datasource::MemTable;
-use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::prelude::SessionContext;
 use strata_integration_tests::postgres::PgServer;
 use strata_integration_tests::sqlgen::{Case, Generator, Join, Rng, Table};
 use strata_integration_tests::tier::Tier;
 
-use crate::tpch::{load_postgres, rows, same_value, tables};
+use crate::tpch::{accelerated_dataset, load_postgres, rows, same_value, tables};
 
 /// Tables the platform accelerates from Parquet; the others it federates from PostgreSQL.
 const ACCELERATED: [&str; 5] = ["customer", "orders", "lineitem", "part", "partsupp"];
@@ -115,16 +114,7 @@ impl Engines {
         let mut platform_yaml = String::from("region: eu\nlimits:\n  query_timeout: 60s\ndatasets:\n");
         for (name, batches) in all {
             if ACCELERATED.contains(name) {
-                let path = dir.path().join(format!("{name}.parquet"));
-                let mut writer =
-                    ArrowWriter::try_new(std::fs::File::create(&path).expect("create"), batches[0].schema(), None)
-                        .expect("writer");
-                batches.iter().for_each(|b| writer.write(b).expect("write"));
-                writer.close().expect("close");
-                platform_yaml.push_str(&format!(
-                    "  - name: {name}\n    from: file:{}\n    acceleration: {{}}\n",
-                    path.display()
-                ));
+                platform_yaml.push_str(&accelerated_dataset(dir.path(), name, batches));
             } else {
                 platform_yaml.push_str(&format!(
                     "  - name: {name}\n    from: postgres:public.{name}\n    params: {}\n",

@@ -54,6 +54,19 @@ fn pg_type(t: &DataType) -> String {
     }
 }
 
+/// Writes `batches` to `<dir>/<name>.parquet` and returns the YAML of a dataset `name` that
+/// accelerates that file (an entry under `datasets:`).
+pub(crate) fn accelerated_dataset(dir: &std::path::Path, name: &str, batches: &[RecordBatch]) -> String {
+    let path = dir.join(format!("{name}.parquet"));
+    let file = std::fs::File::create(&path).expect("create parquet");
+    let mut writer = datafusion::parquet::arrow::ArrowWriter::try_new(file, batches[0].schema(), None).expect("writer");
+    for batch in batches {
+        writer.write(batch).expect("write");
+    }
+    writer.close().expect("close");
+    format!("  - name: {name}\n    from: file:{}\n    acceleration: {{}}\n", path.display())
+}
+
 pub(crate) async fn load_postgres(pg: &PgServer, tables: &[(&str, Vec<RecordBatch>)]) {
     let client = pg.connect().await;
     for (name, batches) in tables {

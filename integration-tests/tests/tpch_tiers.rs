@@ -6,12 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use datafusion::datasource::MemTable;
-use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::prelude::SessionContext;
 use strata_integration_tests::tier::Tier;
 use strata_integration_tests::workspace_root;
 
-use crate::tpch::{differs, rows, tables};
+use crate::tpch::{accelerated_dataset, differs, rows, tables};
 
 /// Tables the sidecar keeps locally; the others are forwarded.
 const REPLICATED: [&str; 5] = ["nation", "region", "supplier", "customer", "orders"];
@@ -23,15 +22,7 @@ async fn tpch_through_a_sidecar_matches_the_platform_and_datafusion() {
     let local = SessionContext::new();
     let mut platform_yaml = String::from("region: eu\nlimits:\n  query_timeout: 120s\ndatasets:\n");
     for (name, batches) in &tables {
-        let path = dir.path().join(format!("{name}.parquet"));
-        let file = std::fs::File::create(&path).expect("create parquet");
-        let mut writer = ArrowWriter::try_new(file, batches[0].schema(), None).expect("writer");
-        for batch in batches {
-            writer.write(batch).expect("write");
-        }
-        writer.close().expect("close");
-        platform_yaml
-            .push_str(&format!("  - name: {name}\n    from: file:{}\n    acceleration: {{}}\n", path.display()));
+        platform_yaml.push_str(&accelerated_dataset(dir.path(), name, batches));
         let table = MemTable::try_new(batches[0].schema(), vec![batches.clone()]).expect("memtable");
         local.register_table(*name, Arc::new(table)).expect("register");
     }
