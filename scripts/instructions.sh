@@ -3,25 +3,30 @@
 # counted by callgrind: stable from run to run whatever else the machine does, so two commits
 # compare where timings cannot. Runs each mode with few and many lookups and prints the
 # difference per lookup (start-up and loading the table cancel out).
-# Usage: scripts/instructions.sh [lookups]   (default 200; each run takes a minute or two)
+# Each mode runs without and with an index on the key (`primary_key`), at ROWS rows
+# (default 100000; e.g. ROWS=10000000 to show the cost does not grow with the table).
+# Usage: [ROWS=n] scripts/instructions.sh [lookups]   (default 200; each run takes a minute or two)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "valgrind is not installed" >&2; exit 1; }
 target_dir="${CARGO_TARGET_DIR:-target}"
 lookups="${1:-200}"
-cargo build --release --workspace --bins
+rows="${ROWS:-100000}"
+cargo build --release -p strata-integration-tests --bin strata-instructions
 bin="$target_dir/release/strata-instructions"
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 
 count() { # mode lookups -> total instructions of the run
-  valgrind --tool=callgrind --callgrind-out-file="$out/cg" "$bin" --lookups "$2" $1 >/dev/null 2>"$out/log" \
+  valgrind --tool=callgrind --callgrind-out-file="$out/cg" "$bin" --rows "$rows" --lookups "$2" $1 >/dev/null 2>"$out/log" \
     || { cat "$out/log" >&2; exit 1; }
   grep -E "^(summary|totals): " "$out/cg" | head -1 | cut -d" " -f2
 }
-for mode in prepared literal; do
-  flag=""; [ "$mode" = literal ] && flag="--literal"
-  few=$(count "$flag" 0)
-  many=$(count "$flag" "$lookups")
-  echo "$mode: $(( (many - few) / lookups )) instructions per lookup ($lookups lookups; $few for start-up and warm-up)"
+for mode in prepared literal "prepared, indexed" "literal, indexed"; do
+  flags=""
+  case "$mode" in *literal*) flags="--literal" ;; esac
+  case "$mode" in *indexed*) flags="$flags --indexed" ;; esac
+  few=$(count "$flags" 0)
+  many=$(count "$flags" "$lookups")
+  echo "$mode, $rows rows: $(( (many - few) / lookups )) instructions per lookup ($lookups lookups; $few for start-up and warm-up)"
 done

@@ -12,6 +12,7 @@ mod federation;
 mod golden;
 mod hostile;
 mod injection;
+mod key_lookup;
 mod metrics;
 mod parameterize;
 mod postgres_tls;

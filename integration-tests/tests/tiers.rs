@@ -224,6 +224,33 @@ async fn replication_sends_increments_and_resumes_after_a_restart_without_touchi
     assert_eq!(route, "local");
     assert_eq!((rows[0]["n"].as_i64(), rows[0]["ids"].as_i64()), (Some(5010), Some(5010)));
 
+    // The primary key is indexed on the platform, and the replica indexes it too (the
+    // platform's catalog says so); the increment's rows are in the index.
+    for (tier, name) in [(&platform, "platform"), (&sidecar, "sidecar")] {
+        let indexes = tier.dataset("events").await["indexes"].clone();
+        assert_eq!(indexes[0]["columns"], serde_json::json!(["id"]), "{name}: {indexes}");
+        assert!(indexes[0]["bytes"].as_u64().is_some_and(|b| b >= 4 * 5010), "{name}: {indexes}");
+    }
+    let lookups = || async {
+        let text = reqwest::get(sidecar.url("/metrics")).await.expect("metrics").text().await.expect("text");
+        text.lines()
+            .find_map(|l| l.strip_prefix("strata_index_lookups_total "))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .expect("strata_index_lookups_total")
+    };
+    let before = lookups().await;
+    for id in [1, 5000, 5005, 5010, 5011] {
+        let (rows, route, _) = sidecar.routed(&format!("SELECT id, kind FROM events WHERE id = {id}"), &[]).await;
+        assert_eq!(route, "local");
+        let want = match id {
+            5001..=5010 => serde_json::json!([{"id": id, "kind": "new"}]),
+            5011 => serde_json::json!([]),
+            _ => serde_json::json!([{"id": id, "kind": format!("k{}", id % 7)}]),
+        };
+        assert_eq!(serde_json::json!(rows), want, "id {id}");
+    }
+    assert_eq!(lookups().await - before, 5, "each lookup answered from the replica's index");
+
     // Killed while following the stream; the source changes meanwhile; a new sidecar process resumes.
     sidecar.kill();
     client

@@ -18,6 +18,7 @@ use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
 use datafusion::physical_plan::ExecutionPlan;
 
 use crate::error::StrataError;
+use crate::key_index::{KeyIndex, KeySpec};
 use crate::zone_map::{BatchZone, ZoneMaps};
 
 /// One immutable version of an accelerated dataset.
@@ -37,6 +38,9 @@ pub struct Snapshot {
     pub lineage: Vec<(u64, usize)>,
     /// Per-batch min/max, so scans skip the batches their filters rule out.
     pub zones: ZoneMaps,
+    /// Hash indexes on the table's declared keys, built when the snapshot is published
+    /// ([`AcceleratedTable::swap`]).
+    pub indexes: Vec<Arc<KeyIndex>>,
 }
 
 /// How many earlier versions a snapshot remembers for incremental publishing.
@@ -122,7 +126,17 @@ impl Snapshot {
         static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let zones = ZoneMaps::new(known);
-        Self { batches, rows, bytes, version, id, refreshed_at: SystemTime::now(), lineage: Vec::new(), zones }
+        Self {
+            batches,
+            rows,
+            bytes,
+            version,
+            id,
+            refreshed_at: SystemTime::now(),
+            lineage: Vec::new(),
+            zones,
+            indexes: Vec::new(),
+        }
     }
 
     /// `previous` plus `added` rows as `version`, remembering that it only appended.
@@ -152,6 +166,16 @@ impl Snapshot {
         self
     }
 
+    /// The index whose key is exactly `columns` (positions in the table's schema, any order).
+    pub fn index_on(&self, columns: &[usize]) -> Option<&KeyIndex> {
+        self.indexes.iter().map(Arc::as_ref).find(|i| i.spec().covers_exactly(columns))
+    }
+
+    /// Memory the indexes hold, in bytes.
+    pub fn index_bytes(&self) -> usize {
+        self.indexes.iter().map(|i| i.bytes()).sum()
+    }
+
     /// The batches a holder of `version` lacks, if this snapshot only appended to it.
     pub fn appended_since(&self, version: u64) -> Option<&[RecordBatch]> {
         self.lineage.iter().find(|(v, _)| *v == version).map(|(_, count)| &self.batches[*count..])
@@ -169,6 +193,8 @@ pub struct AcceleratedTable {
     /// Random per copy: versions are only comparable within one epoch, so a subscriber that
     /// held versions of another process's copy (a restarted or a second platform) starts over.
     epoch: u64,
+    /// The keys every snapshot is indexed on.
+    keys: Vec<KeySpec>,
 }
 
 impl AcceleratedTable {
@@ -177,7 +203,46 @@ impl AcceleratedTable {
         use std::hash::{BuildHasher, Hasher};
         // RandomState is seeded randomly per instance: a cheap unique id without a rand dependency.
         let epoch = std::collections::hash_map::RandomState::new().build_hasher().finish().max(1);
-        Self { name: name.into(), schema, current: RwLock::new(None), changes: tokio::sync::watch::channel(0).0, epoch }
+        Self {
+            name: name.into(),
+            schema,
+            current: RwLock::new(None),
+            changes: tokio::sync::watch::channel(0).0,
+            epoch,
+            keys: Vec::new(),
+        }
+    }
+
+    /// The same table with every snapshot indexed on `keys` (see [`crate::key_index`]).
+    pub fn with_indexes(mut self, keys: Vec<KeySpec>) -> Self {
+        self.keys = keys;
+        self
+    }
+
+    /// The keys its snapshots are indexed on.
+    pub fn keys(&self) -> &[KeySpec] {
+        &self.keys
+    }
+
+    /// Each key's columns and the memory its index holds in `snapshot`.
+    pub fn index_status(&self, snapshot: Option<&Snapshot>) -> Vec<crate::dataset::IndexStatus> {
+        self.keys
+            .iter()
+            .zip(self.key_names())
+            .map(|(key, columns)| crate::dataset::IndexStatus {
+                columns,
+                bytes: snapshot.and_then(|s| s.index_on(&key.columns)).map_or(0, KeyIndex::bytes),
+            })
+            .collect()
+    }
+
+    /// The same keys as column names.
+    pub fn key_names(&self) -> Vec<Vec<String>> {
+        self.keys.iter().map(|k| k.columns.iter().map(|&c| self.schema.field(c).name().clone()).collect()).collect()
+    }
+
+    pub fn schema_ref(&self) -> &SchemaRef {
+        &self.schema
     }
 
     /// The snapshot queries read now, if the first load has finished.
@@ -185,8 +250,17 @@ impl AcceleratedTable {
         self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Publishes a new snapshot atomically.
-    pub fn swap(&self, snapshot: Snapshot) -> Arc<Snapshot> {
+    /// Publishes a new snapshot atomically, indexed on the table's keys first (an index
+    /// is copied and extended from the current snapshot's when the new one only appended).
+    pub fn swap(&self, mut snapshot: Snapshot) -> Arc<Snapshot> {
+        if !self.keys.is_empty() {
+            let previous = self.snapshot();
+            let previous = previous.as_deref().map(|p| (p.batches.as_slice(), p.indexes.as_slice()));
+            match crate::key_index::indexes_for(&self.keys, &snapshot.batches, previous) {
+                Ok(indexes) => snapshot.indexes = indexes,
+                Err(err) => tracing::warn!(dataset = %self.name, error = %err, "serving without its indexes"),
+            }
+        }
         let snapshot = Arc::new(snapshot);
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&snapshot));
         self.changes.send_replace(snapshot.version);
@@ -248,13 +322,23 @@ pub fn memory_scan(
     projection: Option<&Vec<usize>>,
     limit: Option<usize>,
 ) -> DfResult<Arc<dyn ExecutionPlan>> {
+    let source = memory_source(state, schema, batches, projection, limit)?;
+    Ok(datafusion::datasource::source::DataSourceExec::from_data_source(source))
+}
+
+fn memory_source(
+    state: &dyn Session,
+    schema: &SchemaRef,
+    batches: &[RecordBatch],
+    projection: Option<&Vec<usize>>,
+    limit: Option<usize>,
+) -> DfResult<MemorySourceConfig> {
     let partitions = state.config().target_partitions().max(1).min(batches.len().max(1));
     let mut parts: Vec<Vec<RecordBatch>> = vec![Vec::new(); partitions];
     for (i, batch) in batches.iter().enumerate() {
         parts[i % partitions].push(batch.clone());
     }
-    let source = MemorySourceConfig::try_new(&parts, Arc::clone(schema), projection.cloned())?.with_limit(limit);
-    Ok(datafusion::datasource::source::DataSourceExec::from_data_source(source))
+    Ok(MemorySourceConfig::try_new(&parts, Arc::clone(schema), projection.cloned())?.with_limit(limit))
 }
 
 #[cfg(test)]

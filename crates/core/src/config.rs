@@ -243,6 +243,10 @@ pub struct ReplicaConfig {
     pub max_staleness: Option<Duration>,
     #[serde(default)]
     pub on_stale: OnStale,
+    /// Keys to index in the local copy, besides those the platform indexes (which it
+    /// lists in its catalog and every replica indexes too).
+    #[serde(default)]
+    pub indexes: Vec<IndexKey>,
 }
 
 /// What a query gets from a copy older than `max_staleness`.
@@ -582,7 +586,11 @@ pub struct AccelerationConfig {
     /// arrive late with an older or equal timestamp are not missed; duplicates are dropped.
     pub append_overlap: Duration,
     /// Columns that identify a row, for de-duplicating the append overlap. Empty: the whole row.
+    /// Also indexed, like an entry of `indexes`.
     pub primary_key: Vec<String>,
+    /// Keys to keep a hash index on, each a column or a list of columns: a query that
+    /// selects the rows whose key equals given values is answered from the index.
+    pub indexes: Vec<IndexKey>,
     /// Rows older than this (by `time_column`) are dropped from the copy.
     pub retention: Option<Duration>,
     pub on_refresh_error: OnRefreshError,
@@ -605,6 +613,8 @@ struct RawAcceleration {
     append_overlap: Option<Duration>,
     #[serde(default)]
     primary_key: Vec<String>,
+    #[serde(default)]
+    indexes: Vec<IndexKey>,
     #[serde(default, with = "opt_duration")]
     retention: Option<Duration>,
     #[serde(default)]
@@ -636,10 +646,51 @@ impl TryFrom<RawAcceleration> for AccelerationConfig {
             time_column: raw.time_column,
             append_overlap: raw.append_overlap.unwrap_or(Duration::ZERO),
             primary_key: raw.primary_key,
+            indexes: raw.indexes,
             retention: raw.retention,
             on_refresh_error: raw.on_refresh_error,
         })
     }
+}
+
+/// The key of one index: `id`, or `[region, id]` for several columns.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum IndexKey {
+    Column(String),
+    Columns(Vec<String>),
+}
+
+impl IndexKey {
+    pub fn columns(&self) -> Vec<String> {
+        match self {
+            Self::Column(c) => vec![c.clone()],
+            Self::Columns(c) => c.clone(),
+        }
+    }
+}
+
+impl AccelerationConfig {
+    /// Every key to index with where it is declared (for messages): the primary key, if
+    /// any, then `indexes`, each once.
+    pub fn index_keys(&self, dataset: &str) -> Vec<(String, Vec<String>)> {
+        let mut keys: Vec<(String, Vec<String>)> = Vec::new();
+        if !self.primary_key.is_empty() {
+            keys.push((format!("datasets (`{dataset}`).acceleration.primary_key"), self.primary_key.clone()));
+        }
+        for (i, key) in self.indexes.iter().enumerate() {
+            let columns = key.columns();
+            if !keys.iter().any(|(_, k)| same_columns(k, &columns)) {
+                keys.push((format!("datasets (`{dataset}`).acceleration.indexes[{i}]"), columns));
+            }
+        }
+        keys
+    }
+}
+
+/// The same column names in any order (case-insensitively, as SQL resolves them).
+pub fn same_columns(a: &[String], b: &[String]) -> bool {
+    a.len() == b.len() && a.iter().all(|x| b.iter().any(|y| x.eq_ignore_ascii_case(y)))
 }
 
 /// Where an accelerated copy lives. Only in-memory Arrow for now.

@@ -51,6 +51,17 @@ pub struct DatasetStatus {
     /// The load, refresh or snapshot running now, how far it got.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub progress: Option<crate::progress::ProgressReport>,
+    /// The keys the copy is indexed on, with the memory each index holds.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub indexes: Vec<IndexStatus>,
+}
+
+/// One index of an accelerated copy.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct IndexStatus {
+    pub columns: Vec<String>,
+    /// Memory it holds (0 until the first load).
+    pub bytes: usize,
 }
 
 /// How a replica keeps up with its upstream.
@@ -187,8 +198,21 @@ impl Dataset {
                 return Err(err);
             }
         };
-        let provider: Arc<dyn TableProvider> = if self.config.accelerated().is_some() {
-            let table = Arc::new(AcceleratedTable::new(self.name(), source.schema()));
+        let provider: Arc<dyn TableProvider> = if let Some(acc) = self.config.accelerated() {
+            let schema = source.schema();
+            let keys = acc
+                .index_keys(self.name())
+                .iter()
+                .map(|(what, columns)| crate::key_index::KeySpec::resolve(columns, &schema, what))
+                .collect::<Result<Vec<_>>>();
+            let keys = match keys {
+                Ok(keys) => keys,
+                Err(err) => {
+                    self.record_error(&err);
+                    return Err(err);
+                }
+            };
+            let table = Arc::new(AcceleratedTable::new(self.name(), schema).with_indexes(keys));
             *lock(&self.accelerated) = Some(Arc::clone(&table));
             table
         } else {
@@ -362,6 +386,7 @@ impl Dataset {
             refresh_seconds_total: p.refresh_seconds_total,
             replication: None,
             progress: self.work.report(),
+            indexes: self.accelerated_table().map(|t| t.index_status(snapshot.as_deref())).unwrap_or_default(),
         }
     }
 

@@ -80,6 +80,8 @@ struct Inner {
     tenant_contexts: std::sync::Mutex<std::collections::HashMap<String, Arc<datafusion::execution::TaskContext>>>,
     /// Tenants and their grants (enforced when `auth:` is configured).
     tenancy: crate::auth::Tenancy,
+    /// Queries answered from an index by the key-lookup fast path.
+    index_lookups: std::sync::atomic::AtomicU64,
 }
 
 /// A planned query: its logical plan and what a client needs before executing it.
@@ -146,6 +148,7 @@ impl Engine {
                 task_ctx: ctx.task_ctx(),
                 tenant_contexts: Default::default(),
                 tenancy: crate::auth::Tenancy::new(config.auth.as_ref(), &config.tenants),
+                index_lookups: std::sync::atomic::AtomicU64::new(0),
                 ctx,
             }),
         })
@@ -231,13 +234,14 @@ impl Engine {
                 let snapshot = d.snapshot();
                 Some(CatalogEntry {
                     name: d.name().to_string(),
-                    schema,
                     home_region: self.inner.region.clone(),
                     version: snapshot.as_ref().map_or(0, |s| s.version),
                     rows: snapshot.as_ref().map_or(0, |s| s.rows as u64),
                     refreshed_at: snapshot.as_ref().map(|s| s.refreshed_at),
                     accelerated: d.config.accelerated().is_some(),
                     writable: Some(self.inner.ingest.accepts(d.name())),
+                    indexes: d.accelerated_table().map(|t| t.key_names()).unwrap_or_default(),
+                    schema,
                 })
             })
             .collect();
@@ -265,6 +269,11 @@ impl Engine {
     /// The results cache, if on: (bytes held, entries).
     pub fn results_cache_size(&self) -> Option<(u64, u64)> {
         self.inner.results.as_ref().map(|c| (c.bytes(), c.entries()))
+    }
+
+    /// Queries answered from an index without planning them physically (metrics).
+    pub fn index_lookups(&self) -> u64 {
+        self.inner.index_lookups.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Plans in the plan cache: one per SQL text, or per shape for literal SQL (metrics).

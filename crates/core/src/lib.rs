@@ -12,6 +12,8 @@ pub mod engine;
 pub mod error;
 mod ingest;
 pub mod ipc;
+pub mod key_index;
+pub mod key_lookup;
 mod parameterize;
 pub mod pem;
 mod placeholders;

@@ -263,6 +263,8 @@ pub struct CatalogEntry {
     pub accelerated: bool,
     /// Whether it accepts edge writes; `None` when the tier that listed it did not say.
     pub writable: Option<bool>,
+    /// The keys its accelerated copy is indexed on, as column names.
+    pub indexes: Vec<Vec<String>>,
 }
 
 /// Names of the tables a plan scans, lower-cased, without catalog/schema when it is the default.

@@ -13,7 +13,8 @@ use std::sync::{Arc, OnceLock};
 use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, UInt64Array};
 use arrow::datatypes::{DataType, SchemaRef};
 use datafusion::catalog::Session;
-use datafusion::common::{Column, DFSchema, ScalarValue, pruning::PruningStatistics};
+use datafusion::common::stats::Precision;
+use datafusion::common::{Column, ColumnStatistics, DFSchema, ScalarValue, pruning::PruningStatistics};
 use datafusion::functions_aggregate::min_max::{MaxAccumulator, MinAccumulator};
 use datafusion::logical_expr::{Accumulator, Expr, utils::conjunction};
 use datafusion::physical_optimizer::pruning::PruningPredicateBuilder;
@@ -70,6 +71,8 @@ pub struct ZoneMaps {
     /// Zones of leading batches, known from the snapshot this one appended to.
     known: Vec<Arc<BatchZone>>,
     built: OnceLock<Built>,
+    /// The whole snapshot's column statistics, folded once.
+    table: OnceLock<Arc<Vec<ColumnStatistics>>>,
 }
 
 #[derive(Debug)]
@@ -83,7 +86,7 @@ struct Built {
 impl ZoneMaps {
     /// Zone maps whose leading batches are described by `known`.
     pub fn new(known: &[Arc<BatchZone>]) -> Self {
-        Self { known: known.to_vec(), built: OnceLock::new() }
+        Self { known: known.to_vec(), built: OnceLock::new(), table: OnceLock::new() }
     }
 
     /// The per-batch zones computed so far, to carry over into a snapshot that appends.
@@ -119,6 +122,59 @@ impl ZoneMaps {
             let rows = Arc::new(UInt64Array::from_iter_values(zones.iter().map(|z| z.rows)));
             Built { zones, columns, rows }
         })
+    }
+
+    /// Per column of `schema`, the min and max of the batches `keep` marks (every batch when
+    /// `None`), folded from their zones: what a scan reports to the planner, which
+    /// estimates join sizes from them and so picks a join's build side as it does over
+    /// Parquet (whose footers carry the same bounds). Inexact, since a scan may stop early.
+    /// Null counts and distinct counts are left to the scan (it counts nulls exactly).
+    pub fn column_statistics(
+        &self,
+        schema: &SchemaRef,
+        batches: &[RecordBatch],
+        keep: Option<&[bool]>,
+    ) -> Arc<Vec<ColumnStatistics>> {
+        if keep.is_none_or(|k| k.iter().all(|b| *b))
+            && let Some(table) = self.table.get()
+        {
+            return Arc::clone(table);
+        }
+        let built = self.built(schema, batches);
+        let mask = keep.filter(|k| k.len() == built.zones.len()).map(|k| BooleanArray::from(k.to_vec()));
+        let fold = |side: &Option<ArrayRef>, accumulator: Option<Box<dyn Accumulator>>| -> Precision<ScalarValue> {
+            let (Some(values), Some(mut accumulator)) = (side, accumulator) else { return Precision::Absent };
+            let values = match &mask {
+                Some(mask) => match arrow::compute::filter(values, mask) {
+                    Ok(kept) => kept,
+                    Err(_) => return Precision::Absent,
+                },
+                None => Arc::clone(values),
+            };
+            match accumulator.update_batch(&[values]).and_then(|_| accumulator.evaluate()) {
+                Ok(value) if !value.is_null() => Precision::Inexact(value),
+                _ => Precision::Absent,
+            }
+        };
+        let statistics: Vec<ColumnStatistics> = schema
+            .fields()
+            .iter()
+            .zip(&built.columns)
+            .map(|(field, (min, max, _))| {
+                let data_type = field.data_type();
+                let min_acc = MinAccumulator::try_new(data_type).ok().map(|a| Box::new(a) as Box<dyn Accumulator>);
+                let max_acc = MaxAccumulator::try_new(data_type).ok().map(|a| Box::new(a) as Box<dyn Accumulator>);
+                let mut column = ColumnStatistics::new_unknown();
+                column.min_value = fold(min, min_acc);
+                column.max_value = fold(max, max_acc);
+                column
+            })
+            .collect();
+        let statistics = Arc::new(statistics);
+        if mask.is_none() {
+            let _ = self.table.set(Arc::clone(&statistics));
+        }
+        statistics
     }
 
     /// Which of `batches` may hold rows matching every one of `filters` (all of them when
@@ -219,6 +275,21 @@ mod tests {
         // Not prunable: every batch is kept.
         assert_eq!(keep((col("id") % lit(2i64)).eq(lit(0i64))), vec![true; 3]);
         assert_eq!(maps.keep(&state, &schema, &data, &[]), vec![true; 3]);
+    }
+
+    #[test]
+    fn column_statistics_fold_the_zones_of_the_kept_batches() {
+        let (schema, data) = batches();
+        let maps = ZoneMaps::new(&[]);
+        let all = maps.column_statistics(&schema, &data, None);
+        assert_eq!(all[0].min_value, Precision::Inexact(ScalarValue::Int64(Some(0))));
+        assert_eq!(all[0].max_value, Precision::Inexact(ScalarValue::Int64(Some(299))));
+        assert_eq!(all[1].min_value, Precision::Inexact(ScalarValue::Utf8(Some("n00001".into()))));
+        assert_eq!(all[1].max_value, Precision::Inexact(ScalarValue::Utf8(Some("n00299".into()))));
+        assert!(Arc::ptr_eq(&all, &maps.column_statistics(&schema, &data, None)), "folded once");
+        let middle = maps.column_statistics(&schema, &data, Some(&[false, true, false]));
+        assert_eq!(middle[0].min_value, Precision::Inexact(ScalarValue::Int64(Some(100))));
+        assert_eq!(middle[0].max_value, Precision::Inexact(ScalarValue::Int64(Some(199))));
     }
 
     #[test]

@@ -155,6 +155,10 @@ impl Metrics {
             let _ = writeln!(out, "strata_results_cache_entries {entries}");
         }
 
+        let _ = writeln!(out, "# HELP strata_index_lookups_total Queries answered from a key index, unplanned.");
+        let _ = writeln!(out, "# TYPE strata_index_lookups_total counter");
+        let _ = writeln!(out, "strata_index_lookups_total {}", engine.index_lookups());
+
         let _ = writeln!(out, "# HELP strata_plan_cache_entries Plans kept by SQL text or shape.");
         let _ = writeln!(out, "# TYPE strata_plan_cache_entries gauge");
         let _ = writeln!(out, "strata_plan_cache_entries {}", engine.cached_plans());

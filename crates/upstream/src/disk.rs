@@ -31,6 +31,10 @@ pub struct Manifest {
     pub home_region: String,
     /// Files of the current version, oldest first.
     pub files: Vec<String>,
+    /// The keys the copy is indexed on, so a restored replica indexes them before the
+    /// platform is reachable (absent from manifests written before indexes existed).
+    #[serde(default)]
+    pub indexes: Vec<Vec<String>>,
 }
 
 /// The directory of one replica, under a root shared by all replicas and bounded in size.
@@ -204,7 +208,14 @@ mod tests {
         let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
         let batch =
             |v: Vec<i64>| RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(v))]).expect("batch");
-        let base = Manifest { epoch: 7, version: 1, refreshed_at_unix_ms: 1, home_region: "eu".into(), files: vec![] };
+        let base = Manifest {
+            epoch: 7,
+            version: 1,
+            refreshed_at_unix_ms: 1,
+            home_region: "eu".into(),
+            files: vec![],
+            indexes: vec![],
+        };
         let (m1, rows) = store.write(&schema, &[batch(vec![1, 2])], base).expect("snapshot");
         assert_eq!(rows, vec![batch(vec![1, 2])]);
         let append = Manifest { version: 2, ..m1.clone() };

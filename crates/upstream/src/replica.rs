@@ -53,19 +53,48 @@ pub struct Replica {
     home_region: String,
 }
 
+/// The keys a replica indexes: the upstream's (one whose columns this copy lacks is
+/// skipped with a warning: the platform may be a newer version) and the config's, which
+/// must resolve (a typo is the operator's to fix).
+fn index_keys(
+    config: &ReplicaConfig,
+    schema: &SchemaRef,
+    upstream: &[Vec<String>],
+) -> Result<Vec<strata_core::key_index::KeySpec>, StrataError> {
+    use strata_core::key_index::KeySpec;
+    let mut keys: Vec<KeySpec> = Vec::new();
+    for columns in upstream {
+        match KeySpec::resolve(columns, schema, &format!("upstream index of `{}`", config.name)) {
+            Ok(key) if !keys.contains(&key) => keys.push(key),
+            Ok(_) => {}
+            Err(err) => tracing::warn!(dataset = %config.name, error = %err, "index not kept in the replica"),
+        }
+    }
+    for (i, columns) in config.indexes.iter().enumerate() {
+        let key = KeySpec::resolve(&columns.columns(), schema, &format!("replicas (`{}`).indexes[{i}]", config.name))?;
+        if !keys.iter().any(|k| k.covers_exactly(&key.columns)) {
+            keys.push(key);
+        }
+    }
+    Ok(keys)
+}
+
 impl Replica {
     /// A replica of a dataset with `schema`; the `where:` predicate must plan against it.
     pub fn new(config: ReplicaConfig, schema: SchemaRef) -> Result<Self, StrataError> {
-        Self::with_store(config, schema, None, String::new())
+        Self::with_store(config, schema, None, String::new(), &[])
     }
 
-    /// A replica kept on disk in `store` (restored from it by [`Replica::restore`]).
+    /// A replica kept on disk in `store` (restored from it by [`Replica::restore`]),
+    /// indexed on `upstream_indexes` (the keys the platform indexes) and its own `indexes:`.
     pub fn with_store(
         config: ReplicaConfig,
         schema: SchemaRef,
         store: Option<DiskStore>,
         home_region: String,
+        upstream_indexes: &[Vec<String>],
     ) -> Result<Self, StrataError> {
+        let keys = index_keys(&config, &schema, upstream_indexes)?;
         let (predicate, predicate_bytes) = match &config.predicate {
             Some(sql) => {
                 let df_schema = DFSchema::try_from(schema.as_ref().clone())?;
@@ -85,7 +114,7 @@ impl Replica {
             last_error: None,
         };
         Ok(Self {
-            table: Arc::new(AcceleratedTable::new(config.name.clone(), schema)),
+            table: Arc::new(AcceleratedTable::new(config.name.clone(), schema).with_indexes(keys)),
             config,
             predicate,
             predicate_bytes,
@@ -308,6 +337,7 @@ impl Replica {
             refreshed_at_unix_ms: made_at.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64,
             home_region: self.home_region.clone(),
             files,
+            indexes: self.table.key_names(),
         };
         let (manifest, mapped) = store.write(schema, &batches, manifest)?;
         *held = Some(manifest);
@@ -340,6 +370,7 @@ impl Replica {
             refresh_seconds_total: 0.0,
             replication: Some(progress.status.clone()),
             progress: self.work.report(),
+            indexes: self.table.index_status(snapshot.as_deref()),
         }
     }
 }
@@ -366,6 +397,7 @@ mod tests {
             max_rate: None,
             max_staleness: None,
             on_stale: Default::default(),
+            indexes: Vec::new(),
         };
         let err = Replica::new(config, schema).err().expect("must fail").to_string();
         assert!(err.contains("orders") && err.contains("nope"), "{err}");

@@ -19,7 +19,7 @@ use futures::{Stream, TryStreamExt};
 use strata_core::StrataError;
 use strata_core::routing::{CatalogEntry, QueryOptions};
 use strata_core::trace_context::{self, TraceParent};
-use strata_proto::v1::{ArrowFrame, DatasetInfo, QueryContext};
+use strata_proto::v1::{ArrowFrame, DatasetInfo, IndexKey, QueryContext};
 
 /// gRPC metadata key naming the [`StrataError`] kind of a failed call, so a downstream tier
 /// can tell "the platform refused the query" from "the platform is unreachable".
@@ -113,6 +113,7 @@ pub fn dataset_info(entry: &CatalogEntry) -> Result<DatasetInfo, StrataError> {
         refreshed_at_unix_ms: entry.refreshed_at.map_or(0, |t| millis_since_epoch(t) as i64),
         accelerated: entry.accelerated,
         writable: entry.writable,
+        indexes: entry.indexes.iter().map(|columns| IndexKey { columns: columns.clone() }).collect(),
     })
 }
 
@@ -130,6 +131,7 @@ pub fn catalog_entry(info: &DatasetInfo) -> Result<CatalogEntry, StrataError> {
         refreshed_at: (info.refreshed_at_unix_ms > 0).then(|| from_millis(info.refreshed_at_unix_ms as u64)),
         accelerated: info.accelerated,
         writable: info.writable,
+        indexes: info.indexes.iter().map(|key| key.columns.clone()).collect(),
     })
 }
 

@@ -26,6 +26,9 @@ struct Args {
     /// Spell the key into the SQL text instead of binding it as a parameter.
     #[arg(long)]
     literal: bool,
+    /// Declare `id` as the table's primary key, so lookups are answered from its index.
+    #[arg(long)]
+    indexed: bool,
 }
 
 /// Lookups before the counted ones, so plans and caches are warm in both runs alike.
@@ -41,8 +44,9 @@ async fn main() -> anyhow::Result<()> {
     write_table(&path, args.rows)?;
     let config = strata_core::Config::parse(
         &format!(
-            "region: eu\ndatasets:\n  - name: points\n    from: file:{}\n    acceleration: {{}}\n",
-            path.display()
+            "region: eu\ndatasets:\n  - name: points\n    from: file:{}\n    acceleration: {{primary_key: [{}]}}\n",
+            path.display(),
+            if args.indexed { "id" } else { "" }
         ),
         "strata-instructions",
     )?;
@@ -64,6 +68,9 @@ async fn main() -> anyhow::Result<()> {
         }
         anyhow::ensure!(rows == 1, "lookup of {key} returned {rows} rows");
     }
+    let from_index = engine.index_lookups() as usize;
+    let expected = if args.indexed { WARMUP + args.lookups } else { 0 };
+    anyhow::ensure!(from_index == expected, "{from_index} lookups answered from the index, expected {expected}");
     Ok(())
 }
 

@@ -337,6 +337,18 @@ impl Engine {
             }
         };
         self.add_local_versions(&plan, &mut info);
+        // A lookup by an indexed key: its rows from the index, no running slot to wait for
+        // behind heavy queries, and no results cache (finding the rows costs less).
+        if let Some(lookup) = crate::key_lookup::KeyLookup::recognize(&plan)
+            && let Some(batches) = lookup.answer()
+        {
+            self.inner.index_lookups.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let stream = datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(
+                Arc::clone(lookup.schema()),
+                futures::stream::iter(batches.into_iter().map(Ok)),
+            );
+            return Ok(Started { stream: Box::pin(stream), info, running_slot: None });
+        }
         let running_slot = Arc::clone(&self.inner.running).acquire_owned().await.ok();
         let state = planned.state(self);
         let task_ctx = self.task_context(access)?;

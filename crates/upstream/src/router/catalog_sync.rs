@@ -121,6 +121,7 @@ impl TierRouter {
                 refreshed_at: Some(std::time::UNIX_EPOCH + Duration::from_millis(manifest.refreshed_at_unix_ms)),
                 accelerated: true,
                 writable: None,
+                indexes: manifest.indexes.clone(),
             };
             let table = UpstreamTable::new(
                 entry.name.clone(),
@@ -137,7 +138,13 @@ impl TierRouter {
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(name.clone(), Remote { entry: entry.clone(), upstream: default });
-            match Replica::with_store(config.clone(), schema, Some(store), manifest.home_region.clone()) {
+            match Replica::with_store(
+                config.clone(),
+                schema,
+                Some(store),
+                manifest.home_region.clone(),
+                &manifest.indexes,
+            ) {
                 Ok(replica) => {
                     let replica = Arc::new(replica);
                     replica.restore(manifest, batches);
@@ -180,6 +187,7 @@ impl TierRouter {
             Arc::clone(&entry.schema),
             self.store(name),
             entry.home_region.clone(),
+            &entry.indexes,
         ) {
             Ok(r) => Arc::new(r),
             Err(err) => {

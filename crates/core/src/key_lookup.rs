@@ -1,0 +1,271 @@
+//! The key-lookup fast path: a query that only selects columns of the rows of one
+//! accelerated table whose indexed key equals given values is answered from the index,
+//! without physical planning or execution (which cost a lookup ten times what finding
+//! and copying its rows does).
+//!
+//! It recognizes the optimized, bound logical plan, not the SQL, so every spelling that
+//! plans the same way takes it (`k = $1`, `$1 = k`, literal keys, aliases, `LIMIT`), and
+//! anything it does not recognize exactly (another predicate, an expression in the select
+//! list, a join, an edge's unconfirmed writes on top of the replica) takes the general path.
+//! Answers are the general path's rows, in table order, in the plan's schema.
+
+use std::sync::Arc;
+
+use arrow::array::{RecordBatch, UInt32Array};
+use arrow::datatypes::SchemaRef;
+use datafusion::catalog::TableProvider;
+use datafusion::common::{Column, DFSchema, ScalarValue};
+use datafusion::datasource::source_as_provider;
+use datafusion::logical_expr::utils::split_conjunction;
+use datafusion::logical_expr::{BinaryExpr, Expr, FetchType, LogicalPlan, Operator, SkipType};
+
+use crate::accelerator::AcceleratedTable;
+
+/// A plan recognized as a key lookup.
+pub struct KeyLookup {
+    provider: Arc<dyn TableProvider>,
+    /// (column in the table's schema, the value it must equal).
+    key: Vec<(usize, ScalarValue)>,
+    /// The table's columns the answer holds, in order.
+    output: Vec<usize>,
+    schema: SchemaRef,
+    skip: usize,
+    fetch: Option<usize>,
+}
+
+impl KeyLookup {
+    /// `plan` as a key lookup, if it is exactly one (see the module's doc).
+    pub fn recognize(plan: &LogicalPlan) -> Option<Self> {
+        let mut node = plan;
+        let (mut limit, mut projection) = (None, None);
+        // Above the filter: at most one LIMIT and one projection, and aliases, in any order.
+        // None of them moves a column: every schema down to the filter's orders its
+        // columns as the filter's input does.
+        loop {
+            match node {
+                LogicalPlan::Limit(l) if limit.is_none() => {
+                    let SkipType::Literal(skip) = l.get_skip_type().ok()? else { return None };
+                    let FetchType::Literal(fetch) = l.get_fetch_type().ok()? else { return None };
+                    limit = Some((skip, fetch));
+                    node = &l.input;
+                }
+                LogicalPlan::Projection(p) if projection.is_none() => {
+                    projection = Some((&p.expr, p.input.schema()));
+                    node = &p.input;
+                }
+                LogicalPlan::SubqueryAlias(alias) => node = &alias.input,
+                _ => break,
+            }
+        }
+        let LogicalPlan::Filter(filter) = node else { return None };
+        let rows_schema = filter.input.schema();
+        let mut below = filter.input.as_ref();
+        while let LogicalPlan::SubqueryAlias(alias) = below {
+            below = &alias.input;
+        }
+        let LogicalPlan::TableScan(scan) = below else { return None };
+        if scan.fetch.is_some() {
+            return None;
+        }
+        // A column of the rows of `schema` (the filter's input, or a schema above it that
+        // orders its columns alike), as a position in the table's schema.
+        let table_column = |column: &Column, schema: &DFSchema| -> Option<usize> {
+            let position = index_of(schema, column)?;
+            scan.projection.as_ref().map_or(Some(position), |p| p.get(position).copied())
+        };
+        let mut key = Vec::new();
+        for conjunct in split_conjunction(&filter.predicate) {
+            let Expr::BinaryExpr(BinaryExpr { left, op: Operator::Eq, right }) = conjunct else { return None };
+            let (column, value) = match (left.as_ref(), right.as_ref()) {
+                (Expr::Column(c), Expr::Literal(v, _)) | (Expr::Literal(v, _), Expr::Column(c)) => (c, v),
+                _ => return None,
+            };
+            let column = table_column(column, rows_schema)?;
+            if key.iter().any(|(c, _)| *c == column) {
+                return None;
+            }
+            key.push((column, value.clone()));
+        }
+        let output = match projection {
+            Some((exprs, input)) => exprs
+                .iter()
+                .map(|e| match e {
+                    Expr::Column(c) => table_column(c, input),
+                    Expr::Alias(alias) => match alias.expr.as_ref() {
+                        Expr::Column(c) => table_column(c, input),
+                        _ => None,
+                    },
+                    _ => None,
+                })
+                .collect::<Option<Vec<usize>>>()?,
+            None => (0..rows_schema.fields().len())
+                .map(|p| table_column(&Column::from(rows_schema.qualified_field(p)), rows_schema))
+                .collect::<Option<_>>()?,
+        };
+        let schema = Arc::clone(plan.schema().inner());
+        if schema.fields().len() != output.len() {
+            return None;
+        }
+        let provider = source_as_provider(&scan.source).ok()?;
+        provider.downcast_ref::<AcceleratedTable>()?;
+        let (skip, fetch) = limit.unwrap_or((0, None));
+        Some(Self { provider, key, output, schema, skip, fetch })
+    }
+
+    /// The answer from the table's current snapshot, or `None` when the general path must
+    /// answer (no index on exactly this key, a value of another type than its column, the
+    /// first load not finished: the general path says so properly).
+    pub fn answer(&self) -> Option<Vec<RecordBatch>> {
+        let table = self.provider.downcast_ref::<AcceleratedTable>()?;
+        let snapshot = table.snapshot()?;
+        let columns: Vec<usize> = self.key.iter().map(|(c, _)| *c).collect();
+        let index = snapshot.index_on(&columns)?;
+        let fields = table.schema_ref().fields();
+        let mut values = Vec::with_capacity(columns.len());
+        for column in &index.spec().columns {
+            let (_, value) = self.key.iter().find(|(c, _)| c == column)?;
+            if value.data_type() != *fields[*column].data_type() && !value.is_null() {
+                return None;
+            }
+            values.push(value.clone());
+        }
+        let found = index.find(&snapshot.batches, &values).ok()?;
+        let end = self.fetch.map_or(found.len(), |f| self.skip.saturating_add(f).min(found.len()));
+        let found = found.get(self.skip.min(end)..end).unwrap_or_default();
+        let mut answer = Vec::new();
+        for group in found.chunk_by(|a, b| a.0 == b.0) {
+            let batch = &snapshot.batches[group[0].0];
+            let rows = UInt32Array::from_iter_values(group.iter().map(|(_, row)| *row as u32));
+            let columns = self
+                .output
+                .iter()
+                .map(|&c| arrow::compute::take(batch.column(c).as_ref(), &rows, None))
+                .collect::<Result<Vec<_>, _>>()
+                .ok()?;
+            answer.push(RecordBatch::try_new(Arc::clone(&self.schema), columns).ok()?);
+        }
+        Some(answer)
+    }
+
+    pub fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+}
+
+/// Where `column` is in `schema`: by qualified name, or by name alone when it is unqualified.
+fn index_of(schema: &DFSchema, column: &Column) -> Option<usize> {
+    schema.index_of_column(column).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::accelerator::Snapshot;
+    use crate::key_index::KeySpec;
+    use arrow::array::{Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::prelude::SessionContext;
+
+    async fn setup(indexed: bool) -> SessionContext {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("grp", DataType::Int64, false),
+            Field::new("v", DataType::Utf8, true),
+        ]));
+        let batches: Vec<RecordBatch> = (0..4)
+            .map(|b| {
+                let ids: Vec<i64> = (b * 50..b * 50 + 50).collect();
+                RecordBatch::try_new(
+                    Arc::clone(&schema),
+                    vec![
+                        Arc::new(Int64Array::from_iter_values(ids.iter().copied())),
+                        Arc::new(Int64Array::from_iter_values(ids.iter().map(|i| i % 7))),
+                        Arc::new(StringArray::from_iter(ids.iter().map(|i| (i % 5 != 0).then(|| format!("v{i}"))))),
+                    ],
+                )
+                .expect("batch")
+            })
+            .collect();
+        let mut keys = Vec::new();
+        if indexed {
+            keys.push(KeySpec::resolve(&["id".into()], &schema, "t").expect("id"));
+            keys.push(KeySpec::resolve(&["grp".into()], &schema, "t").expect("grp"));
+        }
+        let table = AcceleratedTable::new("t", Arc::clone(&schema)).with_indexes(keys);
+        table.swap(Snapshot::new(batches, 1));
+        let ctx = SessionContext::new();
+        ctx.register_table("t", Arc::new(table)).expect("register");
+        ctx
+    }
+
+    async fn optimized(ctx: &SessionContext, sql: &str) -> LogicalPlan {
+        ctx.sql(sql).await.expect("plan").into_optimized_plan().expect("optimize")
+    }
+
+    #[tokio::test]
+    async fn recognizes_lookups_by_key_and_nothing_else() {
+        let ctx = setup(true).await;
+        for sql in [
+            "SELECT v FROM t WHERE id = 7",
+            "SELECT * FROM t WHERE 7 = id",
+            "SELECT v AS value, id FROM t AS x WHERE x.id = 7 LIMIT 3",
+            "SELECT v FROM t WHERE grp = 3 LIMIT 2 OFFSET 1",
+        ] {
+            let plan = optimized(&ctx, sql).await;
+            assert!(KeyLookup::recognize(&plan).is_some(), "{sql}\n{}", plan.display_indent());
+        }
+        for sql in [
+            "SELECT v FROM t WHERE id = 7 AND v = 'x'",
+            "SELECT upper(v) FROM t WHERE id = 7",
+            "SELECT v FROM t WHERE id > 7",
+            "SELECT v FROM t WHERE id = 7 OR id = 8",
+            "SELECT count(*) FROM t WHERE id = 7",
+            "SELECT v FROM t WHERE id = 7 ORDER BY v",
+            "SELECT id FROM t WHERE grp = 3 LIMIT 0",
+        ] {
+            let plan = optimized(&ctx, sql).await;
+            assert!(KeyLookup::recognize(&plan).and_then(|l| l.answer()).is_none(), "{sql}");
+        }
+    }
+
+    /// The rows of `batches` sorted by their first column (`id`), for answers whose order
+    /// SQL leaves open (several rows without ORDER BY).
+    fn sorted(schema: &SchemaRef, batches: &[RecordBatch]) -> RecordBatch {
+        let all = arrow::compute::concat_batches(schema, batches).expect("concat");
+        if all.num_rows() == 0 {
+            return all;
+        }
+        let order = arrow::compute::sort_to_indices(all.column(0), None, None).expect("sort");
+        arrow::compute::take_record_batch(&all, &order).expect("take")
+    }
+
+    #[tokio::test]
+    async fn answers_equal_the_general_path() {
+        let ctx = setup(true).await;
+        for sql in [
+            "SELECT v FROM t WHERE id = 7",
+            "SELECT v FROM t WHERE id = 10",
+            "SELECT * FROM t WHERE id = 199",
+            "SELECT id, v AS value FROM t AS x WHERE x.id = 7 LIMIT 3",
+            "SELECT id, v FROM t WHERE grp = 3",
+            "SELECT v FROM t WHERE id = 1000",
+        ] {
+            let plan = optimized(&ctx, sql).await;
+            let fast = KeyLookup::recognize(&plan).and_then(|l| l.answer()).expect(sql);
+            let general = ctx.sql(sql).await.expect("plan").collect().await.expect("run");
+            assert_eq!(sorted(plan.schema().inner(), &fast), sorted(plan.schema().inner(), &general), "{sql}");
+        }
+        // LIMIT without ORDER BY may return any of the rows: as many, all of them matching.
+        let plan = optimized(&ctx, "SELECT id FROM t WHERE grp = 3 LIMIT 4 OFFSET 2").await;
+        let fast =
+            sorted(plan.schema().inner(), &KeyLookup::recognize(&plan).and_then(|l| l.answer()).expect("answer"));
+        assert_eq!(fast.num_rows(), 4);
+        let ids = fast.column(0).as_any().downcast_ref::<Int64Array>().expect("ids");
+        assert!(ids.iter().all(|id| id.is_some_and(|id| id % 7 == 3)), "{ids:?}");
+
+        // Without an index on the key, the general path answers.
+        let plain = setup(false).await;
+        let plan = optimized(&plain, "SELECT v FROM t WHERE id = 7").await;
+        assert!(KeyLookup::recognize(&plan).expect("shape").answer().is_none());
+    }
+}
