@@ -22,5 +22,6 @@ mod status;
 mod tiers;
 mod tls;
 mod tpch;
+mod tpch_plans;
 mod tpch_tiers;
 mod traces;

@@ -305,13 +305,31 @@ impl TableProvider for AcceleratedTable {
             reason: "its first load has not finished".into(),
         })?;
         if filters.is_empty() {
-            return memory_scan(state, &self.schema, &snapshot.batches, projection, limit);
+            let bounds = snapshot.zones.column_statistics(&self.schema, &snapshot.batches, None);
+            return bounded_scan(state, &self.schema, &snapshot.batches, projection, limit, bounds);
         }
         let keep = snapshot.zones.keep(state, &self.schema, &snapshot.batches, filters);
+        let bounds = snapshot.zones.column_statistics(&self.schema, &snapshot.batches, Some(&keep));
         let kept: Vec<RecordBatch> =
             snapshot.batches.iter().zip(keep).filter(|(_, keep)| *keep).map(|(b, _)| b.clone()).collect();
-        memory_scan(state, &self.schema, &kept, projection, limit)
+        bounded_scan(state, &self.schema, &kept, projection, limit, bounds)
     }
+}
+
+/// [`memory_scan`] that reports the columns' bounds to the planner (see
+/// [`crate::scan_statistics`]).
+fn bounded_scan(
+    state: &dyn Session,
+    schema: &SchemaRef,
+    batches: &[RecordBatch],
+    projection: Option<&Vec<usize>>,
+    limit: Option<usize>,
+    bounds: Arc<Vec<datafusion::common::ColumnStatistics>>,
+) -> DfResult<Arc<dyn ExecutionPlan>> {
+    let source = memory_source(state, schema, batches, projection, limit)?;
+    Ok(datafusion::datasource::source::DataSourceExec::from_data_source(
+        crate::scan_statistics::BoundedMemorySource::new(source, bounds),
+    ))
 }
 
 /// A scan over batches held in memory, spread round-robin so every core gets a share.

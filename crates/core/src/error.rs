@@ -262,9 +262,14 @@ fn classify(err: DataFusionError) -> StrataError {
             other => other,
         },
         DataFusionError::Diagnostic(_, inner) => classify(*inner),
-        DataFusionError::Shared(inner) => classify(
-            std::sync::Arc::try_unwrap(inner).unwrap_or_else(|arc| DataFusionError::Execution(arc.to_string())),
-        ),
+        // Shared by several partitions: owned when this is the last holder, else read.
+        DataFusionError::Shared(inner) => match std::sync::Arc::try_unwrap(inner) {
+            Ok(owned) => classify(owned),
+            Err(shared) => match shared.find_root() {
+                DataFusionError::ResourcesExhausted(msg) => classify(DataFusionError::ResourcesExhausted(msg.clone())),
+                _ => StrataError::Execution(shared.strip_backtrace()),
+            },
+        },
         DataFusionError::External(inner) => match inner.downcast::<StrataError>() {
             Ok(strata) => *strata,
             Err(other) => match other.downcast::<DataFusionError>() {
@@ -306,6 +311,17 @@ mod tests {
             assert_eq!(carried.kind(), *kind, "{carried}");
         }
         assert_eq!(StrataError::from_kind("from_a_newer_peer", "x".into()).kind(), ErrorKind::Execution);
+    }
+
+    #[test]
+    fn memory_exhausted_in_an_error_shared_by_partitions_stays_a_resource_error() {
+        let root = std::sync::Arc::new(DataFusionError::ResourcesExhausted(
+            "Memory Exhausted while SpillPool (DiskManager is disabled)".into(),
+        ));
+        let _other_partition = std::sync::Arc::clone(&root);
+        let err = StrataError::from(DataFusionError::Shared(root));
+        assert_eq!(err.kind(), ErrorKind::ResourcesExhausted, "{err}");
+        assert!(err.to_string().contains("(limits.memory_limit)"), "{err}");
     }
 
     #[test]

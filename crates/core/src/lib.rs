@@ -26,6 +26,7 @@ pub mod read_only;
 pub mod refresh;
 pub mod results_cache;
 pub mod routing;
+pub mod scan_statistics;
 pub mod sink;
 pub mod source;
 mod source_tls;

@@ -76,6 +76,9 @@ pub(crate) struct StreamLimits {
     pub max_rows: u64,
     /// The setting `max_rows` comes from, named in the error.
     pub rows_limit: String,
+    /// The memory limits the query runs under besides `limits.memory_limit` (its tenants'),
+    /// named when an operator fails for memory without saying which pool refused it.
+    pub tenant_memory_limits: Vec<String>,
     /// A query that takes longer is logged at `info` with its SQL; others at `debug` only
     /// (one line per query would cost more than a lookup's execution at high rates).
     pub slow_query: Duration,
@@ -90,6 +93,7 @@ pub struct QueryStream {
     timeout: Duration,
     max_rows: u64,
     rows_limit: String,
+    tenant_memory_limits: Vec<String>,
     slow_query: Duration,
     rows: u64,
     bytes: u64,
@@ -135,6 +139,7 @@ impl QueryStream {
             timeout: limits.timeout,
             max_rows: limits.max_rows,
             rows_limit: limits.rows_limit,
+            tenant_memory_limits: limits.tenant_memory_limits,
             slow_query: limits.slow_query,
             rows: 0,
             bytes: 0,
@@ -201,6 +206,28 @@ impl QueryStream {
     }
 }
 
+/// `err` naming `tenant_limits` too when it is a memory failure that names only
+/// `limits.memory_limit`: an operator that could not spill (no disk) reports no pool, so
+/// the tenant's limit may be the one that refused it.
+pub(crate) fn name_memory_limits(err: StrataError, tenant_limits: &[String]) -> StrataError {
+    const SHARED: &str = "(limits.memory_limit)";
+    if tenant_limits.is_empty() {
+        return err;
+    }
+    let named =
+        |msg: String| msg.replacen(SHARED, &format!("({} or limits.memory_limit)", tenant_limits.join(", ")), 1);
+    match err {
+        StrataError::ResourcesExhausted(msg) if msg.contains(SHARED) => StrataError::ResourcesExhausted(named(msg)),
+        // The same failure as the results cache hands it to every query that waited on it.
+        StrataError::Remote { kind: crate::error::ErrorKind::ResourcesExhausted, message }
+            if message.contains(SHARED) =>
+        {
+            StrataError::Remote { kind: crate::error::ErrorKind::ResourcesExhausted, message: named(message) }
+        }
+        err => err,
+    }
+}
+
 impl Stream for QueryStream {
     type Item = Result<RecordBatch, StrataError>;
 
@@ -225,7 +252,7 @@ impl Stream for QueryStream {
                 Poll::Ready(Some(Ok(batch)))
             }
             Poll::Ready(Some(Err(err))) => {
-                let err = StrataError::from(err);
+                let err = name_memory_limits(StrataError::from(err), &this.tenant_memory_limits);
                 this.finish(Outcome::Error, Some(&err));
                 Poll::Ready(Some(Err(err)))
             }

@@ -63,7 +63,7 @@ fn bounds_of(column: &ArrayRef) -> Option<(ScalarValue, ScalarValue)> {
     Some((min.evaluate().ok()?, max.evaluate().ok()?))
 }
 
-/// The zone maps of one snapshot, computed on the first filtered scan (a copy restored
+/// The zone maps of one snapshot, computed on its first scan (a copy restored
 /// from disk is not read whole at start-up for them) and reusing the zones of the snapshot
 /// it appended to.
 #[derive(Debug, Default)]

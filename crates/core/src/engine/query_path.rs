@@ -137,9 +137,12 @@ impl Engine {
                 .instrument(debug_span!("execute"))
                 .await
         };
+        let tenant_memory_limits: Vec<String> =
+            access.memory_budgets().iter().map(|b| format!("tenants.{}.memory_limit", b.tenant())).collect();
         let started = match tokio::time::timeout_at(admission.deadline, start.instrument(span.clone())).await {
             Ok(Ok(started)) => started,
             Ok(Err(err)) => {
+                let err = crate::query::name_memory_limits(err, &tenant_memory_limits);
                 span.in_scope(|| warn!(error = %err, "query rejected"));
                 if let Some(observer) = &observer {
                     observer(Finished::unanswered(Outcome::Error, admission.started.elapsed()));
@@ -167,6 +170,7 @@ impl Engine {
             timeout: admission.budget,
             max_rows,
             rows_limit,
+            tenant_memory_limits,
             slow_query: self.inner.limits.slow_query,
         };
         Ok(QueryStream::new(
@@ -443,7 +447,10 @@ fn runs_as_planned(plan: &dyn ExecutionPlan) -> bool {
     let chain = matches!(plan.name(), "ProjectionExec" | "FilterExec" | "GlobalLimitExec" | "LocalLimitExec");
     match plan.children().as_slice() {
         [child] if chain => runs_as_planned(child.as_ref()),
-        [] => plan.downcast_ref::<DataSourceExec>().is_some_and(|s| s.data_source().is::<MemorySourceConfig>()),
+        [] => plan.downcast_ref::<DataSourceExec>().is_some_and(|s| {
+            s.data_source().is::<MemorySourceConfig>()
+                || s.data_source().is::<crate::scan_statistics::BoundedMemorySource>()
+        }),
         _ => false,
     }
 }
