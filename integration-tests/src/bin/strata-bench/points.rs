@@ -27,9 +27,13 @@ pub struct Points {
     pub uncached: Tier,
     pub sidecar_ready_after: Duration,
     pub ctx: Arc<SessionContext>,
-    /// Strata's engine in this process, accelerating the same Parquet file.
+    /// Strata's engine in this process, accelerating the same Parquet file with `id`
+    /// indexed, as the tiers do.
     pub engine: strata_core::Engine,
     _engine_shutdown: tokio_util::sync::DropGuard,
+    /// The same without the index: lookups planned and executed by DataFusion's operators.
+    pub unindexed: strata_core::Engine,
+    _unindexed_shutdown: tokio_util::sync::DropGuard,
     /// Arrow memory of the table as DataFusion holds it in-process.
     pub arrow_bytes: usize,
     /// The table as a Parquet file (the platforms' source).
@@ -87,10 +91,13 @@ impl Points {
             .await?;
         pg.connect().await.batch_execute("VACUUM ANALYZE points").await?;
 
-        let platform_config = format!(
+        // `id` is the primary key, as in PostgreSQL: the tiers index it (the sidecars because
+        // the platform's catalog says so).
+        let unindexed_config = format!(
             "region: eu\nlimits:\n  max_concurrent_queries: 256\ndatasets:\n  - name: points\n    from: file:{}\n    acceleration: {{}}\n",
             path.display()
         );
+        let platform_config = unindexed_config.replace("acceleration: {}", "acceleration: {primary_key: [id]}");
         let platform = Tier::start("platform-service", &platform_config).await;
         platform.wait_ready(Duration::from_secs(600)).await;
         let started = Instant::now();
@@ -126,11 +133,18 @@ impl Points {
         let engine_shutdown = engine.background().token();
         engine.start();
         tokio::time::timeout(Duration::from_secs(600), engine.wait_ready()).await?;
+        let unindexed =
+            strata_core::Engine::new(&strata_core::Config::parse(&unindexed_config, "strata-bench engine")?)?;
+        let unindexed_shutdown = unindexed.background().token();
+        unindexed.start();
+        tokio::time::timeout(Duration::from_secs(600), unindexed.wait_ready()).await?;
         Ok(Self {
             rows,
             pg,
             engine,
             _engine_shutdown: engine_shutdown.drop_guard(),
+            unindexed,
+            _unindexed_shutdown: unindexed_shutdown.drop_guard(),
             platform,
             sidecar,
             uncached,
@@ -157,7 +171,7 @@ impl Points {
     pub async fn lookup(&self, effort: Effort) -> anyhow::Result<Scenario> {
         let query = Query::Lookup { rows: self.rows };
         let (sidecar, platform) = (self.sidecar.flight_addr, self.platform.flight_addr);
-        let paths: [Path; 11] = [
+        let paths: [Path; 13] = [
             ("tonic unary round trip (floor)", &Floor { addr: platform }),
             ("PostgreSQL, prepared, indexed", &Postgres { port: self.pg.port, query }),
             ("sidecar local (Flight SQL, prepared)", &FlightPrepared { addr: sidecar, query }),
@@ -173,6 +187,14 @@ impl Points {
             (
                 "Strata engine in-process (literal SQL, no network)",
                 &Engine { engine: self.engine.clone(), query, prepared: false },
+            ),
+            (
+                "Strata engine in-process, no index (prepared)",
+                &Engine { engine: self.unindexed.clone(), query, prepared: true },
+            ),
+            (
+                "Strata engine in-process, no index (literal SQL)",
+                &Engine { engine: self.unindexed.clone(), query, prepared: false },
             ),
             ("DataFusion in-process (no network)", &InProcess { ctx: Arc::clone(&self.ctx), query }),
         ];
