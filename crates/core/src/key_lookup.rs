@@ -21,11 +21,19 @@ use datafusion::logical_expr::{BinaryExpr, Expr, FetchType, LogicalPlan, Operato
 
 use crate::accelerator::AcceleratedTable;
 
+/// What a key column must equal: a value, or a parameter of a generic plan (`$1` is 0).
+#[derive(Debug, Clone)]
+enum KeyValue {
+    Literal(ScalarValue),
+    Parameter(usize),
+}
+
 /// A plan recognized as a key lookup.
+#[derive(Debug)]
 pub struct KeyLookup {
     provider: Arc<dyn TableProvider>,
     /// (column in the table's schema, the value it must equal).
-    key: Vec<(usize, ScalarValue)>,
+    key: Vec<(usize, KeyValue)>,
     /// The table's columns the answer holds, in order.
     output: Vec<usize>,
     schema: SchemaRef,
@@ -77,14 +85,20 @@ impl KeyLookup {
         for conjunct in split_conjunction(&filter.predicate) {
             let Expr::BinaryExpr(BinaryExpr { left, op: Operator::Eq, right }) = conjunct else { return None };
             let (column, value) = match (left.as_ref(), right.as_ref()) {
-                (Expr::Column(c), Expr::Literal(v, _)) | (Expr::Literal(v, _), Expr::Column(c)) => (c, v),
+                (Expr::Column(c), Expr::Literal(v, _)) | (Expr::Literal(v, _), Expr::Column(c)) => {
+                    (c, KeyValue::Literal(v.clone()))
+                }
+                (Expr::Column(c), Expr::Placeholder(p)) | (Expr::Placeholder(p), Expr::Column(c)) => {
+                    let number: usize = p.id.strip_prefix('$')?.parse().ok()?;
+                    (c, KeyValue::Parameter(number.checked_sub(1)?))
+                }
                 _ => return None,
             };
             let column = table_column(column, rows_schema)?;
             if key.iter().any(|(c, _)| *c == column) {
                 return None;
             }
-            key.push((column, value.clone()));
+            key.push((column, value));
         }
         let output = match projection {
             Some((exprs, input)) => exprs
@@ -116,6 +130,13 @@ impl KeyLookup {
     /// answer (no index on exactly this key, a value of another type than its column, the
     /// first load not finished: the general path says so properly).
     pub fn answer(&self) -> Option<Vec<RecordBatch>> {
+        self.answer_with(&[])
+    }
+
+    /// [`KeyLookup::answer`] for a generic plan, with its parameters' values: each cast to
+    /// its key column's type, as binding it into the plan would (one that does not cast
+    /// leaves the query to the general path, which reports why).
+    pub fn answer_with(&self, params: &[ScalarValue]) -> Option<Vec<RecordBatch>> {
         let table = self.provider.downcast_ref::<AcceleratedTable>()?;
         let snapshot = table.snapshot()?;
         let columns: Vec<usize> = self.key.iter().map(|(c, _)| *c).collect();
@@ -124,10 +145,16 @@ impl KeyLookup {
         let mut values = Vec::with_capacity(columns.len());
         for column in &index.spec().columns {
             let (_, value) = self.key.iter().find(|(c, _)| c == column)?;
-            if value.data_type() != *fields[*column].data_type() && !value.is_null() {
-                return None;
-            }
-            values.push(value.clone());
+            let data_type = fields[*column].data_type();
+            let value = match value {
+                KeyValue::Literal(value) if value.data_type() == *data_type || value.is_null() => value.clone(),
+                KeyValue::Literal(_) => return None,
+                KeyValue::Parameter(i) => match params.get(*i)? {
+                    value if value.data_type() == *data_type => value.clone(),
+                    value => value.cast_to(data_type).ok()?,
+                },
+            };
+            values.push(value);
         }
         let found = index.find(&snapshot.batches, &values).ok()?;
         let end = self.fetch.map_or(found.len(), |f| self.skip.saturating_add(f).min(found.len()));
@@ -149,6 +176,11 @@ impl KeyLookup {
 
     pub fn schema(&self) -> &SchemaRef {
         &self.schema
+    }
+
+    /// The parameters the plan reads its key from (0 when it has none).
+    pub fn parameters(&self) -> usize {
+        self.key.iter().filter(|(_, v)| matches!(v, KeyValue::Parameter(_))).count()
     }
 }
 

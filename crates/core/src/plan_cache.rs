@@ -19,6 +19,9 @@ pub(crate) struct CachedPlan {
     /// by its first run; executions bind their parameters into it. `None` when the optimizer
     /// refused the plan with its placeholders: it is not tried again.
     pub(crate) optimized: OnceLock<Option<LogicalPlan>>,
+    /// The optimized generic plan as a key lookup, if it is one: an execution answers from
+    /// the index with its values, without binding them into a plan (see `crate::key_lookup`).
+    pub(crate) lookup: OnceLock<Option<crate::key_lookup::KeyLookup>>,
     /// Calls only immutable functions (see [`crate::results_cache::is_deterministic`]).
     pub(crate) deterministic: bool,
     /// The providers the plan reads: it is valid while the catalog still serves these.
@@ -34,6 +37,7 @@ impl CachedPlan {
             bytes: crate::plan_size::estimated_bytes(&planned.plan),
             deterministic: crate::results_cache::is_deterministic(&planned.plan),
             optimized: OnceLock::new(),
+            lookup: OnceLock::new(),
             planned,
         }
     }

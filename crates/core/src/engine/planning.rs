@@ -199,16 +199,30 @@ impl Engine {
         params: &[ScalarValue],
     ) -> Result<LogicalPlan> {
         let planned = &cached.planned;
-        let generic = deterministic && planned.parameters.fields().iter().all(|f| f.data_type() != &DataType::Null);
-        if generic {
-            let optimized = cached.optimized.get_or_init(|| state.optimize(&planned.plan).ok());
-            if let Some(optimized) = optimized {
-                return bind_parameters(optimized.clone(), &planned.parameters, params.to_vec());
-            }
+        if let Some(optimized) = generic_plan(cached, deterministic, state) {
+            return bind_parameters(optimized.clone(), &planned.parameters, params.to_vec());
         }
         Ok(state.optimize(&bind_parameters(planned.plan.clone(), &planned.parameters, params.to_vec())?)?)
     }
 }
+
+/// The optimized generic plan of a cached statement (placeholders left in), optimized on
+/// first use; `None` when the statement is not deterministic, a parameter's type is
+/// unknown, or the optimizer refused the plan with placeholders.
+pub(super) fn generic_plan<'c>(
+    cached: &'c CachedPlan,
+    deterministic: bool,
+    state: &SessionState,
+) -> Option<&'c LogicalPlan> {
+    let planned = &cached.planned;
+    let generic = deterministic && planned.parameters.fields().iter().all(|f| f.data_type() != &DataType::Null);
+    if !generic {
+        return None;
+    }
+    cached.optimized.get_or_init(|| state.optimize(&planned.plan).ok()).as_ref()
+}
+
+impl Engine {}
 
 fn parameter_schema(plan: &LogicalPlan) -> Result<SchemaRef> {
     let types = plan.get_parameter_types()?;

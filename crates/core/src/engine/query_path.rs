@@ -132,6 +132,11 @@ impl Engine {
             let planned = self.plan_query(input, &access).instrument(debug_span!("plan")).await?;
             // Read once: the route and its execution see the same router.
             let router = self.router();
+            if router.is_none()
+                && let Some(started) = self.answer_from_index(&planned)
+            {
+                return Ok(started);
+            }
             let routing = debug_span!("route").in_scope(|| self.route(&planned, router.as_ref(), options))?;
             self.execute_routed(&planned, routing, router.as_ref(), options, &access, admission.wall_deadline)
                 .instrument(debug_span!("execute"))
@@ -346,12 +351,7 @@ impl Engine {
         if let Some(lookup) = crate::key_lookup::KeyLookup::recognize(&plan)
             && let Some(batches) = lookup.answer()
         {
-            self.inner.index_lookups.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let stream = datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(
-                Arc::clone(lookup.schema()),
-                futures::stream::iter(batches.into_iter().map(Ok)),
-            );
-            return Ok(Started { stream: Box::pin(stream), info, running_slot: None });
+            return Ok(self.started_from_index(Arc::clone(lookup.schema()), batches, info));
         }
         let running_slot = Arc::clone(&self.inner.running).acquire_owned().await.ok();
         let state = planned.state(self);
@@ -385,6 +385,38 @@ impl Engine {
             }
         }
         Ok(Started { stream: execute().await?, info, running_slot })
+    }
+
+    /// A statement whose optimized generic plan is a key lookup, on a tier without a router
+    /// (every table is here): its rows from the index with the values the client sent or
+    /// the literals taken out of its SQL, without binding them into a plan. On a tier with a
+    /// router the values decide the route (a replica may hold a subset), so the bound plan
+    /// is routed first and answered from the index in [`Engine::execute_routed`].
+    fn answer_from_index(&self, planned: &Planned<'_>) -> Option<Started> {
+        let PlannedInput::Sql { cached, bound, .. } = &planned.input else { return None };
+        if bound.len() != cached.planned.parameters.fields().len() {
+            return None;
+        }
+        let generic = super::planning::generic_plan(cached, planned.deterministic, planned.state(self))?;
+        let lookup = cached.lookup.get_or_init(|| crate::key_lookup::KeyLookup::recognize(generic)).as_ref()?;
+        let batches = lookup.answer_with(bound)?;
+        let mut info = RouteInfo::local("every table is served by this tier");
+        self.add_local_versions(generic, &mut info);
+        Some(self.started_from_index(Arc::clone(lookup.schema()), batches, info))
+    }
+
+    fn started_from_index(
+        &self,
+        schema: arrow::datatypes::SchemaRef,
+        batches: Vec<arrow::array::RecordBatch>,
+        info: RouteInfo,
+    ) -> Started {
+        self.inner.index_lookups.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let stream = datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(
+            schema,
+            futures::stream::iter(batches.into_iter().map(Ok)),
+        );
+        Started { stream: Box::pin(stream), info, running_slot: None }
     }
 
     /// The physical plan of optimized `plan`. The physical optimizer's rules place
