@@ -134,12 +134,14 @@ pub fn run<T: Tier>(args: TierArgs) -> ExitCode {
         // Panics are logged like everything else; those a decoder of client bytes had
         // (caught: the request is refused) only at debug level.
         strata_core::contained_panic::install_hook();
+        // Before any listener is up, so a SIGTERM soon after start still drains.
+        let signals = telemetry::ShutdownSignals::register().map_err(|e| format!("cannot catch SIGTERM: {e}"))?;
         let shutdown = CancellationToken::new();
         let servers = start::<T>(&config, shutdown.clone()).await.map_err(|e| e.to_string())?;
         // One machine-readable line on stdout: tests and scripts read the bound ports here.
         println!("strata {} listening flight={} http={}", T::KIND, servers.flight_addr, servers.http_addr);
         tokio::spawn(async move {
-            telemetry::shutdown_signal().await;
+            signals.recv().await;
             shutdown.cancel();
         });
         let served = servers.wait().await.map_err(|e| e.to_string());

@@ -170,24 +170,51 @@ where
     }
 }
 
-/// Resolves on Ctrl-C or SIGTERM: the signals that ask a tier to shut down gracefully.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// SIGTERM and SIGINT, caught from the moment this is made. A tier registers them before it
+/// starts listening: registered lazily (in a task polled after the listeners were up), a
+/// SIGTERM that came right after the tier turned ready met the default action and killed it
+/// without the drain, resetting its connections.
+pub struct ShutdownSignals {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    /// Registers the handlers now (needs a running tokio runtime).
+    pub fn register() -> std::io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Self { term: signal(SignalKind::terminate())?, interrupt: signal(SignalKind::interrupt())? })
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
+        #[cfg(not(unix))]
+        Ok(Self {})
+    }
+
+    /// Resolves at the first SIGTERM or SIGINT (Ctrl-C) after registration.
+    pub async fn recv(self) {
+        #[cfg(unix)]
+        {
+            let Self { mut term, mut interrupt } = self;
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = interrupt.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Resolves at the first SIGTERM or SIGINT, caught from its first poll (see
+/// [`ShutdownSignals`] for a process that must not miss one sent earlier).
+pub async fn shutdown_signal() {
+    match ShutdownSignals::register() {
+        Ok(signals) => signals.recv().await,
+        Err(_) => std::future::pending::<()>().await,
     }
 }
