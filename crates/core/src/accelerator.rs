@@ -171,11 +171,6 @@ impl Snapshot {
         self.indexes.iter().map(Arc::as_ref).find(|i| i.spec().covers_exactly(columns))
     }
 
-    /// Memory the indexes hold, in bytes.
-    pub fn index_bytes(&self) -> usize {
-        self.indexes.iter().map(|i| i.bytes()).sum()
-    }
-
     /// The batches a holder of `version` lacks, if this snapshot only appended to it.
     pub fn appended_since(&self, version: u64) -> Option<&[RecordBatch]> {
         self.lineage.iter().find(|(v, _)| *v == version).map(|(_, count)| &self.batches[*count..])
@@ -217,11 +212,6 @@ impl AcceleratedTable {
     pub fn with_indexes(mut self, keys: Vec<KeySpec>) -> Self {
         self.keys = keys;
         self
-    }
-
-    /// The keys its snapshots are indexed on.
-    pub fn keys(&self) -> &[KeySpec] {
-        &self.keys
     }
 
     /// Each key's columns and the memory its index holds in `snapshot`.

@@ -78,7 +78,7 @@ impl KeyLookup {
         // A column of the rows of `schema` (the filter's input, or a schema above it that
         // orders its columns alike), as a position in the table's schema.
         let table_column = |column: &Column, schema: &DFSchema| -> Option<usize> {
-            let position = index_of(schema, column)?;
+            let position = schema.index_of_column(column).ok()?;
             scan.projection.as_ref().map_or(Some(position), |p| p.get(position).copied())
         };
         let mut key = Vec::new();
@@ -177,16 +177,6 @@ impl KeyLookup {
     pub fn schema(&self) -> &SchemaRef {
         &self.schema
     }
-
-    /// The parameters the plan reads its key from (0 when it has none).
-    pub fn parameters(&self) -> usize {
-        self.key.iter().filter(|(_, v)| matches!(v, KeyValue::Parameter(_))).count()
-    }
-}
-
-/// Where `column` is in `schema`: by qualified name, or by name alone when it is unqualified.
-fn index_of(schema: &DFSchema, column: &Column) -> Option<usize> {
-    schema.index_of_column(column).ok()
 }
 
 #[cfg(test)]
