@@ -7,6 +7,7 @@ mod bench;
 mod cli;
 mod clients;
 mod config_errors;
+mod distributed;
 mod edge;
 mod federation;
 mod golden;

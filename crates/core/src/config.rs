@@ -39,6 +39,9 @@ pub struct Config {
     /// Edge-agent settings: identity, local storage, writable datasets.
     #[serde(default)]
     pub edge: Option<EdgeConfig>,
+    /// Replicas of this platform that run large queries together (platform only).
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
     #[serde(default)]
     pub results_cache: ResultsCacheConfig,
     /// Trace export (OpenTelemetry over OTLP/gRPC); off unless `otlp_endpoint` is set.
@@ -274,6 +277,147 @@ pub struct PeerConfig {
     /// TLS to an `https://` peer; unset: `upstream.tls`, if any.
     #[serde(default)]
     pub tls: Option<ClientTlsConfig>,
+}
+
+/// `cluster:` (platform): the replicas of one platform run large queries over shared files
+/// together, with datafusion-distributed. Each replica serves the worker side on its own
+/// port and may coordinate any query it receives.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Where this replica's worker service listens. Its own port, apart from the Flight one,
+    /// so a network policy can admit only platform replicas to it.
+    #[serde(default = "default_cluster_listen")]
+    pub listen: SocketAddr,
+    /// The URL the other replicas reach this one's worker service at
+    /// (`http://${POD_IP}:50061`). Unset: `http://` and the bound `listen` address, which
+    /// only works when `listen` is not a wildcard.
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// Worker URLs of the replicas (`http://host:port`), this one's among them or not.
+    #[serde(default)]
+    pub workers: Vec<String>,
+    /// `host:port` whose addresses are the replicas (a Kubernetes headless Service),
+    /// resolved every `refresh`.
+    #[serde(default)]
+    pub dns: Option<String>,
+    /// How often `dns` is resolved again and workers of unknown version are asked theirs.
+    #[serde(default = "default_cluster_refresh", with = "duration")]
+    pub refresh: Duration,
+    /// A query scanning at least this many bytes of files is distributed; smaller ones run
+    /// on the replica that received them. The `strata-distribute: on|off` header decides
+    /// for one query.
+    #[serde(default = "default_distribute_above")]
+    pub distribute_above: ByteSize,
+    /// Bytes of files one task scans; a stage gets as many tasks as that makes (at most one
+    /// per worker).
+    #[serde(default = "default_bytes_per_task")]
+    pub bytes_per_task: ByteSize,
+    /// How long connecting to a worker may take before the query fails.
+    #[serde(default = "default_cluster_connect_timeout", with = "duration")]
+    pub connect_timeout: Duration,
+    /// HTTP/2 keepalive to workers: a worker that answers no PING within this long (a frozen
+    /// or partitioned replica) fails the queries that wait on it.
+    #[serde(default = "default_cluster_keepalive", with = "duration")]
+    pub keepalive: Duration,
+    /// Largest message the worker service accepts (a plan fragment, a batch from a peer).
+    #[serde(default = "default_cluster_message_size")]
+    pub max_message_size: ByteSize,
+    /// The version a worker must report to take part (workers of another build are left out
+    /// during a rolling deploy). Unset: this build's.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// The key this replica sends to the other replicas' worker services (`${VAR}`).
+    #[serde(default)]
+    pub credential: Option<String>,
+    /// A file holding that key (a mounted Secret), re-read when it changes.
+    #[serde(default)]
+    pub credential_file: Option<PathBuf>,
+    /// With `auth:`, the tenant whose keys (or certificates) may call the worker service:
+    /// the replicas' own. Every other key is refused there, whatever it may query.
+    #[serde(default)]
+    pub tenant: Option<String>,
+}
+
+fn default_cluster_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 50061))
+}
+fn default_cluster_refresh() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_distribute_above() -> ByteSize {
+    ByteSize(256 << 20)
+}
+fn default_bytes_per_task() -> ByteSize {
+    ByteSize(64 << 20)
+}
+fn default_cluster_connect_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_cluster_keepalive() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_cluster_message_size() -> ByteSize {
+    ByteSize(64 << 20)
+}
+
+impl ClusterConfig {
+    /// The version workers report and must share: `version`, else this build's.
+    pub fn version(&self) -> String {
+        self.version.clone().unwrap_or_else(|| concat!("strata-", env!("CARGO_PKG_VERSION")).to_string())
+    }
+
+    fn validate(
+        &self,
+        auth: bool,
+        tenants: &BTreeMap<String, crate::auth::TenantConfig>,
+    ) -> std::result::Result<(), String> {
+        if self.workers.is_empty() && self.dns.is_none() {
+            return Err("cluster: list the replicas' worker URLs in `workers:` or name them in `dns:`".into());
+        }
+        for (i, url) in self.workers.iter().chain(&self.advertise).enumerate() {
+            let field =
+                if i < self.workers.len() { format!("cluster.workers[{i}]") } else { "cluster.advertise".into() };
+            check_endpoint(url).map_err(|m| format!("{field}: {m}"))?;
+            if url.starts_with("https://") {
+                return Err(format!(
+                    "{field}: `{url}`: TLS between workers is not supported yet; use http:// on a network only the replicas reach"
+                ));
+            }
+        }
+        if let Some(dns) = &self.dns
+            && dns.rsplit_once(':').is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
+        {
+            return Err(format!("cluster.dns: `{dns}` is not `host:port`"));
+        }
+        if self.advertise.is_none() && self.listen.ip().is_unspecified() {
+            return Err(format!(
+                "cluster.advertise: `listen: {}` is a wildcard address; set `advertise:` to the URL the other replicas reach this one at",
+                self.listen
+            ));
+        }
+        if self.refresh.is_zero() || self.connect_timeout.is_zero() || self.keepalive.is_zero() {
+            return Err("cluster.refresh, cluster.connect_timeout and cluster.keepalive must be above zero".into());
+        }
+        if self.bytes_per_task.0 == 0 || self.max_message_size.0 < 1 << 20 {
+            return Err("cluster.bytes_per_task must be above zero and cluster.max_message_size at least 1MiB".into());
+        }
+        if auth {
+            let Some(tenant) = &self.tenant else {
+                return Err("cluster.tenant: with `auth:`, name the tenant whose keys may call the worker service (the replicas' own)".into());
+            };
+            if !tenants.contains_key(tenant) {
+                return Err(format!("cluster.tenant: `{tenant}` is not one of `tenants:`"));
+            }
+            if self.credential.is_none() && self.credential_file.is_none() {
+                return Err(
+                    "cluster.credential: with `auth:`, the replicas need a key of `cluster.tenant` to call each other"
+                        .into(),
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 fn default_region() -> String {
@@ -816,6 +960,11 @@ impl Config {
                 }
             }
         }
+        if let Some(file) = config.cluster.as_mut().and_then(|c| c.credential_file.as_mut())
+            && file.is_relative()
+        {
+            *file = base.join(&*file);
+        }
         if let Some(tls) = config.upstream.as_mut().and_then(|u| u.tls.as_mut()) {
             tls.make_relative_to(base);
         }
@@ -931,6 +1080,9 @@ impl Config {
             if ds.writable && !matches!(ds.from, SourceRef::Postgres { .. }) {
                 return Err(format!("datasets[{i}].writable: only PostgreSQL datasets accept edge writes"));
             }
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster.validate(self.auth.is_some(), &self.tenants)?;
         }
         for (i, p) in self.peers.iter().enumerate() {
             check_endpoint(&p.endpoint).map_err(|m| format!("peers[{i}].endpoint: {m}"))?;

@@ -3,10 +3,12 @@
 //! phase and plan cache use (`planning.rs`), and the dataset tasks and readiness
 //! (`lifecycle.rs`).
 
+mod distribution;
 mod lifecycle;
 mod planning;
 mod query_path;
 
+pub use distribution::{ClusterMembers, Membership};
 pub use lifecycle::ReadinessGuard;
 
 use std::sync::Arc;
@@ -82,6 +84,8 @@ struct Inner {
     tenancy: crate::auth::Tenancy,
     /// Queries answered from an index by the key-lookup fast path.
     index_lookups: std::sync::atomic::AtomicU64,
+    /// The platform's replicas, when queries may be distributed over them (`cluster:`).
+    distribution: std::sync::RwLock<Option<Arc<distribution::Distribution>>>,
 }
 
 /// A planned query: its logical plan and what a client needs before executing it.
@@ -109,6 +113,13 @@ impl Engine {
             .with_create_default_catalog_and_schema(true)
             .with_information_schema(true)
             .with_target_partitions(std::thread::available_parallelism().map_or(2, |n| n.get()));
+        // The distributed planner cannot place an uncorrelated scalar subquery executed by the
+        // physical plan, so on a replica of a cluster the optimizer rewrites them into joins
+        // (as DataFusion did before it could execute them), for every query alike.
+        let mut session = session;
+        if config.cluster.is_some() {
+            session.options_mut().optimizer.enable_physical_uncorrelated_scalar_subquery = false;
+        }
         let pool = Arc::clone(&runtime.memory_pool);
         let ctx = SessionContext::new_with_config_rt(session, runtime);
         crate::bounded_functions::register(&ctx, pool);
@@ -149,6 +160,7 @@ impl Engine {
                 tenant_contexts: Default::default(),
                 tenancy: crate::auth::Tenancy::new(config.auth.as_ref(), &config.tenants),
                 index_lookups: std::sync::atomic::AtomicU64::new(0),
+                distribution: std::sync::RwLock::new(None),
                 ctx,
             }),
         })

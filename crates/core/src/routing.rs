@@ -24,6 +24,8 @@ pub enum Route {
     Forwarded,
     /// Local tables here, remote tables upstream, joined here.
     Mixed,
+    /// Planned here and run by the platform's replicas together (`cluster:`).
+    Distributed,
 }
 
 impl Route {
@@ -32,6 +34,7 @@ impl Route {
             Route::Local => "local",
             Route::Forwarded => "forwarded",
             Route::Mixed => "mixed",
+            Route::Distributed => "distributed",
         }
     }
 }
@@ -100,6 +103,9 @@ pub struct RouteInfo {
     /// Whether the answer came from the results cache (only for answers it may hold).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cache: Option<crate::results_cache::CacheStatus>,
+    /// The replicas a distributed query could run on (route `distributed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workers: Option<usize>,
     /// The trace this answer belongs to (32 hex digits), when the query was traced here or
     /// its caller sent a trace context: what to look up in the trace store.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -115,6 +121,7 @@ impl RouteInfo {
             versions: Vec::new(),
             warning: None,
             cache: None,
+            workers: None,
             trace_id: None,
         }
     }
@@ -179,6 +186,9 @@ pub struct QueryOptions {
     /// The caller asked for a fresh answer (`Cache-Control: no-cache` or `no-store`): the
     /// results cache is neither read nor written for this query, on any tier it crosses.
     pub bypass_cache: bool,
+    /// `strata-distribute: on|off`: run this query over the platform's replicas, or only on
+    /// the one that received it, whatever its size. Unset: by `cluster.distribute_above`.
+    pub distribute: Option<bool>,
 }
 
 /// What the router decided for one planned query.

@@ -128,12 +128,29 @@ pub fn handshake_token(metadata: &tonic::metadata::MetadataMap) -> Option<String
 
 /// The tower layer of the gRPC stack.
 #[derive(Clone)]
-pub struct GrpcAuthLayer(pub Arc<Authenticator>);
+pub struct GrpcAuthLayer {
+    auth: Arc<Authenticator>,
+    /// Only keys of this tenant are let in (the cluster's worker service).
+    only: Option<Arc<str>>,
+}
+
+impl GrpcAuthLayer {
+    /// Lets in any valid key.
+    pub fn new(auth: Arc<Authenticator>) -> Self {
+        Self { auth, only: None }
+    }
+
+    /// Lets in only keys (or certificates) of `tenant`; any other is refused as invalid,
+    /// whatever it may query elsewhere.
+    pub fn only(auth: Arc<Authenticator>, tenant: &str) -> Self {
+        Self { auth, only: Some(tenant.into()) }
+    }
+}
 
 impl<S> tower::Layer<S> for GrpcAuthLayer {
     type Service = GrpcAuth<S>;
     fn layer(&self, inner: S) -> GrpcAuth<S> {
-        GrpcAuth { auth: Arc::clone(&self.0), inner }
+        GrpcAuth { auth: Arc::clone(&self.auth), only: self.only.clone(), inner }
     }
 }
 
@@ -141,6 +158,7 @@ impl<S> tower::Layer<S> for GrpcAuthLayer {
 #[derive(Clone)]
 pub struct GrpcAuth<S> {
     auth: Arc<Authenticator>,
+    only: Option<Arc<str>>,
     inner: S,
 }
 
@@ -159,7 +177,14 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        match self.auth.admit_grpc(&mut request) {
+        let admitted = self.auth.admit_grpc(&mut request).and_then(|()| match &self.only {
+            Some(tenant) if request.extensions().get::<Principal>().is_none_or(|p| p.tenant != *tenant) => {
+                self.auth.refused_grpc.fetch_add(1, Ordering::Relaxed);
+                Err(AuthError::Invalid)
+            }
+            _ => Ok(()),
+        });
+        match admitted {
             Ok(()) => Box::pin(self.inner.call(request)),
             Err(err) => {
                 let response = tonic::Status::unauthenticated(err.to_string()).into_http();

@@ -2,6 +2,7 @@
 //! limits, start-up and graceful shutdown.
 
 pub mod auth;
+pub mod cluster;
 pub mod connections;
 pub mod flight;
 pub mod http;

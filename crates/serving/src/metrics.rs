@@ -9,7 +9,7 @@ use strata_core::results_cache::CacheStatus;
 use strata_core::routing::{Route, RouteReason};
 use strata_core::{Engine, Finished, Outcome};
 
-const ROUTES: [Route; 3] = [Route::Local, Route::Forwarded, Route::Mixed];
+const ROUTES: [Route; 4] = [Route::Local, Route::Forwarded, Route::Mixed, Route::Distributed];
 const CACHE: [CacheStatus; 3] = [CacheStatus::Hit, CacheStatus::Miss, CacheStatus::Bypass];
 
 const BUCKETS: [f64; 14] =

@@ -62,7 +62,15 @@ pub async fn start<T: Tier>(config: &Config, shutdown: CancellationToken) -> Res
     T::validate(config)?;
     let engine = Engine::new(config)?;
     T::wire(&engine, config).await?;
-    let servers = crate::server::start(engine.clone(), &config.server, config.auth.as_ref(), T::KIND, shutdown).await?;
+    let servers = crate::server::start(
+        engine.clone(),
+        &config.server,
+        config.cluster.as_ref(),
+        config.auth.as_ref(),
+        T::KIND,
+        shutdown,
+    )
+    .await?;
     engine.start();
     Ok(servers)
 }

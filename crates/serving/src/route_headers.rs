@@ -76,7 +76,22 @@ pub fn options(headers: &axum::http::HeaderMap) -> QueryOptions {
         tenant: get(TENANT_HEADER),
         trace: TraceParent::new(get("traceparent"), get("tracestate")),
         bypass_cache: wants_fresh(&get("cache-control")),
+        distribute: distribute_hint(&get(DISTRIBUTE_HEADER)),
         ..QueryOptions::default()
+    }
+}
+
+/// `strata-distribute: on|off` on a request to a platform with `cluster:`: run this query
+/// over the replicas, or only on the one that received it, whatever its size.
+pub const DISTRIBUTE_HEADER: &str = "strata-distribute";
+
+/// `on`/`off` (also `true`/`false`, in any case); anything else leaves the decision to the
+/// platform's `cluster.distribute_above`.
+fn distribute_hint(value: &str) -> Option<bool> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "on" | "true" => Some(true),
+        "off" | "false" => Some(false),
+        _ => None,
     }
 }
 
@@ -97,6 +112,14 @@ pub fn app_metadata(route: &RouteInfo) -> bytes::Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn distribute_hint_is_on_or_off() {
+        assert_eq!(distribute_hint("on"), Some(true));
+        assert_eq!(distribute_hint(" OFF "), Some(false));
+        assert_eq!(distribute_hint(""), None);
+        assert_eq!(distribute_hint("maybe"), None);
+    }
 
     #[test]
     fn cache_control_no_cache_or_no_store_asks_for_a_fresh_answer() {

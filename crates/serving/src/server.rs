@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use strata_core::Engine;
 use strata_core::auth::{AuthConfig, KeyStore};
-use strata_core::config::ServerConfig;
+use strata_core::config::{ClusterConfig, ServerConfig};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -38,6 +38,8 @@ pub enum ServeError {
 pub struct Servers {
     pub flight_addr: SocketAddr,
     pub http_addr: SocketAddr,
+    /// The cluster's worker service, on platforms with `cluster:`.
+    pub worker_addr: Option<SocketAddr>,
     draining: Arc<AtomicBool>,
     tasks: JoinSet<Result<(), ServeError>>,
     background: strata_core::background::Background,
@@ -52,6 +54,7 @@ pub struct Servers {
 pub async fn start(
     engine: Engine,
     server: &ServerConfig,
+    cluster: Option<&ClusterConfig>,
     auth: Option<&AuthConfig>,
     tier: &'static str,
     shutdown: CancellationToken,
@@ -112,12 +115,36 @@ pub async fn start(
         stop_accepting.clone(),
     )?;
     tasks.spawn(grpc);
+    let worker_addr = match cluster {
+        Some(cluster) => {
+            let listener = TcpListener::bind(cluster.listen).await.map_err(|source| ServeError::Bind {
+                what: "cluster worker",
+                addr: cluster.listen,
+                source,
+            })?;
+            let addr = listener.local_addr().map_err(|source| ServeError::Bind {
+                what: "cluster worker",
+                addr: cluster.listen,
+                source,
+            })?;
+            let worker = crate::cluster::join(&engine, cluster, addr, stop_accepting.clone()).await?;
+            let auth = match (&auth, &cluster.tenant) {
+                (Some(auth), Some(tenant)) => Some(crate::auth::GrpcAuthLayer::only(Arc::clone(auth), tenant)),
+                _ => None,
+            };
+            let listener = GuardedListener::new(listener, Arc::clone(&connections));
+            let max_message = cluster.max_message_size.as_usize();
+            tasks.spawn(crate::stack::worker_grpc(worker, max_message, auth, listener, stop_accepting.clone()));
+            Some(addr)
+        }
+        None => None,
+    };
     let app = crate::stack::http(HttpState { engine, metrics, draining: Arc::clone(&draining), auth: auth.clone() });
     let stop = stop_accepting.clone();
     let header_read_timeout = server.handshake_timeout;
     tasks.spawn(serve_http(GuardedListener::new(http_listener, connections), app, header_read_timeout, http_tls, stop));
 
-    info!(%flight_addr, %http_addr, "serving");
+    info!(%flight_addr, %http_addr, worker = ?worker_addr, "serving");
     // Shutdown order: report not-ready first, keep serving for `shutdown_delay` while load
     // balancers notice, then stop accepting (see `wait`).
     let flag = Arc::clone(&draining);
@@ -135,6 +162,7 @@ pub async fn start(
     Ok(Servers {
         flight_addr,
         http_addr,
+        worker_addr,
         draining,
         tasks,
         background,

@@ -69,7 +69,7 @@ pub fn grpc(
         ))
         // 2. Authentication (API keys; the caller's tenant marked on the call), before any
         //    handler sees the call. Absent without `auth:`.
-        .layer(tower::util::option_layer(auth.map(GrpcAuthLayer)))
+        .layer(tower::util::option_layer(auth.map(GrpcAuthLayer::new)))
         // 3. W3C trace context is read from the metadata by the handlers (it travels in the
         //    tier protocol's QueryContext too), inside the request span.
         // 4. Message size bounds are per service (`limits.max_message_size`, below); query
@@ -92,6 +92,41 @@ pub fn grpc(
         }),
     };
     Ok(serve)
+}
+
+/// The cluster's worker service on its own listener (`cluster.listen`): plan fragments
+/// from the other replicas in, their rows out. The same HTTP/2 bounds as the Flight
+/// listener; messages bounded by `cluster.max_message_size`; with `auth:`, only keys of
+/// `cluster.tenant` get past the first layer.
+pub fn worker_grpc(
+    worker: datafusion_distributed::Worker,
+    max_message_size: usize,
+    auth: Option<GrpcAuthLayer>,
+    listener: GuardedListener,
+    stop: CancellationToken,
+) -> impl Future<Output = Result<(), ServeError>> + Send + 'static {
+    let router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .max_concurrent_streams(Some(HTTP2_MAX_STREAMS))
+        .http2_max_header_list_size(Some(HTTP2_MAX_HEADER_BYTES))
+        .http2_max_pending_accept_reset_streams(Some(HTTP2_MAX_PENDING_RESETS))
+        .layer(TraceLayer::new_for_grpc().make_span_with(
+            |request: &axum::http::Request<_>| tracing::debug_span!("worker", method = %request.uri().path()),
+        ))
+        .layer(tower::util::option_layer(auth))
+        .add_service(
+            worker
+                .into_worker_server()
+                .max_decoding_message_size(max_message_size)
+                .max_encoding_message_size(max_message_size),
+        );
+    async move {
+        router
+            .serve_with_incoming_shutdown(listener.into_incoming(), stop.cancelled_owned())
+            .await
+            .map_err(|e| ServeError::Server { what: "worker", message: e.to_string() })
+    }
 }
 
 /// The HTTP stack on the HTTP listener: the routes of `crate::http`, layered.

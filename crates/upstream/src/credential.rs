@@ -53,7 +53,7 @@ impl Credential {
     }
 
     /// The header value to send now, if any.
-    fn current(&self) -> Option<Header> {
+    pub(crate) fn current(&self) -> Option<Header> {
         match self.source.as_deref()? {
             Source::Fixed(header) => Some(header.clone()),
             Source::File(reloading) => Some((*reloading.current()).clone()),

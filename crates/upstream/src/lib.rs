@@ -4,6 +4,7 @@
 
 pub mod breaker;
 pub mod client;
+pub mod cluster;
 pub mod credential;
 pub mod disk;
 pub mod reloading;
@@ -27,6 +28,12 @@ pub fn validate_downstream(config: &strata_core::Config, tier: &str) -> Result<(
     }
     if !config.peers.is_empty() {
         return Err(strata_core::StrataError::Config("peers: only a platform-service has peer regions".into()));
+    }
+    if config.cluster.is_some() {
+        return Err(strata_core::StrataError::Config(
+            "cluster: only platform-service replicas run queries together; a sidecar forwards large queries to them"
+                .into(),
+        ));
     }
     Ok(())
 }

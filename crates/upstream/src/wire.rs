@@ -68,6 +68,11 @@ pub fn context(options: &QueryOptions, tier: &str, region: &str, deadline: Optio
         strong_consistency: options.strong_consistency,
         hops: options.hops + 1,
         bypass_cache: options.bypass_cache,
+        distribute: match options.distribute {
+            Some(true) => "on".into(),
+            Some(false) => "off".into(),
+            None => String::new(),
+        },
     }
 }
 
@@ -98,6 +103,11 @@ pub fn options(context: Option<QueryContext>) -> (QueryOptions, Option<SystemTim
             hops: c.hops,
             deadline,
             bypass_cache: c.bypass_cache,
+            distribute: match c.distribute.as_str() {
+                "on" => Some(true),
+                "off" => Some(false),
+                _ => None,
+            },
         },
         deadline,
     )

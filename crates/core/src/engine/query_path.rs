@@ -356,9 +356,25 @@ impl Engine {
         let running_slot = Arc::clone(&self.inner.running).acquire_owned().await.ok();
         let state = planned.state(self);
         let task_ctx = self.task_context(access)?;
+        // Large queries over files run over the platform's replicas (`cluster:`); how one
+        // was distributed is known once it is planned, inside the results cache's miss.
+        let distributed = std::sync::Mutex::new(None);
         let execute = || async {
             let physical = self.physical_plan(&plan, state, planned.deterministic).await?;
+            if let Some((stream, how)) =
+                self.run_distributed(&plan, &physical, state, &task_ctx, options.distribute).await?
+            {
+                *distributed.lock().unwrap_or_else(|p| p.into_inner()) = Some(how);
+                return Ok(stream);
+            }
             Ok(datafusion::physical_plan::execute_stream(physical, Arc::clone(&task_ctx))?)
+        };
+        let mark_distributed = |info: &mut RouteInfo| {
+            if let Some(how) = distributed.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                info.route = crate::routing::Route::Distributed;
+                info.workers = Some(how.workers);
+                info.detail = how.to_string();
+            }
         };
         let cache = self.inner.results.as_ref().filter(|_| planned.deterministic);
         // The client asked for a fresh answer: neither read nor stored, and said so.
@@ -378,13 +394,16 @@ impl Engine {
             match cache.get_or_run(key, execute()).await? {
                 Some((stream, status)) => {
                     info.cache = Some(status);
+                    mark_distributed(&mut info);
                     return Ok(Started { stream, info, running_slot });
                 }
                 // Waited for an answer too large to share: run it here, uncached.
                 None => info.cache = Some(crate::results_cache::CacheStatus::Bypass),
             }
         }
-        Ok(Started { stream: execute().await?, info, running_slot })
+        let stream = execute().await?;
+        mark_distributed(&mut info);
+        Ok(Started { stream, info, running_slot })
     }
 
     /// A statement whose optimized generic plan is a key lookup, on a tier without a router

@@ -146,6 +146,7 @@ impl TierRouter {
                     versions,
                     warning: stale_warning,
                     cache: None,
+                    workers: None,
                     trace_id: None,
                 },
             }),

@@ -1,0 +1,246 @@
+//! Platform replicas running one query together (`cluster:`, datafusion-distributed): four
+//! real `platform-service` processes on loopback over the same Parquet files (TPC-H), the
+//! one a query is sent to coordinating and the others taking tasks. Every answer is
+//! compared with in-process DataFusion over the same rows; replicas are killed and frozen
+//! mid-query.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::record_batch::RecordBatch;
+use datafusion::datasource::MemTable;
+use datafusion::prelude::SessionContext;
+use serde_json::Value;
+use strata_integration_tests::tier::Tier;
+use strata_integration_tests::{free_port, workspace_root};
+
+use crate::tpch::{differs, rows, tables};
+
+/// Files per table: a stage over a table gets one task per worker only if there are files
+/// (or byte ranges) to share out.
+const FILES_PER_TABLE: usize = 4;
+
+struct Cluster {
+    replicas: Vec<Tier>,
+    /// In-process DataFusion over the same rows: the single-node answer.
+    local: SessionContext,
+    _dir: tempfile::TempDir,
+}
+
+/// Writes each TPC-H table as a directory of Parquet files and returns the `datasets:`
+/// entries reading them (and `nation_fast`, an accelerated copy of `nation`).
+fn write_tables(dir: &std::path::Path, tables: &[(&str, Vec<RecordBatch>)], local: &SessionContext) -> String {
+    let mut yaml = String::from("datasets:\n");
+    for (name, batches) in tables {
+        let table_dir = dir.join(name);
+        std::fs::create_dir_all(&table_dir).expect("table dir");
+        let all = arrow::compute::concat_batches(&batches[0].schema(), batches).expect("concat");
+        let per_file = all.num_rows().div_ceil(FILES_PER_TABLE).max(1);
+        for (i, start) in (0..all.num_rows()).step_by(per_file).enumerate() {
+            let part = all.slice(start, per_file.min(all.num_rows() - start));
+            let file = std::fs::File::create(table_dir.join(format!("part-{i}.parquet"))).expect("create");
+            let mut writer =
+                datafusion::parquet::arrow::ArrowWriter::try_new(file, part.schema(), None).expect("writer");
+            writer.write(&part).expect("write");
+            writer.close().expect("close");
+        }
+        yaml.push_str(&format!("  - name: {name}\n    from: file:{}/\n    format: parquet\n", table_dir.display()));
+        let table = MemTable::try_new(batches[0].schema(), vec![batches.clone()]).expect("memtable");
+        local.register_table(*name, Arc::new(table)).expect("register");
+    }
+    yaml.push_str(&format!(
+        "  - name: nation_fast\n    from: file:{}/\n    format: parquet\n    acceleration: {{}}\n",
+        dir.join("nation").display()
+    ));
+    yaml
+}
+
+/// Starts `n` replicas that all list each other; `cluster` is more of each one's
+/// `cluster:` section (indented two spaces).
+async fn start_cluster(n: usize, cluster: &str, query_timeout: &str) -> Cluster {
+    let dir = tempfile::tempdir().expect("dir");
+    let local = SessionContext::new();
+    let tables = tables();
+    let datasets = write_tables(dir.path(), &tables, &local);
+    local
+        .register_table("nation_fast", local.table_provider("nation").await.expect("nation"))
+        .expect("register nation_fast");
+    let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    let workers: Vec<String> = ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
+    // The first replica (the one queries are sent to) starts last, so its check at start
+    // finds all the others.
+    let mut replicas = Vec::new();
+    for port in ports.iter().rev() {
+        let yaml = format!(
+            "region: eu\nlimits:\n  query_timeout: {query_timeout}\n{datasets}cluster:\n  listen: 127.0.0.1:{port}\n  workers: [{}]\n{cluster}",
+            workers.join(", ")
+        );
+        let replica = Tier::start("platform-service", &yaml).await;
+        replica.wait_ready(Duration::from_secs(60)).await;
+        replicas.insert(0, replica);
+    }
+    let first = &replicas[0];
+    first
+        .wait_for(Duration::from_secs(30), "the first replica to find the others", || async {
+            let (_, body, headers) =
+                first.sql_with("SELECT sum(l_quantity) AS q FROM lineitem", &[("strata-distribute", "on")]).await;
+            let workers =
+                headers.get("strata-route-detail").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+            (workers.contains(&format!("over {n} workers")) && body.is_array()).then_some(())
+        })
+        .await;
+    Cluster { replicas, local, _dir: dir }
+}
+
+const CLUSTER: &str =
+    "  refresh: 1s\n  distribute_above: 1MiB\n  bytes_per_task: 256KiB\n  connect_timeout: 1s\n  keepalive: 1s\n";
+
+fn header(headers: &reqwest::header::HeaderMap, name: &str) -> String {
+    headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string()
+}
+
+/// Rows of a JSON answer as sorted strings, for order-free comparison.
+fn sorted(rows: &[Value]) -> Vec<String> {
+    let mut out: Vec<String> = rows.iter().map(Value::to_string).collect();
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn tpch_over_parquet_runs_distributed_and_equals_the_single_node_answers() {
+    let cluster = start_cluster(4, CLUSTER, "120s").await;
+    let coordinator = &cluster.replicas[0];
+    let mut failures = Vec::new();
+    let mut distributed = Vec::new();
+    for n in 1..=22 {
+        let sql = std::fs::read_to_string(workspace_root().join(format!("integration-tests/tpch/q{n:02}.sql")))
+            .expect("query");
+        let expected = rows(&cluster.local.sql(&sql).await.expect("plan").collect().await.expect("run"));
+        if let Some(difference) = differs(coordinator, n, &sql, &expected).await {
+            failures.push(difference);
+        }
+        let (status, _, headers) = coordinator.sql_with(&sql, &[]).await;
+        if status == 200 && header(&headers, "strata-route") == "distributed" {
+            distributed.push(n);
+        }
+    }
+    assert!(failures.is_empty(), "distributed TPC-H differs:\n{}\nlog:\n{}", failures.join("\n"), coordinator.logs());
+    // Every query reading lineitem or orders scans more than `distribute_above`.
+    assert!(distributed.len() >= 15, "only {distributed:?} ran distributed");
+}
+
+#[tokio::test]
+async fn queries_of_every_kind_equal_their_answer_on_one_replica() {
+    let cluster = start_cluster(4, CLUSTER, "120s").await;
+    let coordinator = &cluster.replicas[0];
+    let queries = [
+        // Aggregation with a shuffle.
+        "SELECT l_returnflag, l_linestatus, count(*) AS n, sum(l_quantity) AS qty FROM lineitem GROUP BY 1, 2 ORDER BY 1, 2",
+        // A join with an accelerated dimension: its stage stays on the coordinator.
+        "SELECT n.n_name, count(*) AS n FROM lineitem l JOIN supplier s ON l.l_suppkey = s.s_suppkey JOIN nation_fast n ON s.s_nationkey = n.n_nationkey GROUP BY n.n_name ORDER BY n DESC, n.n_name",
+        // COUNT DISTINCT with top-k.
+        "SELECT l_suppkey, count(DISTINCT l_partkey) AS parts FROM lineitem GROUP BY l_suppkey ORDER BY parts DESC, l_suppkey LIMIT 10",
+        // A window.
+        "SELECT o_custkey, o_orderkey, rank() OVER (PARTITION BY o_custkey ORDER BY o_totalprice DESC, o_orderkey) AS r FROM orders WHERE o_custkey < 40 ORDER BY o_custkey, r",
+    ];
+    for sql in queries {
+        let (status, body, headers) = coordinator.sql_with(sql, &[]).await;
+        assert_eq!(status, 200, "{sql}: {body}\n{}", coordinator.logs());
+        assert_eq!(
+            header(&headers, "strata-route"),
+            "distributed",
+            "{sql}: {}",
+            header(&headers, "strata-route-detail")
+        );
+        let (_, alone, alone_headers) = coordinator.sql_with(sql, &[("strata-distribute", "off")]).await;
+        assert_eq!(header(&alone_headers, "strata-route"), "local", "{sql}");
+        let expected = rows(&cluster.local.sql(sql).await.expect("plan").collect().await.expect("run"));
+        let got = body.as_array().expect("rows");
+        assert_eq!(got.len(), expected.len(), "{sql}");
+        // Ordered queries: the same rows in the same order as the replica alone.
+        assert_eq!(body, alone, "{sql}: distributed and single-replica answers differ");
+        assert_eq!(sorted(got), sorted(alone.as_array().expect("rows")), "{sql}");
+    }
+
+    // A small query with distribution enabled stays where it was sent.
+    let (_, _, headers) = coordinator.sql_with("SELECT count(*) FROM nation", &[]).await;
+    assert_eq!(header(&headers, "strata-route"), "local");
+
+    // EXPLAIN shows the stages of a distributed query.
+    let (status, body, _) =
+        coordinator.sql_with("EXPLAIN SELECT l_returnflag, count(*) FROM lineitem GROUP BY 1", &[]).await;
+    assert_eq!(status, 200, "{body}");
+    let plan = body.to_string();
+    assert!(plan.contains("DistributedExec") && plan.contains("Stage 1"), "no stages in {plan}");
+
+    // EXPLAIN ANALYZE runs it and says which worker ran each task.
+    let (status, body, _) = coordinator
+        .sql_with("EXPLAIN ANALYZE SELECT l_returnflag, sum(l_quantity) FROM lineitem GROUP BY 1", &[])
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let rows = body.as_array().expect("rows");
+    let placement = rows.iter().find(|r| r["plan_type"] == "task_placement").expect("task placement").to_string();
+    let workers: std::collections::BTreeSet<&str> =
+        placement.split(['\\', ' ', '"']).filter(|w| w.starts_with("http://127.0.0.1:")).collect();
+    assert!(workers.len() >= 3, "tasks ran on {workers:?}: {placement}");
+}
+
+#[tokio::test]
+async fn a_replica_killed_or_frozen_mid_query_fails_the_query_cleanly_or_is_retried() {
+    // Members are re-checked rarely here, so a dead replica is still listed when the query
+    // is planned: the query itself has to cope.
+    let cluster_yaml = CLUSTER.replace("refresh: 1s", "refresh: 60s");
+    let cluster = start_cluster(4, &cluster_yaml, "8s").await;
+    let sql = "SELECT l_returnflag, count(*) AS n, sum(l_extendedprice) AS total FROM lineitem GROUP BY 1 ORDER BY 1";
+    let expected = rows(&cluster.local.sql(sql).await.expect("plan").collect().await.expect("run"));
+
+    // Killed while the query waits on it (frozen first, so the query is surely in flight):
+    // an answer from the others after one retry, or a clear error, at once.
+    let coordinator = &cluster.replicas[0];
+    cluster.replicas[3].signal("STOP");
+    let query = coordinator.sql_with(sql, &[]);
+    let victim = cluster.replicas[3].pid();
+    let kill = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let _ = std::process::Command::new("kill").arg("-KILL").arg(victim.to_string()).status();
+    };
+    let started = Instant::now();
+    let ((status, body, headers), ()) = tokio::join!(query, kill);
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(10), "a killed worker held the query {took:?}");
+    check_outcome("killed", status, &body, &headers, expected.len());
+
+    // Frozen: SIGSTOP keeps its sockets open and answers nothing (no reset, no FIN). The
+    // keepalive notices; the query ends within its deadline (8s) either way.
+    cluster.replicas[2].signal("STOP");
+    let started = Instant::now();
+    let (status, body, headers) = cluster.replicas[0].sql_with(sql, &[]).await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(10), "a frozen worker held the query {took:?}");
+    check_outcome("frozen", status, &body, &headers, expected.len());
+
+    // Afterwards the cluster answers correctly without it.
+    let (status, body, headers) = cluster.replicas[0].sql_with(sql, &[]).await;
+    assert_eq!(status, 200, "{body}\n{}", cluster.replicas[0].logs());
+    assert_eq!(header(&headers, "strata-route"), "distributed");
+    let got: Vec<Vec<String>> = body
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| ["l_returnflag", "n"].iter().map(|k| r[k].to_string().trim_matches('"').to_string()).collect())
+        .collect();
+    let want: Vec<Vec<String>> = expected.iter().map(|r| r[..2].to_vec()).collect();
+    assert_eq!(got, want);
+}
+
+/// A query that lost a worker either answered in full after its one retry, or failed with
+/// an error that names the worker or the deadline.
+fn check_outcome(what: &str, status: u16, body: &Value, headers: &reqwest::header::HeaderMap, rows: usize) {
+    if status == 200 {
+        assert_eq!(body.as_array().map(Vec::len), Some(rows), "{what}: {body}");
+        assert!(header(headers, "strata-route-detail").contains("retried"), "{what}: {headers:?}");
+    } else {
+        let text = body.to_string();
+        assert!(text.contains("worker") || text.contains("timed out"), "{what}: {status}: {text}");
+    }
+}
