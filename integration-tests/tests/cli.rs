@@ -158,6 +158,8 @@ fn the_configuration_reference_examples_load() {
             .env("PG_PASSWORD", "example")
             .env("STRATA_UPSTREAM_KEY", "strata_example")
             .env("STRATA_US_KEY", "strata_example")
+            .env("STRATA_CLUSTER_KEY", "strata_example")
+            .env("POD_IP", "10.0.0.3")
             .output()
             .expect("run strata check");
         assert!(out.status.success(), "example {i} of docs/configuration.md ({tier}):\n{yaml}\n{}", text(&out));

@@ -244,3 +244,45 @@ fn check_outcome(what: &str, status: u16, body: &Value, headers: &reqwest::heade
         assert!(text.contains("worker") || text.contains("timed out"), "{what}: {status}: {text}");
     }
 }
+
+/// CPU time (user + system) a process has used so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("proc stat");
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let after = &stat[stat.rfind(')').expect("comm") + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    Duration::from_millis(ticks * 10)
+}
+
+#[tokio::test]
+async fn a_query_past_its_deadline_stops_its_tasks_on_every_worker() {
+    let cluster = start_cluster(3, CLUSTER, "3s").await;
+    // Eight copies of lineitem joined with it on a hundred suppliers: near 300 million joined
+    // rows, each multiplied and summed, many seconds of work, and no more than a fraction of
+    // a second per input batch (DataFusion's operators are cancelled between batches).
+    let copies = ["SELECT l_suppkey, l_extendedprice, l_tax FROM lineitem"; 8].join(" UNION ALL ");
+    let sql = format!(
+        "SELECT sum(a.l_extendedprice * b.l_discount + a.l_tax * b.l_quantity) FROM ({copies}) a JOIN lineitem b ON a.l_suppkey = b.l_suppkey"
+    );
+    let sql = sql.as_str();
+    let pids: Vec<u32> = cluster.replicas.iter().map(Tier::pid).collect();
+    let at_start: Vec<Duration> = pids.iter().map(|p| cpu_time(*p)).collect();
+    let started = Instant::now();
+    let (status, body, _) = cluster.replicas[0].sql_with(sql, &[]).await;
+    assert!(status >= 400 && body.to_string().contains("time"), "{status}: {body}");
+    // The other replicas did work on it (else the rest proves nothing).
+    for i in 1..pids.len() {
+        let used = cpu_time(pids[i]) - at_start[i];
+        assert!(used > Duration::from_millis(300), "replica {i} used only {used:?} on the query");
+    }
+    assert!(started.elapsed() < Duration::from_secs(6), "the deadline held the answer {:?}", started.elapsed());
+    // Within a second of the deadline every worker is idle again.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before: Vec<Duration> = pids.iter().map(|p| cpu_time(*p)).collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for (i, (pid, before)) in pids.iter().zip(before).enumerate() {
+        let used = cpu_time(*pid) - before;
+        assert!(used < Duration::from_millis(200), "replica {i} still used {used:?} of CPU in the second after");
+    }
+}

@@ -1223,6 +1223,29 @@ mod tests {
     }
 
     #[test]
+    fn cluster_is_checked_field_by_field() {
+        let ok =
+            Config::parse("cluster:\n  workers: [http://10.0.0.1:50061, http://10.0.0.2:50061]\n", "t").expect("valid");
+        let cluster = ok.cluster.expect("cluster");
+        assert_eq!(cluster.distribute_above, ByteSize(256 << 20));
+        assert_eq!(cluster.listen, default_cluster_listen());
+        assert!(cluster.version().starts_with("strata-"));
+        assert!(err("cluster: {}\n").contains("`workers:` or name them in `dns:`"));
+        assert!(err("cluster:\n  workers: [10.0.0.1:50061]\n").contains("cluster.workers[0]"));
+        assert!(err("cluster:\n  workers: [https://a:1]\n").contains("TLS between workers is not supported"));
+        assert!(err("cluster:\n  dns: strata-platform-peers\n").contains("cluster.dns"));
+        let wildcard = err("cluster:\n  listen: 0.0.0.0:50061\n  dns: peers:50061\n");
+        assert!(wildcard.contains("cluster.advertise"), "{wildcard}");
+        let with_auth = "auth:\n  keys: [{id: k, tenant: replicas, hash: 'sha256:0000000000000000000000000000000000000000000000000000000000000000'}]\ntenants:\n  replicas: {datasets: []}\ncluster:\n  workers: [http://a:1]\n";
+        assert!(err(with_auth).contains("cluster.tenant"), "{}", err(with_auth));
+        let no_key = format!("{with_auth}  tenant: replicas\n");
+        assert!(err(&no_key).contains("cluster.credential"), "{}", err(&no_key));
+        let unknown = format!("{with_auth}  tenant: nobody\n  credential: k\n");
+        assert!(err(&unknown).contains("`nobody` is not one of `tenants:`"));
+        Config::parse(&format!("{with_auth}  tenant: replicas\n  credential: k\n"), "t").expect("valid with auth");
+    }
+
+    #[test]
     fn unknown_field_names_field_and_line() {
         let e = err("datasets:\n  - name: a\n    from: file:a.csv\n    acceleration:\n      enabeld: true\n");
         assert!(e.contains("strata.yaml"), "{e}");
