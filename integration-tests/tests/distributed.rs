@@ -22,6 +22,8 @@ const FILES_PER_TABLE: usize = 4;
 
 struct Cluster {
     replicas: Vec<Tier>,
+    /// The replicas' worker URLs, in the same order.
+    workers: Vec<String>,
     /// In-process DataFusion over the same rows: the single-node answer.
     local: SessionContext,
     _dir: tempfile::TempDir,
@@ -58,6 +60,19 @@ fn write_tables(dir: &std::path::Path, tables: &[(&str, Vec<RecordBatch>)], loca
 /// Starts `n` replicas that all list each other; `cluster` is more of each one's
 /// `cluster:` section (indented two spaces).
 async fn start_cluster(n: usize, cluster: &str, query_timeout: &str) -> Cluster {
+    start_cluster_with(n, |_| cluster.to_string(), query_timeout, None, n).await
+}
+
+/// [`start_cluster`] with each replica's own end of the config (`extra(i)`: its `cluster:`
+/// lines, then any top-level sections), a key for the tests' requests, and how many workers
+/// the first replica must find before the cluster counts as up.
+async fn start_cluster_with(
+    n: usize,
+    extra: impl Fn(usize) -> String,
+    query_timeout: &str,
+    key: Option<&str>,
+    workers_expected: usize,
+) -> Cluster {
     let dir = tempfile::tempdir().expect("dir");
     let local = SessionContext::new();
     let tables = tables();
@@ -70,13 +85,18 @@ async fn start_cluster(n: usize, cluster: &str, query_timeout: &str) -> Cluster 
     // The first replica (the one queries are sent to) starts last, so its check at start
     // finds all the others.
     let mut replicas = Vec::new();
-    for port in ports.iter().rev() {
+    for (i, port) in ports.iter().enumerate().rev() {
         let yaml = format!(
-            "region: eu\nlimits:\n  query_timeout: {query_timeout}\n{datasets}cluster:\n  listen: 127.0.0.1:{port}\n  workers: [{}]\n{cluster}",
-            workers.join(", ")
+            "region: eu\nlimits:\n  query_timeout: {query_timeout}\n{datasets}cluster:\n  listen: 127.0.0.1:{port}\n  workers: [{}]\n{}",
+            workers.join(", "),
+            extra(i)
         );
         let replica = Tier::start("platform-service", &yaml).await;
         replica.wait_ready(Duration::from_secs(60)).await;
+        let replica = match key {
+            Some(key) => replica.with_key(key),
+            None => replica,
+        };
         replicas.insert(0, replica);
     }
     let first = &replicas[0];
@@ -84,12 +104,11 @@ async fn start_cluster(n: usize, cluster: &str, query_timeout: &str) -> Cluster 
         .wait_for(Duration::from_secs(30), "the first replica to find the others", || async {
             let (_, body, headers) =
                 first.sql_with("SELECT sum(l_quantity) AS q FROM lineitem", &[("strata-distribute", "on")]).await;
-            let workers =
-                headers.get("strata-route-detail").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
-            (workers.contains(&format!("over {n} workers")) && body.is_array()).then_some(())
+            let detail = header(&headers, "strata-route-detail");
+            (detail.contains(&format!("over {workers_expected} workers")) && body.is_array()).then_some(())
         })
         .await;
-    Cluster { replicas, local, _dir: dir }
+    Cluster { replicas, local, workers, _dir: dir }
 }
 
 const CLUSTER: &str =
@@ -285,4 +304,109 @@ async fn a_query_past_its_deadline_stops_its_tasks_on_every_worker() {
         let used = cpu_time(*pid) - before;
         assert!(used < Duration::from_millis(200), "replica {i} still used {used:?} of CPU in the second after");
     }
+}
+
+/// `GetWorkerInfo` on a worker port, sending `key` (if any) as the coordinator would.
+async fn worker_version(url: &str, key: Option<&str>) -> Result<String, String> {
+    use datafusion_distributed::grpc::{BoxCloneSyncChannel, create_worker_client};
+    let channel = tonic::transport::Channel::from_shared(url.to_string()).expect("url").connect_lazy();
+    let header = key.map(|k| tonic::codegen::http::HeaderValue::from_str(&format!("Bearer {k}")).expect("ascii"));
+    let channel = tower::ServiceBuilder::new()
+        .map_request(move |mut request: tonic::codegen::http::Request<tonic::body::Body>| {
+            if let Some(value) = &header {
+                request.headers_mut().insert("authorization", value.clone());
+            }
+            request
+        })
+        .service(channel);
+    let mut client = create_worker_client(BoxCloneSyncChannel::new(channel));
+    client
+        .get_worker_info(datafusion_distributed::GetWorkerInfoRequest {})
+        .await
+        .map(|i| i.version)
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn with_auth_only_the_replicas_key_opens_the_worker_port_and_other_builds_are_left_out() {
+    let (cluster_key, cluster_hash) = strata_core::auth::generate_key().expect("randomness");
+    let (app_key, app_hash) = strata_core::auth::generate_key().expect("randomness");
+    let auth = format!(
+        "  tenant: replicas\n  credential: {cluster_key}\nauth:\n  keys:\n    - {{id: replicas, tenant: replicas, hash: \"{cluster_hash}\"}}\n    - {{id: app, tenant: apps, hash: \"{app_hash}\"}}\ntenants:\n  replicas: {{datasets: []}}\n  apps: {{datasets: [\"*\"]}}\n"
+    );
+    // The last replica runs another build: it must take no task.
+    let extra = |i: usize| format!("{CLUSTER}{}{auth}", if i == 3 { "  version: an-older-build\n" } else { "" });
+    let cluster = start_cluster_with(4, extra, "60s", Some(&app_key), 3).await;
+    let coordinator = &cluster.replicas[0];
+    assert!(coordinator.logs().contains("leaving out a replica of another version"), "{}", coordinator.logs());
+
+    // An application's key queries, and the query is distributed with the replicas' key.
+    let sql = "SELECT l_returnflag, sum(l_quantity) AS q FROM lineitem GROUP BY 1 ORDER BY 1";
+    let (status, body, headers) = coordinator.sql_with(sql, &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(header(&headers, "strata-route"), "distributed");
+    assert!(header(&headers, "strata-route-detail").contains("over 3 workers"), "{headers:?}");
+
+    // The worker port: only the replicas' key.
+    let worker = &cluster.workers[1];
+    let version = worker_version(worker, Some(&cluster_key)).await.expect("the replicas' key is let in");
+    assert!(version.starts_with("strata-"), "{version}");
+    for key in [None, Some(app_key.as_str()), Some("strata_not_a_key")] {
+        let refused = worker_version(worker, key).await.expect_err("refused");
+        assert!(refused.contains("credentials") || refused.contains("authentication"), "{key:?}: {refused}");
+    }
+    // And the replicas' key reads nothing on the public ports.
+    let as_replica = reqwest::Client::new()
+        .post(cluster.replicas[1].url("/v1/sql"))
+        .bearer_auth(&cluster_key)
+        .body("SELECT count(*) FROM nation")
+        .send()
+        .await
+        .expect("POST /v1/sql");
+    let status = as_replica.status().as_u16();
+    let body = as_replica.text().await.expect("body");
+    assert!(status >= 400 && body.contains("not found"), "the replicas' key read a dataset: {status} {body}");
+    let (status, body, _) = cluster.replicas[1].sql_with("SELECT count(*) FROM nation", &[]).await;
+    assert_eq!(status, 200, "the app key reads: {body}");
+}
+
+/// A worker resolver of fixed URLs, as an attacker's own coordinator would use.
+struct FixedWorkers(Vec<url::Url>);
+
+impl datafusion_distributed::WorkerResolver for FixedWorkers {
+    fn get_urls(&self) -> Result<Vec<url::Url>, datafusion::error::DataFusionError> {
+        Ok(self.0.clone())
+    }
+}
+
+#[tokio::test]
+async fn a_plan_fragment_reading_a_file_of_no_dataset_is_refused_by_the_worker() {
+    use datafusion::execution::SessionStateBuilder;
+    use datafusion_distributed::{DistributedExt, SessionStateBuilderExt};
+    let cluster = start_cluster(2, CLUSTER, "60s").await;
+    // A file the platform does not serve, on the same machine as the worker.
+    let secrets = tempfile::tempdir().expect("dir");
+    for part in 0..4 {
+        let rows: String = (0..200).map(|i| format!("{i},secret-{part}-{i}\n")).collect();
+        std::fs::write(secrets.path().join(format!("part-{part}.csv")), format!("id,secret\n{rows}")).expect("write");
+    }
+    // An attacker who reaches the worker port (no `auth:` here) plans a query of its own over
+    // that file and sends the scan to the worker.
+    let worker = url::Url::parse(&cluster.workers[1]).expect("url");
+    let state = SessionStateBuilder::new()
+        .with_default_features()
+        .with_distributed_worker_resolver(FixedWorkers(vec![worker.clone(), worker.clone(), worker]))
+        .with_distributed_file_scan_config_bytes_per_partition(1)
+        .expect("config")
+        .with_distributed_planner()
+        .build();
+    let ctx = SessionContext::from(state);
+    let location = format!("{}/", secrets.path().display());
+    ctx.register_csv("secrets", &location, datafusion::prelude::CsvReadOptions::new()).await.expect("register");
+    let plan = ctx.sql("SELECT secret, count(*) FROM secrets GROUP BY secret").await.expect("plan");
+    let physical = plan.clone().create_physical_plan().await.expect("physical plan");
+    let shown = datafusion_distributed::display_plan_ascii(physical.as_ref(), false);
+    assert!(shown.contains("Stage"), "the attack must send a stage to the worker: {shown}");
+    let refused = plan.collect().await.expect_err("the worker refused the fragment").to_string();
+    assert!(refused.contains("not a file of any configured dataset"), "{refused}");
 }
