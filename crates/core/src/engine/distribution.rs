@@ -207,9 +207,20 @@ impl Engine {
 impl Distribution {
     /// The coordinator's session for one query: the planning state of `state` with the
     /// distributed planner, the members, the connections, this replica as the local worker,
-    /// and the task placement recorded into `placement`.
-    fn coordinator(&self, state: &SessionState, placement: &Placement) -> Result<SessionState> {
-        Ok(SessionStateBuilder::new_from_existing(state.clone())
+    /// and the task placement recorded into `placement`. `without_file_order`: the files'
+    /// own sort-order metadata is not read (see [`Distribution::plan`]).
+    fn coordinator(
+        &self,
+        state: &SessionState,
+        placement: &Placement,
+        without_file_order: bool,
+    ) -> Result<SessionState> {
+        let mut builder = SessionStateBuilder::new_from_existing(state.clone());
+        if without_file_order && let Some(config) = builder.config().as_mut() {
+            // A listing table infers a file's ordering only with its statistics.
+            config.options_mut().execution.collect_statistics = false;
+        }
+        Ok(builder
             .with_distributed_worker_resolver(Members(Arc::clone(&self.members)))
             .with_distributed_channel_resolver(self.channels.clone())
             .with_distributed_local_worker_context(self.worker.to_local_worker_context(self.self_url.clone()))
@@ -217,6 +228,33 @@ impl Distribution {
             .with_distributed_planner()
             .with_distributed_route_tasks_handler(placement.router(self.self_url.clone()))
             .build())
+    }
+
+    /// The distributed physical plan of `logical`, and the session it runs in.
+    ///
+    /// datafusion-distributed 4.0 cannot split a scan of Parquet files whose metadata
+    /// declares a sort order over tasks when the files do not share out evenly ("Different
+    /// partition count where provided in two different variants of DistributedLeafExec"):
+    /// such a plan is made again without reading the files' sort order (the planner then
+    /// sorts where the query needs it), which is what the same files without that metadata
+    /// get.
+    async fn plan(
+        &self,
+        logical: &LogicalPlan,
+        state: &SessionState,
+        placement: &Placement,
+    ) -> Result<(SessionState, Arc<dyn ExecutionPlan>)> {
+        let coordinator = self.coordinator(state, placement, false)?;
+        match coordinator.query_planner().create_physical_plan(logical, &coordinator).await {
+            Ok(physical) => Ok((coordinator, physical)),
+            Err(err) if err.to_string().contains("Different partition count") => {
+                warn!(error = %err, "distributing without the files' sort order (a datafusion-distributed limitation)");
+                let coordinator = self.coordinator(state, placement, true)?;
+                let physical = coordinator.query_planner().create_physical_plan(logical, &coordinator).await?;
+                Ok((coordinator, physical))
+            }
+            Err(err) => Err(err.into()),
+        }
     }
 
     /// The distributed plan of `plan`, started and polled to its first batch (so a worker
@@ -234,7 +272,16 @@ impl Distribution {
             return Ok(None);
         }
         let placement = Placement::default();
-        let coordinator = self.coordinator(state, &placement)?;
+        let (inner, analyze) = match plan {
+            LogicalPlan::Explain(explain) if !explain.verbose => (explain.plan.as_ref(), false),
+            LogicalPlan::Analyze(analyze) if !analyze.verbose => (analyze.input.as_ref(), true),
+            LogicalPlan::Explain(_) | LogicalPlan::Analyze(_) => return Ok(None),
+            plan => (plan, false),
+        };
+        let (coordinator, physical) = self.plan(inner, state, &placement).await?;
+        if count_stages(&physical) == 0 {
+            return Ok(None);
+        }
         let ctx = Arc::new(TaskContext::new(
             None,
             task_ctx.session_id(),
@@ -245,24 +292,15 @@ impl Distribution {
             task_ctx.window_functions().clone(),
             task_ctx.runtime_env(),
         ));
-        let planner = coordinator.query_planner();
         let stream = match plan {
-            LogicalPlan::Explain(explain) if !explain.verbose => {
-                let physical = planner.create_physical_plan(&explain.plan, &coordinator).await?;
-                if count_stages(&physical) == 0 {
-                    return Ok(None);
-                }
+            LogicalPlan::Explain(_) => {
                 let rows = [
-                    ("logical_plan", explain.plan.display_indent().to_string()),
+                    ("logical_plan", inner.display_indent().to_string()),
                     ("distributed_plan", datafusion_distributed::display_plan_ascii(physical.as_ref(), false)),
                 ];
                 explanation(plan, &rows)?
             }
-            LogicalPlan::Analyze(analyze) if !analyze.verbose => {
-                let physical = planner.create_physical_plan(&analyze.input, &coordinator).await?;
-                if count_stages(&physical) == 0 {
-                    return Ok(None);
-                }
+            LogicalPlan::Analyze(_) if analyze => {
                 let batches = datafusion::physical_plan::collect(Arc::clone(&physical), ctx).await?;
                 let rows = [
                     ("output_rows", batches.iter().map(|b| b.num_rows()).sum::<usize>().to_string()),
@@ -274,12 +312,7 @@ impl Distribution {
                 ];
                 explanation(plan, &rows)?
             }
-            LogicalPlan::Explain(_) | LogicalPlan::Analyze(_) => return Ok(None),
             _ => {
-                let physical = planner.create_physical_plan(plan, &coordinator).await?;
-                if count_stages(&physical) == 0 {
-                    return Ok(None);
-                }
                 let mut stream = datafusion::physical_plan::execute_stream(physical, ctx)?;
                 let schema = stream.schema();
                 let first = match stream.next().await {
