@@ -14,7 +14,7 @@ use serde_json::Value;
 use strata_integration_tests::tier::Tier;
 use strata_integration_tests::{free_port, workspace_root};
 
-use crate::tpch::{differs, rows, tables};
+use crate::tpch::{differs, rows, tables_at};
 
 /// Files per table: a stage over a table gets one task per worker only if there are files
 /// (or byte ranges) to share out.
@@ -83,7 +83,7 @@ fn write_tables(dir: &std::path::Path, tables: &[(&str, Vec<RecordBatch>)], loca
 /// Starts `n` replicas that all list each other; `cluster` is more of each one's
 /// `cluster:` section (indented two spaces).
 async fn start_cluster(n: usize, cluster: &str, query_timeout: &str) -> Cluster {
-    start_cluster_with(n, |_| cluster.to_string(), query_timeout, None, n).await
+    start_cluster_with(n, |_| cluster.to_string(), query_timeout, None, n, 0.01).await
 }
 
 /// [`start_cluster`] with each replica's own end of the config (`extra(i)`: its `cluster:`
@@ -95,10 +95,11 @@ async fn start_cluster_with(
     query_timeout: &str,
     key: Option<&str>,
     workers_expected: usize,
+    scale: f64,
 ) -> Cluster {
     let dir = tempfile::tempdir().expect("dir");
     let local = SessionContext::new();
-    let tables = tables();
+    let tables = tables_at(scale);
     let datasets = write_tables(dir.path(), &tables, &local);
     local
         .register_table("nation_fast", local.table_provider("nation").await.expect("nation"))
@@ -153,7 +154,8 @@ fn sorted(rows: &[Value]) -> Vec<String> {
 
 #[tokio::test]
 async fn tpch_over_parquet_runs_distributed_and_equals_the_single_node_answers() {
-    let cluster = start_cluster(4, CLUSTER, "120s").await;
+    // Scale factor 0.1: 600,000 rows of lineitem in 4 files (about 40 MiB of Parquet).
+    let cluster = start_cluster_with(4, |_| CLUSTER.replace("1MiB", "4MiB"), "120s", None, 4, 0.1).await;
     let coordinator = &cluster.replicas[0];
     let mut failures = Vec::new();
     let mut distributed = Vec::new();
@@ -365,7 +367,7 @@ async fn with_auth_only_the_replicas_key_opens_the_worker_port_and_other_builds_
     );
     // The last replica runs another build: it must take no task.
     let extra = |i: usize| format!("{CLUSTER}{}{auth}", if i == 3 { "  version: an-older-build\n" } else { "" });
-    let cluster = start_cluster_with(4, extra, "60s", Some(&app_key), 3).await;
+    let cluster = start_cluster_with(4, extra, "60s", Some(&app_key), 3, 0.01).await;
     let coordinator = &cluster.replicas[0];
     assert!(coordinator.logs().contains("leaving out a replica of another version"), "{}", coordinator.logs());
 
@@ -438,4 +440,34 @@ async fn a_plan_fragment_reading_a_file_of_no_dataset_is_refused_by_the_worker()
     assert!(shown.contains("Stage"), "the attack must send a stage to the worker: {shown}");
     let refused = plan.collect().await.expect_err("the worker refused the fragment").to_string();
     assert!(refused.contains("not a file of any configured dataset"), "{refused}");
+}
+
+/// `strata_query_routes_total` of `route` on `tier`, over every reason.
+async fn routed_total(tier: &Tier, route: &str) -> u64 {
+    let text = reqwest::get(tier.url("/metrics")).await.expect("GET /metrics").text().await.expect("body");
+    text.lines()
+        .filter(|l| l.starts_with("strata_query_routes_total{") && l.contains(&format!("route=\"{route}\"")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn a_query_a_sidecar_forwards_is_distributed_by_the_platform_and_the_hint_travels_with_it() {
+    let cluster = start_cluster(3, CLUSTER, "60s").await;
+    let platform = &cluster.replicas[0];
+    let sidecar = Tier::sidecar_of(platform, &["nation_fast"], "60s").await;
+    let sql = "SELECT l_returnflag, sum(l_quantity) AS q FROM lineitem GROUP BY 1 ORDER BY 1";
+    let expected = rows(&cluster.local.sql(sql).await.expect("plan").collect().await.expect("run"));
+
+    let before = routed_total(platform, "distributed").await;
+    let (status, body, headers) = sidecar.sql_with(sql, &[]).await;
+    assert_eq!(status, 200, "{body}\n{}", sidecar.logs());
+    assert_eq!(header(&headers, "strata-route"), "forwarded");
+    assert_eq!(body.as_array().map(Vec::len), Some(expected.len()), "{body}");
+    assert_eq!(routed_total(platform, "distributed").await, before + 1, "the platform distributed the forward");
+
+    // `strata-distribute: off` sent to the sidecar reaches the platform.
+    let (status, body, _) = sidecar.sql_with(sql, &[("strata-distribute", "off")]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(routed_total(platform, "distributed").await, before + 1, "the hint was lost on the way");
 }

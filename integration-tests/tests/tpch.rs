@@ -25,18 +25,23 @@ use tpchgen_arrow::{
 const SCALE: f64 = 0.01;
 
 pub(crate) fn tables() -> Vec<(&'static str, Vec<RecordBatch>)> {
+    tables_at(SCALE)
+}
+
+/// The eight TPC-H tables at scale factor `scale`.
+pub(crate) fn tables_at(scale: f64) -> Vec<(&'static str, Vec<RecordBatch>)> {
     fn collect(it: impl Iterator<Item = Result<RecordBatch, arrow::error::ArrowError>>) -> Vec<RecordBatch> {
         it.collect::<Result<_, _>>().expect("generate TPC-H data")
     }
     vec![
-        ("nation", collect(NationArrow::new(NationGenerator::new(SCALE, 1, 1)))),
-        ("region", collect(RegionArrow::new(RegionGenerator::new(SCALE, 1, 1)))),
-        ("part", collect(PartArrow::new(PartGenerator::new(SCALE, 1, 1)))),
-        ("supplier", collect(SupplierArrow::new(SupplierGenerator::new(SCALE, 1, 1)))),
-        ("partsupp", collect(PartSuppArrow::new(PartSuppGenerator::new(SCALE, 1, 1)))),
-        ("customer", collect(CustomerArrow::new(CustomerGenerator::new(SCALE, 1, 1)))),
-        ("orders", collect(OrderArrow::new(OrderGenerator::new(SCALE, 1, 1)))),
-        ("lineitem", collect(LineItemArrow::new(LineItemGenerator::new(SCALE, 1, 1)))),
+        ("nation", collect(NationArrow::new(NationGenerator::new(scale, 1, 1)))),
+        ("region", collect(RegionArrow::new(RegionGenerator::new(scale, 1, 1)))),
+        ("part", collect(PartArrow::new(PartGenerator::new(scale, 1, 1)))),
+        ("supplier", collect(SupplierArrow::new(SupplierGenerator::new(scale, 1, 1)))),
+        ("partsupp", collect(PartSuppArrow::new(PartSuppGenerator::new(scale, 1, 1)))),
+        ("customer", collect(CustomerArrow::new(CustomerGenerator::new(scale, 1, 1)))),
+        ("orders", collect(OrderArrow::new(OrderGenerator::new(scale, 1, 1)))),
+        ("lineitem", collect(LineItemArrow::new(LineItemGenerator::new(scale, 1, 1)))),
     ]
 }
 
