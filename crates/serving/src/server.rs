@@ -68,26 +68,8 @@ pub async fn start(
             None
         }
     };
-    let flight_listener = TcpListener::bind(server.flight_addr).await.map_err(|source| ServeError::Bind {
-        what: "flight",
-        addr: server.flight_addr,
-        source,
-    })?;
-    let http_listener = TcpListener::bind(server.http_addr).await.map_err(|source| ServeError::Bind {
-        what: "http",
-        addr: server.http_addr,
-        source,
-    })?;
-    let flight_addr = flight_listener.local_addr().map_err(|source| ServeError::Bind {
-        what: "flight",
-        addr: server.flight_addr,
-        source,
-    })?;
-    let http_addr = http_listener.local_addr().map_err(|source| ServeError::Bind {
-        what: "http",
-        addr: server.http_addr,
-        source,
-    })?;
+    let (flight_listener, flight_addr) = bind("flight", server.flight_addr).await?;
+    let (http_listener, http_addr) = bind("http", server.http_addr).await?;
 
     let background = engine.background().clone();
     let connections = crate::connections::ConnectionGuard::new(server);
@@ -117,16 +99,7 @@ pub async fn start(
     tasks.spawn(grpc);
     let worker_addr = match cluster {
         Some(cluster) => {
-            let listener = TcpListener::bind(cluster.listen).await.map_err(|source| ServeError::Bind {
-                what: "cluster worker",
-                addr: cluster.listen,
-                source,
-            })?;
-            let addr = listener.local_addr().map_err(|source| ServeError::Bind {
-                what: "cluster worker",
-                addr: cluster.listen,
-                source,
-            })?;
+            let (listener, addr) = bind("cluster worker", cluster.listen).await?;
             let worker = crate::cluster::join(&engine, cluster, addr, stop_accepting.clone()).await?;
             let auth = match (&auth, &cluster.tenant) {
                 (Some(auth), Some(tenant)) => Some(crate::auth::GrpcAuthLayer::only(Arc::clone(auth), tenant)),
@@ -169,6 +142,14 @@ pub async fn start(
         shutdown: stop_accepting,
         grace: server.shutdown_grace,
     })
+}
+
+/// Binds `addr` (port 0 picks a free one) and returns the listener with the address it got.
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeError> {
+    let error = |source| ServeError::Bind { what, addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(error)?;
+    let bound = listener.local_addr().map_err(error)?;
+    Ok((listener, bound))
 }
 
 /// Without `auth:` a tier answers anyone who can reach it: fine on loopback (a sidecar beside

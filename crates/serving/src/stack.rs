@@ -29,6 +29,21 @@ pub const HTTP2_MAX_HEADER_BYTES: u32 = 16 << 10;
 /// Streams a client may reset before the server has accepted them; past it, GOAWAY.
 pub const HTTP2_MAX_PENDING_RESETS: usize = 32;
 
+/// A tonic server with the transport bounds every gRPC listener shares. Dead clients are
+/// detected (keepalive), so their queries are cancelled and their permits freed; HTTP/2
+/// abuse is bounded: streams one connection may hold open, headers a call may send
+/// (metadata), and streams a client may open and reset before the server answers
+/// (CVE-2023-44487, rapid reset: past it the connection gets GOAWAY). Connection admission,
+/// nodelay and the handshake and idle timeouts are the listener's (`GuardedListener`).
+fn hardened_grpc_server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .max_concurrent_streams(Some(HTTP2_MAX_STREAMS))
+        .http2_max_header_list_size(Some(HTTP2_MAX_HEADER_BYTES))
+        .http2_max_pending_accept_reset_streams(Some(HTTP2_MAX_PENDING_RESETS))
+}
+
 /// The gRPC stack on the Flight listener: Flight SQL, the tier protocol and reflection.
 /// Returns the server future, which runs until `stop` and then lets open streams finish.
 pub fn grpc(
@@ -50,18 +65,7 @@ pub fn grpc(
         .register_encoded_file_descriptor_set(strata_proto::v1::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(reflection_error)?;
-    let router = tonic::transport::Server::builder()
-        // Transport: dead clients are detected, so their queries are cancelled and their
-        // permits freed. (Connection admission, nodelay and the handshake and idle timeouts
-        // are the listener's: `GuardedListener`.)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        // HTTP/2 abuse: streams one connection may hold open, headers a call may send
-        // (metadata), and streams a client may open and reset before the server answers
-        // (CVE-2023-44487, rapid reset: past it the connection gets GOAWAY).
-        .max_concurrent_streams(Some(HTTP2_MAX_STREAMS))
-        .http2_max_header_list_size(Some(HTTP2_MAX_HEADER_BYTES))
-        .http2_max_pending_accept_reset_streams(Some(HTTP2_MAX_PENDING_RESETS))
+    let router = hardened_grpc_server()
         // 1. Request span (outermost): every call is in a span naming its method, so the
         //    layers and handlers below log inside it, failures included.
         .layer(TraceLayer::new_for_grpc().make_span_with(
@@ -105,12 +109,7 @@ pub fn worker_grpc(
     listener: GuardedListener,
     stop: CancellationToken,
 ) -> impl Future<Output = Result<(), ServeError>> + Send + 'static {
-    let router = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .max_concurrent_streams(Some(HTTP2_MAX_STREAMS))
-        .http2_max_header_list_size(Some(HTTP2_MAX_HEADER_BYTES))
-        .http2_max_pending_accept_reset_streams(Some(HTTP2_MAX_PENDING_RESETS))
+    let router = hardened_grpc_server()
         .layer(TraceLayer::new_for_grpc().make_span_with(
             |request: &axum::http::Request<_>| tracing::debug_span!("worker", method = %request.uri().path()),
         ))

@@ -282,16 +282,8 @@ impl Distribution {
         if count_stages(&physical) == 0 {
             return Ok(None);
         }
-        let ctx = Arc::new(TaskContext::new(
-            None,
-            task_ctx.session_id(),
-            coordinator.config().clone(),
-            task_ctx.scalar_functions().clone(),
-            task_ctx.higher_order_functions().clone(),
-            task_ctx.aggregate_functions().clone(),
-            task_ctx.window_functions().clone(),
-            task_ctx.runtime_env(),
-        ));
+        let ctx =
+            super::query_path::derived_task_context(task_ctx, coordinator.config().clone(), task_ctx.runtime_env());
         let stream = match plan {
             LogicalPlan::Explain(_) => {
                 let rows = [

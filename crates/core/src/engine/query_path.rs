@@ -308,16 +308,7 @@ impl Engine {
         let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::from_runtime_env(&runtime)
             .with_memory_pool(Arc::new(pool))
             .build_arc()?;
-        let ctx = Arc::new(datafusion::execution::TaskContext::new(
-            shared.task_id(),
-            shared.session_id(),
-            shared.session_config().clone(),
-            shared.scalar_functions().clone(),
-            shared.higher_order_functions().clone(),
-            shared.aggregate_functions().clone(),
-            shared.window_functions().clone(),
-            runtime,
-        ));
+        let ctx = derived_task_context(shared, shared.session_config().clone(), runtime);
         contexts.insert(key, Arc::clone(&ctx));
         Ok(ctx)
     }
@@ -504,6 +495,25 @@ fn runs_as_planned(plan: &dyn ExecutionPlan) -> bool {
         }),
         _ => false,
     }
+}
+
+/// `base` with another session config and runtime (a tenant's memory pool, a distributed
+/// query's coordinator session); its function registries are shared, not rebuilt.
+pub(super) fn derived_task_context(
+    base: &datafusion::execution::TaskContext,
+    config: datafusion::prelude::SessionConfig,
+    runtime: Arc<datafusion::execution::runtime_env::RuntimeEnv>,
+) -> Arc<datafusion::execution::TaskContext> {
+    Arc::new(datafusion::execution::TaskContext::new(
+        base.task_id(),
+        base.session_id(),
+        config,
+        base.scalar_functions().clone(),
+        base.higher_order_functions().clone(),
+        base.aggregate_functions().clone(),
+        base.window_functions().clone(),
+        runtime,
+    ))
 }
 
 /// The span of one query, a child of the caller's trace context when it sent one. Its
