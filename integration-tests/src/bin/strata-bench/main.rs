@@ -9,6 +9,7 @@
 
 mod bulk;
 mod delay_relay;
+mod distributed;
 mod edge;
 mod measure;
 mod netns;
@@ -34,12 +35,12 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Scenarios to run (comma separated): lookup, aggregate, dashboard, footprint, netns,
-    /// tracing, security, bulk, tpch, edge-ingest, edge-restart, edge-outage. `netns` needs root; without it
+    /// tracing, security, bulk, tpch, distributed, edge-ingest, edge-restart, edge-outage. `netns` needs root; without it
     /// the scenario is skipped with the reason.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "lookup,aggregate,dashboard,footprint,netns,tracing,security,bulk,tpch,edge-ingest,edge-restart,edge-outage"
+        default_value = "lookup,aggregate,dashboard,footprint,netns,tracing,security,bulk,tpch,distributed,edge-ingest,edge-restart,edge-outage"
     )]
     only: Vec<String>,
     /// Measure only the paths whose names contain one of these (comma separated), for
@@ -131,6 +132,10 @@ async fn main() -> anyhow::Result<()> {
     if wants("tpch") {
         eprintln!("TPC-H SF{scale}");
         keep("tpch", tpch::run(scale, rounds, args.python.as_deref()).await);
+    }
+    if wants("distributed") {
+        eprintln!("TPC-H SF{scale} over Parquet, one replica and three");
+        keep("distributed", distributed::run(scale, rounds, if args.quick { 50 } else { 500 }).await);
     }
 
     let report = Report {

@@ -1,0 +1,179 @@
+//! Platform replicas running one query together (`cluster:`): TPC-H over Parquet files on
+//! one replica alone against three replicas distributing every query, in one run, and the
+//! cost of having distribution on for a query too small to distribute.
+//!
+//! On a machine with few cores the three replicas share them, so this shows what
+//! distribution costs (stages, shuffles over loopback, planning twice), not a speed-up.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use datafusion::parquet::arrow::ArrowWriter;
+use strata_integration_tests::free_port;
+use strata_integration_tests::tier::Tier;
+use strata_integration_tests::workspace_root;
+use tpchgen::generators::{
+    CustomerGenerator, LineItemGenerator, NationGenerator, OrderGenerator, PartGenerator, PartSuppGenerator,
+    RegionGenerator, SupplierGenerator,
+};
+use tpchgen_arrow::{
+    CustomerArrow, LineItemArrow, NationArrow, OrderArrow, PartArrow, PartSuppArrow, RegionArrow, SupplierArrow,
+};
+
+use crate::report::{Figure, Scenario, Table};
+
+/// Files per table, so a scan can be shared out over the replicas.
+const FILES: usize = 6;
+
+/// Writes one table as `FILES` Parquet files under `dir/name/`.
+fn write_table(
+    dir: &Path,
+    name: &str,
+    batches: impl Iterator<Item = Result<RecordBatch, arrow::error::ArrowError>>,
+) -> anyhow::Result<()> {
+    let table = dir.join(name);
+    std::fs::create_dir_all(&table)?;
+    let batches: Vec<RecordBatch> = batches.collect::<Result<_, _>>()?;
+    let Some(first) = batches.first() else { anyhow::bail!("no rows generated for {name}") };
+    let per_file = batches.len().div_ceil(FILES).max(1);
+    for (i, chunk) in batches.chunks(per_file).enumerate() {
+        let file = std::fs::File::create(table.join(format!("part-{i}.parquet")))?;
+        let mut writer = ArrowWriter::try_new(file, first.schema(), None)?;
+        for batch in chunk {
+            writer.write(batch)?;
+        }
+        writer.close()?;
+    }
+    Ok(())
+}
+
+fn generate(dir: &Path, scale: f64) -> anyhow::Result<()> {
+    write_table(dir, "nation", NationArrow::new(NationGenerator::new(scale, 1, 1)))?;
+    write_table(dir, "region", RegionArrow::new(RegionGenerator::new(scale, 1, 1)))?;
+    write_table(dir, "part", PartArrow::new(PartGenerator::new(scale, 1, 1)))?;
+    write_table(dir, "supplier", SupplierArrow::new(SupplierGenerator::new(scale, 1, 1)))?;
+    write_table(dir, "partsupp", PartSuppArrow::new(PartSuppGenerator::new(scale, 1, 1)))?;
+    write_table(dir, "customer", CustomerArrow::new(CustomerGenerator::new(scale, 1, 1)))?;
+    write_table(dir, "orders", OrderArrow::new(OrderGenerator::new(scale, 1, 1)))?;
+    write_table(dir, "lineitem", LineItemArrow::new(LineItemGenerator::new(scale, 1, 1)))?;
+    Ok(())
+}
+
+const TABLES: [&str; 8] = ["nation", "region", "part", "supplier", "partsupp", "customer", "orders", "lineitem"];
+
+/// The datasets over the files (read live, not accelerated: only files are distributed),
+/// results cache off so every round runs.
+fn config(data: &Path, cluster: &str) -> String {
+    let mut config = String::from(
+        "region: eu\nlimits:\n  query_timeout: 600s\n  memory_limit: 8GiB\nresults_cache:\n  max_bytes: 0\ndatasets:\n",
+    );
+    for table in TABLES {
+        config.push_str(&format!(
+            "  - name: {table}\n    from: file:{}/\n    format: parquet\n",
+            data.join(table).display()
+        ));
+    }
+    config.push_str(cluster);
+    config
+}
+
+/// One query over HTTP: its time (ms), rows and `strata-route-detail`.
+async fn timed(tier: &Tier, sql: &str) -> anyhow::Result<(f64, usize, String)> {
+    let started = Instant::now();
+    let (status, body, headers) = tier.sql_with(sql, &[]).await;
+    let ms = started.elapsed().as_secs_f64() * 1e3;
+    anyhow::ensure!(status == 200, "{status}: {body}");
+    let detail = headers.get("strata-route-detail").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    Ok((ms, body.as_array().map_or(0, Vec::len), detail))
+}
+
+fn best(times: &[f64]) -> f64 {
+    times.iter().copied().fold(f64::MAX, f64::min)
+}
+
+fn median(times: &mut [f64]) -> f64 {
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+pub async fn run(scale: f64, rounds: usize, small_queries: usize) -> anyhow::Result<Scenario> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().to_path_buf();
+    let generate_dir = data.clone();
+    tokio::task::spawn_blocking(move || generate(&generate_dir, scale)).await??;
+    let queries: Vec<String> = (1..=22)
+        .map(|n| std::fs::read_to_string(workspace_root().join(format!("integration-tests/tpch/q{n:02}.sql"))))
+        .collect::<Result<_, _>>()?;
+
+    let alone = Tier::start("platform-service", &config(&data, "")).await;
+    alone.wait_ready(Duration::from_secs(600)).await;
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let workers = ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect::<Vec<_>>().join(", ");
+    // A task per 64 MiB of files at SF1 (lineitem's stages get one task per replica), less
+    // at smaller scales so that they are distributed too.
+    let bytes_per_task = ((scale * f64::from(64u32 << 20)) as u64).max(256 << 10);
+    let mut replicas = Vec::new();
+    for port in ports.iter().rev() {
+        let cluster = format!(
+            "cluster:\n  listen: 127.0.0.1:{port}\n  workers: [{workers}]\n  distribute_above: 1MiB\n  bytes_per_task: {bytes_per_task}\n"
+        );
+        let replica = Tier::start("platform-service", &config(&data, &cluster)).await;
+        replica.wait_ready(Duration::from_secs(600)).await;
+        replicas.push(replica);
+    }
+    let coordinator = replicas.last().ok_or_else(|| anyhow::anyhow!("no replica"))?;
+
+    let mut rows = Vec::new();
+    let (mut total_alone, mut total_cluster) = (0.0, 0.0);
+    for (i, sql) in queries.iter().enumerate() {
+        let (mut alone_ms, mut cluster_ms, mut stages) = (Vec::new(), Vec::new(), 0.0);
+        for _ in 0..rounds {
+            let (ms, expected, _) = timed(&alone, sql).await?;
+            alone_ms.push(ms);
+            let (ms, got, detail) = timed(coordinator, sql).await?;
+            cluster_ms.push(ms);
+            anyhow::ensure!(got == expected, "Q{}: {got} rows distributed, {expected} on one replica", i + 1);
+            stages = detail
+                .split(" in ")
+                .nth(1)
+                .and_then(|rest| rest.split(' ').next())
+                .and_then(|n| n.parse::<f64>().ok())
+                .unwrap_or(0.0);
+        }
+        let (a, c) = (best(&alone_ms), best(&cluster_ms));
+        total_alone += a;
+        total_cluster += c;
+        rows.push((format!("Q{:02}", i + 1), vec![Some(a), Some(c), Some(c / a), Some(stages)]));
+    }
+    rows.push(("total".into(), vec![Some(total_alone), Some(total_cluster), Some(total_cluster / total_alone), None]));
+
+    // A query far below `distribute_above`, on a replica with `cluster:` and on one without.
+    let small = "SELECT n_name FROM nation WHERE n_nationkey = 7";
+    let (mut small_alone, mut small_cluster) = (Vec::new(), Vec::new());
+    for _ in 0..small_queries {
+        small_alone.push(timed(&alone, small).await?.0);
+        small_cluster.push(timed(coordinator, small).await?.0);
+    }
+    let (p50_alone, p50_cluster) = (median(&mut small_alone), median(&mut small_cluster));
+    Ok(Scenario {
+        name: format!("Distributed TPC-H SF{scale} over Parquet: one replica vs three, best of {rounds}"),
+        baseline: "one platform replica without `cluster:` over the same files".into(),
+        results: Vec::new(),
+        figures: vec![
+            Figure::new("one replica, total", total_alone, "ms", Some(1.0)),
+            Figure::new(
+                "three replicas with `cluster:`, total",
+                total_cluster,
+                "ms",
+                Some(total_cluster / total_alone),
+            ),
+            Figure::new("small query p50, no cluster", p50_alone, "ms", Some(1.0)),
+            Figure::new("small query p50, cluster: on (stays local)", p50_cluster, "ms", Some(p50_cluster / p50_alone)),
+        ],
+        table: Some(Table {
+            columns: vec!["one replica ms".into(), "three replicas ms".into(), "three / one".into(), "stages".into()],
+            rows,
+        }),
+    })
+}
