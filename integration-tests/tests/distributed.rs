@@ -83,23 +83,43 @@ fn write_tables(dir: &std::path::Path, tables: &[(&str, Vec<RecordBatch>)], loca
 /// Starts `n` replicas that all list each other; `cluster` is more of each one's
 /// `cluster:` section (indented two spaces).
 async fn start_cluster(n: usize, cluster: &str, query_timeout: &str) -> Cluster {
-    start_cluster_with(n, |_| cluster.to_string(), query_timeout, None, n, 0.01).await
+    let cluster = cluster.to_string();
+    start_cluster_with(Setup { extra: Box::new(move |_| cluster.clone()), ..Setup::new(n, query_timeout) }).await
 }
 
-/// [`start_cluster`] with each replica's own end of the config (`extra(i)`: its `cluster:`
-/// lines, then any top-level sections), a key for the tests' requests, and how many workers
-/// the first replica must find before the cluster counts as up.
-async fn start_cluster_with(
+/// How [`start_cluster_with`] starts a cluster.
+struct Setup<'a> {
     n: usize,
-    extra: impl Fn(usize) -> String,
-    query_timeout: &str,
-    key: Option<&str>,
+    /// Each replica's own end of the config: its `cluster:` lines, then any top-level sections.
+    extra: Box<dyn Fn(usize) -> String + 'a>,
+    query_timeout: &'a str,
+    /// Sent with the tests' requests.
+    key: Option<&'a str>,
+    /// Workers the first replica must find before the cluster counts as up.
     workers_expected: usize,
     scale: f64,
-) -> Cluster {
+    /// `https` workers, and the CA the tests' HTTP client trusts.
+    tls_ca: Option<&'a std::path::Path>,
+}
+
+impl<'a> Setup<'a> {
+    fn new(n: usize, query_timeout: &'a str) -> Self {
+        Self {
+            n,
+            extra: Box::new(|_| CLUSTER.to_string()),
+            query_timeout,
+            key: None,
+            workers_expected: n,
+            scale: 0.01,
+            tls_ca: None,
+        }
+    }
+}
+
+async fn start_cluster_with(setup: Setup<'_>) -> Cluster {
     let dir = tempfile::tempdir().expect("dir");
     let local = SessionContext::new();
-    let tables = tables_at(scale);
+    let tables = tables_at(setup.scale);
     let datasets = write_tables(dir.path(), &tables, &local);
     local
         .register_table("nation_fast", local.table_provider("nation").await.expect("nation"))
@@ -107,25 +127,32 @@ async fn start_cluster_with(
     local
         .register_table("orders_sorted", local.table_provider("orders").await.expect("orders"))
         .expect("register orders_sorted");
-    let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
-    let workers: Vec<String> = ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
+    let ports: Vec<u16> = (0..setup.n).map(|_| free_port()).collect();
+    let scheme = if setup.tls_ca.is_some() { "https" } else { "http" };
+    let workers: Vec<String> = ports.iter().map(|p| format!("{scheme}://127.0.0.1:{p}")).collect();
     // The first replica (the one queries are sent to) starts last, so its check at start
     // finds all the others.
     let mut replicas = Vec::new();
     for (i, port) in ports.iter().enumerate().rev() {
         let yaml = format!(
-            "region: eu\nlimits:\n  query_timeout: {query_timeout}\n{datasets}cluster:\n  listen: 127.0.0.1:{port}\n  workers: [{}]\n{}",
+            "region: eu\nlimits:\n  query_timeout: {}\n{datasets}cluster:\n  listen: 127.0.0.1:{port}\n  workers: [{}]\n{}",
+            setup.query_timeout,
             workers.join(", "),
-            extra(i)
+            (setup.extra)(i)
         );
-        let replica = Tier::start("platform-service", &yaml).await;
+        let builder = Tier::builder("platform-service").config(&yaml);
+        let replica = match setup.tls_ca {
+            Some(ca) => builder.tls(ca).start().await,
+            None => builder.start().await,
+        };
         replica.wait_ready(Duration::from_secs(60)).await;
-        let replica = match key {
+        let replica = match setup.key {
             Some(key) => replica.with_key(key),
             None => replica,
         };
         replicas.insert(0, replica);
     }
+    let workers_expected = setup.workers_expected;
     let first = &replicas[0];
     first
         .wait_for(Duration::from_secs(30), "the first replica to find the others", || async {
@@ -155,7 +182,12 @@ fn sorted(rows: &[Value]) -> Vec<String> {
 #[tokio::test]
 async fn tpch_over_parquet_runs_distributed_and_equals_the_single_node_answers() {
     // Scale factor 0.1: 600,000 rows of lineitem in 4 files (about 40 MiB of Parquet).
-    let cluster = start_cluster_with(4, |_| CLUSTER.replace("1MiB", "4MiB"), "120s", None, 4, 0.1).await;
+    let cluster = start_cluster_with(Setup {
+        extra: Box::new(|_| CLUSTER.replace("1MiB", "4MiB")),
+        scale: 0.1,
+        ..Setup::new(4, "120s")
+    })
+    .await;
     let coordinator = &cluster.replicas[0];
     let mut failures = Vec::new();
     let mut distributed = Vec::new();
@@ -366,8 +398,14 @@ async fn with_auth_only_the_replicas_key_opens_the_worker_port_and_other_builds_
         "  tenant: replicas\n  credential: {cluster_key}\nauth:\n  keys:\n    - {{id: replicas, tenant: replicas, hash: \"{cluster_hash}\"}}\n    - {{id: app, tenant: apps, hash: \"{app_hash}\"}}\ntenants:\n  replicas: {{datasets: []}}\n  apps: {{datasets: [\"*\"]}}\n"
     );
     // The last replica runs another build: it must take no task.
-    let extra = |i: usize| format!("{CLUSTER}{}{auth}", if i == 3 { "  version: an-older-build\n" } else { "" });
-    let cluster = start_cluster_with(4, extra, "60s", Some(&app_key), 3, 0.01).await;
+    let extra = move |i: usize| format!("{CLUSTER}{}{auth}", if i == 3 { "  version: an-older-build\n" } else { "" });
+    let cluster = start_cluster_with(Setup {
+        extra: Box::new(extra),
+        key: Some(&app_key),
+        workers_expected: 3,
+        ..Setup::new(4, "60s")
+    })
+    .await;
     let coordinator = &cluster.replicas[0];
     assert!(coordinator.logs().contains("leaving out a replica of another version"), "{}", coordinator.logs());
 
@@ -470,4 +508,56 @@ async fn a_query_a_sidecar_forwards_is_distributed_by_the_platform_and_the_hint_
     let (status, body, _) = sidecar.sql_with(sql, &[("strata-distribute", "off")]).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(routed_total(platform, "distributed").await, before + 1, "the hint was lost on the way");
+}
+
+#[tokio::test]
+async fn replicas_talk_over_mutual_tls_and_know_each_other_by_certificate() {
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = strata_integration_tests::certs::TestCa::new(dir.path(), "cluster");
+    let server = ca.server("platform");
+    let replica = ca.issue("replica", "replica", &["localhost"]);
+    let intruder = ca.issue("intruder", "intruder", &["localhost"]);
+    let (app_key, app_hash) = strata_core::auth::generate_key().expect("randomness");
+    let extra = format!(
+        "{CLUSTER}  tenant: replicas\n  tls:\n    ca_file: {}\n    cert_file: {}\n    key_file: {}\nserver:\n{}auth:\n  certificates: [{{subject: replica, tenant: replicas}}, {{subject: intruder, tenant: apps}}]\n  keys: [{{id: app, tenant: apps, hash: \"{app_hash}\"}}]\ntenants:\n  replicas: {{datasets: []}}\n  apps: {{datasets: [\"*\"]}}\n",
+        ca.ca_file.display(),
+        replica.cert_file.display(),
+        replica.key_file.display(),
+        server.server_yaml(Some(&ca.ca_file), true),
+    );
+    let cluster = start_cluster_with(Setup {
+        extra: Box::new(move |_| extra.clone()),
+        key: Some(&app_key),
+        tls_ca: Some(&ca.ca_file),
+        ..Setup::new(3, "60s")
+    })
+    .await;
+    let sql = "SELECT l_returnflag, sum(l_quantity) AS q FROM lineitem GROUP BY 1 ORDER BY 1";
+    let (status, body, headers) = cluster.replicas[0].sql_with(sql, &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(header(&headers, "strata-route-detail").contains("over 3 workers"), "{headers:?}");
+
+    let worker = &cluster.workers[1];
+    // The replicas' certificate opens the worker port; another certificate of the same CA
+    // (a tenant that may query) does not, nor does plaintext.
+    let info = |client: Option<&strata_integration_tests::certs::CertFiles>| {
+        let (worker, ca) = (worker.clone(), ca.ca_file.clone());
+        let client = client.cloned();
+        async move {
+            let channel = strata_integration_tests::tls_channel(&worker, &ca, client.as_ref()).await;
+            let mut client = datafusion_distributed::grpc::create_worker_client(
+                datafusion_distributed::grpc::BoxCloneSyncChannel::new(channel),
+            );
+            client
+                .get_worker_info(datafusion_distributed::GetWorkerInfoRequest {})
+                .await
+                .map(|i| i.version)
+                .map_err(|e| e.to_string())
+        }
+    };
+    assert!(info(Some(&replica)).await.is_ok_and(|v| v.starts_with("strata-")));
+    let refused = info(Some(&intruder)).await.expect_err("another tenant's certificate");
+    assert!(refused.contains("credentials"), "{refused}");
+    let plaintext = worker_version(&worker.replace("https://", "http://"), None).await;
+    assert!(plaintext.is_err(), "the worker port answered plaintext: {plaintext:?}");
 }

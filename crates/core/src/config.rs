@@ -337,6 +337,12 @@ pub struct ClusterConfig {
     /// the replicas' own. Every other key is refused there, whatever it may query.
     #[serde(default)]
     pub tenant: Option<String>,
+    /// TLS between the replicas: the worker listener serves `server.tls` (its
+    /// `client_ca_file` / `require_client_cert` too, for mutual TLS), and this replica
+    /// connects to `https://` workers with these settings (the CA, its own certificate for
+    /// mutual TLS, and `server_name` when the certificates name a Service rather than pods).
+    #[serde(default)]
+    pub tls: Option<ClientTlsConfig>,
 }
 
 fn default_cluster_listen() -> SocketAddr {
@@ -371,6 +377,7 @@ impl ClusterConfig {
         &self,
         auth: bool,
         tenants: &BTreeMap<String, crate::auth::TenantConfig>,
+        server_tls: bool,
     ) -> std::result::Result<(), String> {
         if self.workers.is_empty() && self.dns.is_none() {
             return Err("cluster: list the replicas' worker URLs in `workers:` or name them in `dns:`".into());
@@ -379,10 +386,22 @@ impl ClusterConfig {
             let field =
                 if i < self.workers.len() { format!("cluster.workers[{i}]") } else { "cluster.advertise".into() };
             check_endpoint(url).map_err(|m| format!("{field}: {m}"))?;
-            if url.starts_with("https://") {
-                return Err(format!(
-                    "{field}: `{url}`: TLS between workers is not supported yet; use http:// on a network only the replicas reach"
-                ));
+            if url.starts_with("https://") != self.tls.is_some() {
+                return Err(match &self.tls {
+                    Some(_) => format!("{field}: `{url}`: with `cluster.tls` every worker URL is https://"),
+                    None => format!(
+                        "{field}: `{url}` is https://: set `cluster.tls` (the CA the workers' certificates chain to)"
+                    ),
+                });
+            }
+        }
+        if let Some(tls) = &self.tls {
+            tls.check("cluster")?;
+            if !server_tls {
+                return Err(
+                    "cluster.tls: the worker listener serves `server.tls`; set it (the replicas' certificate and key)"
+                        .into(),
+                );
             }
         }
         if let Some(dns) = &self.dns
@@ -409,11 +428,10 @@ impl ClusterConfig {
             if !tenants.contains_key(tenant) {
                 return Err(format!("cluster.tenant: `{tenant}` is not one of `tenants:`"));
             }
-            if self.credential.is_none() && self.credential_file.is_none() {
-                return Err(
-                    "cluster.credential: with `auth:`, the replicas need a key of `cluster.tenant` to call each other"
-                        .into(),
-                );
+            // Known to each other by a key, or by their client certificates (mutual TLS).
+            let certificate = self.tls.as_ref().is_some_and(|tls| tls.cert_file.is_some());
+            if self.credential.is_none() && self.credential_file.is_none() && !certificate {
+                return Err("cluster.credential: with `auth:`, the replicas need a key of `cluster.tenant` (or a client certificate in `cluster.tls`) to call each other".into());
             }
         }
         Ok(())
@@ -960,10 +978,15 @@ impl Config {
                 }
             }
         }
-        if let Some(file) = config.cluster.as_mut().and_then(|c| c.credential_file.as_mut())
-            && file.is_relative()
-        {
-            *file = base.join(&*file);
+        if let Some(cluster) = &mut config.cluster {
+            if let Some(file) = cluster.credential_file.as_mut()
+                && file.is_relative()
+            {
+                *file = base.join(&*file);
+            }
+            if let Some(tls) = cluster.tls.as_mut() {
+                tls.make_relative_to(base);
+            }
         }
         if let Some(tls) = config.upstream.as_mut().and_then(|u| u.tls.as_mut()) {
             tls.make_relative_to(base);
@@ -1082,7 +1105,7 @@ impl Config {
             }
         }
         if let Some(cluster) = &self.cluster {
-            cluster.validate(self.auth.is_some(), &self.tenants)?;
+            cluster.validate(self.auth.is_some(), &self.tenants, self.server.tls.is_some())?;
         }
         for (i, p) in self.peers.iter().enumerate() {
             check_endpoint(&p.endpoint).map_err(|m| format!("peers[{i}].endpoint: {m}"))?;
@@ -1232,7 +1255,9 @@ mod tests {
         assert!(cluster.version().starts_with("strata-"));
         assert!(err("cluster: {}\n").contains("`workers:` or name them in `dns:`"));
         assert!(err("cluster:\n  workers: [10.0.0.1:50061]\n").contains("cluster.workers[0]"));
-        assert!(err("cluster:\n  workers: [https://a:1]\n").contains("TLS between workers is not supported"));
+        assert!(err("cluster:\n  workers: [https://a:1]\n").contains("set `cluster.tls`"));
+        let tls_without_server = err("cluster:\n  workers: [https://a:1]\n  tls: {ca_file: ca.pem}\n");
+        assert!(tls_without_server.contains("serves `server.tls`"), "{tls_without_server}");
         assert!(err("cluster:\n  dns: strata-platform-peers\n").contains("cluster.dns"));
         let wildcard = err("cluster:\n  listen: 0.0.0.0:50061\n  dns: peers:50061\n");
         assert!(wildcard.contains("cluster.advertise"), "{wildcard}");

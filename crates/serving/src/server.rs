@@ -107,7 +107,15 @@ pub async fn start(
             };
             let listener = GuardedListener::new(listener, Arc::clone(&connections));
             let max_message = cluster.max_message_size.as_usize();
-            tasks.spawn(crate::stack::worker_grpc(worker, max_message, auth, listener, stop_accepting.clone()));
+            // The replicas' TLS is the server's (`cluster.tls` is the client side).
+            let tls = match (&server.tls, &cluster.tls) {
+                (Some(files), Some(_)) => Some((
+                    ServerTls::new(files, &[b"h2"], files.require_client_cert).map_err(tls_error)?,
+                    server.handshake_timeout,
+                )),
+                _ => None,
+            };
+            tasks.spawn(crate::stack::worker_grpc(worker, max_message, auth, listener, tls, stop_accepting.clone()));
             Some(addr)
         }
         None => None,

@@ -107,6 +107,7 @@ pub fn worker_grpc(
     max_message_size: usize,
     auth: Option<GrpcAuthLayer>,
     listener: GuardedListener,
+    tls: Option<(Arc<ServerTls>, Duration)>,
     stop: CancellationToken,
 ) -> impl Future<Output = Result<(), ServeError>> + Send + 'static {
     let router = hardened_grpc_server()
@@ -120,11 +121,18 @@ pub fn worker_grpc(
                 .max_decoding_message_size(max_message_size)
                 .max_encoding_message_size(max_message_size),
         );
+    let failed = |e: tonic::transport::Error| ServeError::Server { what: "worker", message: e.to_string() };
     async move {
-        router
-            .serve_with_incoming_shutdown(listener.into_incoming(), stop.cancelled_owned())
-            .await
-            .map_err(|e| ServeError::Server { what: "worker", message: e.to_string() })
+        match tls {
+            Some((tls, handshake_timeout)) => {
+                let incoming = crate::tls::incoming(listener, tls, handshake_timeout);
+                router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await.map_err(failed)
+            }
+            None => router
+                .serve_with_incoming_shutdown(listener.into_incoming(), stop.cancelled_owned())
+                .await
+                .map_err(failed),
+        }
     }
 }
 

@@ -35,6 +35,8 @@ pub struct WorkerChannels {
     connect_timeout: Duration,
     keepalive: Duration,
     credential: Credential,
+    /// `cluster.tls`: connections to `https://` workers.
+    tls: Option<crate::tls::TlsConnector>,
 }
 
 impl WorkerChannels {
@@ -44,6 +46,13 @@ impl WorkerChannels {
             connect_timeout: config.connect_timeout,
             keepalive: config.keepalive,
             credential: Credential::new(config.credential.as_deref(), config.credential_file.as_deref(), "cluster")?,
+            tls: match &config.tls {
+                Some(files) => Some(crate::tls::TlsConnector::new(
+                    crate::tls::ClientTls::new(files, "cluster")?,
+                    config.connect_timeout,
+                )),
+                None => None,
+            },
         })
     }
 
@@ -58,7 +67,10 @@ impl WorkerChannels {
             .http2_keep_alive_interval(self.keepalive)
             .keep_alive_timeout(self.keepalive)
             .keep_alive_while_idle(true);
-        let channel: Channel = endpoint.connect_lazy();
+        let channel: Channel = match &self.tls {
+            Some(tls) => endpoint.connect_with_connector_lazy(tls.clone()),
+            None => endpoint.connect_lazy(),
+        };
         let credential = self.credential.clone();
         let channel = BoxCloneSyncChannel::new(
             tower::ServiceBuilder::new()
@@ -90,6 +102,8 @@ pub struct Replicas {
     version: String,
     static_workers: Vec<Url>,
     dns: Option<String>,
+    /// `https` with `cluster.tls`, for the addresses `dns` resolves to.
+    scheme: &'static str,
     probe_timeout: Duration,
     channels: WorkerChannels,
     /// The other replicas that answered with this version at the last check.
@@ -116,6 +130,7 @@ impl Replicas {
             version: config.version(),
             static_workers,
             dns: config.dns.clone(),
+            scheme: if config.tls.is_some() { "https" } else { "http" },
             probe_timeout: config.connect_timeout,
             channels,
             compatible: RwLock::new(Vec::new()),
@@ -138,7 +153,7 @@ impl Replicas {
         let mut urls: BTreeSet<Url> = self.static_workers.iter().cloned().collect();
         if let Some(dns) = &self.dns {
             match tokio::net::lookup_host(dns.as_str()).await {
-                Ok(addrs) => urls.extend(addrs.filter_map(|a| Url::parse(&format!("http://{a}")).ok())),
+                Ok(addrs) => urls.extend(addrs.filter_map(|a| Url::parse(&format!("{}://{a}", self.scheme)).ok())),
                 Err(err) => {
                     warn!(dns = %dns, error = %err, "cluster.dns does not resolve; keeping the static workers only")
                 }
