@@ -301,6 +301,16 @@ async fn a_replica_killed_or_frozen_mid_query_fails_the_query_cleanly_or_is_retr
     assert!(took < Duration::from_secs(10), "a frozen worker held the query {took:?}");
     check_outcome("frozen", status, &body, &headers, expected.len());
 
+    // The two losses show in the coordinator's metrics: fewer workers, and the retries.
+    let metrics = reqwest::get(coordinator.url("/metrics")).await.expect("metrics").text().await.expect("body");
+    assert!(metrics.contains("strata_cluster_workers 2"), "{metrics}");
+    let retries: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("strata_distributed_retries_total "))
+        .and_then(|v| v.parse().ok())
+        .expect("retries counted");
+    assert!(retries >= 1, "{metrics}");
+
     // Afterwards the cluster answers correctly without it.
     let (status, body, headers) = cluster.replicas[0].sql_with(sql, &[]).await;
     assert_eq!(status, 200, "{body}\n{}", cluster.replicas[0].logs());

@@ -159,6 +159,21 @@ impl Metrics {
         let _ = writeln!(out, "# TYPE strata_index_lookups_total counter");
         let _ = writeln!(out, "strata_index_lookups_total {}", engine.index_lookups());
 
+        if let Some((workers, retries)) = engine.cluster_status() {
+            let _ = writeln!(
+                out,
+                "# HELP strata_cluster_workers Replicas taking tasks of distributed queries now (cluster:), this one included."
+            );
+            let _ = writeln!(out, "# TYPE strata_cluster_workers gauge");
+            let _ = writeln!(out, "strata_cluster_workers {workers}");
+            let _ = writeln!(
+                out,
+                "# HELP strata_distributed_retries_total Distributed queries run again after a worker failed before their first row."
+            );
+            let _ = writeln!(out, "# TYPE strata_distributed_retries_total counter");
+            let _ = writeln!(out, "strata_distributed_retries_total {retries}");
+        }
+
         let _ = writeln!(out, "# HELP strata_plan_cache_entries Plans kept by SQL text or shape.");
         let _ = writeln!(out, "# TYPE strata_plan_cache_entries gauge");
         let _ = writeln!(out, "strata_plan_cache_entries {}", engine.cached_plans());

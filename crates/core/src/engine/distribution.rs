@@ -80,6 +80,8 @@ impl std::fmt::Display for Distributed {
 /// A distribution-enabled engine's cluster side.
 pub(super) struct Distribution {
     members: Arc<dyn ClusterMembers>,
+    /// Queries retried after a worker failed before their first row.
+    retries: std::sync::atomic::AtomicU64,
     channels: Channels,
     worker: Worker,
     self_url: Url,
@@ -117,6 +119,7 @@ impl Engine {
         let worker = self.worker(channels.clone(), config);
         let distribution = Distribution {
             members: membership.members,
+            retries: std::sync::atomic::AtomicU64::new(0),
             channels,
             worker: worker.clone(),
             self_url: membership.self_url,
@@ -125,6 +128,13 @@ impl Engine {
         };
         *self.inner.distribution.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(distribution));
         worker
+    }
+
+    /// With `cluster:`, the replicas that take tasks now (this one included) and the
+    /// queries retried after a worker failed: what `/metrics` reports.
+    pub fn cluster_status(&self) -> Option<(usize, u64)> {
+        let distribution = self.distribution()?;
+        Some((distribution.members.workers().len(), distribution.retries.load(std::sync::atomic::Ordering::Relaxed)))
     }
 
     pub(super) fn distribution(&self) -> Option<Arc<Distribution>> {
@@ -191,6 +201,7 @@ impl Engine {
             Ok(None) => return Ok(None),
             Err(err) if is_transport_failure(&err) => {
                 warn!(error = %err, "a worker failed before the first row; checking the workers again and retrying once");
+                distribution.retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 distribution.members.recheck().await;
                 match distribution.start(plan, state, task_ctx).await? {
                     Some((stream, placement)) => (stream, placement, true),
