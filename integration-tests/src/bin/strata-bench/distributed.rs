@@ -8,30 +8,17 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::report::{Figure, Scenario, Table};
 use arrow::array::RecordBatch;
 use datafusion::parquet::arrow::ArrowWriter;
 use strata_integration_tests::free_port;
 use strata_integration_tests::tier::Tier;
-use strata_integration_tests::workspace_root;
-use tpchgen::generators::{
-    CustomerGenerator, LineItemGenerator, NationGenerator, OrderGenerator, PartGenerator, PartSuppGenerator,
-    RegionGenerator, SupplierGenerator,
-};
-use tpchgen_arrow::{
-    CustomerArrow, LineItemArrow, NationArrow, OrderArrow, PartArrow, PartSuppArrow, RegionArrow, SupplierArrow,
-};
-
-use crate::report::{Figure, Scenario, Table};
 
 /// Files per table, so a scan can be shared out over the replicas.
 const FILES: usize = 6;
 
 /// Writes one table as `FILES` Parquet files under `dir/name/`.
-fn write_table(
-    dir: &Path,
-    name: &str,
-    batches: impl Iterator<Item = Result<RecordBatch, arrow::error::ArrowError>>,
-) -> anyhow::Result<()> {
+fn write_table(dir: &Path, name: &str, batches: crate::tpch::Batches) -> anyhow::Result<()> {
     let table = dir.join(name);
     std::fs::create_dir_all(&table)?;
     let batches: Vec<RecordBatch> = batches.collect::<Result<_, _>>()?;
@@ -48,27 +35,13 @@ fn write_table(
     Ok(())
 }
 
-fn generate(dir: &Path, scale: f64) -> anyhow::Result<()> {
-    write_table(dir, "nation", NationArrow::new(NationGenerator::new(scale, 1, 1)))?;
-    write_table(dir, "region", RegionArrow::new(RegionGenerator::new(scale, 1, 1)))?;
-    write_table(dir, "part", PartArrow::new(PartGenerator::new(scale, 1, 1)))?;
-    write_table(dir, "supplier", SupplierArrow::new(SupplierGenerator::new(scale, 1, 1)))?;
-    write_table(dir, "partsupp", PartSuppArrow::new(PartSuppGenerator::new(scale, 1, 1)))?;
-    write_table(dir, "customer", CustomerArrow::new(CustomerGenerator::new(scale, 1, 1)))?;
-    write_table(dir, "orders", OrderArrow::new(OrderGenerator::new(scale, 1, 1)))?;
-    write_table(dir, "lineitem", LineItemArrow::new(LineItemGenerator::new(scale, 1, 1)))?;
-    Ok(())
-}
-
-const TABLES: [&str; 8] = ["nation", "region", "part", "supplier", "partsupp", "customer", "orders", "lineitem"];
-
 /// The datasets over the files (read live, not accelerated: only files are distributed),
 /// results cache off so every round runs.
 fn config(data: &Path, cluster: &str) -> String {
     let mut config = String::from(
         "region: eu\nlimits:\n  query_timeout: 600s\n  memory_limit: 8GiB\nresults_cache:\n  max_bytes: 0\ndatasets:\n",
     );
-    for table in TABLES {
+    for table in crate::tpch::TABLES {
         config.push_str(&format!(
             "  - name: {table}\n    from: file:{}/\n    format: parquet\n",
             data.join(table).display()
@@ -101,10 +74,11 @@ pub async fn run(scale: f64, rounds: usize, small_queries: usize) -> anyhow::Res
     let dir = tempfile::tempdir()?;
     let data = dir.path().to_path_buf();
     let generate_dir = data.clone();
-    tokio::task::spawn_blocking(move || generate(&generate_dir, scale)).await??;
-    let queries: Vec<String> = (1..=22)
-        .map(|n| std::fs::read_to_string(workspace_root().join(format!("integration-tests/tpch/q{n:02}.sql"))))
-        .collect::<Result<_, _>>()?;
+    tokio::task::spawn_blocking(move || {
+        crate::tpch::generate_with(scale, |name, batches| write_table(&generate_dir, name, batches))
+    })
+    .await??;
+    let queries = crate::tpch::queries()?;
 
     let alone = Tier::start("platform-service", &config(&data, "")).await;
     alone.wait_ready(Duration::from_secs(600)).await;

@@ -22,7 +22,8 @@ use tpchgen_arrow::{
 use crate::paths::channel;
 use crate::report::{Figure, Scenario, Table};
 
-const TABLES: [&str; 8] = ["nation", "region", "part", "supplier", "partsupp", "customer", "orders", "lineitem"];
+pub(crate) const TABLES: [&str; 8] =
+    ["nation", "region", "part", "supplier", "partsupp", "customer", "orders", "lineitem"];
 
 fn write_table(
     dir: &Path,
@@ -40,20 +41,31 @@ fn write_table(
     Ok(())
 }
 
-/// Writes the eight TPC-H tables at `scale` as Parquet files into `dir`.
-fn generate(dir: &Path, scale: f64) -> anyhow::Result<()> {
-    write_table(dir, "nation", NationArrow::new(NationGenerator::new(scale, 1, 1)))?;
-    write_table(dir, "region", RegionArrow::new(RegionGenerator::new(scale, 1, 1)))?;
-    write_table(dir, "part", PartArrow::new(PartGenerator::new(scale, 1, 1)))?;
-    write_table(dir, "supplier", SupplierArrow::new(SupplierGenerator::new(scale, 1, 1)))?;
-    write_table(dir, "partsupp", PartSuppArrow::new(PartSuppGenerator::new(scale, 1, 1)))?;
-    write_table(dir, "customer", CustomerArrow::new(CustomerGenerator::new(scale, 1, 1)))?;
-    write_table(dir, "orders", OrderArrow::new(OrderGenerator::new(scale, 1, 1)))?;
-    write_table(dir, "lineitem", LineItemArrow::new(LineItemGenerator::new(scale, 1, 1)))?;
+/// One generated TPC-H table's batches.
+pub(crate) type Batches = Box<dyn Iterator<Item = Result<RecordBatch, arrow::error::ArrowError>>>;
+
+/// Generates the eight TPC-H tables at `scale`, handing each to `write` by name.
+pub(crate) fn generate_with(
+    scale: f64,
+    mut write: impl FnMut(&str, Batches) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    write("nation", Box::new(NationArrow::new(NationGenerator::new(scale, 1, 1))))?;
+    write("region", Box::new(RegionArrow::new(RegionGenerator::new(scale, 1, 1))))?;
+    write("part", Box::new(PartArrow::new(PartGenerator::new(scale, 1, 1))))?;
+    write("supplier", Box::new(SupplierArrow::new(SupplierGenerator::new(scale, 1, 1))))?;
+    write("partsupp", Box::new(PartSuppArrow::new(PartSuppGenerator::new(scale, 1, 1))))?;
+    write("customer", Box::new(CustomerArrow::new(CustomerGenerator::new(scale, 1, 1))))?;
+    write("orders", Box::new(OrderArrow::new(OrderGenerator::new(scale, 1, 1))))?;
+    write("lineitem", Box::new(LineItemArrow::new(LineItemGenerator::new(scale, 1, 1))))?;
     Ok(())
 }
 
-fn queries() -> anyhow::Result<Vec<String>> {
+/// Writes the eight TPC-H tables at `scale` as Parquet files into `dir`.
+fn generate(dir: &Path, scale: f64) -> anyhow::Result<()> {
+    generate_with(scale, |name, batches| write_table(dir, name, batches))
+}
+
+pub(crate) fn queries() -> anyhow::Result<Vec<String>> {
     (1..=22)
         .map(|n| Ok(std::fs::read_to_string(workspace_root().join(format!("integration-tests/tpch/q{n:02}.sql")))?))
         .collect()
