@@ -1,7 +1,9 @@
 //! The results cache: a repeated query over an accelerated copy is a HIT with the same rows;
-//! after a refresh the next answer is fresh (never a stale hit); identical concurrent misses
-//! run once; an answer larger than an entry streams uncached; answers read live from a
-//! source are never cached.
+//! after a refresh the next answer is fresh (never a stale hit) unless the dataset allows
+//! `stale_while_revalidate` or the client `max-stale`, and then the answer says STALE and
+//! what it read; identical concurrent misses run once; an answer larger than an entry
+//! streams uncached; answers read live from a source are never cached; `only-if-cached`
+//! never runs a query.
 
 use std::time::Duration;
 
@@ -125,4 +127,183 @@ async fn cache_control_no_cache_gets_a_fresh_answer_and_leaves_the_entry() {
     }
     // The entry is still there for everyone else.
     assert_eq!(query(&tier, sql).await.1, "HIT");
+}
+
+/// Status, rows and the headers that describe an answer's freshness.
+struct Answer {
+    code: u16,
+    body: Value,
+    cache: String,
+    versions: String,
+    staleness: String,
+    warning: String,
+}
+
+async fn ask(tier: &Tier, sql: &str, headers: &[(&str, &str)]) -> Answer {
+    let (code, body, h) = tier.sql_with(sql, headers).await;
+    let get = |name: &str| h.get(name).and_then(|v| v.to_str().ok()).unwrap_or("none").to_string();
+    Answer {
+        code,
+        body,
+        cache: get("strata-cache"),
+        versions: get("strata-versions"),
+        staleness: get("strata-staleness"),
+        warning: get("strata-warning"),
+    }
+}
+
+async fn metrics(tier: &Tier) -> String {
+    reqwest::get(tier.url("/metrics")).await.expect("metrics").text().await.expect("text")
+}
+
+async fn refresh(tier: &Tier, dataset: &str) {
+    let (code, body) = tier.post(&format!("/v1/datasets/{dataset}/refresh")).await;
+    assert_eq!(code, 200, "{body}");
+}
+
+fn sum_of(answer: &Answer) -> Option<i64> {
+    answer.body[0]["s"].as_i64()
+}
+
+#[tokio::test]
+async fn stale_while_revalidate_answers_from_the_replaced_version_while_one_query_computes_the_new() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (swr, plain, log) = (dir.path().join("swr.csv"), dir.path().join("plain.csv"), dir.path().join("log.csv"));
+    for file in [&swr, &plain] {
+        std::fs::write(file, "a,b\n1,2\n3,4\n").expect("csv");
+    }
+    std::fs::write(&log, "seq,a\n1,10\n2,20\n").expect("csv");
+    let config = format!(
+        "datasets:\n  - name: swr\n    from: file:{}\n    acceleration: {{refresh: full, stale_while_revalidate: 10m}}\n  - name: plain\n    from: file:{}\n    acceleration: {{refresh: full}}\n  - name: log\n    from: file:{}\n    acceleration: {{refresh: append, time_column: seq}}\n",
+        swr.display(),
+        plain.display(),
+        log.display()
+    );
+    let tier = Tier::start("platform-service", &config).await;
+    tier.wait_ready(Duration::from_secs(30)).await;
+    let dashboard = "SELECT sum(a) AS s FROM swr";
+
+    let first = ask(&tier, dashboard, &[]).await;
+    assert_eq!((first.cache.as_str(), sum_of(&first)), ("MISS", Some(4)));
+    assert!(first.versions.starts_with("swr=1@"), "{}", first.versions);
+
+    // A refresh publishes version 2: the next answer is version 1's, and says so.
+    std::fs::write(&swr, "a,b\n1,2\n3,4\n5,6\n").expect("csv");
+    refresh(&tier, "swr").await;
+    let before = metrics(&tier).await;
+    let stale = ask(&tier, dashboard, &[]).await;
+    assert_eq!((stale.code, stale.cache.as_str(), sum_of(&stale)), (200, "STALE", Some(4)), "{}", stale.body);
+    assert!(stale.versions.starts_with("swr=1@"), "the versions it read: {}", stale.versions);
+    assert!(stale.staleness.ends_with("ms"), "{}", stale.staleness);
+    assert!(stale.warning.contains("`swr` version 1 (now 2)"), "{}", stale.warning);
+
+    // Many clients at once: none waits for the engine; each gets version 1 (STALE) or, once
+    // the one background query has finished, version 2 (HIT). Never a MISS.
+    let answers = futures::future::join_all((0..8).map(|_| ask(&tier, dashboard, &[]))).await;
+    for answer in &answers {
+        match answer.cache.as_str() {
+            "STALE" => assert_eq!((sum_of(answer), &answer.versions[..6]), (Some(4), "swr=1@")),
+            "HIT" => assert_eq!((sum_of(answer), &answer.versions[..6]), (Some(9), "swr=2@")),
+            other => panic!("{other}: {}", answer.body),
+        }
+    }
+    let fresh = tier
+        .wait_for(Duration::from_secs(10), "the revalidated answer", || async {
+            let answer = ask(&tier, dashboard, &[]).await;
+            (answer.cache == "HIT").then_some(answer)
+        })
+        .await;
+    assert_eq!(sum_of(&fresh), Some(9));
+    assert!(fresh.versions.starts_with("swr=2@") && fresh.staleness == "none", "{}", fresh.versions);
+    let after = metrics(&tier).await;
+    assert_eq!(counter(&after, "MISS"), counter(&before, "MISS"), "a refresh must not send clients to the engine");
+    assert!(counter(&after, "STALE") > counter(&before, "STALE"));
+
+    // Without `stale_while_revalidate` a new version is a miss...
+    let plain_sql = "SELECT sum(a) AS s FROM plain";
+    assert_eq!(ask(&tier, plain_sql, &[]).await.cache, "MISS");
+    std::fs::write(&plain, "a,b\n1,2\n3,4\n5,6\n").expect("csv");
+    refresh(&tier, "plain").await;
+    let missed = ask(&tier, plain_sql, &[]).await;
+    assert_eq!((missed.cache.as_str(), sum_of(&missed)), ("MISS", Some(9)));
+    // ... unless the client accepts a stale answer (`max-stale`), and only within its bound.
+    std::fs::write(&plain, "a,b\n1,2\n").expect("csv");
+    refresh(&tier, "plain").await;
+    let bounded = ask(&tier, plain_sql, &[("cache-control", "max-stale=0")]).await;
+    assert_eq!((bounded.cache.as_str(), sum_of(&bounded)), ("MISS", Some(1)), "max-stale=0 accepts nothing stale");
+    std::fs::write(&plain, "a,b\n7,2\n").expect("csv");
+    refresh(&tier, "plain").await;
+    let accepted = ask(&tier, plain_sql, &[("cache-control", "max-stale=3600")]).await;
+    assert_eq!((accepted.cache.as_str(), sum_of(&accepted)), ("STALE", Some(1)), "{}", accepted.body);
+    let refreshed = tier
+        .wait_for(Duration::from_secs(10), "the fresh answer after max-stale", || async {
+            let answer = ask(&tier, plain_sql, &[]).await;
+            (answer.cache == "HIT").then_some(answer)
+        })
+        .await;
+    assert_eq!(sum_of(&refreshed), Some(7));
+
+    // A refresh that finds nothing new keeps the cached answers.
+    let log_sql = "SELECT sum(a) AS s FROM log";
+    assert_eq!(ask(&tier, log_sql, &[]).await.cache, "MISS");
+    refresh(&tier, "log").await;
+    let kept = ask(&tier, log_sql, &[]).await;
+    assert_eq!((kept.cache.as_str(), sum_of(&kept)), ("HIT", Some(30)));
+}
+
+#[tokio::test]
+async fn only_if_cached_answers_from_the_cache_or_fails_without_running_the_query() {
+    let pg = PgServer::start();
+    pg.connect()
+        .await
+        .batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, v int); INSERT INTO items VALUES (1, 10), (2, 20);")
+        .await
+        .expect("seed");
+    let config = format!(
+        "datasets:\n  - name: items\n    from: postgres:public.items\n    params: {p}\n    acceleration: {{primary_key: [id]}}\n  - name: live_items\n    from: postgres:public.items\n    params: {p}\n",
+        p = pg.params_yaml()
+    );
+    let tier = Tier::start("platform-service", &config).await;
+    tier.wait_ready(Duration::from_secs(30)).await;
+    let only = [("cache-control", "only-if-cached")];
+    let sql = "SELECT sum(v) AS s FROM items";
+
+    let before = metrics(&tier).await;
+    let refused = ask(&tier, sql, &only).await;
+    assert_eq!(refused.code, 504, "{}", refused.body);
+    assert_eq!(refused.body["error"]["kind"], "not_cached", "{}", refused.body);
+    assert!(refused.body["error"]["message"].as_str().is_some_and(|m| m.contains("only-if-cached")));
+    assert_eq!(counter(&metrics(&tier).await, "MISS"), counter(&before, "MISS"), "nothing may run");
+
+    assert_eq!(ask(&tier, sql, &[]).await.cache, "MISS");
+    let cached = ask(&tier, sql, &only).await;
+    assert_eq!((cached.code, cached.cache.as_str(), sum_of(&cached)), (200, "HIT", Some(30)));
+
+    // Answers the cache never holds: read live from the source (the error says why), or a
+    // key lookup answered from the index.
+    let live = ask(&tier, "SELECT sum(v) AS s FROM live_items", &only).await;
+    assert_eq!(live.code, 504, "{}", live.body);
+    let message = live.body["error"]["message"].as_str().unwrap_or_default().to_string();
+    assert!(message.contains("not one the results cache holds"), "{message}");
+    let lookup = ask(&tier, "SELECT v FROM items WHERE id = 1", &only).await;
+    assert_eq!((lookup.code, &lookup.body["error"]["kind"]), (504, &Value::from("not_cached")), "{}", lookup.body);
+    assert_eq!(ask(&tier, "SELECT v FROM items WHERE id = 1", &[]).await.body[0]["v"], 10);
+
+    // Over Flight SQL the header is gRPC metadata; the refusal is FAILED_PRECONDITION.
+    let mut flight = tier.flight().await;
+    flight.set_header("cache-control", "only-if-cached");
+    let status = match flight.execute("SELECT max(v) FROM items".to_string(), None).await {
+        Ok(info) => {
+            let ticket = info.endpoint[0].ticket.clone().expect("ticket");
+            match flight.do_get(ticket).await {
+                Ok(stream) => futures::TryStreamExt::try_collect::<Vec<_>>(stream).await.err().map(|e| e.to_string()),
+                Err(e) => Some(e.to_string()),
+            }
+        }
+        Err(e) => Some(e.to_string()),
+    };
+    let status = status.expect("only-if-cached must refuse an uncached query over Flight SQL");
+    // tonic's words for FAILED_PRECONDITION.
+    assert!(status.contains("not in a state required for the operation"), "{status}");
+    assert!(status.contains("not cached"), "{status}");
 }

@@ -30,7 +30,8 @@ pub struct Snapshot {
     pub bytes: usize,
     /// Increases by one with every change of content.
     pub version: u64,
-    /// Unique in this process and never reused: what the results cache keys answers by.
+    /// What the results cache keys answers by: unique in this process and never reused for
+    /// other content (a refresh that found nothing new keeps it, so cached answers stay good).
     pub id: u64,
     pub refreshed_at: SystemTime,
     /// Earlier versions this one only appended to, as (version, its batch count), oldest
@@ -157,6 +158,7 @@ impl Snapshot {
     pub fn confirmed(previous: &Snapshot) -> Self {
         let mut same = Self::with_known_zones(previous.batches.clone(), previous.version, previous.zones.zones());
         same.lineage = previous.lineage.clone();
+        same.id = previous.id;
         same
     }
 
@@ -190,6 +192,23 @@ pub struct AcceleratedTable {
     epoch: u64,
     /// The keys every snapshot is indexed on.
     keys: Vec<KeySpec>,
+    /// The snapshot the current one replaced, for serving cached answers a little stale.
+    replaced: RwLock<Option<Replaced>>,
+    /// How long after a new snapshot the results cache may still answer from the one it
+    /// replaced (while it computes the new answer): `stale_while_revalidate` in the config.
+    stale_while_revalidate: Option<std::time::Duration>,
+}
+
+/// The snapshot a newer one replaced: what a stale cached answer read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replaced {
+    /// Its [`Snapshot::id`].
+    pub id: u64,
+    pub version: u64,
+    /// When it was made (its age on an answer).
+    pub made_at: SystemTime,
+    /// When the newer snapshot took its place: how stale an answer from it is.
+    pub at: SystemTime,
 }
 
 impl AcceleratedTable {
@@ -205,7 +224,29 @@ impl AcceleratedTable {
             changes: tokio::sync::watch::channel(0).0,
             epoch,
             keys: Vec::new(),
+            replaced: RwLock::new(None),
+            stale_while_revalidate: None,
         }
+    }
+
+    /// The same table, whose cached answers may be served up to `window` after a new
+    /// snapshot replaced the one they read (see [`crate::results_cache`]).
+    pub fn with_stale_while_revalidate(mut self, window: Option<std::time::Duration>) -> Self {
+        self.stale_while_revalidate = window;
+        self
+    }
+
+    pub fn stale_while_revalidate(&self) -> Option<std::time::Duration> {
+        self.stale_while_revalidate
+    }
+
+    /// The snapshot the current one replaced, and when.
+    pub fn replaced(&self) -> Option<Replaced> {
+        *self.replaced.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// The same table with every snapshot indexed on `keys` (see [`crate::key_index`]).
@@ -252,7 +293,16 @@ impl AcceleratedTable {
             }
         }
         let snapshot = Arc::new(snapshot);
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&snapshot));
+        let previous = self.current.write().unwrap_or_else(|p| p.into_inner()).replace(Arc::clone(&snapshot));
+        if let Some(previous) = previous.filter(|p| p.id != snapshot.id) {
+            let replaced = Replaced {
+                id: previous.id,
+                version: previous.version,
+                made_at: previous.refreshed_at,
+                at: SystemTime::now(),
+            };
+            *self.replaced.write().unwrap_or_else(|p| p.into_inner()) = Some(replaced);
+        }
         self.changes.send_replace(snapshot.version);
         snapshot
     }
@@ -376,6 +426,23 @@ mod tests {
         let table = Arc::new(AcceleratedTable::new("t", schema));
         table.swap(Snapshot::new(batches, 1));
         table
+    }
+
+    #[test]
+    fn a_new_snapshot_remembers_the_one_it_replaced_and_a_confirmed_one_keeps_its_identity() {
+        let table = table();
+        assert_eq!(table.replaced(), None);
+        let first = table.snapshot().expect("loaded");
+        // Nothing new: the same content keeps the id the results cache keys answers by.
+        let confirmed = table.swap(Snapshot::confirmed(&first));
+        assert_eq!((confirmed.id, confirmed.version), (first.id, 1));
+        assert_eq!(table.replaced(), None, "a confirmation replaces nothing");
+        let second = table.swap(Snapshot::new(first.batches[..1].to_vec(), 2));
+        assert_ne!(second.id, first.id);
+        let replaced = table.replaced().expect("replaced");
+        // Its age counts from when it was last confirmed fresh.
+        assert_eq!((replaced.id, replaced.version, replaced.made_at), (first.id, 1, confirmed.refreshed_at));
+        assert!(replaced.at >= confirmed.refreshed_at);
     }
 
     async fn rows(ctx: &SessionContext, sql: &str) -> Vec<String> {

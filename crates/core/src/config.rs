@@ -250,6 +250,11 @@ pub struct ReplicaConfig {
     /// lists in its catalog and every replica indexes too).
     #[serde(default)]
     pub indexes: Vec<IndexKey>,
+    /// As `acceleration.stale_while_revalidate`: after a new version of this replica
+    /// arrives, cached answers of the one it replaced may be served this long while the
+    /// new answer is computed.
+    #[serde(default, with = "opt_duration")]
+    pub stale_while_revalidate: Option<Duration>,
 }
 
 /// What a query gets from a copy older than `max_staleness`.
@@ -756,6 +761,11 @@ pub struct AccelerationConfig {
     /// Rows older than this (by `time_column`) are dropped from the copy.
     pub retention: Option<Duration>,
     pub on_refresh_error: OnRefreshError,
+    /// For this long after a refresh publishes a new version, the results cache may answer
+    /// from the version it replaced while it computes the new answer once in the background
+    /// (the answer says `strata-cache: STALE` and the versions it read). Unset: a new
+    /// version is a miss for every cached query.
+    pub stale_while_revalidate: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -781,6 +791,8 @@ struct RawAcceleration {
     retention: Option<Duration>,
     #[serde(default)]
     on_refresh_error: OnRefreshError,
+    #[serde(default, with = "opt_duration")]
+    stale_while_revalidate: Option<Duration>,
 }
 
 fn yes() -> bool {
@@ -811,6 +823,7 @@ impl TryFrom<RawAcceleration> for AccelerationConfig {
             indexes: raw.indexes,
             retention: raw.retention,
             on_refresh_error: raw.on_refresh_error,
+            stale_while_revalidate: raw.stale_while_revalidate,
         })
     }
 }

@@ -212,7 +212,11 @@ impl Dataset {
                     return Err(err);
                 }
             };
-            let table = Arc::new(AcceleratedTable::new(self.name(), schema).with_indexes(keys));
+            let table = Arc::new(
+                AcceleratedTable::new(self.name(), schema)
+                    .with_indexes(keys)
+                    .with_stale_while_revalidate(acc.stale_while_revalidate),
+            );
             *lock(&self.accelerated) = Some(Arc::clone(&table));
             table
         } else {

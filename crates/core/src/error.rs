@@ -93,6 +93,11 @@ pub enum StrataError {
         source: std::io::Error,
     },
 
+    /// The client asked for a cached answer only (`Cache-Control: only-if-cached`) and the
+    /// results cache has none it may serve: nothing was run.
+    #[error("not cached: {0}")]
+    NotCached(String),
+
     /// Query execution failed for a reason other than the above.
     #[error("execution error: {0}")]
     Execution(String),
@@ -172,6 +177,8 @@ error_kinds! {
     Protocol => "protocol",
     /// The tier's own files could not be read or written.
     Storage => "storage",
+    /// Only a cached answer was asked for, and there is none.
+    NotCached => "not_cached",
     /// Execution failed otherwise.
     Execution => "execution",
     /// A bug in Strata.
@@ -209,6 +216,7 @@ impl StrataError {
             StrataError::Storage { .. } => ErrorKind::Storage,
             StrataError::Execution(_) => ErrorKind::Execution,
             StrataError::Internal(_) => ErrorKind::Internal,
+            StrataError::NotCached(_) => ErrorKind::NotCached,
         }
     }
 

@@ -103,6 +103,9 @@ pub struct RouteInfo {
     /// Whether the answer came from the results cache (only for answers it may hold).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cache: Option<crate::results_cache::CacheStatus>,
+    /// For a STALE answer: milliseconds since the oldest version it read was replaced.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stale_ms: Option<u64>,
     /// The replicas a distributed query could run on (route `distributed`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub workers: Option<usize>,
@@ -121,6 +124,7 @@ impl RouteInfo {
             versions: Vec::new(),
             warning: None,
             cache: None,
+            stale_ms: None,
             workers: None,
             trace_id: None,
         }
@@ -183,9 +187,10 @@ pub struct QueryOptions {
     /// When the caller stops waiting (a downstream tier's own deadline): the query ends by
     /// then even if `limits.query_timeout` would allow longer.
     pub deadline: Option<std::time::SystemTime>,
-    /// The caller asked for a fresh answer (`Cache-Control: no-cache` or `no-store`): the
-    /// results cache is neither read nor written for this query, on any tier it crosses.
-    pub bypass_cache: bool,
+    /// The caller's `Cache-Control`: `no-cache`/`no-store` keep the results cache out of
+    /// this query, `max-stale` accepts a stale cached answer, `only-if-cached` refuses to
+    /// run it; on every tier it crosses.
+    pub cache_control: crate::results_cache::CacheControl,
     /// `strata-distribute: on|off`: run this query over the platform's replicas, or only on
     /// the one that received it, whatever its size. Unset: by `cluster.distribute_above`.
     pub distribute: Option<bool>,

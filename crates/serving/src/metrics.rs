@@ -10,7 +10,6 @@ use strata_core::routing::{Route, RouteReason};
 use strata_core::{Engine, Finished, Outcome};
 
 const ROUTES: [Route; 4] = [Route::Local, Route::Forwarded, Route::Mixed, Route::Distributed];
-const CACHE: [CacheStatus; 3] = [CacheStatus::Hit, CacheStatus::Miss, CacheStatus::Bypass];
 
 const BUCKETS: [f64; 14] =
     [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0];
@@ -27,8 +26,8 @@ pub struct Metrics {
     sum_micros: AtomicU64,
     /// Queries by (route, reason), indexed `route * reasons + reason`.
     routes: [AtomicU64; ROUTES.len() * RouteReason::ALL.len()],
-    /// Results cache outcomes: hit, miss, bypass.
-    cache: [AtomicU64; 3],
+    /// Results cache outcomes, in the order of `CacheStatus::ALL`.
+    cache: [AtomicU64; CacheStatus::ALL.len()],
     /// Queries refused at admission (`limits.max_concurrent_queries`): HTTP 429.
     shed: AtomicU64,
     connections: Option<Arc<crate::connections::ConnectionGuard>>,
@@ -50,7 +49,8 @@ impl Metrics {
             let why = RouteReason::ALL.iter().position(|x| *x == route.reason).unwrap_or(0);
             self.routes[r * RouteReason::ALL.len() + why].fetch_add(1, Ordering::Relaxed);
             if let Some(status) = route.cache {
-                self.cache[CACHE.iter().position(|c| *c == status).unwrap_or(0)].fetch_add(1, Ordering::Relaxed);
+                self.cache[CacheStatus::ALL.iter().position(|c| *c == status).unwrap_or(0)]
+                    .fetch_add(1, Ordering::Relaxed);
             }
         }
         let counter = match outcome {
@@ -143,7 +143,7 @@ impl Metrics {
 
         let _ = writeln!(out, "# HELP strata_results_cache_total Queries the results cache could hold, by outcome.");
         let _ = writeln!(out, "# TYPE strata_results_cache_total counter");
-        for (status, c) in CACHE.iter().zip(&self.cache) {
+        for (status, c) in CacheStatus::ALL.iter().zip(&self.cache) {
             let _ = writeln!(out, "strata_results_cache_total{{result=\"{}\"}} {}", status.as_str(), get(c));
         }
         if let Some((bytes, entries)) = engine.results_cache_size() {

@@ -2,9 +2,11 @@
 //! `strata-route` (local | forwarded | mixed), `strata-route-reason`, `strata-route-detail`
 //! and `strata-versions` (`dataset=version@age`), plus the request header that asks for the
 //! authoritative copy (`strata-consistency: strong`); `strata-cache` (HIT | MISS | BYPASS)
-//! on answers the results cache may hold; `strata-trace-id` on answers that were traced. A
-//! request's `Cache-Control: no-cache` (or `no-store`) keeps the results cache out of it.
+//! on answers the results cache may hold (and `STALE` ones say how stale in
+//! `strata-warning`); `strata-trace-id` on answers that were traced. A request's
+//! `Cache-Control` tells the results cache what it accepts (see [`CacheControl::parse`]).
 
+use strata_core::results_cache::CacheControl;
 use strata_core::routing::{QueryOptions, RouteInfo};
 use strata_core::trace_context::TraceParent;
 use strata_upstream::wire::{CONSISTENCY_HEADER, ROUTE_HEADER, ROUTE_REASON_HEADER, VERSIONS_HEADER};
@@ -31,6 +33,9 @@ pub const WARNING_HEADER: &str = "strata-warning";
 /// HIT, MISS or BYPASS, on answers the results cache may hold.
 pub const CACHE_HEADER: &str = "strata-cache";
 
+/// On a STALE answer: how long ago the oldest version it read was replaced (`2100ms`).
+pub const STALENESS_HEADER: &str = "strata-staleness";
+
 /// The trace id of the answer (32 hex digits), when it was traced: what to look up.
 pub const TRACE_ID_HEADER: &str = "strata-trace-id";
 
@@ -43,6 +48,9 @@ pub fn insert_grpc(metadata: &mut tonic::metadata::MetadataMap, route: &RouteInf
     }
     if let Some(status) = route.cache {
         metadata.insert(CACHE_HEADER, tonic::metadata::MetadataValue::from_static(status.as_str()));
+    }
+    if let Some(Ok(value)) = route.stale_ms.map(|ms| format!("{ms}ms").parse()) {
+        metadata.insert(STALENESS_HEADER, value);
     }
     for (name, value) in pairs(route) {
         if let Ok(value) = value.parse() {
@@ -61,6 +69,9 @@ pub fn insert_http(headers: &mut axum::http::HeaderMap, route: &RouteInfo) {
     if let Some(status) = route.cache {
         headers.insert(CACHE_HEADER, axum::http::HeaderValue::from_static(status.as_str()));
     }
+    if let Some(Ok(value)) = route.stale_ms.map(|ms| axum::http::HeaderValue::from_str(&format!("{ms}ms"))) {
+        headers.insert(STALENESS_HEADER, value);
+    }
     for (name, value) in pairs(route) {
         if let Ok(value) = axum::http::HeaderValue::from_str(&value) {
             headers.insert(name, value);
@@ -75,7 +86,7 @@ pub fn options(headers: &axum::http::HeaderMap) -> QueryOptions {
         strong_consistency: get(CONSISTENCY_HEADER).eq_ignore_ascii_case("strong"),
         tenant: get(TENANT_HEADER),
         trace: TraceParent::new(get("traceparent"), get("tracestate")),
-        bypass_cache: wants_fresh(&get("cache-control")),
+        cache_control: CacheControl::parse(&get("cache-control")),
         distribute: distribute_hint(&get(DISTRIBUTE_HEADER)),
         ..QueryOptions::default()
     }
@@ -95,15 +106,6 @@ fn distribute_hint(value: &str) -> Option<bool> {
     }
 }
 
-/// Whether a `Cache-Control` request header asks for a fresh answer (`no-cache`, `no-store`,
-/// in any case, among other directives).
-fn wants_fresh(cache_control: &str) -> bool {
-    cache_control.split(',').any(|d| {
-        let d = d.trim();
-        d.eq_ignore_ascii_case("no-cache") || d.eq_ignore_ascii_case("no-store")
-    })
-}
-
 /// The JSON `app_metadata` of the first Flight message: the route, for clients that cannot read headers.
 pub fn app_metadata(route: &RouteInfo) -> bytes::Bytes {
     serde_json::to_vec(route).map(bytes::Bytes::from).unwrap_or_default()
@@ -119,15 +121,5 @@ mod tests {
         assert_eq!(distribute_hint(" OFF "), Some(false));
         assert_eq!(distribute_hint(""), None);
         assert_eq!(distribute_hint("maybe"), None);
-    }
-
-    #[test]
-    fn cache_control_no_cache_or_no_store_asks_for_a_fresh_answer() {
-        for fresh in ["no-cache", "No-Store", "max-age=0, no-cache", " no-store ,private"] {
-            assert!(wants_fresh(fresh), "{fresh}");
-        }
-        for cached in ["", "max-age=60", "no-cachex", "private", "no-transform"] {
-            assert!(!wants_fresh(cached), "{cached}");
-        }
     }
 }

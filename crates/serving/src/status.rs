@@ -20,6 +20,9 @@ pub fn to_grpc(err: &StrataError) -> tonic::Status {
         ErrorKind::Protocol => Code::Unavailable,
         // This replica's disk failed: another replica may answer.
         ErrorKind::Storage => Code::Unavailable,
+        // The request's own condition (a cached answer) does not hold; retrying will not
+        // change that until someone else runs the query.
+        ErrorKind::NotCached => Code::FailedPrecondition,
         ErrorKind::Execution | ErrorKind::Internal => Code::Internal,
     };
     let mut status = tonic::Status::new(code, err.to_string());
@@ -44,6 +47,8 @@ pub fn to_http(err: &StrataError) -> StatusCode {
         ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
         ErrorKind::Protocol => StatusCode::BAD_GATEWAY,
         ErrorKind::Storage => StatusCode::SERVICE_UNAVAILABLE,
+        // RFC 9111 5.2.1.7: a cache that cannot satisfy `only-if-cached` answers 504.
+        ErrorKind::NotCached => StatusCode::GATEWAY_TIMEOUT,
         ErrorKind::Execution | ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }

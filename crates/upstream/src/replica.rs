@@ -114,7 +114,11 @@ impl Replica {
             last_error: None,
         };
         Ok(Self {
-            table: Arc::new(AcceleratedTable::new(config.name.clone(), schema).with_indexes(keys)),
+            table: Arc::new(
+                AcceleratedTable::new(config.name.clone(), schema)
+                    .with_indexes(keys)
+                    .with_stale_while_revalidate(config.stale_while_revalidate),
+            ),
             config,
             predicate,
             predicate_bytes,
@@ -398,6 +402,7 @@ mod tests {
             max_staleness: None,
             on_stale: Default::default(),
             indexes: Vec::new(),
+            stale_while_revalidate: None,
         };
         let err = Replica::new(config, schema).err().expect("must fail").to_string();
         assert!(err.contains("orders") && err.contains("nope"), "{err}");

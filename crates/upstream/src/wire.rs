@@ -17,6 +17,7 @@ use datafusion::execution::SendableRecordBatchStream;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use futures::{Stream, TryStreamExt};
 use strata_core::StrataError;
+use strata_core::results_cache::CacheControl;
 use strata_core::routing::{CatalogEntry, QueryOptions};
 use strata_core::trace_context::{self, TraceParent};
 use strata_proto::v1::{ArrowFrame, DatasetInfo, IndexKey, QueryContext};
@@ -67,7 +68,9 @@ pub fn context(options: &QueryOptions, tier: &str, region: &str, deadline: Optio
         deadline_unix_ms: deadline.map_or(0, millis_since_epoch),
         strong_consistency: options.strong_consistency,
         hops: options.hops + 1,
-        bypass_cache: options.bypass_cache,
+        bypass_cache: options.cache_control.no_cache,
+        max_stale_ms: options.cache_control.max_stale.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        only_if_cached: options.cache_control.only_if_cached,
         distribute: match options.distribute {
             Some(true) => "on".into(),
             Some(false) => "off".into(),
@@ -102,7 +105,14 @@ pub fn options(context: Option<QueryContext>) -> (QueryOptions, Option<SystemTim
             origin_region: c.origin_region,
             hops: c.hops,
             deadline,
-            bypass_cache: c.bypass_cache,
+            cache_control: CacheControl {
+                no_cache: c.bypass_cache,
+                max_stale: c.max_stale_ms.map(|ms| match ms {
+                    u64::MAX => Duration::MAX,
+                    ms => Duration::from_millis(ms),
+                }),
+                only_if_cached: c.only_if_cached,
+            },
             distribute: match c.distribute.as_str() {
                 "on" => Some(true),
                 "off" => Some(false),
@@ -332,6 +342,21 @@ mod tests {
         insert_trace_headers(&mut metadata, "bad\nvalue", "k=v");
         assert!(metadata.get("traceparent").is_none());
         assert_eq!(metadata.get("tracestate").and_then(|v| v.to_str().ok()), Some("k=v"));
+    }
+
+    #[test]
+    fn cache_control_travels_with_a_forwarded_query() {
+        for control in [
+            CacheControl::default(),
+            CacheControl { no_cache: true, ..Default::default() },
+            CacheControl { max_stale: Some(Duration::from_secs(30)), only_if_cached: true, no_cache: false },
+            CacheControl { max_stale: Some(Duration::MAX), ..Default::default() },
+            CacheControl { max_stale: Some(Duration::ZERO), ..Default::default() },
+        ] {
+            let sent = QueryOptions { cache_control: control, ..Default::default() };
+            let (received, _) = options(Some(context(&sent, "app-sidecar", "eu", None)));
+            assert_eq!(received.cache_control, control);
+        }
     }
 
     #[test]

@@ -222,8 +222,6 @@ pub(super) fn generic_plan<'c>(
     cached.optimized.get_or_init(|| state.optimize(&planned.plan).ok()).as_ref()
 }
 
-impl Engine {}
-
 fn parameter_schema(plan: &LogicalPlan) -> Result<SchemaRef> {
     let types = plan.get_parameter_types()?;
     let mut names: Vec<&String> = types.keys().collect();

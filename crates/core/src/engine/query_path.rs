@@ -26,6 +26,7 @@ use crate::error::{Result, StrataError};
 use crate::plan_cache::CachedPlan;
 use crate::query::{Finished, Outcome, QueryObserver, QueryStream, StreamLimits, next_query_id};
 use crate::read_only;
+use crate::results_cache::{Answer, CacheControl, CacheStatus, Lookup, Revalidation, Staleness};
 use crate::routing::{ForwardQuery, QueryOptions, RouteInfo, Routing, SharedRouter, VersionRead, scanned_tables};
 
 /// What a query asks to run.
@@ -133,6 +134,7 @@ impl Engine {
             // Read once: the route and its execution see the same router.
             let router = self.router();
             if router.is_none()
+                && !options.cache_control.only_if_cached
                 && let Some(started) = self.answer_from_index(&planned)
             {
                 return Ok(started);
@@ -339,7 +341,8 @@ impl Engine {
         self.add_local_versions(&plan, &mut info);
         // A lookup by an indexed key: its rows from the index, no running slot to wait for
         // behind heavy queries, and no results cache (finding the rows costs less).
-        if let Some(lookup) = crate::key_lookup::KeyLookup::recognize(&plan)
+        if !options.cache_control.only_if_cached
+            && let Some(lookup) = crate::key_lookup::KeyLookup::recognize(&plan)
             && let Some(batches) = lookup.answer()
         {
             return Ok(self.started_from_index(Arc::clone(lookup.schema()), batches, info));
@@ -367,11 +370,12 @@ impl Engine {
                 info.detail = how.to_string();
             }
         };
+        let control = options.cache_control;
         let cache = self.inner.results.as_ref().filter(|_| planned.deterministic);
         // The client asked for a fresh answer: neither read nor stored, and said so.
         let cache = match cache {
-            Some(_) if options.bypass_cache => {
-                info.cache = Some(crate::results_cache::CacheStatus::Bypass);
+            Some(_) if control.no_cache => {
+                info.cache = Some(CacheStatus::Bypass);
                 None
             }
             cache => cache,
@@ -381,20 +385,71 @@ impl Engine {
             true => format!("{}\u{0}{}", options.tenant, options.on_behalf_of),
             false => String::new(),
         };
-        if let Some((cache, key)) = cache.and_then(|c| Some((c, c.key(&plan, scope)?))) {
-            match cache.get_or_run(key, execute()).await? {
-                Some((stream, status)) => {
+        match cache.and_then(|c| Some((c, c.key(&plan, scope)?))) {
+            Some((cache, lookup)) => match cache.get_or_run(&lookup, control, execute()).await? {
+                Answer::Fresh(stream, status) => {
                     info.cache = Some(status);
                     mark_distributed(&mut info);
                     return Ok(Started { stream, info, running_slot });
                 }
+                Answer::Stale(stream, staleness) => {
+                    // The fresh answer is computed once, in the background, unless the
+                    // client asked that nothing run for it.
+                    if !control.only_if_cached
+                        && let Some(claim) = cache.revalidation(&lookup)
+                    {
+                        self.revalidate(claim, lookup, plan.clone(), Arc::clone(&task_ctx), options.distribute);
+                    }
+                    report_stale(&mut info, &staleness);
+                    return Ok(Started { stream, info, running_slot: None });
+                }
                 // Waited for an answer too large to share: run it here, uncached.
-                None => info.cache = Some(crate::results_cache::CacheStatus::Bypass),
-            }
+                Answer::RunHere => info.cache = Some(CacheStatus::Bypass),
+            },
+            None if control.only_if_cached => return Err(not_cacheable(control)),
+            None => {}
         }
         let stream = execute().await?;
         mark_distributed(&mut info);
         Ok(Started { stream, info, running_slot })
+    }
+
+    /// Computes the fresh answer of a query whose stale answer was just served, in the
+    /// background and into the results cache, within `limits.query_timeout` and a running
+    /// slot like any query. Only deterministic plans are cached, and those are planned with
+    /// the shared state, so nothing of the client's request is needed.
+    fn revalidate(
+        &self,
+        claim: Revalidation,
+        lookup: Lookup,
+        plan: LogicalPlan,
+        task_ctx: Arc<datafusion::execution::TaskContext>,
+        distribute: Option<bool>,
+    ) {
+        let engine = self.clone();
+        let timeout = self.inner.limits.query_timeout;
+        let span = debug_span!("revalidate");
+        let work = async move {
+            let _claim = claim;
+            let Some(cache) = engine.inner.results.as_ref() else { return };
+            let _slot = Arc::clone(&engine.inner.running).acquire_owned().await;
+            let state = &engine.inner.planning;
+            let run = async {
+                let physical = engine.physical_plan(&plan, state, true).await?;
+                if let Some((stream, _)) =
+                    engine.run_distributed(&plan, &physical, state, &task_ctx, distribute).await?
+                {
+                    return Ok(stream);
+                }
+                Ok(datafusion::physical_plan::execute_stream(physical, Arc::clone(&task_ctx))?)
+            };
+            match tokio::time::timeout(timeout, cache.fill(&lookup, run)).await {
+                Ok(Ok(_)) => tracing::debug!("stale cached answer revalidated"),
+                Ok(Err(err)) => warn!(error = %err, "revalidating a stale cached answer failed"),
+                Err(_) => warn!(?timeout, "revalidating a stale cached answer ran past limits.query_timeout"),
+            }
+        };
+        tokio::spawn(work.instrument(span));
     }
 
     /// A statement whose optimized generic plan is a key lookup, on a tier without a router
@@ -470,6 +525,41 @@ impl Engine {
     fn observer(&self) -> Option<QueryObserver> {
         self.inner.observer.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
+}
+
+/// A stale answer says so: status STALE, the versions it read, and a warning with how stale.
+fn report_stale(info: &mut RouteInfo, staleness: &Staleness) {
+    info.cache = Some(CacheStatus::Stale);
+    info.stale_ms = Some(u64::try_from(staleness.stale_for.as_millis()).unwrap_or(u64::MAX));
+    let mut replaced = Vec::new();
+    for read in &staleness.versions {
+        match info.versions.iter_mut().find(|v| v.dataset.eq_ignore_ascii_case(&read.dataset)) {
+            Some(v) => {
+                replaced.push(format!("`{}` version {} (now {})", read.dataset, read.version, v.version));
+                *v = read.clone();
+            }
+            None => replaced.push(format!("`{}` version {}", read.dataset, read.version)),
+        }
+    }
+    let warning = format!(
+        "stale answer from the results cache: it read {}, replaced {:.1} s ago",
+        replaced.join(", "),
+        staleness.stale_for.as_secs_f64()
+    );
+    info.warning = Some(match info.warning.take() {
+        Some(earlier) => format!("{earlier}; {warning}"),
+        None => warning,
+    });
+}
+
+/// Why `only-if-cached` could not be met by a query the results cache cannot hold.
+fn not_cacheable(control: CacheControl) -> StrataError {
+    let why = if control.no_cache {
+        "the request also says no-cache"
+    } else {
+        "this query is not one the results cache holds (it reads a table that is not accelerated here, calls a volatile function, or the cache is off)"
+    };
+    StrataError::NotCached(format!("Cache-Control: only-if-cached, but {why}"))
 }
 
 impl Planned<'_> {

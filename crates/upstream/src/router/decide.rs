@@ -145,9 +145,7 @@ impl TierRouter {
                     detail,
                     versions,
                     warning: stale_warning,
-                    cache: None,
-                    workers: None,
-                    trace_id: None,
+                    ..RouteInfo::local("")
                 },
             }),
         }
