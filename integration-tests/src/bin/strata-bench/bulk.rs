@@ -1,5 +1,5 @@
-//! Bulk transfer: a large result over Flight DoGet against a raw TCP copy of as many bytes
-//! on the same loopback.
+//! Bulk transfer: a large result over Flight DoGet, and a sidecar's first snapshot of the
+//! same dataset, against a raw TCP copy of as many bytes on the same loopback.
 
 use std::io::{Read, Write};
 use std::sync::Arc;
@@ -59,6 +59,8 @@ pub async fn run(bytes: u64) -> anyhow::Result<Scenario> {
         .await?;
     let (tuned_rate, _) = best_do_get(FlightSqlServiceClient::new(tuned), rows).await?;
 
+    let (replication_rate, peak_ratio) = first_snapshot(&platform, rows, moved).await?;
+
     let best_tcp = (0..3).map(|_| raw_tcp_copy(moved)).collect::<std::io::Result<Vec<f64>>>()?;
     let tcp_rate = moved as f64 / best_tcp.into_iter().fold(f64::MAX, f64::min);
     let gb = |r: f64| r / 1e9;
@@ -81,8 +83,45 @@ pub async fn run(bytes: u64) -> anyhow::Result<Scenario> {
                 "GB/s",
                 Some(tuned_rate / tcp_rate),
             ),
+            Figure::new(
+                "a sidecar's first snapshot of it (process start to replica ready)",
+                gb(replication_rate),
+                "GB/s",
+                Some(replication_rate / tcp_rate),
+            ),
+            Figure::new("  against DoGet decoded", replication_rate / flight_rate, "x", None),
+            Figure::new("  sidecar peak RSS / Arrow bytes replicated", peak_ratio, "x", None),
         ],
     })
+}
+
+/// A sidecar replicating `bulk` from scratch: the rate of its first snapshot (from starting
+/// the process until the replica is ready with every row), and its peak RSS against the
+/// Arrow bytes it then holds (1x would be the copy alone).
+async fn first_snapshot(platform: &Tier, rows: i64, bytes: u64) -> anyhow::Result<(f64, f64)> {
+    let yaml = format!(
+        "region: eu\nlimits:\n  memory_limit: 8GiB\nupstream:\n  endpoints: [http://{}]\nreplicas:\n  - name: bulk\n",
+        platform.flight_addr
+    );
+    let started = Instant::now();
+    let sidecar = Tier::start("app-sidecar", &yaml).await;
+    loop {
+        let (_, body) = sidecar.get_json("/v1/datasets").await;
+        let bulk = body["datasets"].as_array().and_then(|d| d.iter().find(|d| d["name"] == "bulk")).cloned();
+        if bulk.as_ref().is_some_and(|d| d["state"] == "ready" && d["rows"].as_i64() == Some(rows)) {
+            break;
+        }
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(1800), "the replica did not load: {bulk:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let rate = bytes as f64 / started.elapsed().as_secs_f64();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", sidecar.pid()))?;
+    let peak_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no VmHWM in /proc/{}/status", sidecar.pid()))?;
+    Ok((rate, (peak_kb * 1024) as f64 / bytes as f64))
 }
 
 const BULK_WINDOW: u32 = 16 << 20;

@@ -50,6 +50,9 @@ struct Args {
     /// Where to write the results as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// MiB of Arrow the bulk scenario moves (default: 1024, or 16 with `--quick`).
+    #[arg(long)]
+    bulk_mib: Option<u64>,
     /// Python with the `duckdb` package, for TPC-H's DuckDB column.
     #[arg(long, env = "STRATA_BENCH_PYTHON")]
     python: Option<PathBuf>,
@@ -113,7 +116,7 @@ async fn main() -> anyhow::Result<()> {
     }
     if wants("bulk") {
         eprintln!("bulk transfer");
-        keep("bulk", bulk::run(bulk_bytes).await);
+        keep("bulk", bulk::run(args.bulk_mib.map_or(bulk_bytes, |mib| mib << 20)).await);
     }
     if wants("edge-ingest") {
         eprintln!("edge ingest");
