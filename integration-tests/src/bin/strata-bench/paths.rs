@@ -109,6 +109,41 @@ async fn fetch_rows(
     Ok(rows)
 }
 
+/// A tier's HTTP `/v1/sql` over one HTTP/1.1 keep-alive connection per client: one round
+/// trip per query, rows as JSON (what a web app or a dashboard's backend sends).
+pub struct Http {
+    /// `http://host:port/v1/sql`.
+    pub url: String,
+    pub query: Query,
+}
+
+struct HttpProbe {
+    client: reqwest::Client,
+    url: String,
+    query: Query,
+}
+
+#[async_trait]
+impl ProbeFactory for Http {
+    async fn probe(&self) -> anyhow::Result<Box<dyn Probe>> {
+        // One connection per probe, kept alive, as each of wrk's connections.
+        let client = reqwest::Client::builder().pool_max_idle_per_host(1).tcp_nodelay(true).build()?;
+        Ok(Box::new(HttpProbe { client, url: self.url.clone(), query: self.query }))
+    }
+}
+
+#[async_trait]
+impl Probe for HttpProbe {
+    async fn call(&mut self, i: usize) -> anyhow::Result<usize> {
+        let response = self.client.post(&self.url).body(self.query.sql(i)).send().await?;
+        let status = response.status();
+        let body = response.bytes().await?;
+        anyhow::ensure!(status.is_success(), "HTTP {status}: {}", String::from_utf8_lossy(&body));
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&body)?;
+        Ok(rows.len())
+    }
+}
+
 /// A tier's Flight SQL endpoint with a prepared statement, as ADBC and JDBC run a query
 /// with parameters: prepared once per connection, then per call the key is bound (`DoPut`),
 /// `GetFlightInfo` and `DoGet`.

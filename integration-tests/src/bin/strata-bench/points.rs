@@ -14,7 +14,7 @@ use strata_integration_tests::postgres::PgServer;
 use strata_integration_tests::tier::Tier;
 
 use crate::measure::{Effort, Path, Watched, measure_side_by_side, with_ratios};
-use crate::paths::{Engine, Flight, FlightPrepared, FlightTicket, Floor, InProcess, Postgres, Query};
+use crate::paths::{Engine, Flight, FlightPrepared, FlightTicket, Floor, Http, InProcess, Postgres, Query};
 use crate::report::{Figure, Scenario};
 
 /// The table in every form the scenarios need, and the tiers serving it.
@@ -171,9 +171,11 @@ impl Points {
     pub async fn lookup(&self, effort: Effort) -> anyhow::Result<Scenario> {
         let query = Query::Lookup { rows: self.rows };
         let (sidecar, platform) = (self.sidecar.flight_addr, self.platform.flight_addr);
-        let paths: [Path; 13] = [
+        let http = Http { url: self.sidecar.url("/v1/sql"), query };
+        let paths: [Path; 14] = [
             ("tonic unary round trip (floor)", &Floor { addr: platform }),
             ("PostgreSQL, prepared, indexed", &Postgres { port: self.pg.port, query }),
+            ("sidecar local (HTTP/1.1 keep-alive, /v1/sql)", &http),
             ("sidecar local (Flight SQL, prepared)", &FlightPrepared { addr: sidecar, query }),
             ("sidecar local (Flight SQL)", &Flight { addr: sidecar, query, strong: false }),
             ("sidecar local (plain Flight, SQL ticket)", &FlightTicket { addr: sidecar, query }),
@@ -232,9 +234,11 @@ impl Points {
     /// sidecar without one.
     pub async fn dashboard(&self, effort: Effort) -> anyhow::Result<Scenario> {
         let query = Query::Dashboard;
-        let paths: [Path; 2] = [
+        let paths: [Path; 4] = [
             ("sidecar, results cache off", &Flight { addr: self.uncached.flight_addr, query, strong: false }),
             ("sidecar, results cache on", &Flight { addr: self.sidecar.flight_addr, query, strong: false }),
+            ("sidecar, results cache off (HTTP /v1/sql)", &Http { url: self.uncached.url("/v1/sql"), query }),
+            ("sidecar, results cache on (HTTP /v1/sql)", &Http { url: self.sidecar.url("/v1/sql"), query }),
         ];
         let results = measure_side_by_side(&paths, effort, 10, &self.watched()).await?;
         Ok(Scenario {
