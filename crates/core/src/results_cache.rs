@@ -163,10 +163,6 @@ pub struct Staleness {
     pub stale_for: Duration,
     /// The versions it read, of the datasets it read an older version of.
     pub versions: Vec<VersionRead>,
-    /// Whether the answer was stale within every dataset's `stale_while_revalidate` (the
-    /// caller then computes the fresh answer in the background); else only the request's
-    /// `max-stale` allowed it.
-    pub revalidate: bool,
 }
 
 /// What [`ResultsCache::get_or_run`] answered.
@@ -348,7 +344,7 @@ impl ResultsCache {
             return None;
         }
         let now = SystemTime::now();
-        let mut staleness = Staleness { stale_for: Duration::ZERO, versions: Vec::new(), revalidate: true };
+        let mut staleness = Staleness { stale_for: Duration::ZERO, versions: Vec::new() };
         for ((current, (name, id)), table) in key.snapshots.iter().zip(read.iter()).zip(&lookup.tables) {
             if current.0 != *name {
                 return None;
@@ -361,7 +357,6 @@ impl ResultsCache {
             if stale_for > allowed(table)? {
                 return None;
             }
-            staleness.revalidate &= table.stale_while_revalidate.is_some_and(|w| stale_for <= w);
             staleness.stale_for = staleness.stale_for.max(stale_for);
             let age_ms = now.duration_since(replaced.made_at).unwrap_or_default().as_millis() as u64;
             if !staleness.versions.iter().any(|v| v.dataset == table.dataset) {
