@@ -307,3 +307,68 @@ async fn only_if_cached_answers_from_the_cache_or_fails_without_running_the_quer
     assert!(status.contains("not in a state required for the operation"), "{status}");
     assert!(status.contains("not cached"), "{status}");
 }
+
+/// A repeated query is answered from the cache by its text, before it is planned or routed;
+/// the shortcut must never outlive what the route was decided on: a new version of the
+/// replica, or the replica passing its `max_staleness` (refused here).
+#[tokio::test]
+async fn a_query_answered_by_its_text_still_sees_new_versions_and_the_replicas_staleness() {
+    let dir = tempfile::tempdir().expect("dir");
+    let csv = dir.path().join("t.csv");
+    std::fs::write(&csv, "a,b\n1,2\n3,4\n").expect("csv");
+    let platform = Tier::start(
+        "platform-service",
+        &format!(
+            "region: eu\ndatasets:\n  - name: t\n    from: file:{}\n    acceleration: {{refresh: full}}\n",
+            csv.display()
+        ),
+    )
+    .await;
+    platform.wait_ready(Duration::from_secs(30)).await;
+    let sidecar = Tier::start(
+        "app-sidecar",
+        &format!(
+            "region: eu\nupstream:\n  endpoints: [http://{}]\nreplicas:\n  - name: t\n    max_staleness: 3s\n    on_stale: refuse\n",
+            platform.flight_addr
+        ),
+    )
+    .await;
+    sidecar.wait_ready(Duration::from_secs(60)).await;
+    let sql = "SELECT sum(a) AS s FROM t";
+    let version = || async { sidecar.find_dataset("t").await.and_then(|d| d["version"].as_u64()) };
+
+    // A new version of the data: the next answer reads it (MISS), the one after is a HIT.
+    // The copy is only fresh for 3 s, so on a slow machine the pair is tried again.
+    let mut fresh_pair = None;
+    for round in 2..=6i64 {
+        std::fs::write(&csv, format!("a,b\n1,2\n3,4\n{round},0\n")).expect("csv");
+        refresh(&platform, "t").await;
+        let want = platform.dataset("t").await["version"].as_u64();
+        sidecar
+            .wait_for(Duration::from_secs(20), "the new version at the sidecar", || async {
+                (version().await == want).then_some(())
+            })
+            .await;
+        let (first, second) = (ask(&sidecar, sql, &[]).await, ask(&sidecar, sql, &[]).await);
+        if (first.code, second.code) == (200, 200) {
+            assert_eq!((first.cache.as_str(), second.cache.as_str()), ("MISS", "HIT"), "{}", sidecar.logs());
+            assert_eq!((sum_of(&first), sum_of(&second)), (Some(4 + round), Some(4 + round)));
+            let version = |a: &Answer| a.versions.split('@').next().unwrap_or_default().to_string();
+            assert_eq!((version(&first), version(&second)), (format!("t={}", want.unwrap_or(0)), version(&first)));
+            fresh_pair = Some(round);
+            break;
+        }
+    }
+    assert!(fresh_pair.is_some(), "never answered twice within 3 s of a new version:\n{}", sidecar.logs());
+
+    // Nothing new arrives: once the copy is past its max_staleness the cached answer is
+    // refused like any other, although its text, snapshot and cache entry are unchanged.
+    let refused = sidecar
+        .wait_for(Duration::from_secs(15), "the copy to pass its max_staleness", || async {
+            let answer = ask(&sidecar, sql, &[]).await;
+            (answer.code != 200).then_some(answer)
+        })
+        .await;
+    assert_eq!(refused.code, 503, "{}", refused.body);
+    assert!(refused.body.to_string().contains("max_staleness"), "{}", refused.body);
+}

@@ -303,6 +303,7 @@ impl AcceleratedTable {
             };
             *self.replaced.write().unwrap_or_else(|p| p.into_inner()) = Some(replaced);
         }
+        crate::generation::advance();
         self.changes.send_replace(snapshot.version);
         snapshot
     }

@@ -225,6 +225,7 @@ impl Dataset {
         *lock(&self.source) = Some(source);
         lock(&self.progress).connected = true;
         ctx.register_table(self.name(), provider)?;
+        crate::generation::advance();
         Ok(())
     }
 

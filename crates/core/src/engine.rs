@@ -201,6 +201,7 @@ impl Engine {
         };
         schema_provider.deregister_table(table)?;
         schema_provider.register_table(table.to_string(), provider)?;
+        crate::generation::advance();
         Ok(())
     }
 

@@ -10,6 +10,7 @@ pub mod contained_panic;
 pub mod dataset;
 pub mod engine;
 pub mod error;
+pub mod generation;
 mod ingest;
 pub mod ipc;
 pub mod key_index;

@@ -17,13 +17,14 @@
 use std::any::Any;
 use std::collections::HashSet;
 use std::hash::BuildHasher;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use datafusion::catalog::default_table_source::source_as_provider;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::common::{ScalarValue, TableReference};
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::logical_expr::{Expr, LogicalPlan, Volatility};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
@@ -33,7 +34,7 @@ use serde::Serialize;
 use crate::accelerator::{AcceleratedTable, Replaced};
 use crate::config::ResultsCacheConfig;
 use crate::error::{Result, StrataError};
-use crate::routing::VersionRead;
+use crate::routing::{RouteInfo, VersionRead};
 
 /// Whether an answer came from the results cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -167,17 +168,82 @@ pub struct Staleness {
 
 /// What [`ResultsCache::get_or_run`] answered.
 pub enum Answer {
-    /// HIT, MISS or BYPASS.
-    Fresh(SendableRecordBatchStream, CacheStatus),
+    /// HIT, MISS or BYPASS, with the cached answer itself when there is one (to remember
+    /// it by the query's text: [`ResultsCache::remember_text`]).
+    Fresh(SendableRecordBatchStream, CacheStatus, Option<Arc<CachedResult>>),
     /// An earlier snapshot's answer.
     Stale(SendableRecordBatchStream, Staleness),
     /// The caller waited for an answer too large to share: it runs the query itself, uncached.
     RunHere,
 }
 
+/// A query as its client sent it: what [`ResultsCache::by_text`] finds an answer by
+/// before the query is planned.
+#[derive(Clone, Copy)]
+pub struct TextKey<'a> {
+    pub sql: &'a str,
+    pub params: &'a [ScalarValue],
+    /// Who may share the answer, as in [`CacheKey`].
+    pub scope: &'a str,
+}
+
+/// What a query text was last answered with from the cache, and what that depends on.
+struct TextEntry {
+    sql: String,
+    params: Vec<ScalarValue>,
+    scope: String,
+    /// [`crate::generation`] read before the query was planned: while it is unchanged the
+    /// text plans, routes and reads exactly as it did.
+    generation: u64,
+    /// When the route stops holding by time alone (a replica passing its max staleness).
+    expires: Option<SystemTime>,
+    /// The answer, while the cache still holds it under its plan key.
+    answer: Weak<CachedResult>,
+    /// The route of the answer, and when it was made (the versions' ages grow from there).
+    info: RouteInfo,
+    made_at: SystemTime,
+    /// The tables the plan reads: a restricted caller's grants are checked on every use.
+    tables: Vec<TableReference>,
+}
+
+/// An answer found by [`ResultsCache::by_text`].
+pub struct TextHit {
+    entry: Arc<TextEntry>,
+    answer: Arc<CachedResult>,
+}
+
+impl TextHit {
+    /// The tables the answer was read from.
+    pub fn tables(&self) -> &[TableReference] {
+        &self.entry.tables
+    }
+
+    pub fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.answer.schema)
+    }
+
+    pub fn stream(&self) -> SendableRecordBatchStream {
+        self.answer.stream()
+    }
+
+    /// The route the answer was made on, as a HIT, its versions aged to now.
+    pub fn info(&self) -> RouteInfo {
+        let mut info = self.entry.info.clone();
+        info.cache = Some(CacheStatus::Hit);
+        let since = SystemTime::now().duration_since(self.entry.made_at).unwrap_or_default();
+        let since_ms = u64::try_from(since.as_millis()).unwrap_or(u64::MAX);
+        for read in &mut info.versions {
+            read.age_ms = read.age_ms.saturating_add(since_ms);
+        }
+        info
+    }
+}
+
 /// The cache of one tier.
 pub struct ResultsCache {
     entries: moka::future::Cache<CacheKey, Arc<CachedResult>>,
+    /// Answers by query text (see [`ResultsCache::by_text`]), keyed by the text's hash.
+    texts: moka::sync::Cache<u64, Arc<TextEntry>>,
     /// The snapshots of the last answer stored for each query.
     latest: moka::sync::Cache<QueryKey, Arc<SnapshotsRead>>,
     max_entry_bytes: usize,
@@ -227,8 +293,19 @@ impl ResultsCache {
                 u32::try_from(crate::plan_size::estimated_bytes(&key.plan)).unwrap_or(u32::MAX)
             })
             .build();
+        // Texts hold no answers (only weak references to the entries'): an eighth of the
+        // budget, charged by their size.
+        let texts = moka::sync::Cache::builder()
+            .max_capacity((config.max_bytes.0 / 8).max(1 << 20))
+            .weigher(|_: &u64, entry: &Arc<TextEntry>| {
+                let params: usize = entry.params.iter().map(ScalarValue::size).sum();
+                let size = entry.sql.len() + entry.scope.len() + params + std::mem::size_of::<TextEntry>();
+                u32::try_from(size).unwrap_or(u32::MAX)
+            })
+            .build();
         Some(Self {
             entries,
+            texts,
             latest,
             max_entry_bytes: config.max_entry_bytes.as_usize(),
             too_large: Mutex::new(HashSet::new()),
@@ -245,6 +322,49 @@ impl ResultsCache {
         Some(Lookup { key: CacheKey { plan: plan.clone(), snapshots, scope }, tables })
     }
 
+    /// The answer last remembered for this text ([`ResultsCache::remember_text`]), if
+    /// nothing it depends on changed since (`generation`, see [`crate::generation`]), its
+    /// route has not expired and the answer is still cached. Costs a hash of the text and
+    /// one comparison: no parsing, planning or routing. The caller checks a restricted
+    /// caller's grants on [`TextHit::tables`].
+    pub fn by_text(&self, key: TextKey<'_>, generation: u64) -> Option<TextHit> {
+        let entry = self.texts.get(&self.hasher.hash_one((key.sql, key.params, key.scope)))?;
+        let same = entry.generation == generation
+            && entry.sql == key.sql
+            && entry.params.as_slice() == key.params
+            && entry.scope == key.scope;
+        if !same || entry.expires.is_some_and(|at| SystemTime::now() >= at) {
+            return None;
+        }
+        let answer = entry.answer.upgrade()?;
+        Some(TextHit { entry, answer })
+    }
+
+    /// Remembers that the text of `key`, planned at `generation`, was answered with
+    /// `answer` on route `info` from `tables`.
+    pub fn remember_text(
+        &self,
+        key: TextKey<'_>,
+        generation: u64,
+        answer: &Arc<CachedResult>,
+        info: &RouteInfo,
+        expires: Option<SystemTime>,
+        tables: Vec<TableReference>,
+    ) {
+        let entry = TextEntry {
+            sql: key.sql.to_string(),
+            params: key.params.to_vec(),
+            scope: key.scope.to_string(),
+            generation,
+            expires,
+            answer: Arc::downgrade(answer),
+            info: info.clone(),
+            made_at: SystemTime::now(),
+            tables,
+        };
+        self.texts.insert(self.hasher.hash_one((key.sql, key.params, key.scope)), Arc::new(entry));
+    }
+
     /// The answer for `lookup`: cached (or, as `control` and the datasets allow, the answer
     /// of the snapshots the current ones replaced), or produced by `run` once for all
     /// concurrent callers. With `only-if-cached`, a miss is an error and nothing runs.
@@ -255,7 +375,7 @@ impl ResultsCache {
         let key = &lookup.key;
         let cached = self.entries.get(key).await;
         if let Some(entry) = cached {
-            return Ok(Answer::Fresh(entry.stream(), CacheStatus::Hit));
+            return Ok(Answer::Fresh(entry.stream(), CacheStatus::Hit, Some(entry)));
         }
         if let Some((entry, staleness)) = self.stale(lookup, control).await {
             return Ok(Answer::Stale(entry.stream(), staleness));
@@ -277,7 +397,7 @@ impl ResultsCache {
         let key = &lookup.key;
         let hash = self.hasher.hash_one(key);
         if lock(&self.too_large).contains(&hash) {
-            return Ok(Answer::Fresh(run.await?, CacheStatus::Bypass));
+            return Ok(Answer::Fresh(run.await?, CacheStatus::Bypass, None));
         }
         let ran_here = std::sync::atomic::AtomicBool::new(false);
         let max = self.max_entry_bytes;
@@ -309,7 +429,7 @@ impl ResultsCache {
                 } else {
                     CacheStatus::Hit
                 };
-                Ok(Answer::Fresh(entry.stream(), status))
+                Ok(Answer::Fresh(entry.stream(), status, Some(entry)))
             }
             Err(failure) => match failure.as_ref() {
                 Failure::Query(err) => Err(StrataError::remote(err.kind(), err.to_string())),
@@ -321,7 +441,7 @@ impl ResultsCache {
                     remembered.insert(hash);
                     drop(remembered);
                     let taken = lock(&too_large.leader).take();
-                    Ok(taken.map_or(Answer::RunHere, |stream| Answer::Fresh(stream, CacheStatus::Bypass)))
+                    Ok(taken.map_or(Answer::RunHere, |stream| Answer::Fresh(stream, CacheStatus::Bypass, None)))
                 }
             },
         }
@@ -452,6 +572,47 @@ fn snapshots_read(plan: &LogicalPlan) -> Option<(SnapshotsRead, Vec<TableFreshne
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answer_is_found_by_its_text_only_with_the_same_parameters_scope_and_generation() {
+        let cache = ResultsCache::new(&ResultsCacheConfig::default()).expect("cache on");
+        let schema = Arc::new(arrow::datatypes::Schema::new(vec![arrow::datatypes::Field::new(
+            "s",
+            arrow::datatypes::DataType::Int64,
+            false,
+        )]));
+        let batch = RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(arrow::array::Int64Array::from(vec![4]))])
+            .expect("batch");
+        let answer = Arc::new(CachedResult { schema, bytes: batch.get_array_memory_size(), batches: vec![batch] });
+        let mut info = RouteInfo::local("here");
+        info.versions.push(VersionRead { dataset: "t".into(), version: 3, age_ms: 10 });
+        let params = [ScalarValue::Int64(Some(7))];
+        let key = TextKey { sql: "SELECT s FROM t WHERE k = $1", params: &params, scope: "" };
+        let tables = vec![TableReference::bare("t")];
+        cache.remember_text(key, 5, &answer, &info, None, tables);
+
+        let hit = cache.by_text(key, 5).expect("the same text, parameters, scope and generation");
+        assert_eq!(hit.tables(), [TableReference::bare("t")]);
+        let found = hit.info();
+        assert_eq!(found.cache, Some(CacheStatus::Hit));
+        assert_eq!((found.versions[0].version, found.versions[0].age_ms >= 10), (3, true));
+
+        assert!(cache.by_text(key, 6).is_none(), "something changed since: plan again");
+        let other = [ScalarValue::Int64(Some(8))];
+        assert!(cache.by_text(TextKey { params: &other, ..key }, 5).is_none());
+        assert!(cache.by_text(TextKey { scope: "acme\u{0}", ..key }, 5).is_none());
+        assert!(cache.by_text(TextKey { sql: "SELECT s FROM t WHERE k = $2", ..key }, 5).is_none());
+
+        // A route that expires by time (a replica's max_staleness) is not used past it.
+        let past = SystemTime::now() - Duration::from_secs(1);
+        cache.remember_text(key, 5, &answer, &info, Some(past), Vec::new());
+        assert!(cache.by_text(key, 5).is_none());
+        // Nor an answer the cache no longer holds.
+        cache.remember_text(key, 5, &answer, &info, None, Vec::new());
+        drop(hit);
+        drop(answer);
+        assert!(cache.by_text(key, 5).is_none(), "an evicted answer is not served by its text");
+    }
 
     #[test]
     fn cache_control_reads_the_request_directives_that_matter_here() {

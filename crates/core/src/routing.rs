@@ -238,6 +238,13 @@ pub trait Router: Send + Sync {
         deadline: std::time::SystemTime,
     ) -> Result<(SendableRecordBatchStream, RouteInfo)>;
 
+    /// When a route decided now for a query that read `info.versions` here stops holding by
+    /// the passage of time alone (a replica it read passes its `max_staleness`, and is then
+    /// warned about or refused); `None`: only a change does that (see [`crate::generation`]).
+    fn local_route_expires(&self, _info: &RouteInfo) -> Option<std::time::SystemTime> {
+        None
+    }
+
     /// Datasets this tier knows from upstream, for its own catalog listing.
     fn remote_catalog(&self) -> Vec<CatalogEntry>;
 

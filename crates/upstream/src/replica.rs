@@ -159,6 +159,11 @@ impl Replica {
         })
     }
 
+    /// When the copy served now passes its `max_staleness`, if it has one.
+    pub fn stale_at(&self) -> Option<std::time::SystemTime> {
+        Some(self.snapshot()?.refreshed_at + self.config.max_staleness?)
+    }
+
     pub fn on_stale(&self) -> strata_core::config::OnStale {
         self.config.on_stale
     }

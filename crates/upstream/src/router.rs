@@ -210,6 +210,7 @@ impl TierRouter {
     /// queries always run here, so the local rows are never left out by a whole-query forward.
     pub fn add_local_writes(&self, dataset: &str, rows: Arc<dyn datafusion::catalog::TableProvider>) {
         self.local_writes.write().unwrap_or_else(|p| p.into_inner()).insert(key(dataset), rows);
+        strata_core::generation::advance();
     }
 
     /// Whether the upstream accepts edge writes to `dataset`: `None` until its catalog has
@@ -261,6 +262,11 @@ impl Router for TierRouter {
         // The call upstream, as the parent of the spans the upstream tier makes for it.
         let span = tracing::info_span!("forward", upstream = %upstream.label, reason = info.reason.as_str());
         self.forward_to(upstream, query, options, info, deadline).instrument(span).await
+    }
+
+    fn local_route_expires(&self, info: &RouteInfo) -> Option<SystemTime> {
+        let replicas = self.replicas.read().unwrap_or_else(|p| p.into_inner());
+        info.versions.iter().filter_map(|read| replicas.get(&key(&read.dataset))?.stale_at()).min()
     }
 
     fn remote_catalog(&self) -> Vec<CatalogEntry> {

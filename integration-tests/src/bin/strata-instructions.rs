@@ -29,7 +29,19 @@ struct Args {
     /// Declare `id` as the table's primary key, so lookups are answered from its index.
     #[arg(long)]
     indexed: bool,
+    /// Instead of lookups, a dashboard's queries repeated: every counted one is a results
+    /// cache hit (checked), so the count is what a hit costs the engine.
+    #[arg(long)]
+    cached: bool,
 }
+
+/// What `--cached` repeats, in turn: aggregates and a top-10, 10 rows or fewer each.
+const DASHBOARD: [&str; 4] = [
+    "SELECT id % 10 AS bucket, count(*) AS n FROM points GROUP BY id % 10",
+    "SELECT id, v FROM points ORDER BY id DESC LIMIT 10",
+    "SELECT id % 10 AS bucket, max(v) AS top FROM points WHERE id < 1000 GROUP BY id % 10",
+    "SELECT count(*) AS n FROM points WHERE id > 50",
+];
 
 /// Lookups before the counted ones, so plans and caches are warm in both runs alike.
 const WARMUP: usize = 50;
@@ -54,6 +66,9 @@ async fn main() -> anyhow::Result<()> {
     let _stop = engine.background().token().drop_guard();
     engine.start();
     tokio::time::timeout(Duration::from_secs(600), engine.wait_ready()).await.context("the table never loaded")?;
+    if args.cached {
+        return dashboard(&engine, args.lookups).await;
+    }
     for i in 0..WARMUP + args.lookups {
         let key = (i as i64).wrapping_mul(7919).rem_euclid(args.rows);
         let (sql, params) = if args.literal {
@@ -71,6 +86,25 @@ async fn main() -> anyhow::Result<()> {
     let from_index = engine.index_lookups() as usize;
     let expected = if args.indexed { WARMUP + args.lookups } else { 0 };
     anyhow::ensure!(from_index == expected, "{from_index} lookups answered from the index, expected {expected}");
+    Ok(())
+}
+
+/// The dashboard's queries, `calls` times after the warm-up, each a results cache hit.
+async fn dashboard(engine: &strata_core::Engine, calls: usize) -> anyhow::Result<()> {
+    for i in 0..WARMUP + calls {
+        let mut stream = engine.execute(DASHBOARD[i % DASHBOARD.len()], Vec::new()).await?;
+        let cache = stream.route().cache;
+        let mut rows = 0;
+        while let Some(batch) = stream.next().await {
+            rows += batch?.num_rows();
+        }
+        anyhow::ensure!((1..=10).contains(&rows), "dashboard query {} returned {rows} rows", i % DASHBOARD.len());
+        let warm = i >= DASHBOARD.len();
+        anyhow::ensure!(
+            !warm || cache == Some(strata_core::results_cache::CacheStatus::Hit),
+            "call {i} was {cache:?}, not a results cache hit"
+        );
+    }
     Ok(())
 }
 

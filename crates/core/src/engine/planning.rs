@@ -28,8 +28,14 @@ impl Engine {
 
     /// The schema of the rows `sql` returns, from the plan its shape shares (see
     /// [`Engine::plan_for_text`]): what GetFlightInfo answers before the query runs.
+    /// A text whose answer is cached answers with that answer's schema, unplanned, as the
+    /// query it announces will.
     pub async fn result_schema(&self, sql: &str, options: &QueryOptions) -> Result<SchemaRef> {
-        Ok(Arc::clone(&self.plan_for_text(sql, &self.access(options)).await?.0.planned.schema))
+        let access = self.access(options);
+        if let Some(hit) = self.text_hit(sql, &[], options, &access) {
+            return Ok(hit.schema());
+        }
+        Ok(Arc::clone(&self.plan_for_text(sql, &access).await?.0.planned.schema))
     }
 
     /// The plan of `sql` from the plan cache, planned now if it is not there or if a table

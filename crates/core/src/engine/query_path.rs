@@ -26,7 +26,7 @@ use crate::error::{Result, StrataError};
 use crate::plan_cache::CachedPlan;
 use crate::query::{Finished, Outcome, QueryObserver, QueryStream, StreamLimits, next_query_id};
 use crate::read_only;
-use crate::results_cache::{Answer, CacheControl, CacheStatus, Lookup, Revalidation, Staleness};
+use crate::results_cache::{Answer, CacheControl, CacheStatus, Lookup, Revalidation, Staleness, TextKey};
 use crate::routing::{ForwardQuery, QueryOptions, RouteInfo, Routing, SharedRouter, VersionRead, scanned_tables};
 
 /// What a query asks to run.
@@ -60,6 +60,8 @@ struct Planned<'a> {
     /// The session state of a query that calls `now()`, stamped with its start time; the
     /// shared planning state serves every other.
     own_state: Option<SessionState>,
+    /// [`crate::generation`] before planning: what its answer is remembered by text under.
+    generation: u64,
 }
 
 enum PlannedInput<'a> {
@@ -130,6 +132,11 @@ impl Engine {
         span.record("id", admission.id);
         // A span per phase (debug: exported when tracing is on, free when it is off).
         let start = async {
+            // A repeated query whose answer is cached, with nothing it depends on changed:
+            // answered before it is parsed, planned or routed.
+            if let Some(started) = self.answer_by_text(&input, options, &access) {
+                return Ok(started);
+            }
             let planned = self.plan_query(input, &access).instrument(debug_span!("plan")).await?;
             // Read once: the route and its execution see the same router.
             let router = self.router();
@@ -241,6 +248,7 @@ impl Engine {
     /// A shipped plan is held to the caller's grants like SQL: the tier that shipped it is
     /// not trusted to have filtered.
     async fn plan_query<'a>(&self, input: QueryInput<'a>, access: &Access) -> Result<Planned<'a>> {
+        let generation = crate::generation::current();
         let input = match input {
             QueryInput::Sql { sql, params } if params.is_empty() => {
                 let (cached, bound) = self.plan_for_text(sql, access).await?;
@@ -264,7 +272,7 @@ impl Engine {
             PlannedInput::Shipped(plan) => crate::results_cache::is_deterministic(plan),
         };
         let own_state = (!deterministic).then(|| self.inner.ctx.state());
-        Ok(Planned { input, deterministic, own_state })
+        Ok(Planned { input, deterministic, own_state, generation })
     }
 
     /// Phase 3: where the query runs. Without a router, here. A query the router must
@@ -380,15 +388,14 @@ impl Engine {
             }
             cache => cache,
         };
-        // Entries never cross tenants: a restricted caller's answers are keyed by who asked.
-        let scope = match access.is_restricted() {
-            true => format!("{}\u{0}{}", options.tenant, options.on_behalf_of),
-            false => String::new(),
-        };
-        match cache.and_then(|c| Some((c, c.key(&plan, scope)?))) {
+        let scope = cache_scope(options, access);
+        match cache.and_then(|c| Some((c, c.key(&plan, scope.clone())?))) {
             Some((cache, lookup)) => match cache.get_or_run(&lookup, control, execute()).await? {
-                Answer::Fresh(stream, status) => {
+                Answer::Fresh(stream, status, answer) => {
                     info.cache = Some(status);
+                    if let Some(answer) = answer {
+                        self.remember_text(cache, planned, &scope, &answer, &info, router);
+                    }
                     mark_distributed(&mut info);
                     return Ok(Started { stream, info, running_slot });
                 }
@@ -412,6 +419,59 @@ impl Engine {
         let stream = execute().await?;
         mark_distributed(&mut info);
         Ok(Started { stream, info, running_slot })
+    }
+
+    /// The answer to client SQL found by its text in the results cache (see
+    /// [`ResultsCache::by_text`](crate::results_cache::ResultsCache::by_text)): no running
+    /// slot, as for any cached answer.
+    fn answer_by_text(&self, input: &QueryInput<'_>, options: &QueryOptions, access: &Access) -> Option<Started> {
+        let QueryInput::Sql { sql, params } = input else { return None };
+        let hit = self.text_hit(sql, params, options, access)?;
+        Some(Started { stream: hit.stream(), info: hit.info(), running_slot: None })
+    }
+
+    /// The cached answer of `sql` with `params` for this caller, found by its text. Never
+    /// for a client that asked for a fresh answer or for strong consistency (that route is
+    /// decided on every query); a restricted caller's grants are checked as planning would.
+    pub(super) fn text_hit(
+        &self,
+        sql: &str,
+        params: &[ScalarValue],
+        options: &QueryOptions,
+        access: &Access,
+    ) -> Option<crate::results_cache::TextHit> {
+        let cache = self.inner.results.as_ref()?;
+        if options.cache_control.no_cache || options.strong_consistency {
+            return None;
+        }
+        let scope = cache_scope(options, access);
+        let hit = cache.by_text(TextKey { sql, params, scope: &scope }, crate::generation::current())?;
+        if access.is_restricted() && hit.tables().iter().any(|t| self.check_table(access, t).is_err()) {
+            return None;
+        }
+        Some(hit)
+    }
+
+    /// Remembers a cached answer to client SQL by its text, for [`Engine::answer_by_text`].
+    /// Not an answer that carries a warning (a replica past its max staleness: that is
+    /// decided on every query).
+    fn remember_text(
+        &self,
+        cache: &crate::results_cache::ResultsCache,
+        planned: &Planned<'_>,
+        scope: &str,
+        answer: &Arc<crate::results_cache::CachedResult>,
+        info: &RouteInfo,
+        router: Option<&SharedRouter>,
+    ) {
+        let PlannedInput::Sql { sql, params, cached, .. } = &planned.input else { return };
+        if info.warning.is_some() || info.route != crate::routing::Route::Local {
+            return;
+        }
+        let expires = router.and_then(|r| r.local_route_expires(info));
+        let tables = cached.tables.iter().map(|(reference, _)| reference.clone()).collect();
+        let key = TextKey { sql, params, scope };
+        cache.remember_text(key, planned.generation, answer, info, expires, tables);
     }
 
     /// Computes the fresh answer of a query whose stale answer was just served, in the
@@ -524,6 +584,15 @@ impl Engine {
 
     fn observer(&self) -> Option<QueryObserver> {
         self.inner.observer.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Who may share a cached answer: everyone when tenancy is off; a restricted caller's
+/// answers are keyed by who asked, so entries never cross tenants.
+fn cache_scope(options: &QueryOptions, access: &Access) -> String {
+    match access.is_restricted() {
+        true => format!("{}\u{0}{}", options.tenant, options.on_behalf_of),
+        false => String::new(),
     }
 }
 

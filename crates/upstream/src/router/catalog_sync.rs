@@ -88,10 +88,21 @@ impl TierRouter {
                 if known_schema.is_some() {
                     warn!(dataset = %entry.name, "upstream schema changed; the local replica restarts");
                     self.replicas.write().unwrap_or_else(|p| p.into_inner()).remove(&name);
+                    strata_core::generation::advance();
                 }
             }
             self.start_replica(&name, &entry, index);
+            // Where a query on it runs may change: cached shortcuts by query text must be
+            // planned again (see `strata_core::generation`).
+            let routes_alike = remote.get(&name).is_some_and(|known| {
+                known.upstream == index
+                    && known.entry.home_region == entry.home_region
+                    && known.entry.accelerated == entry.accelerated
+            });
             remote.insert(name, Remote { entry, upstream: index });
+            if !routes_alike {
+                strata_core::generation::advance();
+            }
         }
     }
 
@@ -150,6 +161,7 @@ impl TierRouter {
                     replica.restore(manifest, batches);
                     let name_for_task = name.clone();
                     self.replicas.write().unwrap_or_else(|p| p.into_inner()).insert(name, Arc::clone(&replica));
+                    strata_core::generation::advance();
                     let client = self.upstreams[default].client.clone();
                     let task = replica.run(client, self.origin.clone(), self.shutdown.child_token());
                     self.engine.background().spawn(format!("replica {name_for_task}"), task);
@@ -196,6 +208,7 @@ impl TierRouter {
             }
         };
         replicas.insert(name.to_string(), Arc::clone(&replica));
+        strata_core::generation::advance();
         let client = self.upstreams[index].client.clone();
         let task = replica.run(client, self.origin.clone(), self.shutdown.child_token());
         self.engine.background().spawn(format!("replica {name}"), task);
