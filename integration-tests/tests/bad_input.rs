@@ -169,6 +169,34 @@ async fn http_formats_health_and_graceful_exit() {
     assert_eq!(rows, 2000);
     // An empty result is still valid JSON.
     assert_eq!(tier.rows("SELECT * FROM customers WHERE customer_id < 0").await.len(), 0);
+    // A small answer goes out whole, with its length; one larger than what is held back
+    // before the headers (1 MiB of Arrow) streams, chunked, in every format.
+    let big = "SELECT value, 'a label for row ' || value AS label FROM generate_series(1, 90000) ORDER BY value";
+    for accept in ["application/json", "text/csv", "application/vnd.apache.arrow.stream"] {
+        let small = client.post(tier.url("/v1/sql")).header("accept", accept).body("SELECT 1 AS one");
+        let small = small.send().await.expect("small");
+        assert!(small.headers().contains_key("content-length"), "{accept}: {:?}", small.headers());
+        let response = client.post(tier.url("/v1/sql")).header("accept", accept).body(big).send().await.expect("big");
+        assert_eq!(response.status(), 200, "{accept}");
+        assert!(!response.headers().contains_key("content-length"), "{accept} streamed: {:?}", response.headers());
+        let bytes = response.bytes().await.expect("bytes");
+        let (rows, last) = match accept {
+            "application/json" => {
+                let rows: Vec<serde_json::Value> = serde_json::from_slice(&bytes).expect("json");
+                (rows.len(), rows.last().map(|r| r["label"].to_string()).unwrap_or_default())
+            }
+            "text/csv" => {
+                let text = String::from_utf8(bytes.to_vec()).expect("utf-8");
+                (text.lines().count() - 1, text.lines().last().unwrap_or_default().to_string())
+            }
+            _ => {
+                let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None).expect("ipc");
+                (reader.map(|b| b.expect("batch").num_rows()).sum(), "a label for row 90000".to_string())
+            }
+        };
+        assert_eq!(rows, 90_000, "{accept}");
+        assert!(last.contains("a label for row 90000"), "{accept}: {last}");
+    }
     let (code, datasets) = tier.get_json("/v1/datasets").await;
     assert_eq!(code, 200);
     let orders = &datasets["datasets"][1];

@@ -257,33 +257,48 @@ async fn sql(State(state): State<HttpState>, headers: HeaderMap, body: Bytes) ->
     // code rather than a truncated 200. Larger results then stream.
     let mut head = Vec::new();
     let mut held = 0usize;
+    let mut complete = false;
     while held < RESPONSE_HEAD_BYTES {
         match results.next().await {
             Some(Ok(batch)) => {
                 held += batch.get_array_memory_size();
-                head.push(Ok(batch));
+                head.push(batch);
             }
             Some(Err(err)) => return error_response(&err),
-            None => break,
+            None => {
+                complete = true;
+                break;
+            }
         }
     }
-    let encoder = match Encoder::new(format, &schema) {
-        Ok(e) => Arc::new(std::sync::Mutex::new(e)),
+    let mut encoder = match Encoder::new(format, &schema) {
+        Ok(e) => e,
         Err(err) => return error_response(&StrataError::from(err)),
     };
-    let opening = encoder.lock().map(|mut e| e.take()).unwrap_or_default();
-    let for_batches = Arc::clone(&encoder);
-    let body = stream::once(async move { Ok::<_, StrataError>(opening) })
-        .chain(stream::iter(head).chain(results).map(move |item| {
-            let batch = item?;
-            let mut enc = for_batches.lock().map_err(|_| StrataError::Internal("encoder poisoned".into()))?;
-            Ok(enc.batch(&batch)?)
-        }))
-        .chain(stream::once(async move {
-            let mut enc = encoder.lock().map_err(|_| StrataError::Internal("encoder poisoned".into()))?;
-            Ok(enc.close()?)
-        }));
-    let mut response = Response::new(Body::from_stream(body));
+    let body = if complete {
+        // The whole answer is here: one body with its length, written at once (most
+        // answers; a stream would cost a chunk, and its framing, per batch).
+        match encoder.whole(&head) {
+            Ok(bytes) => Body::from(bytes),
+            Err(err) => return error_response(&StrataError::from(err)),
+        }
+    } else {
+        let opening = encoder.take();
+        let encoder = Arc::new(std::sync::Mutex::new(encoder));
+        let for_batches = Arc::clone(&encoder);
+        let body = stream::once(async move { Ok::<_, StrataError>(opening) })
+            .chain(stream::iter(head.into_iter().map(Ok)).chain(results).map(move |item| {
+                let batch = item?;
+                let mut enc = for_batches.lock().map_err(|_| StrataError::Internal("encoder poisoned".into()))?;
+                Ok(enc.batch(&batch)?)
+            }))
+            .chain(stream::once(async move {
+                let mut enc = encoder.lock().map_err(|_| StrataError::Internal("encoder poisoned".into()))?;
+                Ok(enc.close()?)
+            }));
+        Body::from_stream(body)
+    };
+    let mut response = Response::new(body);
     let h = response.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(format.content_type()));
     if let Ok(v) = HeaderValue::from_str(&query_id.to_string()) {
@@ -369,6 +384,16 @@ impl Encoder {
         }
         self.drain_writer();
         Ok(self.take())
+    }
+
+    /// Every batch of an answer, from the opening bytes to the closing ones, as one buffer.
+    fn whole(&mut self, batches: &[RecordBatch]) -> Result<Bytes, arrow::error::ArrowError> {
+        let mut all = Vec::from(self.take());
+        for batch in batches {
+            all.extend_from_slice(&self.batch(batch)?);
+        }
+        all.extend_from_slice(&self.close()?);
+        Ok(Bytes::from(all))
     }
 
     fn close(&mut self) -> Result<Bytes, arrow::error::ArrowError> {

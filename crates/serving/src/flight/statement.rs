@@ -55,7 +55,7 @@ impl StrataFlightSql {
     /// A call's query options from its metadata (the caller's tenant among them, marked by
     /// the authentication layer).
     pub(crate) fn options(metadata: &tonic::metadata::MetadataMap) -> strata_core::routing::QueryOptions {
-        crate::route_headers::options(&metadata.clone().into_headers())
+        crate::route_headers::options(metadata.as_ref())
     }
 
     /// Runs a statement once per bound parameter row and streams all results as one.
