@@ -98,7 +98,10 @@ impl Engine {
         options: &QueryOptions,
     ) -> Result<QueryStream> {
         let span = query_span(sql, options);
-        self.run(QueryInput::Sql { sql, params }, options, span).await
+        // Boxed: the query path's future is tens of KB (its planning and execution states),
+        // and every move of it by value was a copy of all of it, on every query, cached
+        // answers included (callgrind: most of a results cache hit's instructions).
+        Box::pin(self.run(QueryInput::Sql { sql, params }, options, span)).await
     }
 
     /// Runs a plan another tier shipped here (a sub-plan of a mixed query), under the same
@@ -106,7 +109,7 @@ impl Engine {
     pub async fn execute_plan(&self, plan: LogicalPlan, options: &QueryOptions) -> Result<QueryStream> {
         read_only::check_plan(&plan)?;
         let span = query_span(&plan.display().to_string(), options);
-        self.run(QueryInput::Plan(plan), options, span).await
+        Box::pin(self.run(QueryInput::Plan(plan), options, span)).await
     }
 
     /// Runs a plan shipped by another tier as datafusion-proto bytes.
@@ -131,7 +134,8 @@ impl Engine {
         };
         span.record("id", admission.id);
         // A span per phase (debug: exported when tracing is on, free when it is off).
-        let start = async {
+        // Boxed, so that the timeout and span around it move a pointer, not its state.
+        let start = Box::pin(async {
             // A repeated query whose answer is cached, with nothing it depends on changed:
             // answered before it is parsed, planned or routed.
             if let Some(started) = self.answer_by_text(&input, options, &access) {
@@ -150,7 +154,7 @@ impl Engine {
             self.execute_routed(&planned, routing, router.as_ref(), options, &access, admission.wall_deadline)
                 .instrument(debug_span!("execute"))
                 .await
-        };
+        });
         let tenant_memory_limits: Vec<String> =
             access.memory_budgets().iter().map(|b| format!("tenants.{}.memory_limit", b.tenant())).collect();
         let started = match tokio::time::timeout_at(admission.deadline, start.instrument(span.clone())).await {
