@@ -328,7 +328,7 @@ impl ResultsCache {
     /// one comparison: no parsing, planning or routing. The caller checks a restricted
     /// caller's grants on [`TextHit::tables`].
     pub fn by_text(&self, key: TextKey<'_>, generation: u64) -> Option<TextHit> {
-        let entry = self.texts.get(&self.hasher.hash_one((key.sql, key.params, key.scope)))?;
+        let entry = self.texts.get(&self.text_hash(key))?;
         let same = entry.generation == generation
             && entry.sql == key.sql
             && entry.params.as_slice() == key.params
@@ -362,7 +362,11 @@ impl ResultsCache {
             made_at: SystemTime::now(),
             tables,
         };
-        self.texts.insert(self.hasher.hash_one((key.sql, key.params, key.scope)), Arc::new(entry));
+        self.texts.insert(self.text_hash(key), Arc::new(entry));
+    }
+
+    fn text_hash(&self, key: TextKey<'_>) -> u64 {
+        self.hasher.hash_one((key.sql, key.params, key.scope))
     }
 
     /// The answer for `lookup`: cached (or, as `control` and the datasets allow, the answer
