@@ -7,9 +7,12 @@ use strata_integration_tests::bin_dir;
 async fn quick_benchmark_reports_every_scenario_against_its_baseline() {
     let dir = tempfile::tempdir().expect("dir");
     let json = dir.path().join("bench.json");
+    let png = dir.path().join("growth.png");
     let output = tokio::process::Command::new(bin_dir().join("strata-bench"))
         .args(["--quick", "--json"])
         .arg(&json)
+        .arg("--growth-png")
+        .arg(&png)
         .output()
         .await
         .expect("run strata-bench");
@@ -29,6 +32,7 @@ async fn quick_benchmark_reports_every_scenario_against_its_baseline() {
         "Edge ingest",
         "Edge restart",
         "Edge outage",
+        "How cost grows",
     ] {
         assert!(names.iter().any(|n| n.starts_with(wanted)), "no {wanted} scenario in {names:?}");
     }
@@ -50,4 +54,19 @@ async fn quick_benchmark_reports_every_scenario_against_its_baseline() {
     }
     let tpch = scenarios.iter().find(|s| s["name"].as_str().is_some_and(|n| n.starts_with("TPC-H"))).expect("tpch");
     assert_eq!(tpch["table"]["rows"].as_array().expect("rows").len(), 23, "22 queries and the total");
+
+    // The growth table: each measure at both quick sizes, and its log-log slope.
+    let growth =
+        scenarios.iter().find(|s| s["name"].as_str().is_some_and(|n| n.starts_with("How cost grows"))).expect("growth");
+    assert_eq!(growth["table"]["columns"], serde_json::json!(["10k rows", "100k rows", "log-log slope"]));
+    for row in growth["table"]["rows"].as_array().expect("rows") {
+        let cells = row[1].as_array().expect("cells");
+        assert!(
+            cells.iter().all(|c| c.as_f64().is_some_and(f64::is_finite)),
+            "a value for each size and a slope: {row}"
+        );
+        assert!(cells[..2].iter().all(|c| c.as_f64() > Some(0.0)), "{row}");
+    }
+    let plot = std::fs::read(&png).expect("the growth plot is written");
+    assert!(plot.starts_with(b"\x89PNG\r\n\x1a\n") && plot.len() > 10_000, "a PNG with something drawn");
 }

@@ -11,6 +11,7 @@ mod bulk;
 mod delay_relay;
 mod distributed;
 mod edge;
+mod growth;
 mod measure;
 mod netns;
 mod paths;
@@ -35,12 +36,12 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Scenarios to run (comma separated): lookup, aggregate, dashboard, footprint, netns,
-    /// tracing, security, bulk, tpch, distributed, edge-ingest, edge-restart, edge-outage. `netns` needs root; without it
-    /// the scenario is skipped with the reason.
+    /// tracing, security, bulk, tpch, distributed, edge-ingest, edge-restart, edge-outage,
+    /// growth. `netns` needs root; without it the scenario is skipped with the reason.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "lookup,aggregate,dashboard,footprint,netns,tracing,security,bulk,tpch,distributed,edge-ingest,edge-restart,edge-outage"
+        default_value = "lookup,aggregate,dashboard,footprint,netns,tracing,security,bulk,tpch,distributed,edge-ingest,edge-restart,edge-outage,growth"
     )]
     only: Vec<String>,
     /// Measure only the paths whose names contain one of these (comma separated), for
@@ -53,6 +54,14 @@ struct Args {
     /// MiB of Arrow the bulk scenario moves (default: 1024, or 16 with `--quick`).
     #[arg(long)]
     bulk_mib: Option<u64>,
+    /// Table sizes the growth scenario measures (default: 1M, 10M and 50M rows, or 10k and
+    /// 100k with `--quick`); a size the machine lacks the memory for is left out.
+    #[arg(long, value_delimiter = ',')]
+    growth_rows: Vec<i64>,
+    /// Where the growth scenario writes its log-log plot (default: docs/performance-growth.png,
+    /// none with `--quick`).
+    #[arg(long)]
+    growth_png: Option<PathBuf>,
     /// Python with the `duckdb` package, for TPC-H's DuckDB column.
     #[arg(long, env = "STRATA_BENCH_PYTHON")]
     python: Option<PathBuf>,
@@ -131,6 +140,30 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("edge outage and catch-up");
         let (seconds, rate) = if args.quick { (4, 50) } else { (120, 100) };
         keep("edge-outage", edge::outage(seconds, rate, 100).await);
+    }
+    if wants("growth") {
+        let sizes = match (&args.growth_rows[..], args.quick) {
+            ([], true) => vec![10_000, 100_000],
+            ([], false) => vec![1_000_000, 10_000_000, 50_000_000],
+            (sizes, _) => sizes.to_vec(),
+        };
+        eprintln!("how cost grows: {sizes:?} rows");
+        let png = args.growth_png.clone().or_else(|| {
+            (!args.quick).then(|| strata_integration_tests::workspace_root().join("docs/performance-growth.png"))
+        });
+        let growth = growth::Growth {
+            sizes: &sizes,
+            lookup: Effort { iterations: lookups / 2, warmup: lookups / 20, concurrency: &[8], ..lookup_effort },
+            aggregate: Effort {
+                iterations: if args.quick { 4 } else { 20 },
+                warmup: 1,
+                concurrency: &[],
+                ..lookup_effort
+            },
+            refreshes: if args.quick { 1 } else { 2 },
+            png: png.as_deref(),
+        };
+        keep("growth", growth::run(growth).await);
     }
     if wants("tpch") {
         eprintln!("TPC-H SF{scale}");

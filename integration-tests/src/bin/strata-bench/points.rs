@@ -41,41 +41,55 @@ pub struct Points {
     _dir: tempfile::TempDir,
 }
 
-fn batches(rows: i64) -> Vec<RecordBatch> {
-    let schema = Arc::new(Schema::new(vec![
+fn schema() -> Arc<Schema> {
+    Arc::new(Schema::new(vec![
         Field::new("id", DataType::Int64, false),
         Field::new("grp", DataType::Int64, false),
         Field::new("amount", DataType::Float64, false),
         Field::new("v", DataType::Utf8, false),
-    ]));
-    (0..rows)
-        .step_by(65_536)
-        .map(|start| {
-            let ids: Vec<i64> = (start..(start + 65_536).min(rows)).collect();
-            RecordBatch::try_new(
-                Arc::clone(&schema),
-                vec![
-                    Arc::new(Int64Array::from_iter_values(ids.iter().copied())),
-                    Arc::new(Int64Array::from_iter_values(ids.iter().map(|i| i % 1000))),
-                    Arc::new(Float64Array::from_iter_values(ids.iter().map(|i| (i % 977) as f64 * 0.5))),
-                    Arc::new(StringArray::from_iter_values(ids.iter().map(|i| format!("value-{i}")))),
-                ],
-            )
-            .expect("batch")
-        })
-        .collect()
+    ]))
+}
+
+/// Rows `start..end` of the table (the same values PostgreSQL's `generate_series` makes).
+fn batch(schema: &Arc<Schema>, start: i64, end: i64) -> RecordBatch {
+    let ids = start..end;
+    RecordBatch::try_new(
+        Arc::clone(schema),
+        vec![
+            Arc::new(Int64Array::from_iter_values(ids.clone())),
+            Arc::new(Int64Array::from_iter_values(ids.clone().map(|i| i % 1000))),
+            Arc::new(Float64Array::from_iter_values(ids.clone().map(|i| (i % 977) as f64 * 0.5))),
+            Arc::new(StringArray::from_iter_values(ids.map(|i| format!("value-{i}")))),
+        ],
+    )
+    .expect("batch")
+}
+
+const BATCH_ROWS: i64 = 65_536;
+
+fn batches(rows: i64) -> Vec<RecordBatch> {
+    let schema = schema();
+    (0..rows).step_by(BATCH_ROWS as usize).map(|start| batch(&schema, start, (start + BATCH_ROWS).min(rows))).collect()
+}
+
+/// Writes the table of `rows` rows to a Parquet file a batch at a time (a 50M-row table is
+/// never whole in this process).
+pub fn write_parquet(path: &std::path::Path, rows: i64) -> anyhow::Result<()> {
+    let schema = schema();
+    let mut writer = ArrowWriter::try_new(std::fs::File::create(path)?, Arc::clone(&schema), None)?;
+    for start in (0..rows).step_by(BATCH_ROWS as usize) {
+        writer.write(&batch(&schema, start, (start + BATCH_ROWS).min(rows)))?;
+    }
+    writer.close()?;
+    Ok(())
 }
 
 impl Points {
     pub async fn start(rows: i64) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("points.parquet");
+        write_parquet(&path, rows)?;
         let data = batches(rows);
-        let mut writer = ArrowWriter::try_new(std::fs::File::create(&path)?, data[0].schema(), None)?;
-        for batch in &data {
-            writer.write(batch)?;
-        }
-        writer.close()?;
         let arrow_bytes = data.iter().map(RecordBatch::get_array_memory_size).sum();
         let ctx = SessionContext::new();
         ctx.register_table("points", Arc::new(MemTable::try_new(data[0].schema(), vec![data])?))?;
@@ -309,7 +323,7 @@ impl Points {
 
 /// Anonymous resident memory of a process once it stops falling (within 1% over half a
 /// second, or after 10 s): the allocator returns freed pages after its decay time.
-async fn settled_rss(pid: u32) -> u64 {
+pub async fn settled_rss(pid: u32) -> u64 {
     let mut last = rss_bytes(pid).0;
     for _ in 0..20 {
         tokio::time::sleep(Duration::from_millis(500)).await;
