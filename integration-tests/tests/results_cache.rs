@@ -372,3 +372,107 @@ async fn a_query_answered_by_its_text_still_sees_new_versions_and_the_replicas_s
     assert_eq!(refused.code, 503, "{}", refused.body);
     assert!(refused.body.to_string().contains("max_staleness"), "{}", refused.body);
 }
+
+/// What one Flight SQL query got: its first value, the `strata-cache` header of its DoGet,
+/// and whether GetFlightInfo started it early (its ticket names a run).
+struct FlightAnswer {
+    value: Option<i64>,
+    cache: String,
+    started_early: bool,
+}
+
+async fn flight_answer(
+    client: &mut arrow_flight::sql::client::FlightSqlServiceClient<tonic::transport::Channel>,
+    info: arrow_flight::FlightInfo,
+) -> FlightAnswer {
+    let ticket = info.endpoint[0].ticket.clone().expect("ticket");
+    let started_early = String::from_utf8_lossy(&ticket.ticket).contains("\"run\":");
+    let stream = client.do_get(ticket).await.expect("DoGet");
+    let cache = stream.headers().get("strata-cache").and_then(|v| v.to_str().ok()).unwrap_or("none").to_string();
+    let batches: Vec<arrow::array::RecordBatch> = futures::TryStreamExt::try_collect(stream).await.expect("rows");
+    let value = batches.first().filter(|b| b.num_rows() > 0).map(|b| {
+        let column = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Int64).expect("cast");
+        arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(&column).value(0)
+    });
+    FlightAnswer { value, cache, started_early }
+}
+
+async fn run_statement(
+    client: &mut arrow_flight::sql::client::FlightSqlServiceClient<tonic::transport::Channel>,
+    sql: &str,
+) -> FlightAnswer {
+    let info = client.execute(sql.to_string(), None).await.expect("GetFlightInfo");
+    flight_answer(client, info).await
+}
+
+/// Over Flight SQL a repeated query is a HIT that GetFlightInfo announces from the cached
+/// answer: neither planned nor started early (the ticket of a hit names no run; a sidecar's
+/// miss is started at GetFlightInfo), a prepared statement's answers stay those of each
+/// parameter value, and a new version of the data is a MISS with its rows.
+#[tokio::test]
+async fn flight_sql_hits_are_not_started_early_and_stay_per_parameter_value() {
+    let dir = tempfile::tempdir().expect("dir");
+    let csv = dir.path().join("t.csv");
+    std::fs::write(&csv, "a,b\n1,2\n3,4\n").expect("csv");
+    let platform = Tier::start(
+        "platform-service",
+        &format!(
+            "region: eu\ndatasets:\n  - name: t\n    from: file:{}\n    acceleration: {{refresh: full}}\n",
+            csv.display()
+        ),
+    )
+    .await;
+    platform.wait_ready(Duration::from_secs(30)).await;
+    let sidecar = Tier::start(
+        "app-sidecar",
+        &format!("region: eu\nupstream:\n  endpoints: [http://{}]\nreplicas:\n  - name: t\n", platform.flight_addr),
+    )
+    .await;
+    sidecar.wait_ready(Duration::from_secs(60)).await;
+    sidecar
+        .wait_for(Duration::from_secs(30), "the replica loaded", || async {
+            sidecar.find_dataset("t").await.is_some_and(|d| d["state"] == "ready").then_some(())
+        })
+        .await;
+    let mut flight = sidecar.flight().await;
+    let sql = "SELECT sum(a) AS s FROM t";
+
+    let miss = run_statement(&mut flight, sql).await;
+    assert_eq!((miss.value, miss.cache.as_str(), miss.started_early), (Some(4), "MISS", true));
+    let hit = run_statement(&mut flight, sql).await;
+    assert_eq!((hit.value, hit.cache.as_str(), hit.started_early), (Some(4), "HIT", false));
+
+    // A prepared statement: each parameter value its own answer, hit or not.
+    let mut prepared = flight.prepare("SELECT b FROM t WHERE a = $1".to_string(), None).await.expect("prepare");
+    let schema = std::sync::Arc::new(arrow::datatypes::Schema::new(vec![arrow::datatypes::Field::new(
+        "$1",
+        arrow::datatypes::DataType::Int64,
+        false,
+    )]));
+    for (a, want, cache, early) in
+        [(1, 2, "MISS", true), (1, 2, "HIT", false), (3, 4, "MISS", true), (3, 4, "HIT", false)]
+    {
+        let params = arrow::array::RecordBatch::try_new(
+            std::sync::Arc::clone(&schema),
+            vec![std::sync::Arc::new(arrow::array::Int64Array::from(vec![a]))],
+        )
+        .expect("params");
+        prepared.set_parameters(params).expect("bind");
+        let info = prepared.execute().await.expect("GetFlightInfo");
+        let answer = flight_answer(&mut flight, info).await;
+        assert_eq!((answer.value, answer.cache.as_str(), answer.started_early), (Some(want), cache, early), "a = {a}");
+    }
+
+    // A new version: the cached text is not used, the answer has the new row.
+    std::fs::write(&csv, "a,b\n1,2\n3,4\n5,6\n").expect("csv");
+    refresh(&platform, "t").await;
+    let want = platform.dataset("t").await["version"].as_u64();
+    sidecar
+        .wait_for(Duration::from_secs(20), "the new version at the sidecar", || async {
+            (sidecar.find_dataset("t").await.and_then(|d| d["version"].as_u64()) == want).then_some(())
+        })
+        .await;
+    let fresh = run_statement(&mut flight, sql).await;
+    assert_eq!((fresh.value, fresh.cache.as_str()), (Some(9), "MISS"));
+    assert_eq!(run_statement(&mut flight, sql).await.value, Some(9));
+}

@@ -38,6 +38,14 @@ impl Engine {
         Ok(Arc::clone(&self.plan_for_text(sql, &access).await?.0.planned.schema))
     }
 
+    /// The schema of the answer the results cache holds for `sql` with `params` for the
+    /// caller of `options`, found by its text: a query that will be answered from the cache
+    /// needs neither planning nor an early start, and a Flight SQL GetFlightInfo can announce
+    /// it at once. `None` when the text has no cached answer this caller may read.
+    pub fn cached_schema(&self, sql: &str, params: &[ScalarValue], options: &QueryOptions) -> Option<SchemaRef> {
+        self.text_hit(sql, params, options, &self.access(options)).map(|hit| hit.schema())
+    }
+
     /// The plan of `sql` from the plan cache, planned now if it is not there or if a table
     /// it reads has been registered anew since (a reconnected source, a new replica). Plans
     /// are shared by every caller; what each may read is checked on every use.

@@ -71,8 +71,7 @@ impl FlightSqlService for StrataFlightSql {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let mut handle = StatementHandle::new(query.query);
-        handle.run = self.prefetch(&handle, request.metadata());
-        let schema = self.prefetched_schema(&handle, request.metadata()).await?;
+        let schema = self.info_schema(&mut handle, request.metadata()).await?;
         let ticket = TicketStatementQuery { statement_handle: handle.encode() };
         let info = self.flight_info(&schema, ticket.as_any().encode_to_vec(), request.into_inner())?;
         Ok(Response::new(info))
@@ -84,8 +83,7 @@ impl FlightSqlService for StrataFlightSql {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let mut handle = StatementHandle::decode(&query.prepared_statement_handle)?;
-        handle.run = self.prefetch(&handle, request.metadata());
-        let schema = self.prefetched_schema(&handle, request.metadata()).await?;
+        let schema = self.info_schema(&mut handle, request.metadata()).await?;
         let ticket = CommandPreparedStatementQuery { prepared_statement_handle: handle.encode() };
         let info = self.flight_info(&schema, ticket.as_any().encode_to_vec(), request.into_inner())?;
         Ok(Response::new(info))

@@ -1,5 +1,5 @@
 //! The statement path of Flight SQL: GetFlightInfo plans a statement (and, on a tier with
-//! an upstream, starts it early), DoGet runs it once per bound parameter row and streams the
+//! an upstream, starts it early; neither when the results cache holds its answer), DoGet runs it once per bound parameter row and streams the
 //! answers as one, with the route and freshness in headers and `app_metadata`.
 
 use arrow::datatypes::{Schema, SchemaRef};
@@ -14,29 +14,34 @@ use super::sql_service::{DoGetStream, StrataFlightSql};
 use crate::status::to_grpc;
 
 impl StrataFlightSql {
-    /// On a tier with an upstream, starts `handle`'s statement now and returns the id its
-    /// ticket carries (one parameter row only).
-    pub(super) fn prefetch(&self, handle: &StatementHandle, metadata: &tonic::metadata::MetadataMap) -> Option<u64> {
-        if !self.engine.has_router() {
-            return None;
-        }
-        let mut rows = handle.parameter_rows().ok()?;
-        if rows.len() != 1 {
-            return None;
-        }
-        let options = Self::options(metadata);
-        self.prefetcher.start(&self.engine, &handle.sql, rows.pop().unwrap_or_default(), &options)
-    }
-
-    /// Schema of a statement started by [`Self::prefetch`]. It is planned after the run
-    /// starts, so a forwarded run's upstream call is already under way while this tier plans;
-    /// a statement that does not plan has its run cancelled.
-    pub(super) async fn prefetched_schema(
+    /// What GetFlightInfo answers for `handle`'s statement: the schema of its rows. A
+    /// statement whose answer the results cache holds (one parameter row, or none) is
+    /// neither planned nor started: DoGet finds the answer by its text as cheaply. Otherwise,
+    /// on a tier with an upstream, the statement is started now and the id of its run goes
+    /// into `handle` for the ticket; it is planned after the run starts, so a forwarded run's
+    /// upstream call is under way while this tier plans, and a statement that does not plan
+    /// has its run cancelled.
+    pub(super) async fn info_schema(
         &self,
-        handle: &StatementHandle,
+        handle: &mut StatementHandle,
         metadata: &tonic::metadata::MetadataMap,
     ) -> Result<SchemaRef, Status> {
-        let schema = self.statement_schema(&handle.sql, metadata).await;
+        let options = Self::options(metadata);
+        // A malformed parameter batch is DoGet's error to report; here it only means no
+        // shortcut.
+        let mut rows = handle.parameter_rows().unwrap_or_default();
+        let single = if rows.len() == 1 { rows.pop() } else { None };
+        if let Some(params) = &single
+            && let Some(schema) = self.engine.cached_schema(&handle.sql, params, &options)
+        {
+            return Ok(schema);
+        }
+        if let Some(params) = single
+            && self.engine.has_router()
+        {
+            handle.run = self.prefetcher.start(&self.engine, &handle.sql, params, &options);
+        }
+        let schema = self.engine.result_schema(&handle.sql, &options).await.map_err(|e| to_grpc(&e));
         if let (Err(_), Some(run)) = (&schema, handle.run) {
             self.prefetcher.cancel(run);
         }
