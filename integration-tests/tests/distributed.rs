@@ -265,6 +265,16 @@ async fn queries_of_every_kind_equal_their_answer_on_one_replica() {
     let workers: std::collections::BTreeSet<&str> =
         placement.split(['\\', ' ', '"']).filter(|w| w.starts_with("http://127.0.0.1:")).collect();
     assert!(workers.len() >= 3, "tasks ran on {workers:?}: {placement}");
+    // ...and each stage's metrics, every task's among them, gathered from the workers: the
+    // bytes the network boundaries moved and the operators' time per task.
+    let plan = rows
+        .iter()
+        .find(|r| r["plan_type"] == "distributed_plan_with_metrics")
+        .and_then(|r| r["plan"].as_str())
+        .expect("plan with metrics");
+    assert!(plan.contains("bytes_transferred={0:"), "no bytes moved shown: {plan}");
+    let stage_one = plan.lines().skip_while(|l| !l.contains("Stage 1")).collect::<Vec<_>>().join("\n");
+    assert!(stage_one.contains("elapsed_compute={0:") && stage_one.contains(", 2:"), "no per-task metrics: {plan}");
 }
 
 #[tokio::test]

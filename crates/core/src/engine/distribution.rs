@@ -225,6 +225,7 @@ impl Distribution {
         state: &SessionState,
         placement: &Placement,
         without_file_order: bool,
+        analyze: bool,
     ) -> Result<SessionState> {
         let mut builder = SessionStateBuilder::new_from_existing(state.clone());
         if without_file_order && let Some(config) = builder.config().as_mut() {
@@ -238,6 +239,8 @@ impl Distribution {
             .with_distributed_file_scan_config_bytes_per_partition(self.bytes_per_task)?
             .with_distributed_planner()
             .with_distributed_route_tasks_handler(placement.router(self.self_url.clone()))
+            // The workers send each task's metrics back only when asked: for EXPLAIN ANALYZE.
+            .with_distributed_metrics_collection(analyze)?
             .build())
     }
 
@@ -254,13 +257,14 @@ impl Distribution {
         logical: &LogicalPlan,
         state: &SessionState,
         placement: &Placement,
+        analyze: bool,
     ) -> Result<(SessionState, Arc<dyn ExecutionPlan>)> {
-        let coordinator = self.coordinator(state, placement, false)?;
+        let coordinator = self.coordinator(state, placement, false, analyze)?;
         match coordinator.query_planner().create_physical_plan(logical, &coordinator).await {
             Ok(physical) => Ok((coordinator, physical)),
             Err(err) if err.to_string().contains("Different partition count") => {
                 warn!(error = %err, "distributing without the files' sort order (a datafusion-distributed limitation)");
-                let coordinator = self.coordinator(state, placement, true)?;
+                let coordinator = self.coordinator(state, placement, true, analyze)?;
                 let physical = coordinator.query_planner().create_physical_plan(logical, &coordinator).await?;
                 Ok((coordinator, physical))
             }
@@ -289,7 +293,7 @@ impl Distribution {
             LogicalPlan::Explain(_) | LogicalPlan::Analyze(_) => return Ok(None),
             plan => (plan, false),
         };
-        let (coordinator, physical) = self.plan(inner, state, &placement).await?;
+        let (coordinator, physical) = self.plan(inner, state, &placement, analyze).await?;
         if count_stages(&physical) == 0 {
             return Ok(None);
         }
@@ -305,6 +309,12 @@ impl Distribution {
             }
             LogicalPlan::Analyze(_) if analyze => {
                 let batches = datafusion::physical_plan::collect(Arc::clone(&physical), ctx).await?;
+                // Every worker's task metrics, placed on the stages' nodes, per task.
+                let physical = datafusion_distributed::rewrite_distributed_plan_with_metrics(
+                    physical,
+                    datafusion_distributed::DistributedMetricsFormat::PerTask,
+                )
+                .await?;
                 let rows = [
                     ("output_rows", batches.iter().map(|b| b.num_rows()).sum::<usize>().to_string()),
                     (
