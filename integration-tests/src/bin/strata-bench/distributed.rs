@@ -4,11 +4,14 @@
 //!
 //! On a machine with few cores the three replicas share them, so this shows what
 //! distribution costs (stages, shuffles over loopback, planning twice), not a speed-up.
+//! Each query's `EXPLAIN ANALYZE` adds the bytes its stages moved and the coordinator's share
+//! of its CPU time, from which the scenario projects the same plans onto N machines.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::report::{Figure, Scenario, Table};
+use crate::stage_costs::{self, StageCosts};
 use arrow::array::RecordBatch;
 use datafusion::parquet::arrow::ArrowWriter;
 use strata_integration_tests::free_port;
@@ -61,6 +64,33 @@ async fn timed(tier: &Tier, sql: &str) -> anyhow::Result<(f64, usize, String)> {
     Ok((ms, body.as_array().map_or(0, Vec::len), detail))
 }
 
+/// The stage costs of `sql` from its `EXPLAIN ANALYZE` on `tier` (zero for a query that
+/// stays on one replica).
+async fn stage_costs(tier: &Tier, sql: &str) -> anyhow::Result<StageCosts> {
+    let (status, body, _) = tier.sql_with(&format!("EXPLAIN ANALYZE {sql}"), &[]).await;
+    anyhow::ensure!(status == 200, "EXPLAIN ANALYZE: {status}: {body}");
+    Ok(body
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["plan_type"] == "distributed_plan_with_metrics"))
+        .and_then(|row| row["plan"].as_str())
+        .map(stage_costs::parse)
+        .unwrap_or_default())
+}
+
+/// Network bandwidth the projection assumes between machines: 10 Gbit/s.
+const BYTES_PER_MS: f64 = 1.25e9 / 1e3;
+
+/// A query's time projected onto `machines` machines like this one: the coordinator's share
+/// of its CPU time stays on one machine, the rest divides evenly; every stage boundary costs
+/// what it measured here, and the bytes moved cross a 10 Gbit/s network. A model built from
+/// this run's measurements, not a measurement.
+fn projected_ms(one_ms: f64, head_share: f64, stages: f64, per_stage_ms: f64, bytes: f64, machines: f64) -> f64 {
+    if stages == 0.0 {
+        return one_ms;
+    }
+    one_ms * (head_share + (1.0 - head_share) / machines) + stages * per_stage_ms + bytes / BYTES_PER_MS
+}
+
 fn best(times: &[f64]) -> f64 {
     times.iter().copied().fold(f64::MAX, f64::min)
 }
@@ -99,6 +129,8 @@ pub async fn run(scale: f64, rounds: usize, small_queries: usize) -> anyhow::Res
     let coordinator = replicas.last().ok_or_else(|| anyhow::anyhow!("no replica"))?;
 
     let mut rows = Vec::new();
+    // Per query: one replica ms, three replicas ms, stages, bytes moved, coordinator share.
+    let mut measured: Vec<(f64, f64, f64, f64, f64)> = Vec::new();
     let (mut total_alone, mut total_cluster) = (0.0, 0.0);
     for (i, sql) in queries.iter().enumerate() {
         let (mut alone_ms, mut cluster_ms, mut stages) = (Vec::new(), Vec::new(), 0.0);
@@ -118,9 +150,38 @@ pub async fn run(scale: f64, rounds: usize, small_queries: usize) -> anyhow::Res
         let (a, c) = (best(&alone_ms), best(&cluster_ms));
         total_alone += a;
         total_cluster += c;
-        rows.push((format!("Q{:02}", i + 1), vec![Some(a), Some(c), Some(c / a), Some(stages)]));
+        let costs = if stages > 0.0 { stage_costs(coordinator, sql).await? } else { StageCosts::default() };
+        let head_share =
+            if costs.total_compute_ms > 0.0 { costs.head_compute_ms / costs.total_compute_ms } else { 1.0 };
+        measured.push((a, c, stages, costs.bytes_moved, head_share));
+        rows.push((
+            format!("Q{:02}", i + 1),
+            vec![Some(a), Some(c), Some(c / a), Some(stages), Some(costs.bytes_moved / 1e6), Some(head_share * 100.0)],
+        ));
     }
-    rows.push(("total".into(), vec![Some(total_alone), Some(total_cluster), Some(total_cluster / total_alone), None]));
+    let bytes_moved: f64 = measured.iter().map(|m| m.3).sum();
+    rows.push((
+        "total".into(),
+        vec![
+            Some(total_alone),
+            Some(total_cluster),
+            Some(total_cluster / total_alone),
+            None,
+            Some(bytes_moved / 1e6),
+            None,
+        ],
+    ));
+    // What a stage boundary cost here: the three replicas' extra time over the stages of
+    // the queries that were distributed.
+    let distributed = measured.iter().filter(|m| m.2 > 0.0);
+    let (extra, stage_count) = distributed.fold((0.0, 0.0), |(e, n), m| (e + (m.1 - m.0), n + m.2));
+    let per_stage_ms = if stage_count > 0.0 { (extra / stage_count).max(0.0) } else { 0.0 };
+    let projection = |machines: f64| -> f64 {
+        measured
+            .iter()
+            .map(|&(one, _, stages, bytes, head)| projected_ms(one, head, stages, per_stage_ms, bytes, machines))
+            .sum()
+    };
 
     // A query far below `distribute_above`, on a replica with `cluster:` and on one without.
     let small = "SELECT n_name FROM nation WHERE n_nationkey = 7";
@@ -142,11 +203,38 @@ pub async fn run(scale: f64, rounds: usize, small_queries: usize) -> anyhow::Res
                 "ms",
                 Some(total_cluster / total_alone),
             ),
+            Figure::new("bytes moved between stages, all queries", bytes_moved / 1e6, "MB", None),
+            Figure::new("cost of one stage boundary here (extra time / stages)", per_stage_ms, "ms", None),
+            Figure::new(
+                "projected total, 3 machines like this one (model)",
+                projection(3.0),
+                "ms",
+                Some(projection(3.0) / total_alone),
+            ),
+            Figure::new(
+                "projected total, 6 machines (model)",
+                projection(6.0),
+                "ms",
+                Some(projection(6.0) / total_alone),
+            ),
+            Figure::new(
+                "projected total, 12 machines (model)",
+                projection(12.0),
+                "ms",
+                Some(projection(12.0) / total_alone),
+            ),
             Figure::new("small query p50, no cluster", p50_alone, "ms", Some(1.0)),
             Figure::new("small query p50, cluster: on (stays local)", p50_cluster, "ms", Some(p50_cluster / p50_alone)),
         ],
         table: Some(Table {
-            columns: vec!["one replica ms".into(), "three replicas ms".into(), "three / one".into(), "stages".into()],
+            columns: vec![
+                "one replica ms".into(),
+                "three replicas ms".into(),
+                "three / one".into(),
+                "stages".into(),
+                "MB moved".into(),
+                "coordinator's % of CPU".into(),
+            ],
             rows,
         }),
     })

@@ -18,6 +18,7 @@ mod paths;
 mod points;
 mod report;
 mod security_cost;
+mod stage_costs;
 mod tpch;
 mod tracing_cost;
 
