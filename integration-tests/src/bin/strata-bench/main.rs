@@ -63,6 +63,13 @@ struct Args {
     /// none with `--quick`).
     #[arg(long)]
     growth_png: Option<PathBuf>,
+    /// TPC-H scale factor of the tpch and distributed scenarios (default: 1, or 0.01 with
+    /// `--quick`).
+    #[arg(long)]
+    scale: Option<f64>,
+    /// Rounds of each TPC-H query, the best reported (default: 3, or 1 with `--quick`).
+    #[arg(long)]
+    rounds: Option<usize>,
     /// Python with the `duckdb` package, for TPC-H's DuckDB column.
     #[arg(long, env = "STRATA_BENCH_PYTHON")]
     python: Option<PathBuf>,
@@ -75,6 +82,7 @@ async fn main() -> anyhow::Result<()> {
     let wants = |name: &str| args.only.iter().any(|o| o == name);
     let (rows, lookups, bulk_bytes, scale, rounds) =
         if args.quick { (20_000, 200, 16 << 20, 0.01, 1) } else { (1_000_000, 5_000, 1 << 30, 1.0, 3) };
+    let (scale, rounds) = (args.scale.unwrap_or(scale), args.rounds.unwrap_or(rounds).max(1));
     let lookup_effort = Effort {
         iterations: lookups,
         warmup: lookups / 10,
