@@ -298,7 +298,8 @@ fn plot(png: &Path, rows: &[f64], series: &[(&str, Vec<f64>)]) -> anyhow::Result
         .margin(20)
         .x_label_area_size(50)
         .y_label_area_size(80)
-        .build_cartesian_2d((first / 2.0..last * 2.0).log_scale(), (low / 3.0..high * 3.0).log_scale())?;
+        // Room right of the largest size for the legend.
+        .build_cartesian_2d((first / 2.0..last * 12.0).log_scale(), (low / 3.0..high * 3.0).log_scale())?;
     chart
         .configure_mesh()
         .x_desc("rows in the table")
