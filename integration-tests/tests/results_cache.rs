@@ -308,14 +308,11 @@ async fn only_if_cached_answers_from_the_cache_or_fails_without_running_the_quer
     assert!(status.contains("not cached"), "{status}");
 }
 
-/// A repeated query is answered from the cache by its text, before it is planned or routed;
-/// the shortcut must never outlive what the route was decided on: a new version of the
-/// replica, or the replica passing its `max_staleness` (refused here).
-#[tokio::test]
-async fn a_query_answered_by_its_text_still_sees_new_versions_and_the_replicas_staleness() {
-    let dir = tempfile::tempdir().expect("dir");
-    let csv = dir.path().join("t.csv");
-    std::fs::write(&csv, "a,b\n1,2\n3,4\n").expect("csv");
+/// A platform accelerating `csv` (written with two rows, `a,b` = 1,2 and 3,4) as dataset `t`
+/// with full refreshes, and a sidecar replicating `t` with `replica_options` (YAML lines
+/// under the replica's name).
+async fn platform_and_sidecar_of_t(csv: &std::path::Path, replica_options: &str) -> (Tier, Tier) {
+    std::fs::write(csv, "a,b\n1,2\n3,4\n").expect("csv");
     let platform = Tier::start(
         "platform-service",
         &format!(
@@ -328,12 +325,23 @@ async fn a_query_answered_by_its_text_still_sees_new_versions_and_the_replicas_s
     let sidecar = Tier::start(
         "app-sidecar",
         &format!(
-            "region: eu\nupstream:\n  endpoints: [http://{}]\nreplicas:\n  - name: t\n    max_staleness: 3s\n    on_stale: refuse\n",
+            "region: eu\nupstream:\n  endpoints: [http://{}]\nreplicas:\n  - name: t{replica_options}\n",
             platform.flight_addr
         ),
     )
     .await;
     sidecar.wait_ready(Duration::from_secs(60)).await;
+    (platform, sidecar)
+}
+
+/// A repeated query is answered from the cache by its text, before it is planned or routed;
+/// the shortcut must never outlive what the route was decided on: a new version of the
+/// replica, or the replica passing its `max_staleness` (refused here).
+#[tokio::test]
+async fn a_query_answered_by_its_text_still_sees_new_versions_and_the_replicas_staleness() {
+    let dir = tempfile::tempdir().expect("dir");
+    let csv = dir.path().join("t.csv");
+    let (platform, sidecar) = platform_and_sidecar_of_t(&csv, "\n    max_staleness: 3s\n    on_stale: refuse").await;
     let sql = "SELECT sum(a) AS s FROM t";
     let version = || async { sidecar.find_dataset("t").await.and_then(|d| d["version"].as_u64()) };
 
@@ -413,22 +421,7 @@ async fn run_statement(
 async fn flight_sql_hits_are_not_started_early_and_stay_per_parameter_value() {
     let dir = tempfile::tempdir().expect("dir");
     let csv = dir.path().join("t.csv");
-    std::fs::write(&csv, "a,b\n1,2\n3,4\n").expect("csv");
-    let platform = Tier::start(
-        "platform-service",
-        &format!(
-            "region: eu\ndatasets:\n  - name: t\n    from: file:{}\n    acceleration: {{refresh: full}}\n",
-            csv.display()
-        ),
-    )
-    .await;
-    platform.wait_ready(Duration::from_secs(30)).await;
-    let sidecar = Tier::start(
-        "app-sidecar",
-        &format!("region: eu\nupstream:\n  endpoints: [http://{}]\nreplicas:\n  - name: t\n", platform.flight_addr),
-    )
-    .await;
-    sidecar.wait_ready(Duration::from_secs(60)).await;
+    let (platform, sidecar) = platform_and_sidecar_of_t(&csv, "").await;
     sidecar
         .wait_for(Duration::from_secs(30), "the replica loaded", || async {
             sidecar.find_dataset("t").await.is_some_and(|d| d["state"] == "ready").then_some(())

@@ -1,6 +1,7 @@
 //! The statement path of Flight SQL: GetFlightInfo plans a statement (and, on a tier with
-//! an upstream, starts it early; neither when the results cache holds its answer), DoGet runs it once per bound parameter row and streams the
-//! answers as one, with the route and freshness in headers and `app_metadata`.
+//! an upstream, starts it early; neither when the results cache holds its answer), DoGet
+//! runs it once per bound parameter row and streams the answers as one, with the route and
+//! freshness in headers and `app_metadata`.
 
 use arrow::datatypes::{Schema, SchemaRef};
 use arrow_flight::error::FlightError;

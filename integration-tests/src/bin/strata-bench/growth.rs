@@ -47,6 +47,9 @@ struct AtSize {
 const BYTES_PER_ROW: u64 = 250;
 
 pub async fn run(growth: Growth<'_>) -> anyhow::Result<Scenario> {
+    if let Some(bad) = growth.sizes.iter().find(|&&rows| rows < 1) {
+        anyhow::bail!("--growth-rows: {bad} is not a table size (each must be at least one row)");
+    }
     let mut measured = Vec::new();
     let mut left_out = Vec::new();
     for &rows in growth.sizes {

@@ -83,6 +83,7 @@ async fn main() -> anyhow::Result<()> {
     let (rows, lookups, bulk_bytes, scale, rounds) =
         if args.quick { (20_000, 200, 16 << 20, 0.01, 1) } else { (1_000_000, 5_000, 1 << 30, 1.0, 3) };
     let (scale, rounds) = (args.scale.unwrap_or(scale), args.rounds.unwrap_or(rounds).max(1));
+    anyhow::ensure!(scale > 0.0 && scale.is_finite(), "--scale {scale}: a TPC-H scale factor is a positive number");
     let lookup_effort = Effort {
         iterations: lookups,
         warmup: lookups / 10,
