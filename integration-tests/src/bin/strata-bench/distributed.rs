@@ -77,6 +77,16 @@ async fn stage_costs(tier: &Tier, sql: &str) -> anyhow::Result<StageCosts> {
         .unwrap_or_default())
 }
 
+/// One distributed query's figures, as the projection uses them.
+struct QueryFigures {
+    one_ms: f64,
+    three_ms: f64,
+    stages: f64,
+    bytes_moved: f64,
+    /// The coordinator's share of the query's operator CPU time.
+    head_share: f64,
+}
+
 /// Network bandwidth the projection assumes between machines: 10 Gbit/s.
 const BYTES_PER_MS: f64 = 1.25e9 / 1e3;
 
@@ -84,11 +94,13 @@ const BYTES_PER_MS: f64 = 1.25e9 / 1e3;
 /// of its CPU time stays on one machine, the rest divides evenly; every stage boundary costs
 /// what it measured here, and the bytes moved cross a 10 Gbit/s network. A model built from
 /// this run's measurements, not a measurement.
-fn projected_ms(one_ms: f64, head_share: f64, stages: f64, per_stage_ms: f64, bytes: f64, machines: f64) -> f64 {
-    if stages == 0.0 {
-        return one_ms;
+fn projected_ms(query: &QueryFigures, per_stage_ms: f64, machines: f64) -> f64 {
+    if query.stages == 0.0 {
+        return query.one_ms;
     }
-    one_ms * (head_share + (1.0 - head_share) / machines) + stages * per_stage_ms + bytes / BYTES_PER_MS
+    query.one_ms * (query.head_share + (1.0 - query.head_share) / machines)
+        + query.stages * per_stage_ms
+        + query.bytes_moved / BYTES_PER_MS
 }
 
 fn best(times: &[f64]) -> f64 {
@@ -129,8 +141,7 @@ pub async fn run(scale: f64, rounds: usize, small_queries: usize) -> anyhow::Res
     let coordinator = replicas.last().ok_or_else(|| anyhow::anyhow!("no replica"))?;
 
     let mut rows = Vec::new();
-    // Per query: one replica ms, three replicas ms, stages, bytes moved, coordinator share.
-    let mut measured: Vec<(f64, f64, f64, f64, f64)> = Vec::new();
+    let mut measured = Vec::new();
     let (mut total_alone, mut total_cluster) = (0.0, 0.0);
     for (i, sql) in queries.iter().enumerate() {
         let (mut alone_ms, mut cluster_ms, mut stages) = (Vec::new(), Vec::new(), 0.0);
@@ -153,13 +164,13 @@ pub async fn run(scale: f64, rounds: usize, small_queries: usize) -> anyhow::Res
         let costs = if stages > 0.0 { stage_costs(coordinator, sql).await? } else { StageCosts::default() };
         let head_share =
             if costs.total_compute_ms > 0.0 { costs.head_compute_ms / costs.total_compute_ms } else { 1.0 };
-        measured.push((a, c, stages, costs.bytes_moved, head_share));
+        measured.push(QueryFigures { one_ms: a, three_ms: c, stages, bytes_moved: costs.bytes_moved, head_share });
         rows.push((
             format!("Q{:02}", i + 1),
             vec![Some(a), Some(c), Some(c / a), Some(stages), Some(costs.bytes_moved / 1e6), Some(head_share * 100.0)],
         ));
     }
-    let bytes_moved: f64 = measured.iter().map(|m| m.3).sum();
+    let bytes_moved: f64 = measured.iter().map(|m| m.bytes_moved).sum();
     rows.push((
         "total".into(),
         vec![
@@ -173,15 +184,10 @@ pub async fn run(scale: f64, rounds: usize, small_queries: usize) -> anyhow::Res
     ));
     // What a stage boundary cost here: the three replicas' extra time over the stages of
     // the queries that were distributed.
-    let distributed = measured.iter().filter(|m| m.2 > 0.0);
-    let (extra, stage_count) = distributed.fold((0.0, 0.0), |(e, n), m| (e + (m.1 - m.0), n + m.2));
+    let distributed = measured.iter().filter(|m| m.stages > 0.0);
+    let (extra, stage_count) = distributed.fold((0.0, 0.0), |(e, n), m| (e + (m.three_ms - m.one_ms), n + m.stages));
     let per_stage_ms = if stage_count > 0.0 { (extra / stage_count).max(0.0) } else { 0.0 };
-    let projection = |machines: f64| -> f64 {
-        measured
-            .iter()
-            .map(|&(one, _, stages, bytes, head)| projected_ms(one, head, stages, per_stage_ms, bytes, machines))
-            .sum()
-    };
+    let projection = |machines: f64| -> f64 { measured.iter().map(|m| projected_ms(m, per_stage_ms, machines)).sum() };
 
     // A query far below `distribute_above`, on a replica with `cluster:` and on one without.
     let small = "SELECT n_name FROM nation WHERE n_nationkey = 7";

@@ -15,7 +15,7 @@ use strata_integration_tests::tier::Tier;
 
 use crate::measure::{Effort, Measured, Watched, measure_side_by_side};
 use crate::paths::{Flight, FlightPrepared, Http, Query};
-use crate::points::{rss_bytes, settled_rss, write_parquet};
+use crate::points::{platform_config, replicating_sidecar, rss_bytes, settled_rss, write_parquet};
 use crate::report::{Scenario, Table};
 
 /// How hard to measure at each size.
@@ -110,12 +110,13 @@ pub async fn run(growth: Growth<'_>) -> anyhow::Result<Scenario> {
 
     if let Some(png) = growth.png {
         // Times only, in one unit, on one logarithmic axis.
+        let ms = |f: fn(&AtSize) -> f64| measured.iter().map(f).collect::<Vec<_>>();
         let times_ms = [
-            ("point lookup, HTTP", series[0].1.iter().map(|us| us / 1e3).collect::<Vec<_>>()),
-            ("point lookup, Flight SQL prepared", series[2].1.iter().map(|us| us / 1e3).collect()),
-            ("aggregate (GROUP BY grp)", series[4].1.clone()),
-            ("full refresh", series[5].1.clone()),
-            ("first replication", series[6].1.clone()),
+            ("point lookup, HTTP", ms(|m| m.lookup_http.p50_us / 1e3)),
+            ("point lookup, Flight SQL prepared", ms(|m| m.lookup_flight.p50_us / 1e3)),
+            ("aggregate (GROUP BY grp)", ms(|m| m.aggregate.p50_us / 1e3)),
+            ("full refresh", ms(|m| m.refresh.as_secs_f64() * 1e3)),
+            ("first replication", ms(|m| m.replication.as_secs_f64() * 1e3)),
         ];
         match plot(png, &rows, &times_ms) {
             Ok(()) => eprintln!("growth: plot written to {}", png.display()),
@@ -153,14 +154,7 @@ async fn at_size(rows: i64, growth: &Growth<'_>) -> anyhow::Result<AtSize> {
     tokio::task::spawn_blocking(move || write_parquet(&path, rows)).await??;
 
     eprintln!("growth: {rows} rows: platform loading");
-    let platform = Tier::start(
-        "platform-service",
-        &format!(
-            "region: eu\nlimits:\n  max_concurrent_queries: 256\ndatasets:\n  - name: points\n    from: file:{}\n    acceleration: {{primary_key: [id]}}\n",
-            parquet.display()
-        ),
-    )
-    .await;
+    let platform = Tier::start("platform-service", &platform_config(&parquet, "{primary_key: [id]}")).await;
     let long = Duration::from_secs(3600);
     platform.wait_ready(long).await;
     // The refresh call answers once the new version is published.
@@ -173,21 +167,7 @@ async fn at_size(rows: i64, growth: &Growth<'_>) -> anyhow::Result<AtSize> {
     }
 
     eprintln!("growth: {rows} rows: sidecar replicating");
-    let started = Instant::now();
-    let sidecar = Tier::start(
-        "app-sidecar",
-        &format!(
-            "region: eu\nlimits:\n  max_concurrent_queries: 256\nresults_cache:\n  max_bytes: 0\nupstream:\n  endpoints: [http://{}]\nreplicas:\n  - name: points\n",
-            platform.flight_addr
-        ),
-    )
-    .await;
-    sidecar.wait_ready(long).await;
-    while sidecar.find_dataset("points").await.is_none_or(|d| d["state"] != "ready") {
-        anyhow::ensure!(started.elapsed() < long, "the sidecar's replica of {rows} rows never loaded");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let replication = started.elapsed();
+    let (sidecar, replication) = replicating_sidecar(&platform, "results_cache:\n  max_bytes: 0\n", long).await?;
 
     let watched = [
         Watched { name: "bench client".into(), pid: std::process::id() },

@@ -84,6 +84,36 @@ pub fn write_parquet(path: &std::path::Path, rows: i64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A platform's config accelerating the Parquet file at `path` as `points` with
+/// `acceleration` (YAML flow mapping), admitting as many concurrent queries as the bench's
+/// clients send.
+pub fn platform_config(path: &std::path::Path, acceleration: &str) -> String {
+    format!(
+        "region: eu\nlimits:\n  max_concurrent_queries: 256\ndatasets:\n  - name: points\n    from: file:{}\n    acceleration: {acceleration}\n",
+        path.display()
+    )
+}
+
+/// A sidecar of `platform` replicating `points` (`extra`: more top-level YAML, e.g. its
+/// results cache off), once its replica has loaded, and how long that took from its start.
+pub async fn replicating_sidecar(platform: &Tier, extra: &str, within: Duration) -> anyhow::Result<(Tier, Duration)> {
+    let started = Instant::now();
+    let sidecar = Tier::start(
+        "app-sidecar",
+        &format!(
+            "region: eu\nlimits:\n  max_concurrent_queries: 256\n{extra}upstream:\n  endpoints: [http://{}]\nreplicas:\n  - name: points\n",
+            platform.flight_addr
+        ),
+    )
+    .await;
+    sidecar.wait_ready(within).await;
+    while sidecar.find_dataset("points").await.is_none_or(|d| d["state"] != "ready") {
+        anyhow::ensure!(started.elapsed() < within, "the sidecar's replica of points never loaded");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok((sidecar, started.elapsed()))
+}
+
 impl Points {
     pub async fn start(rows: i64) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
@@ -107,42 +137,14 @@ impl Points {
 
         // `id` is the primary key, as in PostgreSQL: the tiers index it (the sidecars because
         // the platform's catalog says so).
-        let unindexed_config = format!(
-            "region: eu\nlimits:\n  max_concurrent_queries: 256\ndatasets:\n  - name: points\n    from: file:{}\n    acceleration: {{}}\n",
-            path.display()
-        );
-        let platform_config = unindexed_config.replace("acceleration: {}", "acceleration: {primary_key: [id]}");
-        let platform = Tier::start("platform-service", &platform_config).await;
+        let unindexed_config = platform_config(&path, "{}");
+        let indexed_config = platform_config(&path, "{primary_key: [id]}");
+        let platform = Tier::start("platform-service", &indexed_config).await;
         platform.wait_ready(Duration::from_secs(600)).await;
-        let started = Instant::now();
-        let sidecar = Tier::start(
-            "app-sidecar",
-            &format!(
-                "region: eu\nlimits:\n  max_concurrent_queries: 256\nupstream:\n  endpoints: [http://{}]\nreplicas:\n  - name: points\n",
-                platform.flight_addr
-            ),
-        )
-        .await;
-        sidecar.wait_ready(Duration::from_secs(600)).await;
-        while sidecar.find_dataset("points").await.is_none_or(|d| d["state"] != "ready") {
-            anyhow::ensure!(started.elapsed() < Duration::from_secs(600), "the sidecar's replica never loaded");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let sidecar_ready_after = started.elapsed();
-        let uncached = Tier::start(
-            "app-sidecar",
-            &format!(
-                "region: eu\nlimits:\n  max_concurrent_queries: 256\nresults_cache:\n  max_bytes: 0\nupstream:\n  endpoints: [http://{}]\nreplicas:\n  - name: points\n",
-                platform.flight_addr
-            ),
-        )
-        .await;
-        uncached.wait_ready(Duration::from_secs(600)).await;
-        while uncached.find_dataset("points").await.is_none_or(|d| d["state"] != "ready") {
-            anyhow::ensure!(started.elapsed() < Duration::from_secs(1200), "the second sidecar's replica never loaded");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let engine_config = strata_core::Config::parse(&platform_config, "strata-bench engine")?;
+        let within = Duration::from_secs(600);
+        let (sidecar, sidecar_ready_after) = replicating_sidecar(&platform, "", within).await?;
+        let (uncached, _) = replicating_sidecar(&platform, "results_cache:\n  max_bytes: 0\n", within).await?;
+        let engine_config = strata_core::Config::parse(&indexed_config, "strata-bench engine")?;
         let engine = strata_core::Engine::new(&engine_config)?;
         let engine_shutdown = engine.background().token();
         engine.start();
