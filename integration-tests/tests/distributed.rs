@@ -401,16 +401,25 @@ async fn a_query_past_its_deadline_stops_its_tasks_on_every_worker() {
 
     let cluster = start_cluster(3, CLUSTER, "3s").await;
     let pids: Vec<u32> = cluster.replicas.iter().map(Tier::pid).collect();
-    let at_start: Vec<Duration> = pids.iter().map(|p| cpu_time(*p)).collect();
-    let started = Instant::now();
-    let (status, body, _) = cluster.replicas[0].sql_with(&sql, &[]).await;
-    assert!(status >= 400 && body.to_string().contains("time"), "{status}: {body}");
-    assert!(started.elapsed() < Duration::from_secs(6), "the deadline held the answer {:?}", started.elapsed());
-    let before_answer = cpu_since(&pids, &at_start);
-    // The other replicas did work on it (else the rest proves nothing).
-    for (i, used) in before_answer.iter().enumerate().skip(1) {
-        assert!(*used > Duration::from_millis(300), "replica {i} used only {used:?} on the query");
-    }
+    // The other replicas must do work on it, else the rest proves nothing. On a machine
+    // busy with other tests a replica may get too little CPU within the 3 s deadline: the
+    // query is then asked again (up to three times), once the replicas are quiet.
+    let mut attempts = 0;
+    let before_answer = loop {
+        attempts += 1;
+        let at_start: Vec<Duration> = pids.iter().map(|p| cpu_time(*p)).collect();
+        let started = Instant::now();
+        let (status, body, _) = cluster.replicas[0].sql_with(&sql, &[]).await;
+        assert!(status >= 400 && body.to_string().contains("time"), "{status}: {body}");
+        assert!(started.elapsed() < Duration::from_secs(6), "the deadline held the answer {:?}", started.elapsed());
+        let used = cpu_since(&pids, &at_start);
+        let idle = used.iter().enumerate().skip(1).find(|(_, used)| **used <= Duration::from_millis(300));
+        match idle {
+            None => break used,
+            Some((i, used)) if attempts == 3 => panic!("replica {i} used only {used:?} on the query"),
+            Some(_) => until_quiet(&pids, Duration::from_secs(20)).await,
+        }
+    };
     // After the deadline the replicas stop: they go quiet, having spent well under what
     // running their tasks to the end would have cost. CPU time, not wall time, so that a
     // loaded machine cannot make a stopped task look running or a running one look stopped.
