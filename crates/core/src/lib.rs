@@ -15,6 +15,7 @@ mod ingest;
 pub mod ipc;
 pub mod key_index;
 pub mod key_lookup;
+mod literal_shapes;
 mod parameterize;
 pub mod pem;
 mod placeholders;

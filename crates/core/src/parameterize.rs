@@ -14,6 +14,7 @@ use datafusion::sql::parser::Statement as DfStatement;
 use datafusion::sql::sqlparser::ast::{
     BinaryOperator, Expr, Query, SetExpr, Statement, UnaryOperator, Value, ValueWithSpan,
 };
+use datafusion::sql::sqlparser::tokenizer::Location;
 
 /// A statement with its comparison literals replaced by `$1`, `$2`, ...
 pub(crate) struct Parameterized {
@@ -22,6 +23,15 @@ pub(crate) struct Parameterized {
     pub key: String,
     /// The literals taken out, in placeholder order.
     pub values: Vec<ScalarValue>,
+    /// Where each of them was written, in the same order (see [`crate::literal_shapes`]).
+    pub taken: Vec<Taken>,
+}
+
+/// Where a literal taken out was written: its token's place, and whether a `-` before it
+/// was taken with it.
+pub(crate) struct Taken {
+    pub start: Location,
+    pub negative: bool,
 }
 
 /// The parameterized form of a query, or `None` when it has no literal to take out or
@@ -34,13 +44,14 @@ pub(crate) fn parameterize(sql: &str, statement: &DfStatement) -> Option<Paramet
     let DfStatement::Statement(inner) = statement else { return None };
     let Statement::Query(query) = inner.as_ref() else { return None };
     let mut query = query.clone();
-    let mut values = Vec::new();
-    parameterize_query(&mut query, &mut values);
+    let mut taken: Values = Vec::new();
+    parameterize_query(&mut query, &mut taken);
+    let (values, taken): (Vec<_>, Vec<_>) = taken.into_iter().unzip();
     if values.is_empty() {
         return None;
     }
     let statement = DfStatement::Statement(Box::new(Statement::Query(query)));
-    Some(Parameterized { key: statement.to_string(), statement, values })
+    Some(Parameterized { key: statement.to_string(), statement, values, taken })
 }
 
 /// True when `value` can stand for the literal in a plan that expects `expected` there with
@@ -60,11 +71,11 @@ pub(crate) fn binds_exactly(value: &ScalarValue, expected: &DataType) -> bool {
     }
 }
 
-fn parameterize_query(query: &mut Query, values: &mut Vec<ScalarValue>) {
+fn parameterize_query(query: &mut Query, values: &mut Values) {
     parameterize_set(&mut query.body, values);
 }
 
-fn parameterize_set(set: &mut SetExpr, values: &mut Vec<ScalarValue>) {
+fn parameterize_set(set: &mut SetExpr, values: &mut Values) {
     match set {
         SetExpr::Select(select) => {
             if let Some(selection) = &mut select.selection {
@@ -85,7 +96,7 @@ fn parameterize_set(set: &mut SetExpr, values: &mut Vec<ScalarValue>) {
 
 /// Walks the boolean structure of a predicate (AND, OR, NOT, parentheses) down to
 /// comparisons of a column with literals.
-fn parameterize_predicate(expr: &mut Expr, values: &mut Vec<ScalarValue>) {
+fn parameterize_predicate(expr: &mut Expr, values: &mut Values) {
     match expr {
         Expr::BinaryOp { left, op: BinaryOperator::And | BinaryOperator::Or, right } => {
             parameterize_predicate(left, values);
@@ -128,32 +139,37 @@ fn is_column(expr: &Expr) -> bool {
     matches!(expr, Expr::Identifier(_) | Expr::CompoundIdentifier(_))
 }
 
+/// The literals taken out so far, each with where it was written.
+type Values = Vec<(ScalarValue, Taken)>;
+
 /// Replaces an integer or string literal with the next placeholder.
-fn take_literal(expr: &mut Expr, values: &mut Vec<ScalarValue>) {
-    let Some(value) = literal(expr) else { return };
-    values.push(value);
+fn take_literal(expr: &mut Expr, values: &mut Values) {
+    let Some(taken) = literal(expr) else { return };
+    values.push(taken);
     *expr = Expr::Value(ValueWithSpan::from(Value::Placeholder(format!("${}", values.len()))));
 }
 
 /// The value DataFusion's SQL planner gives an integer or single-quoted string literal.
 /// Other literals (decimals, floats, typed strings, NULL) stay in the text.
-fn literal(expr: &Expr) -> Option<ScalarValue> {
-    let (negative, value) = match expr {
+fn literal(expr: &Expr) -> Option<(ScalarValue, Taken)> {
+    let (negative, written) = match expr {
         Expr::UnaryOp { op: UnaryOperator::Minus, expr } => match expr.as_ref() {
-            Expr::Value(v) => (true, &v.value),
+            Expr::Value(v) => (true, v),
             _ => return None,
         },
-        Expr::Value(v) => (false, &v.value),
+        Expr::Value(v) => (false, v),
         _ => return None,
     };
-    match value {
+    let taken = Taken { start: written.span.start, negative };
+    let value = match &written.value {
         Value::Number(digits, false) if digits.bytes().all(|b| b.is_ascii_digit()) => {
             let signed = if negative { format!("-{digits}") } else { digits.clone() };
             signed.parse::<i64>().ok().map(|n| ScalarValue::Int64(Some(n)))
         }
         Value::SingleQuotedString(s) if !negative => Some(ScalarValue::Utf8(Some(s.clone()))),
         _ => None,
-    }
+    }?;
+    Some((value, taken))
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use datafusion::common::ScalarValue;
 use datafusion::logical_expr::LogicalPlan;
 
 use crate::engine::PlannedQuery;
+use crate::literal_shapes::Recipe;
 
 pub(crate) type ProviderRef = Arc<dyn datafusion::catalog::TableProvider>;
 
@@ -56,6 +57,9 @@ pub(crate) struct PlanCache {
     /// Shapes of literal SQL that DataFusion could not plan with placeholders: their texts
     /// are planned as written without trying the shape again.
     refused_shapes: moka::sync::Cache<String, ()>,
+    /// How literal SQL of each skeleton binds its shape's plan without being parsed (see
+    /// [`crate::literal_shapes`]).
+    recipes: moka::sync::Cache<String, Arc<Recipe>>,
     max_text: usize,
 }
 
@@ -70,6 +74,12 @@ impl PlanCache {
             refused_shapes: moka::sync::Cache::builder()
                 .max_capacity(max_bytes as u64 / 8)
                 .weigher(|text: &String, _: &()| u32::try_from(text.len()).unwrap_or(u32::MAX))
+                .build(),
+            recipes: moka::sync::Cache::builder()
+                .max_capacity(max_bytes as u64 / 8)
+                .weigher(|skeleton: &String, recipe: &Arc<Recipe>| {
+                    u32::try_from(recipe.bytes(skeleton)).unwrap_or(u32::MAX)
+                })
                 .build(),
             // Longest SQL text kept: 1/256 of the cache (256 KiB by default). Planning such a
             // text costs far more than its lookup saves, and a churn of megabyte entries left
@@ -101,6 +111,18 @@ impl PlanCache {
     pub(crate) fn refuse_shape(&self, key: String) {
         if key.len() <= self.max_text {
             self.refused_shapes.insert(key, ());
+        }
+    }
+
+    /// The recipe of literal SQL with this skeleton, if one was learned.
+    pub(crate) fn recipe(&self, skeleton: &str) -> Option<Arc<Recipe>> {
+        self.recipes.get(skeleton)
+    }
+
+    /// Remembers how texts of `skeleton` bind their shape (not for a text too large to keep).
+    pub(crate) fn learn_recipe(&self, skeleton: String, recipe: Recipe) {
+        if skeleton.len() <= self.max_text {
+            self.recipes.insert(skeleton, Arc::new(recipe));
         }
     }
 

@@ -15,6 +15,7 @@ use datafusion::common::TableReference;
 use super::{Engine, PlannedQuery};
 use crate::auth::Access;
 use crate::error::{Result, StrataError};
+use crate::literal_shapes::Skeleton;
 use crate::plan_cache::{CachedPlan, ProviderRef};
 use crate::read_only;
 use crate::routing::QueryOptions;
@@ -110,10 +111,26 @@ impl Engine {
             self.check_cached(access, &hit)?;
             return Ok((hit, Vec::new()));
         }
+        // Placeholders of the client's own are never renumbered under a shape's.
+        let skeleton = if sql.contains(['$', '?']) {
+            None
+        } else {
+            crate::statement_bounds::check_size(sql, self.inner.limits.max_query_size.as_usize())?;
+            Skeleton::of(sql)
+        };
+        if let Some(found) = self.plan_by_skeleton(skeleton.as_ref()).await {
+            self.check_cached(access, &found.0)?;
+            return Ok(found);
+        }
         let statement = self.parse(sql, access)?;
         if let Some(shape) = crate::parameterize::parameterize(sql, &statement)
             && !self.inner.plans.is_refused_shape(&shape.key)
         {
+            if let Some(skeleton) = skeleton
+                && let Some(recipe) = skeleton.recipe(&shape)
+            {
+                self.inner.plans.learn_recipe(skeleton.key, recipe);
+            }
             let planned = match self.cached(&shape.key).await {
                 Some(hit) => Some(hit),
                 None => match self.plan_and_cache(shape.key.clone(), shape.statement).await {
@@ -132,6 +149,19 @@ impl Engine {
         let planned = self.plan_and_cache(sql.to_string(), statement).await?;
         self.check_cached(access, &planned)?;
         Ok((planned, Vec::new()))
+    }
+
+    /// The plan of a literal text's shape and its values, found by the text's skeleton
+    /// without parsing it (see [`crate::literal_shapes`]): the recipe of an earlier text of
+    /// this skeleton, that shape's plan still cached, and values it binds exactly. The text
+    /// was checked against the configured bounds when that earlier text was parsed: the
+    /// same tokens but for literals that stay within the size checked here.
+    async fn plan_by_skeleton(&self, skeleton: Option<&Skeleton<'_>>) -> Option<(Arc<CachedPlan>, Vec<ScalarValue>)> {
+        let skeleton = skeleton?;
+        let recipe = self.inner.plans.recipe(&skeleton.key)?;
+        let values = skeleton.values(&recipe)?;
+        let planned = self.cached(&recipe.shape_key).await?;
+        planned.binds(&values).then_some((planned, values))
     }
 
     async fn cached(&self, key: &str) -> Option<Arc<CachedPlan>> {
