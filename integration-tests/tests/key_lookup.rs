@@ -183,3 +183,107 @@ async fn a_bad_index_declaration_names_the_dataset_and_the_column() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The sidecar's side of the fast path: its replicas index the keys the platform's catalog
+/// lists, and a lookup on a whole replica is answered from the index by its generic plan;
+/// one on a subset replica is routed by its values first. Random lookups over HTTP (literal
+/// keys) and Flight SQL (bound keys) on the indexed replicas must answer exactly as the
+/// same queries on an unindexed replica of the same file, and leave the subset replica
+/// only when the key's row is outside it.
+#[tokio::test]
+async fn a_sidecar_answers_lookups_from_its_replicas_as_the_general_path() {
+    use strata_integration_tests::tier::Tier;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("items.parquet");
+    write_table(&path);
+    let indexed = "    acceleration:\n      primary_key: [id]\n      indexes: [name]\n";
+    let platform_config = format!(
+        "region: eu\ndatasets:\n  - name: fast\n    from: file:{p}\n{indexed}  - name: part\n    from: file:{p}\n{indexed}  - name: slow\n    from: file:{p}\n    acceleration: {{}}\n",
+        p = path.display()
+    );
+    let platform = Tier::start("platform-service", &platform_config).await;
+    platform.wait_ready(Duration::from_secs(30)).await;
+    let sidecar_config = format!(
+        "region: eu\nupstream:\n  endpoints: [http://{}]\nresults_cache:\n  max_bytes: 0\nreplicas:\n  - name: fast\n  - name: part\n    where: grp < 50\n  - name: slow\n",
+        platform.flight_addr
+    );
+    let sidecar = Tier::start("app-sidecar", &sidecar_config).await;
+    sidecar
+        .wait_for(Duration::from_secs(30), "three loaded replicas", || async {
+            let (_, body) = sidecar.get_json("/v1/datasets").await;
+            let ready = body["datasets"].as_array().map_or(0, |d| d.iter().filter(|d| d["state"] == "ready").count());
+            (ready == 3).then_some(())
+        })
+        .await;
+    let index_lookups = || async {
+        let text = reqwest::get(sidecar.url("/metrics")).await.expect("metrics").text().await.expect("text");
+        text.lines()
+            .find_map(|l| l.strip_prefix("strata_index_lookups_total "))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .expect("strata_index_lookups_total")
+    };
+    let sorted = |mut rows: Vec<serde_json::Value>| {
+        rows.sort_by_key(|r| r.to_string());
+        rows
+    };
+
+    let before = index_lookups().await;
+    let mut rng = Rng::new(0x51de_ca55);
+    let mut keyed_on_fast = 0;
+    for _ in 0..1_000 {
+        let id = rng.below(ROWS as usize + 50) as i64 - 25;
+        let kind = rng.below(4);
+        let sql = match kind {
+            0 => format!("SELECT * FROM {{t}} WHERE id = {id}"),
+            1 => format!("SELECT name, grp AS g FROM {{t}} WHERE {id} = id LIMIT 1"),
+            2 => format!("SELECT id, tag FROM {{t}} WHERE name = 'name-{id}'"),
+            // Not a key lookup (no index on both columns); on the subset replica, inside it
+            // when grp < 50.
+            _ => format!("SELECT ts FROM {{t}} WHERE id = {id} AND grp = {}", id % 97),
+        };
+        let general = sorted(sidecar.routed(&sql.replace("{t}", "slow"), &[]).await.0);
+        let (fast, route, _) = sidecar.routed(&sql.replace("{t}", "fast"), &[]).await;
+        assert_eq!(sorted(fast), general, "{sql}");
+        assert_eq!(route, "local", "{sql}");
+        keyed_on_fast += usize::from(kind < 3);
+        let (part, route, _) = sidecar.routed(&sql.replace("{t}", "part"), &[]).await;
+        assert_eq!(sorted(part), general, "{sql} on the subset replica");
+        // A key says nothing of `grp`: only a query that keeps to grp < 50 is answered here.
+        let inside = kind == 3 && id % 97 < 50;
+        assert_eq!(route, if inside { "local" } else { "forwarded" }, "{sql} on the subset replica");
+    }
+    // Every lookup on `fast` by `id` or by `name` was answered from the index.
+    let answered = index_lookups().await - before;
+    assert!(answered >= keyed_on_fast as u64, "{answered} index answers for {keyed_on_fast} key lookups on `fast`");
+
+    // Flight SQL with the key bound, as ADBC sends it (64-bit) and as JDBC's setInt does;
+    // `slow` has no index, so its lookups take the general path.
+    let mut flight = sidecar.flight().await;
+    for (table, data_type) in [("fast", DataType::Int64), ("slow", DataType::Int64), ("fast", DataType::Int32)] {
+        let mut statement =
+            flight.prepare(format!("SELECT name, ts FROM {table} WHERE id = $1"), None).await.expect("prepare");
+        let schema = Arc::new(Schema::new(vec![Field::new("$1", data_type.clone(), false)]));
+        for id in [-1i64, 0, 7, 19_999, 20_000] {
+            let column: arrow::array::ArrayRef = match data_type {
+                DataType::Int32 => Arc::new(Int32Array::from(vec![id as i32])),
+                _ => Arc::new(Int64Array::from(vec![id])),
+            };
+            statement
+                .set_parameters(RecordBatch::try_new(Arc::clone(&schema), vec![column]).expect("params"))
+                .expect("bind");
+            let info = statement.execute().await.expect("GetFlightInfo");
+            // GetFlightInfo starts a statement early on a sidecar (its DoGet then takes the
+            // run), except a lookup the replica's index answers: DoGet answers that itself.
+            let ticket = info.endpoint[0].ticket.as_ref().expect("ticket");
+            let started_early = String::from_utf8_lossy(&ticket.ticket).contains("\"run\":");
+            assert_eq!(started_early, table == "slow", "{table} id {id}: started at GetFlightInfo");
+            let mut rows = 0;
+            for endpoint in info.endpoint {
+                let stream = flight.do_get(endpoint.ticket.expect("ticket")).await.expect("DoGet");
+                let batches: Vec<RecordBatch> = stream.try_collect().await.expect("batches");
+                rows += batches.iter().map(|b| b.num_rows()).sum::<usize>();
+            }
+            assert_eq!(rows, usize::from((0..ROWS).contains(&id)), "{table} id {id} as {data_type}");
+        }
+    }
+}

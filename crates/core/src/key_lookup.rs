@@ -14,7 +14,7 @@ use std::sync::Arc;
 use arrow::array::{RecordBatch, UInt32Array};
 use arrow::datatypes::SchemaRef;
 use datafusion::catalog::TableProvider;
-use datafusion::common::{Column, DFSchema, ScalarValue};
+use datafusion::common::{Column, DFSchema, ScalarValue, TableReference};
 use datafusion::datasource::source_as_provider;
 use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{BinaryExpr, Expr, FetchType, LogicalPlan, Operator, SkipType};
@@ -32,6 +32,9 @@ enum KeyValue {
 #[derive(Debug)]
 pub struct KeyLookup {
     provider: Arc<dyn TableProvider>,
+    /// The table the plan scans, as planned (a sidecar's router says which local copy
+    /// answers it, see [`KeyLookup::recognize_generic`]).
+    table: TableReference,
     /// (column in the table's schema, the value it must equal).
     key: Vec<(usize, KeyValue)>,
     /// The table's columns the answer holds, in order.
@@ -42,8 +45,16 @@ pub struct KeyLookup {
 }
 
 impl KeyLookup {
-    /// `plan` as a key lookup, if it is exactly one (see the module's doc).
+    /// `plan` as a key lookup of an accelerated table, if it is exactly one (see the
+    /// module's doc).
     pub fn recognize(plan: &LogicalPlan) -> Option<Self> {
+        Self::recognize_generic(plan).filter(|lookup| lookup.provider.downcast_ref::<AcceleratedTable>().is_some())
+    }
+
+    /// `plan` as a key lookup of whatever table it scans: on a tier with a router, a
+    /// generic plan scans the upstream's table, and the router says, per query, which
+    /// local copy of it answers (see [`KeyLookup::answer_from`]).
+    pub fn recognize_generic(plan: &LogicalPlan) -> Option<Self> {
         let mut node = plan;
         let (mut limit, mut projection) = (None, None);
         // Above the filter: at most one LIMIT and one projection, and aliases, in any order.
@@ -121,9 +132,8 @@ impl KeyLookup {
             return None;
         }
         let provider = source_as_provider(&scan.source).ok()?;
-        provider.downcast_ref::<AcceleratedTable>()?;
         let (skip, fetch) = limit.unwrap_or((0, None));
-        Some(Self { provider, key, output, schema, skip, fetch })
+        Some(Self { provider, table: scan.table_name.clone(), key, output, schema, skip, fetch })
     }
 
     /// The answer from the table's current snapshot, or `None` when the general path must
@@ -137,7 +147,35 @@ impl KeyLookup {
     /// its key column's type, as binding it into the plan would (one that does not cast
     /// leaves the query to the general path, which reports why).
     pub fn answer_with(&self, params: &[ScalarValue]) -> Option<Vec<RecordBatch>> {
-        let table = self.provider.downcast_ref::<AcceleratedTable>()?;
+        self.answer_on(self.provider.downcast_ref::<AcceleratedTable>()?, params)
+    }
+
+    /// [`KeyLookup::answer_with`] from `copy`, a local copy of the table the plan scans
+    /// (a sidecar's replica of its upstream's table), which must have its very schema.
+    pub fn answer_from(&self, copy: &AcceleratedTable, params: &[ScalarValue]) -> Option<Vec<RecordBatch>> {
+        let planned = self.provider.schema();
+        let schema = copy.schema_ref();
+        (Arc::ptr_eq(&planned, schema) || planned == *schema).then_some(())?;
+        self.answer_on(copy, params)
+    }
+
+    /// Whether the table this plan scans is accelerated and indexed on this lookup's key.
+    pub fn is_indexed(&self) -> bool {
+        self.provider.downcast_ref::<AcceleratedTable>().is_some_and(|table| self.is_indexed_in(table))
+    }
+
+    /// Whether `copy`'s current snapshot is indexed on this lookup's key.
+    pub fn is_indexed_in(&self, copy: &AcceleratedTable) -> bool {
+        let columns: Vec<usize> = self.key.iter().map(|(c, _)| *c).collect();
+        copy.snapshot().is_some_and(|snapshot| snapshot.index_on(&columns).is_some())
+    }
+
+    /// The table this lookup's plan scans.
+    pub fn table(&self) -> &TableReference {
+        &self.table
+    }
+
+    fn answer_on(&self, table: &AcceleratedTable, params: &[ScalarValue]) -> Option<Vec<RecordBatch>> {
         let snapshot = table.snapshot()?;
         let columns: Vec<usize> = self.key.iter().map(|(c, _)| *c).collect();
         let index = snapshot.index_on(&columns)?;

@@ -228,6 +228,19 @@ pub trait Router: Send + Sync {
         Ok(None)
     }
 
+    /// The local copy that answers every read of `table`, whatever a query's filters say (a
+    /// whole replica, loaded, of a table homed in this region, with no local writes over it
+    /// and not past a `max_staleness` that refuses), with the route of an answer read from
+    /// it: a key lookup on it needs no route decided on its values, so its generic plan
+    /// answers it from the copy's index. `None`: route the bound plan ([`Router::route`]).
+    fn whole_local_copy(
+        &self,
+        _table: &datafusion::common::TableReference,
+        _options: &QueryOptions,
+    ) -> Result<Option<(Arc<crate::accelerator::AcceleratedTable>, RouteInfo)>> {
+        Ok(None)
+    }
+
     /// Runs a whole query upstream. The returned info reports the upstream's own versions.
     async fn forward(
         &self,

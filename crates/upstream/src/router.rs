@@ -247,6 +247,14 @@ impl Router for TierRouter {
         self.decide_forced(plan, options)
     }
 
+    fn whole_local_copy(
+        &self,
+        table: &datafusion::common::TableReference,
+        options: &QueryOptions,
+    ) -> strata_core::Result<Option<(Arc<strata_core::accelerator::AcceleratedTable>, RouteInfo)>> {
+        self.decide_whole_copy(table, options)
+    }
+
     async fn forward(
         &self,
         query: ForwardQuery<'_>,

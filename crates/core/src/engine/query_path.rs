@@ -76,6 +76,14 @@ enum PlannedInput<'a> {
     Shipped(LogicalPlan),
 }
 
+/// A statement's generic plan recognized as a key lookup (see [`Engine::index_lookup`]).
+struct IndexLookup<'c> {
+    lookup: &'c crate::key_lookup::KeyLookup,
+    generic: &'c LogicalPlan,
+    /// The local copy that answers it on a tier with a router, and the route of its answer.
+    copy: Option<(Arc<crate::accelerator::AcceleratedTable>, RouteInfo)>,
+}
+
 /// A query that started answering: its stream, where it ran, and (when it runs here) its
 /// running slot, released when the stream ends.
 struct Started {
@@ -144,9 +152,8 @@ impl Engine {
             let planned = self.plan_query(input, &access).instrument(debug_span!("plan")).await?;
             // Read once: the route and its execution see the same router.
             let router = self.router();
-            if router.is_none()
-                && !options.cache_control.only_if_cached
-                && let Some(started) = self.answer_from_index(&planned)
+            if !options.cache_control.only_if_cached
+                && let Some(started) = self.answer_from_index(&planned, router.as_ref(), options)?
             {
                 return Ok(started);
             }
@@ -516,22 +523,81 @@ impl Engine {
         tokio::spawn(work.instrument(span));
     }
 
-    /// A statement whose optimized generic plan is a key lookup, on a tier without a router
-    /// (every table is here): its rows from the index with the values the client sent or
-    /// the literals taken out of its SQL, without binding them into a plan. On a tier with a
-    /// router the values decide the route (a replica may hold a subset), so the bound plan
-    /// is routed first and answered from the index in [`Engine::execute_routed`].
-    fn answer_from_index(&self, planned: &Planned<'_>) -> Option<Started> {
-        let PlannedInput::Sql { cached, bound, .. } = &planned.input else { return None };
-        if bound.len() != cached.planned.parameters.fields().len() {
-            return None;
+    /// A statement whose optimized generic plan is a key lookup: its rows from the index
+    /// with the values the client sent or the literals taken out of its SQL, without binding
+    /// them into a plan (see [`Engine::index_lookup`] for where). Otherwise the values
+    /// decide the route (a replica may hold a subset), so the bound plan is routed first and
+    /// answered from the index in [`Engine::execute_routed`].
+    fn answer_from_index(
+        &self,
+        planned: &Planned<'_>,
+        router: Option<&SharedRouter>,
+        options: &QueryOptions,
+    ) -> Result<Option<Started>> {
+        let PlannedInput::Sql { cached, bound, .. } = &planned.input else { return Ok(None) };
+        let Some(found) = self.index_lookup(cached, bound, planned.state(self), router, options)? else {
+            return Ok(None);
+        };
+        let answer = match found.copy {
+            None => found.lookup.answer_with(bound).map(|batches| {
+                let mut info = RouteInfo::local("every table is served by this tier");
+                self.add_local_versions(found.generic, &mut info);
+                (batches, info)
+            }),
+            Some((copy, info)) => found.lookup.answer_from(&copy, bound).map(|batches| (batches, info)),
+        };
+        Ok(answer.map(|(batches, info)| self.started_from_index(Arc::clone(found.lookup.schema()), batches, info)))
+    }
+
+    /// The key lookup a statement's optimized generic plan is, if it is one and `values`
+    /// fill its parameters, with where it is answered: on a tier without a router every
+    /// table is here (`copy` is `None`); on one with a router, only the local copy the router
+    /// names as answering every value (a whole replica) does.
+    fn index_lookup<'c>(
+        &self,
+        cached: &'c CachedPlan,
+        values: &[ScalarValue],
+        state: &SessionState,
+        router: Option<&SharedRouter>,
+        options: &QueryOptions,
+    ) -> Result<Option<IndexLookup<'c>>> {
+        if values.len() != cached.planned.parameters.fields().len() {
+            return Ok(None);
         }
-        let generic = super::planning::generic_plan(cached, planned.deterministic, planned.state(self))?;
-        let lookup = cached.lookup.get_or_init(|| crate::key_lookup::KeyLookup::recognize(generic)).as_ref()?;
-        let batches = lookup.answer_with(bound)?;
-        let mut info = RouteInfo::local("every table is served by this tier");
-        self.add_local_versions(generic, &mut info);
-        Some(self.started_from_index(Arc::clone(lookup.schema()), batches, info))
+        let Some(generic) = super::planning::generic_plan(cached, cached.deterministic, state) else {
+            return Ok(None);
+        };
+        let lookup = cached.lookup.get_or_init(|| crate::key_lookup::KeyLookup::recognize_generic(generic));
+        let Some(lookup) = lookup.as_ref() else { return Ok(None) };
+        let copy = match router {
+            None => None,
+            Some(router) => match router.whole_local_copy(lookup.table(), options)? {
+                Some(copy) => Some(copy),
+                None => return Ok(None),
+            },
+        };
+        Ok(Some(IndexLookup { lookup, generic, copy }))
+    }
+
+    /// Whether `sql` with `params` will be answered from a local copy's key index, as
+    /// [`Engine::answer_from_index`] answers: work so small that starting it early on
+    /// another task (a Flight SQL GetFlightInfo on a tier with an upstream) costs more than
+    /// it overlaps. Planning errors say `false`: the query reports them when it runs.
+    pub async fn answers_from_index(&self, sql: &str, params: &[ScalarValue], options: &QueryOptions) -> bool {
+        let access = self.access(options);
+        let planned = match params.is_empty() {
+            true => self.plan_for_text(sql, &access).await,
+            false => self.plan_cached(sql, &access).await.map(|cached| (cached, params.to_vec())),
+        };
+        let Ok((cached, values)) = planned else { return false };
+        let router = self.router();
+        match self.index_lookup(&cached, &values, &self.inner.planning, router.as_ref(), options) {
+            Ok(Some(found)) => match &found.copy {
+                Some((copy, _)) => found.lookup.is_indexed_in(copy),
+                None => found.lookup.is_indexed(),
+            },
+            _ => false,
+        }
     }
 
     fn started_from_index(

@@ -1,5 +1,6 @@
 //! The statement path of Flight SQL: GetFlightInfo plans a statement (and, on a tier with
-//! an upstream, starts it early; neither when the results cache holds its answer), DoGet
+//! an upstream, starts it early; neither when the results cache holds its answer, nor the
+//! start for a key lookup a local index answers), DoGet
 //! runs it once per bound parameter row and streams the answers as one, with the route and
 //! freshness in headers and `app_metadata`.
 
@@ -37,8 +38,11 @@ impl StrataFlightSql {
         {
             return Ok(schema);
         }
+        // A key lookup a local copy's index answers costs less than the early start's hand
+        // over from its task to DoGet's: DoGet answers it.
         if let Some(params) = single
             && self.engine.has_router()
+            && !self.engine.answers_from_index(&handle.sql, &params, &options).await
         {
             handle.run = self.prefetcher.start(&self.engine, &handle.sql, params, &options);
         }

@@ -6,10 +6,12 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use datafusion::common::TableReference;
 use datafusion::common::tree_node::Transformed;
 use datafusion::datasource::provider_as_source;
 use datafusion::logical_expr::{Expr, LogicalPlan};
 use strata_core::StrataError;
+use strata_core::accelerator::AcceleratedTable;
 use strata_core::routing::{QueryOptions, Route, RouteInfo, RouteReason, Routing, VersionRead, scanned_tables};
 
 use super::{MAX_HOPS, Remote, TierRouter, key};
@@ -183,6 +185,43 @@ impl TierRouter {
         let single_upstream = (unforced_scans == 0 && upstreams.len() == 1).then(|| upstreams.into_iter().next());
         let Some(upstream) = self.default_upstream.or(single_upstream.flatten()) else { return Ok(None) };
         Ok(Some((RouteInfo::forwarded(reason, detail), upstream)))
+    }
+
+    /// The whole, loaded replica of `table` that answers a read of it whatever its filters,
+    /// or `None` when the route depends on them (a subset), on another tier (not replicated,
+    /// cold, forced upstream), or on rows written here. See
+    /// [`strata_core::routing::Router::whole_local_copy`].
+    pub(super) fn decide_whole_copy(
+        &self,
+        table: &TableReference,
+        options: &QueryOptions,
+    ) -> strata_core::Result<Option<(Arc<AcceleratedTable>, RouteInfo)>> {
+        check_hops(options)?;
+        let name = match table.schema() {
+            Some(s) if s != strata_core::engine::DEFAULT_SCHEMA => format!("{s}.{}", table.table()),
+            _ => table.table().to_string(),
+        };
+        let name_key = key(&name);
+        // The locks in the order `decide` takes them.
+        let remote = self.remote.read().unwrap_or_else(|p| p.into_inner());
+        let replicas = self.replicas.read().unwrap_or_else(|p| p.into_inner());
+        let local_writes = self.local_writes.read().unwrap_or_else(|p| p.into_inner());
+        let (Some(r), Some(replica)) = (remote.get(&name_key), replicas.get(&name_key)) else { return Ok(None) };
+        if replica.predicate_sql().is_some() || local_writes.contains_key(&name_key) {
+            return Ok(None);
+        }
+        let (ScanRoute::Local(replica), warning) = self.scan_route(&name, r, Some(replica), &[], options)? else {
+            return Ok(None);
+        };
+        let Some(snapshot) = replica.snapshot() else { return Ok(None) };
+        let mut info = RouteInfo::local("every table is answered from this tier's copies");
+        info.versions = vec![VersionRead {
+            dataset: replica.name().to_string(),
+            version: snapshot.version,
+            age_ms: snapshot.refreshed_at.elapsed().unwrap_or_default().as_millis() as u64,
+        }];
+        info.warning = warning;
+        Ok(Some((replica.table(), info)))
     }
 
     /// Why a scan of remote table `name` must go upstream whatever the query's filters say.
