@@ -376,9 +376,10 @@ async fn until_quiet(pids: &[u32], within: Duration) {
 }
 
 /// Sixteen copies of lineitem joined with it on a hundred suppliers: near 600 million joined
-/// rows, each multiplied and summed: about 13 s on three replicas sharing two cores, and no
-/// more than a fraction of a second per input batch (DataFusion's operators are cancelled
-/// between batches).
+/// rows, each multiplied and summed: about 13 s on three replicas sharing two cores. One
+/// probe batch fans out to millions of rows, which the join emits without reading its input
+/// again: without `CooperativeJoins` (strata-core) the replicas worked on for 1.5 to 2.5 s
+/// after the deadline's answer, in a debug build.
 fn heavy_query() -> String {
     let copies = ["SELECT l_suppkey, l_extendedprice, l_tax FROM lineitem"; 16].join(" UNION ALL ");
     format!(
@@ -424,6 +425,27 @@ async fn a_query_past_its_deadline_stops_its_tasks_on_every_worker() {
     // running their tasks to the end would have cost. CPU time, not wall time, so that a
     // loaded machine cannot make a stopped task look running or a running one look stopped.
     let at_answer: Vec<Duration> = pids.iter().map(|p| cpu_time(*p)).collect();
+    let answered = Instant::now();
+    // Within a second of the answer the replicas' tasks have stopped: a quarter of a second
+    // passes with next to no CPU used by all of them together. (A replica starved of CPU by
+    // a busy machine could look stopped early, never one that stopped look running.)
+    let mut timeline = Vec::new();
+    let quiet_after = loop {
+        let window_start = answered.elapsed();
+        let before: Vec<Duration> = pids.iter().map(|p| cpu_time(*p)).collect();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let each = cpu_since(&pids, &before);
+        let used: Duration = each.iter().sum();
+        timeline.push((window_start, each));
+        if used <= Duration::from_millis(30) || window_start > Duration::from_secs(10) {
+            break window_start;
+        }
+    };
+    eprintln!("CPU per 250 ms after the deadline's answer: {timeline:?}");
+    assert!(
+        quiet_after <= Duration::from_millis(1_000),
+        "the replicas still worked {quiet_after:?} after the answer (CPU per window and replica: {timeline:?})"
+    );
     until_quiet(&pids, Duration::from_secs(20)).await;
     let after: Duration = cpu_since(&pids, &at_answer).iter().sum();
     let remaining = whole.saturating_sub(before_answer.iter().sum());

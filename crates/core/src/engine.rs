@@ -121,7 +121,13 @@ impl Engine {
             session.options_mut().optimizer.enable_physical_uncorrelated_scalar_subquery = false;
         }
         let pool = Arc::clone(&runtime.memory_pool);
-        let ctx = SessionContext::new_with_config_rt(session, runtime);
+        let state = datafusion::execution::SessionStateBuilder::new()
+            .with_config(session)
+            .with_runtime_env(runtime)
+            .with_default_features()
+            .with_physical_optimizer_rule(Arc::new(crate::cooperative_joins::CooperativeJoins))
+            .build();
+        let ctx = SessionContext::new_with_state(state);
         crate::bounded_functions::register(&ctx, pool);
         let catalog = ctx.catalog(CATALOG).ok_or_else(|| StrataError::Internal("default catalog missing".into()))?;
         for ds in &config.datasets {

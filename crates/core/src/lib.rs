@@ -7,6 +7,7 @@ pub mod background;
 mod bounded_functions;
 pub mod config;
 pub mod contained_panic;
+mod cooperative_joins;
 pub mod dataset;
 pub mod engine;
 pub mod error;
