@@ -60,10 +60,39 @@ pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
 }
 
-/// A free TCP port on loopback (for servers such as PostgreSQL that cannot report theirs).
+/// A free TCP port on loopback for a server started later (PostgreSQL, which cannot report
+/// its own; a cluster whose members must know each other's ports in advance). Taken below
+/// the kernel's ephemeral range: a port the kernel hands out for `:0` is also where the
+/// outgoing connections of tests running meanwhile take theirs, and one took a cluster
+/// worker's port before its replica bound it ("Address already in use"). Free when
+/// checked, and never handed out twice by this process.
 pub fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
-    listener.local_addr().expect("local addr").port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let ephemeral_low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768);
+    const LOWEST: u32 = 15_000;
+    if ephemeral_low <= LOWEST + 1_000 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+        return listener.local_addr().expect("local addr").port();
+    }
+    let span = ephemeral_low - LOWEST;
+    // Each test process starts elsewhere in the range, so two running at once rarely meet.
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7_919) % span,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..span {
+        let port = (LOWEST + NEXT.fetch_add(1, Ordering::SeqCst) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between {LOWEST} and {ephemeral_low}")
 }
 
 /// Polls `probe` until it returns `Some` and returns that value, or `None` once `timeout`
