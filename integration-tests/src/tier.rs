@@ -331,6 +331,16 @@ impl Tier {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// The value of an unlabelled counter or gauge on `/metrics` (panics when it is missing).
+    pub async fn metric(&self, name: &str) -> u64 {
+        let text = self.http.get(self.url("/metrics")).send().await.expect("GET /metrics").text().await.expect("text");
+        let prefix = format!("{name} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{name} not on /metrics:\n{text}"))
+    }
+
     /// The status of one dataset from `/v1/datasets`, if it is listed yet.
     pub async fn find_dataset(&self, name: &str) -> Option<Value> {
         let (_, body) = self.get_json("/v1/datasets").await;

@@ -215,19 +215,12 @@ async fn a_sidecar_answers_lookups_from_its_replicas_as_the_general_path() {
             (ready == 3).then_some(())
         })
         .await;
-    let index_lookups = || async {
-        let text = reqwest::get(sidecar.url("/metrics")).await.expect("metrics").text().await.expect("text");
-        text.lines()
-            .find_map(|l| l.strip_prefix("strata_index_lookups_total "))
-            .and_then(|n| n.trim().parse::<u64>().ok())
-            .expect("strata_index_lookups_total")
-    };
     let sorted = |mut rows: Vec<serde_json::Value>| {
         rows.sort_by_key(|r| r.to_string());
         rows
     };
 
-    let before = index_lookups().await;
+    let before = sidecar.metric("strata_index_lookups_total").await;
     let mut rng = Rng::new(0x51de_ca55);
     let mut keyed_on_fast = 0;
     for _ in 0..1_000 {
@@ -253,7 +246,7 @@ async fn a_sidecar_answers_lookups_from_its_replicas_as_the_general_path() {
         assert_eq!(route, if inside { "local" } else { "forwarded" }, "{sql} on the subset replica");
     }
     // Every lookup on `fast` by `id` or by `name` was answered from the index.
-    let answered = index_lookups().await - before;
+    let answered = sidecar.metric("strata_index_lookups_total").await - before;
     assert!(answered >= keyed_on_fast as u64, "{answered} index answers for {keyed_on_fast} key lookups on `fast`");
 
     // Flight SQL with the key bound, as ADBC sends it (64-bit) and as JDBC's setInt does;

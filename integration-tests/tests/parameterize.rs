@@ -36,6 +36,17 @@ fn typed_rows() -> RecordBatch {
     .expect("batch")
 }
 
+/// [`typed_rows`] as a Parquet file in `dir`.
+fn write_typed(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("typed.parquet");
+    let batch = typed_rows();
+    let mut writer =
+        ArrowWriter::try_new(std::fs::File::create(&path).expect("file"), batch.schema(), None).expect("writer");
+    writer.write(&batch).expect("write");
+    writer.close().expect("close");
+    path
+}
+
 /// Sorted lines of the pretty-printed answer, so row order does not matter.
 fn lines(batches: &[RecordBatch]) -> Vec<String> {
     let text = pretty_format_batches(batches).expect("format").to_string();
@@ -47,12 +58,7 @@ fn lines(batches: &[RecordBatch]) -> Vec<String> {
 #[tokio::test]
 async fn literal_sql_answers_as_written() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("typed.parquet");
-    let batch = typed_rows();
-    let mut writer =
-        ArrowWriter::try_new(std::fs::File::create(&path).expect("file"), batch.schema(), None).expect("writer");
-    writer.write(&batch).expect("write");
-    writer.close().expect("close");
+    let path = write_typed(dir.path());
 
     // The same file accelerated (`typed`) and read live on every query (`typed_live`).
     let config = Config::parse(
@@ -134,12 +140,7 @@ async fn literal_sql_answers_as_written() {
 async fn texts_of_one_skeleton_answer_each_as_written() {
     use strata_integration_tests::sqlgen::Rng;
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("typed.parquet");
-    let batch = typed_rows();
-    let mut writer =
-        ArrowWriter::try_new(std::fs::File::create(&path).expect("file"), batch.schema(), None).expect("writer");
-    writer.write(&batch).expect("write");
-    writer.close().expect("close");
+    let path = write_typed(dir.path());
     let config = Config::parse(
         &format!(
             "region: eu\ndatasets:\n  - name: typed\n    from: file:{}\n    acceleration: {{primary_key: [id]}}\n",

@@ -231,14 +231,7 @@ async fn replication_sends_increments_and_resumes_after_a_restart_without_touchi
         assert_eq!(indexes[0]["columns"], serde_json::json!(["id"]), "{name}: {indexes}");
         assert!(indexes[0]["bytes"].as_u64().is_some_and(|b| b >= 4 * 5010), "{name}: {indexes}");
     }
-    let lookups = || async {
-        let text = reqwest::get(sidecar.url("/metrics")).await.expect("metrics").text().await.expect("text");
-        text.lines()
-            .find_map(|l| l.strip_prefix("strata_index_lookups_total "))
-            .and_then(|n| n.trim().parse::<u64>().ok())
-            .expect("strata_index_lookups_total")
-    };
-    let before = lookups().await;
+    let before = sidecar.metric("strata_index_lookups_total").await;
     for id in [1, 5000, 5005, 5010, 5011] {
         let (rows, route, _) = sidecar.routed(&format!("SELECT id, kind FROM events WHERE id = {id}"), &[]).await;
         assert_eq!(route, "local");
@@ -249,7 +242,11 @@ async fn replication_sends_increments_and_resumes_after_a_restart_without_touchi
         };
         assert_eq!(serde_json::json!(rows), want, "id {id}");
     }
-    assert_eq!(lookups().await - before, 5, "each lookup answered from the replica's index");
+    assert_eq!(
+        sidecar.metric("strata_index_lookups_total").await - before,
+        5,
+        "each lookup answered from the replica's index"
+    );
 
     // Killed while following the stream; the source changes meanwhile; a new sidecar process resumes.
     sidecar.kill();
