@@ -186,9 +186,14 @@ impl Engine {
     }
 
     async fn plan_and_cache(&self, key: String, statement: DfStatement) -> Result<Arc<CachedPlan>> {
-        let entry = Arc::new(CachedPlan::new(self.plan_statement(statement).await?));
-        self.inner.plans.insert(key, Arc::clone(&entry));
-        Ok(entry)
+        // Boxed: DataFusion's SQL planning future is large, and only a text the plan cache
+        // misses needs it; inline, every query's future would hold room for it.
+        Box::pin(async move {
+            let entry = Arc::new(CachedPlan::new(self.plan_statement(statement).await?));
+            self.inner.plans.insert(key, Arc::clone(&entry));
+            Ok(entry)
+        })
+        .await
     }
 
     async fn still_registered(&self, tables: &[(datafusion::common::TableReference, ProviderRef)]) -> bool {

@@ -158,7 +158,10 @@ impl Engine {
                 return Ok(started);
             }
             let routing = debug_span!("route").in_scope(|| self.route(&planned, router.as_ref(), options))?;
-            self.execute_routed(&planned, routing, router.as_ref(), options, &access, admission.wall_deadline)
+            // Boxed: executing holds the results cache, physical planning and distribution
+            // states (tens of KB); inline, every query's future had room for them, copied
+            // whole when it was boxed, key lookups and cached answers included.
+            Box::pin(self.execute_routed(&planned, routing, router.as_ref(), options, &access, admission.wall_deadline))
                 .instrument(debug_span!("execute"))
                 .await
         });
