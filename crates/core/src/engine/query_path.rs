@@ -375,15 +375,19 @@ impl Engine {
         // Large queries over files run over the platform's replicas (`cluster:`); how one
         // was distributed is known once it is planned, inside the results cache's miss.
         let distributed = std::sync::Mutex::new(None);
-        let execute = || async {
-            let physical = self.physical_plan(&plan, state, planned.deterministic).await?;
-            if let Some((stream, how)) =
-                self.run_distributed(&plan, &physical, state, &task_ctx, options.distribute).await?
-            {
-                *distributed.lock().unwrap_or_else(|p| p.into_inner()) = Some(how);
-                return Ok(stream);
-            }
-            Ok(datafusion::physical_plan::execute_stream(physical, Arc::clone(&task_ctx))?)
+        // Boxed: physical planning and distribution are most of this phase's state, and the
+        // results cache's fill moves the future it is given by value.
+        let execute = || {
+            Box::pin(async {
+                let physical = self.physical_plan(&plan, state, planned.deterministic).await?;
+                if let Some((stream, how)) =
+                    self.run_distributed(&plan, &physical, state, &task_ctx, options.distribute).await?
+                {
+                    *distributed.lock().unwrap_or_else(|p| p.into_inner()) = Some(how);
+                    return Ok(stream);
+                }
+                Ok(datafusion::physical_plan::execute_stream(physical, Arc::clone(&task_ctx))?)
+            })
         };
         let mark_distributed = |info: &mut RouteInfo| {
             if let Some(how) = distributed.lock().unwrap_or_else(|p| p.into_inner()).take() {
