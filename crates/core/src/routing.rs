@@ -302,16 +302,20 @@ pub struct CatalogEntry {
     pub indexes: Vec<Vec<String>>,
 }
 
+/// The dataset a table reference names: `table`, or `schema.table` outside the default schema.
+pub fn dataset_name(table: &datafusion::common::TableReference) -> String {
+    match table.schema() {
+        Some(schema) if schema != crate::engine::DEFAULT_SCHEMA => format!("{schema}.{}", table.table()),
+        _ => table.table().to_string(),
+    }
+}
+
 /// Names of the tables a plan scans, lower-cased, without catalog/schema when it is the default.
 pub fn scanned_tables(plan: &LogicalPlan) -> Vec<String> {
     let mut names = Vec::new();
     let _ = plan.apply_with_subqueries(|node| {
         if let LogicalPlan::TableScan(scan) = node {
-            let name = scan.table_name.table().to_string();
-            let name = match scan.table_name.schema() {
-                Some(schema) if schema != crate::engine::DEFAULT_SCHEMA => format!("{schema}.{name}"),
-                _ => name,
-            };
+            let name = dataset_name(&scan.table_name);
             if !names.contains(&name) {
                 names.push(name);
             }

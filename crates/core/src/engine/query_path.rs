@@ -586,25 +586,30 @@ impl Engine {
         Ok(Some(IndexLookup { lookup, generic, copy }))
     }
 
-    /// Whether `sql` with `params` will be answered from a local copy's key index, as
-    /// [`Engine::answer_from_index`] answers: work so small that starting it early on
-    /// another task (a Flight SQL GetFlightInfo on a tier with an upstream) costs more than
-    /// it overlaps. Planning errors say `false`: the query reports them when it runs.
-    pub async fn answers_from_index(&self, sql: &str, params: &[ScalarValue], options: &QueryOptions) -> bool {
+    /// What a Flight SQL GetFlightInfo announces for `sql` with `params`, planned once: the
+    /// schema of its rows, and whether a local copy's key index will answer it (as
+    /// [`Engine::answer_from_index`] answers): work so small that starting it early on
+    /// another task costs more than it overlaps.
+    pub async fn announce(
+        &self,
+        sql: &str,
+        params: &[ScalarValue],
+        options: &QueryOptions,
+    ) -> Result<(arrow::datatypes::SchemaRef, bool)> {
         let access = self.access(options);
-        let planned = match params.is_empty() {
-            true => self.plan_for_text(sql, &access).await,
-            false => self.plan_cached(sql, &access).await.map(|cached| (cached, params.to_vec())),
+        let (cached, values) = match params.is_empty() {
+            true => self.plan_for_text(sql, &access).await?,
+            false => (self.plan_cached(sql, &access).await?, params.to_vec()),
         };
-        let Ok((cached, values)) = planned else { return false };
         let router = self.router();
-        match self.index_lookup(&cached, &values, &self.inner.planning, router.as_ref(), options) {
+        let from_index = match self.index_lookup(&cached, &values, &self.inner.planning, router.as_ref(), options) {
             Ok(Some(found)) => match &found.copy {
                 Some((copy, _)) => found.lookup.is_indexed_in(copy),
                 None => found.lookup.is_indexed(),
             },
             _ => false,
-        }
+        };
+        Ok((Arc::clone(&cached.planned.schema), from_index))
     }
 
     fn started_from_index(

@@ -111,8 +111,10 @@ impl Prefetcher {
         Some(outcome.unwrap_or_else(|e| Err(StrataError::Internal(format!("a prefetched query stopped: {e}")))))
     }
 
-    /// Cancels run `id` (its statement turned out not to plan): no DoGet will come for it.
-    pub fn cancel(&self, id: u64) {
+    /// Cancels run `id`: dropped, it gives its permit back (what expiry does to a run no
+    /// DoGet takes).
+    #[cfg(test)]
+    fn cancel(&self, id: u64) {
         // Dropped (and so aborted) after the lock is released.
         let cancelled = self.waiting.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         drop(cancelled);

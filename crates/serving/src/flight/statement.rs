@@ -18,11 +18,10 @@ use crate::status::to_grpc;
 impl StrataFlightSql {
     /// What GetFlightInfo answers for `handle`'s statement: the schema of its rows. A
     /// statement whose answer the results cache holds (one parameter row, or none) is
-    /// neither planned nor started: DoGet finds the answer by its text as cheaply. Otherwise,
-    /// on a tier with an upstream, the statement is started now and the id of its run goes
-    /// into `handle` for the ticket; it is planned after the run starts, so a forwarded run's
-    /// upstream call is under way while this tier plans, and a statement that does not plan
-    /// has its run cancelled.
+    /// neither planned nor started: DoGet finds the answer by its text as cheaply. Otherwise
+    /// it is planned, and then, on a tier with an upstream, started now (unless a local key
+    /// index answers it) with the id of its run in `handle` for the ticket, so a forwarded
+    /// run's upstream call is under way while the client sends DoGet.
     pub(super) async fn info_schema(
         &self,
         handle: &mut StatementHandle,
@@ -38,19 +37,17 @@ impl StrataFlightSql {
         {
             return Ok(schema);
         }
-        // A key lookup a local copy's index answers costs less than the early start's hand
-        // over from its task to DoGet's: DoGet answers it.
-        if let Some(params) = single
-            && self.engine.has_router()
-            && !self.engine.answers_from_index(&handle.sql, &params, &options).await
-        {
+        // Planned once, before any early start: a statement that does not plan never
+        // starts, and a key lookup a local copy's index answers is left to DoGet (the hand
+        // over from the early run's task would cost more than it overlaps).
+        let one_row = single.is_some();
+        let params = single.unwrap_or_default();
+        let (schema, from_index) =
+            self.engine.announce(&handle.sql, &params, &options).await.map_err(|e| to_grpc(&e))?;
+        if one_row && !from_index && self.engine.has_router() {
             handle.run = self.prefetcher.start(&self.engine, &handle.sql, params, &options);
         }
-        let schema = self.engine.result_schema(&handle.sql, &options).await.map_err(|e| to_grpc(&e));
-        if let (Err(_), Some(run)) = (&schema, handle.run) {
-            self.prefetcher.cancel(run);
-        }
-        schema
+        Ok(schema)
     }
 
     /// Schema of a statement's result, planned but not run, for the caller of `metadata`.

@@ -12,7 +12,9 @@ use datafusion::datasource::provider_as_source;
 use datafusion::logical_expr::{Expr, LogicalPlan};
 use strata_core::StrataError;
 use strata_core::accelerator::AcceleratedTable;
-use strata_core::routing::{QueryOptions, Route, RouteInfo, RouteReason, Routing, VersionRead, scanned_tables};
+use strata_core::routing::{
+    QueryOptions, Route, RouteInfo, RouteReason, Routing, VersionRead, dataset_name, scanned_tables,
+};
 
 use super::{MAX_HOPS, Remote, TierRouter, key};
 use crate::replica::Replica;
@@ -58,10 +60,7 @@ impl TierRouter {
         let plan = plan
             .transform_up_with_subqueries(|node| {
                 let LogicalPlan::TableScan(mut scan) = node else { return Ok(Transformed::no(node)) };
-                let name = match scan.table_name.schema() {
-                    Some(s) if s != strata_core::engine::DEFAULT_SCHEMA => format!("{s}.{}", scan.table_name.table()),
-                    _ => scan.table_name.table().to_string(),
-                };
+                let name = dataset_name(&scan.table_name);
                 let name_key = key(&name);
                 let Some(r) = remote.get(&name_key) else {
                     local_scans += 1;
@@ -197,10 +196,7 @@ impl TierRouter {
         options: &QueryOptions,
     ) -> strata_core::Result<Option<(Arc<AcceleratedTable>, RouteInfo)>> {
         check_hops(options)?;
-        let name = match table.schema() {
-            Some(s) if s != strata_core::engine::DEFAULT_SCHEMA => format!("{s}.{}", table.table()),
-            _ => table.table().to_string(),
-        };
+        let name = dataset_name(table);
         let name_key = key(&name);
         // The locks in the order `decide` takes them.
         let remote = self.remote.read().unwrap_or_else(|p| p.into_inner());
