@@ -10,6 +10,7 @@ mod config_errors;
 mod distributed;
 mod edge;
 mod federation;
+mod forwarding;
 mod golden;
 mod hostile;
 mod injection;

@@ -9,6 +9,7 @@ pub mod config;
 pub mod contained_panic;
 mod cooperative_joins;
 pub mod dataset;
+pub mod encoded;
 pub mod engine;
 pub mod error;
 pub mod generation;

@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
-use datafusion::execution::SendableRecordBatchStream;
 use futures::{Stream, StreamExt};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Sleep;
 use tracing::{Span, debug, info, warn};
 
+use crate::encoded::{Answer, Checked, IpcFrame};
 use crate::error::StrataError;
 
 static NEXT_QUERY_ID: AtomicU64 = AtomicU64::new(1);
@@ -51,7 +51,8 @@ impl Outcome {
 pub struct Finished<'a> {
     pub outcome: Outcome,
     pub rows: u64,
-    /// Arrow bytes of the batches returned (their in-memory size, not the wire encoding).
+    /// Arrow bytes of the batches returned (their in-memory size, not the wire encoding;
+    /// for an answer passed on as another tier encoded it, its messages' bodies).
     pub bytes: u64,
     /// From admission to the end of the answer.
     pub elapsed: Duration,
@@ -88,7 +89,8 @@ pub(crate) struct StreamLimits {
 pub struct QueryStream {
     id: u64,
     schema: SchemaRef,
-    inner: Option<SendableRecordBatchStream>,
+    /// `None` once it ended (or its frames were taken by [`QueryStream::into_frames`]).
+    inner: Option<Answer>,
     deadline: Pin<Box<Sleep>>,
     timeout: Duration,
     max_rows: u64,
@@ -115,7 +117,7 @@ impl QueryStream {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         id: u64,
-        inner: SendableRecordBatchStream,
+        inner: Answer,
         permit: OwnedSemaphorePermit,
         limits: StreamLimits,
         started: Instant,
@@ -228,46 +230,136 @@ pub(crate) fn name_memory_limits(err: StrataError, tenant_limits: &[String]) -> 
     }
 }
 
+impl QueryStream {
+    /// The answer's IPC messages as another tier sent them (a forwarded query), for a server
+    /// to pass on without decoding and encoding them again, under the same deadline and row
+    /// limit; the stream itself for an answer made here, or one already read as batches.
+    pub fn into_delivery(mut self) -> Delivery {
+        match self.inner.take() {
+            Some(Answer::Encoded(encoded)) => {
+                Delivery::Frames(FramedAnswer { frames: encoded.into_checked(), query: self })
+            }
+            other => {
+                self.inner = other;
+                Delivery::Batches(self)
+            }
+        }
+    }
+
+    /// Counts what was streamed and refuses an answer past its row limit.
+    fn tally(&mut self, rows: u64, bytes: u64) -> Result<(), StrataError> {
+        self.rows += rows;
+        self.bytes += bytes;
+        if self.rows > self.max_rows {
+            let err = StrataError::ResourcesExhausted(format!(
+                "result exceeds the limit of {} rows ({})",
+                self.max_rows, self.rows_limit
+            ));
+            return Err(self.fail(err));
+        }
+        Ok(())
+    }
+
+    /// Ends the query with `err`, which is returned to be streamed.
+    fn fail(&mut self, err: StrataError) -> StrataError {
+        let err = name_memory_limits(err, &self.tenant_memory_limits);
+        self.finish(Outcome::Error, Some(&err));
+        err
+    }
+
+    /// While the answer is pending: the timeout once the deadline passed.
+    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<Option<StrataError>> {
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            let err = StrataError::Timeout(self.timeout);
+            self.finish(Outcome::Error, Some(&err));
+            return Poll::Ready(Some(err));
+        }
+        Poll::Pending
+    }
+}
+
 impl Stream for QueryStream {
     type Item = Result<RecordBatch, StrataError>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
-        let Some(inner) = this.inner.as_mut() else {
+        // An encoded answer read as batches: decoded from here on.
+        if matches!(this.inner, Some(Answer::Encoded(_)))
+            && let Some(encoded) = this.inner.take()
+        {
+            this.inner = Some(Answer::Batches(encoded.into_batches()));
+        }
+        let Some(Answer::Batches(inner)) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
         let polled = this.span.in_scope(|| inner.poll_next_unpin(cx));
         match polled {
             Poll::Ready(Some(Ok(batch))) => {
-                this.rows += batch.num_rows() as u64;
-                this.bytes += batch.get_array_memory_size() as u64;
-                if this.rows > this.max_rows {
-                    let err = StrataError::ResourcesExhausted(format!(
-                        "result exceeds the limit of {} rows ({})",
-                        this.max_rows, this.rows_limit
-                    ));
-                    this.finish(Outcome::Error, Some(&err));
-                    return Poll::Ready(Some(Err(err)));
+                match this.tally(batch.num_rows() as u64, batch.get_array_memory_size() as u64) {
+                    Ok(()) => Poll::Ready(Some(Ok(batch))),
+                    Err(err) => Poll::Ready(Some(Err(err))),
                 }
-                Poll::Ready(Some(Ok(batch)))
             }
-            Poll::Ready(Some(Err(err))) => {
-                let err = name_memory_limits(StrataError::from(err), &this.tenant_memory_limits);
-                this.finish(Outcome::Error, Some(&err));
-                Poll::Ready(Some(Err(err)))
-            }
+            Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(this.fail(StrataError::from(err))))),
             Poll::Ready(None) => {
                 this.finish(Outcome::Ok, None);
                 Poll::Ready(None)
             }
-            Poll::Pending => {
-                if this.deadline.as_mut().poll(cx).is_ready() {
-                    let err = StrataError::Timeout(this.timeout);
-                    this.finish(Outcome::Error, Some(&err));
-                    return Poll::Ready(Some(Err(err)));
-                }
-                Poll::Pending
+            Poll::Pending => this.poll_deadline(cx).map(|err| err.map(Err)),
+        }
+    }
+}
+
+/// How a query's answer can leave this tier: see [`QueryStream::into_delivery`].
+pub enum Delivery {
+    /// Another tier's messages, to pass on as they are.
+    Frames(FramedAnswer),
+    /// Batches, to encode.
+    Batches(QueryStream),
+}
+
+/// A forwarded answer's IPC messages, passed on as the upstream sent them (see
+/// [`crate::encoded`]): checked in order (a schema with the column types planned here
+/// first), each record batch's rows (from its header) counted against the row limit, and
+/// the query ends, as a [`QueryStream`] does, at its last message, its first error, its
+/// deadline, or when dropped.
+pub struct FramedAnswer {
+    query: QueryStream,
+    frames: Checked,
+}
+
+impl FramedAnswer {
+    /// Where the query ran and which dataset versions it read.
+    pub fn route(&self) -> &crate::routing::RouteInfo {
+        &self.query.route
+    }
+
+    /// The schema planned here, which the messages' own must match.
+    pub fn schema(&self) -> SchemaRef {
+        self.query.schema()
+    }
+}
+
+impl Stream for FramedAnswer {
+    type Item = Result<IpcFrame, StrataError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.query.outcome.is_some() {
+            return Poll::Ready(None);
+        }
+        let polled = this.query.span.in_scope(|| this.frames.poll_frame(cx));
+        match polled {
+            Poll::Ready(Some(Ok((frame, rows)))) => match this.query.tally(rows, frame.body.len() as u64) {
+                Ok(()) => Poll::Ready(Some(Ok(frame))),
+                Err(err) => Poll::Ready(Some(Err(err))),
+            },
+            Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(this.query.fail(err)))),
+            Poll::Ready(None) => {
+                this.query.finish(Outcome::Ok, None);
+                Poll::Ready(None)
             }
+            Poll::Pending => this.query.poll_deadline(cx).map(|err| err.map(Err)),
         }
     }
 }

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use datafusion::common::ScalarValue;
 use datafusion::common::tree_node::TreeNodeRecursion;
-use datafusion::execution::SendableRecordBatchStream;
 use datafusion::logical_expr::LogicalPlan;
 use serde::Serialize;
 
@@ -241,7 +240,8 @@ pub trait Router: Send + Sync {
         Ok(None)
     }
 
-    /// Runs a whole query upstream. The returned info reports the upstream's own versions.
+    /// Runs a whole query upstream. The returned info reports the upstream's own versions;
+    /// the answer may stay as the upstream encoded it (see [`crate::encoded`]).
     async fn forward(
         &self,
         query: ForwardQuery<'_>,
@@ -249,7 +249,7 @@ pub trait Router: Send + Sync {
         info: RouteInfo,
         upstream: usize,
         deadline: std::time::SystemTime,
-    ) -> Result<(SendableRecordBatchStream, RouteInfo)>;
+    ) -> Result<(crate::encoded::Answer, RouteInfo)>;
 
     /// When a route decided now for a query that read `info.versions` here stops holding by
     /// the passage of time alone (a replica it read passes its `max_staleness`, and is then

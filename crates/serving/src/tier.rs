@@ -15,6 +15,7 @@ use datafusion::physical_expr::PhysicalExpr;
 use datafusion_proto::bytes::Serializeable;
 use futures::{Stream, StreamExt, TryStreamExt};
 use strata_core::accelerator::AcceleratedTable;
+use strata_core::query::Delivery;
 use strata_core::trace_context;
 use strata_core::{Engine, StrataError};
 use strata_proto::v1::tier_service_server::{TierService, TierServiceServer};
@@ -142,10 +143,19 @@ impl TierService for Tier {
         .map_err(grpc)?;
         let route = stream.route().clone();
         debug!(route = %route, origin = %options.origin_tier, "forwarded query");
-        let schema = stream.schema();
-        let batches = stream.map_err(|e| FlightError::Tonic(Box::new(to_grpc(&e))));
-        let frames = wire::encode_frames(schema, batches).map_err(Status::from);
-        let mut response = Response::new(Box::pin(frames) as FrameStream);
+        // Forwarded on again (to a peer platform): its messages are passed on as they came.
+        let frames: FrameStream = match stream.into_delivery() {
+            Delivery::Frames(framed) => Box::pin(framed.map(|frame| {
+                let frame = frame.map_err(|e| to_grpc(&e))?;
+                Ok(ArrowFrame { data_header: frame.header, data_body: frame.body, app_metadata: Default::default() })
+            })),
+            Delivery::Batches(stream) => {
+                let schema = stream.schema();
+                let batches = stream.map_err(|e| FlightError::Tonic(Box::new(to_grpc(&e))));
+                Box::pin(wire::encode_frames(schema, batches).map_err(Status::from))
+            }
+        };
+        let mut response = Response::new(frames);
         crate::route_headers::insert_grpc(response.metadata_mut(), &route);
         Ok(response)
     }

@@ -12,10 +12,10 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use datafusion::execution::SendableRecordBatchStream;
 use datafusion::logical_expr::LogicalPlan;
 use strata_core::config::{ReplicaConfig, UpstreamConfig};
 use strata_core::dataset::DatasetStatus;
+use strata_core::encoded::{Answer, EncodedAnswer};
 use strata_core::routing::{CatalogEntry, ForwardQuery, QueryOptions, RouteInfo, Router, Routing, UpstreamHealth};
 use strata_core::{Engine, StrataError};
 use strata_proto::v1::{ExecuteRequest, SqlQuery, execute_request};
@@ -75,7 +75,7 @@ impl TierRouter {
         options: &QueryOptions,
         mut info: RouteInfo,
         deadline: SystemTime,
-    ) -> strata_core::Result<(SendableRecordBatchStream, RouteInfo)> {
+    ) -> strata_core::Result<(Answer, RouteInfo)> {
         let request = ExecuteRequest {
             context: Some(wire::context(options, &self.origin.tier, &self.origin.region, Some(deadline))),
             query: Some(execute_request::Query::Sql(SqlQuery {
@@ -87,7 +87,9 @@ impl TierRouter {
         if let Some(versions) = metadata.get(wire::VERSIONS_HEADER).and_then(|v| v.to_str().ok()) {
             info.versions = RouteInfo::parse_versions(versions);
         }
-        Ok((wire::decode_frames(frames, query.schema), info))
+        // Left as the upstream encoded it: a Flight server passes it on untouched.
+        let answer = EncodedAnswer::new(query.schema, wire::ipc_frames(frames), wire::decode_ipc_frames);
+        Ok((Answer::Encoded(answer), info))
     }
 
     /// A sidecar's router: one upstream platform (with several endpoints) that answers
@@ -262,7 +264,7 @@ impl Router for TierRouter {
         info: RouteInfo,
         upstream: usize,
         deadline: SystemTime,
-    ) -> strata_core::Result<(SendableRecordBatchStream, RouteInfo)> {
+    ) -> strata_core::Result<(Answer, RouteInfo)> {
         let upstream = self
             .upstreams
             .get(upstream)

@@ -17,6 +17,7 @@ use datafusion::execution::SendableRecordBatchStream;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use futures::{Stream, TryStreamExt};
 use strata_core::StrataError;
+use strata_core::encoded::{IpcFrame, IpcFrames};
 use strata_core::results_cache::CacheControl;
 use strata_core::routing::{CatalogEntry, QueryOptions};
 use strata_core::trace_context::{self, TraceParent};
@@ -216,6 +217,42 @@ where
     S: Stream<Item = Result<ArrowFrame, tonic::Status>> + Send + 'static,
 {
     let data = frames.map_ok(FlightData::from).map_err(|status| FlightError::Tonic(Box::new(status)));
+    decode_flight_data(data, expected)
+}
+
+/// The tier protocol's frames as the engine's IPC messages (the buffers move, nothing is
+/// decoded): a forwarded answer, passed on or decoded later by [`decode_ipc_frames`].
+pub fn ipc_frames<S>(frames: S) -> IpcFrames
+where
+    S: Stream<Item = Result<ArrowFrame, tonic::Status>> + Send + 'static,
+{
+    Box::pin(
+        frames
+            .map_ok(|frame| IpcFrame { header: frame.data_header, body: frame.data_body })
+            .map_err(|s| status_error(&s)),
+    )
+}
+
+/// Decodes IPC messages from [`ipc_frames`] into record batches (the [`EncodedAnswer`]
+/// decoder of a forwarded answer read as rows).
+///
+/// [`EncodedAnswer`]: strata_core::encoded::EncodedAnswer
+pub fn decode_ipc_frames(frames: IpcFrames, expected: SchemaRef) -> SendableRecordBatchStream {
+    let data = frames
+        .map_ok(|frame| FlightData {
+            flight_descriptor: None,
+            data_header: frame.header,
+            data_body: frame.body,
+            app_metadata: Bytes::new(),
+        })
+        .map_err(|err| FlightError::ExternalError(Box::new(err)));
+    decode_flight_data(data, expected)
+}
+
+fn decode_flight_data<S>(data: S, expected: SchemaRef) -> SendableRecordBatchStream
+where
+    S: Stream<Item = Result<FlightData, FlightError>> + Send + 'static,
+{
     let batches = FlightRecordBatchStream::new_from_flight_data(data)
         .map_err(|e| datafusion::error::DataFusionError::from(flight_error(e)));
     // Arrow's Flight decoder panics on some malformed messages: a broken or hostile upstream

@@ -87,7 +87,7 @@ struct IndexLookup<'c> {
 /// A query that started answering: its stream, where it ran, and (when it runs here) its
 /// running slot, released when the stream ends.
 struct Started {
-    stream: SendableRecordBatchStream,
+    stream: crate::encoded::Answer,
     info: RouteInfo,
     running_slot: Option<OwnedSemaphorePermit>,
 }
@@ -415,7 +415,7 @@ impl Engine {
                         self.remember_text(cache, planned, &scope, &answer, &info, router);
                     }
                     mark_distributed(&mut info);
-                    return Ok(Started { stream, info, running_slot });
+                    return Ok(Started { stream: stream.into(), info, running_slot });
                 }
                 Answer::Stale(stream, staleness) => {
                     // The fresh answer is computed once, in the background, unless the
@@ -426,7 +426,7 @@ impl Engine {
                         self.revalidate(claim, lookup, plan.clone(), Arc::clone(&task_ctx), options.distribute);
                     }
                     report_stale(&mut info, &staleness);
-                    return Ok(Started { stream, info, running_slot: None });
+                    return Ok(Started { stream: stream.into(), info, running_slot: None });
                 }
                 // Waited for an answer too large to share: run it here, uncached.
                 Answer::RunHere => info.cache = Some(CacheStatus::Bypass),
@@ -436,7 +436,7 @@ impl Engine {
         }
         let stream = execute().await?;
         mark_distributed(&mut info);
-        Ok(Started { stream, info, running_slot })
+        Ok(Started { stream: stream.into(), info, running_slot })
     }
 
     /// The answer to client SQL found by its text in the results cache (see
@@ -445,7 +445,7 @@ impl Engine {
     fn answer_by_text(&self, input: &QueryInput<'_>, options: &QueryOptions, access: &Access) -> Option<Started> {
         let QueryInput::Sql { sql, params } = input else { return None };
         let hit = self.text_hit(sql, params, options, access)?;
-        Some(Started { stream: hit.stream(), info: hit.info(), running_slot: None })
+        Some(Started { stream: hit.stream().into(), info: hit.info(), running_slot: None })
     }
 
     /// The cached answer of `sql` with `params` for this caller, found by its text. Never
@@ -623,7 +623,8 @@ impl Engine {
             schema,
             futures::stream::iter(batches.into_iter().map(Ok)),
         );
-        Started { stream: Box::pin(stream), info, running_slot: None }
+        let stream: SendableRecordBatchStream = Box::pin(stream);
+        Started { stream: stream.into(), info, running_slot: None }
     }
 
     /// The physical plan of optimized `plan`. The physical optimizer's rules place
@@ -922,7 +923,7 @@ mod tests {
             _: RouteInfo,
             _: usize,
             _: SystemTime,
-        ) -> Result<(SendableRecordBatchStream, RouteInfo)> {
+        ) -> Result<(crate::encoded::Answer, RouteInfo)> {
             Err(StrataError::Protocol("test upstream is down".into()))
         }
         fn remote_catalog(&self) -> Vec<CatalogEntry> {

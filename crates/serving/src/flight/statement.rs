@@ -8,6 +8,7 @@ use arrow::datatypes::{Schema, SchemaRef};
 use arrow_flight::error::FlightError;
 use arrow_flight::{FlightDescriptor, FlightEndpoint, FlightInfo, Ticket};
 use futures::{StreamExt, TryStreamExt, stream};
+use strata_core::query::Delivery;
 use tonic::{Response, Status};
 
 use super::codec::encode_with_metadata;
@@ -90,6 +91,14 @@ impl StrataFlightSql {
             None => engine.execute_with(&sql, params, &options).await,
         }
         .map_err(|e| to_grpc(&e))?;
+        // A forwarded answer to one execution goes out in the messages the upstream sent.
+        let first = match rows.as_slice().is_empty() {
+            true => match first.into_delivery() {
+                Delivery::Frames(framed) => return Ok(pass_through(framed)),
+                Delivery::Batches(first) => first,
+            },
+            false => first,
+        };
         let schema = first.schema();
         let route = first.route().clone();
         let rest = stream::iter(rows)
@@ -124,4 +133,23 @@ impl StrataFlightSql {
             .with_total_records(-1)
             .with_ordered(true))
     }
+}
+
+/// A forwarded answer's messages as the upstream encoded them, with this tier's route in
+/// the headers and in the first message's `app_metadata`, as for an answer made here.
+fn pass_through(framed: strata_core::query::FramedAnswer) -> Response<DoGetStream> {
+    let route = framed.route().clone();
+    let mut app_metadata = Some(crate::route_headers::app_metadata(&route));
+    let messages = framed.map(move |frame| {
+        let frame = frame.map_err(|e| to_grpc(&e))?;
+        Ok(arrow_flight::FlightData {
+            flight_descriptor: None,
+            data_header: frame.header,
+            data_body: frame.body,
+            app_metadata: app_metadata.take().unwrap_or_default(),
+        })
+    });
+    let mut response = Response::new(Box::pin(messages) as DoGetStream);
+    crate::route_headers::insert_grpc(response.metadata_mut(), &route);
+    response
 }
