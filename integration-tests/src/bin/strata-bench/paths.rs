@@ -110,7 +110,10 @@ async fn fetch_rows(
 }
 
 /// A tier's HTTP `/v1/sql` over one HTTP/1.1 keep-alive connection per client: one round
-/// trip per query, rows as JSON (what a web app or a dashboard's backend sends).
+/// trip per query, rows as JSON (what a web app or a dashboard's backend sends). The client
+/// is hyper's own connection, as lean as tokio-postgres is for PostgreSQL: a pooled client
+/// (reqwest) spent about as much CPU per call as the sidecar answering it, on the same two
+/// cores, and that was most of the measured latency.
 pub struct Http {
     /// `http://host:port/v1/sql`.
     pub url: String,
@@ -118,8 +121,9 @@ pub struct Http {
 }
 
 struct HttpProbe {
-    client: reqwest::Client,
-    url: String,
+    sender: hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    uri: http::Uri,
+    host: http::HeaderValue,
     query: Query,
 }
 
@@ -127,17 +131,28 @@ struct HttpProbe {
 impl ProbeFactory for Http {
     async fn probe(&self) -> anyhow::Result<Box<dyn Probe>> {
         // One connection per probe, kept alive, as each of wrk's connections.
-        let client = reqwest::Client::builder().pool_max_idle_per_host(1).tcp_nodelay(true).build()?;
-        Ok(Box::new(HttpProbe { client, url: self.url.clone(), query: self.query }))
+        let uri: http::Uri = self.url.parse()?;
+        let authority = uri.authority().ok_or_else(|| anyhow::anyhow!("no host in {}", self.url))?.clone();
+        let stream = tokio::net::TcpStream::connect(authority.as_str()).await?;
+        stream.set_nodelay(true)?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        let host = http::HeaderValue::from_str(authority.as_str())?;
+        Ok(Box::new(HttpProbe { sender, uri, host, query: self.query }))
     }
 }
 
 #[async_trait]
 impl Probe for HttpProbe {
     async fn call(&mut self, i: usize) -> anyhow::Result<usize> {
-        let response = self.client.post(&self.url).body(self.query.sql(i)).send().await?;
+        use http_body_util::BodyExt;
+        self.sender.ready().await?;
+        let request = http::Request::post(self.uri.clone())
+            .header(http::header::HOST, self.host.clone())
+            .body(http_body_util::Full::new(bytes::Bytes::from(self.query.sql(i))))?;
+        let response = self.sender.send_request(request).await?;
         let status = response.status();
-        let body = response.bytes().await?;
+        let body = response.into_body().collect().await?.to_bytes();
         anyhow::ensure!(status.is_success(), "HTTP {status}: {}", String::from_utf8_lossy(&body));
         let rows: Vec<serde_json::Value> = serde_json::from_slice(&body)?;
         Ok(rows.len())
