@@ -121,10 +121,21 @@ pub struct Http {
 }
 
 struct HttpProbe {
-    sender: hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    sender: HttpSender,
     uri: http::Uri,
     host: http::HeaderValue,
     query: Query,
+}
+
+type HttpSender = hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>;
+
+/// One HTTP/1.1 connection to `authority`, its I/O driven by a task of its own.
+async fn http_connection(authority: &str) -> anyhow::Result<HttpSender> {
+    let stream = tokio::net::TcpStream::connect(authority).await?;
+    stream.set_nodelay(true)?;
+    let (sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    Ok(sender)
 }
 
 #[async_trait]
@@ -133,26 +144,47 @@ impl ProbeFactory for Http {
         // One connection per probe, kept alive, as each of wrk's connections.
         let uri: http::Uri = self.url.parse()?;
         let authority = uri.authority().ok_or_else(|| anyhow::anyhow!("no host in {}", self.url))?.clone();
-        let stream = tokio::net::TcpStream::connect(authority.as_str()).await?;
-        stream.set_nodelay(true)?;
-        let (sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-        tokio::spawn(connection);
+        let sender = http_connection(authority.as_str()).await?;
         let host = http::HeaderValue::from_str(authority.as_str())?;
         Ok(Box::new(HttpProbe { sender, uri, host, query: self.query }))
+    }
+}
+
+impl HttpProbe {
+    /// Sends one query; `None` when the connection had closed before it was sent (the
+    /// server closes connections idle past its timeout, as between the harness's slices).
+    async fn send(&mut self, sql: String) -> anyhow::Result<Option<(http::StatusCode, bytes::Bytes)>> {
+        use http_body_util::BodyExt;
+        if self.sender.ready().await.is_err() {
+            return Ok(None);
+        }
+        let request = http::Request::post(self.uri.clone())
+            .header(http::header::HOST, self.host.clone())
+            .body(http_body_util::Full::new(bytes::Bytes::from(sql)))?;
+        let response = match self.sender.send_request(request).await {
+            Ok(response) => response,
+            Err(err) if err.is_canceled() || err.is_closed() => return Ok(None),
+            Err(err) => return Err(err.into()),
+        };
+        let status = response.status();
+        Ok(Some((status, response.into_body().collect().await?.to_bytes())))
     }
 }
 
 #[async_trait]
 impl Probe for HttpProbe {
     async fn call(&mut self, i: usize) -> anyhow::Result<usize> {
-        use http_body_util::BodyExt;
-        self.sender.ready().await?;
-        let request = http::Request::post(self.uri.clone())
-            .header(http::header::HOST, self.host.clone())
-            .body(http_body_util::Full::new(bytes::Bytes::from(self.query.sql(i))))?;
-        let response = self.sender.send_request(request).await?;
-        let status = response.status();
-        let body = response.into_body().collect().await?.to_bytes();
+        let (status, body) = match self.send(self.query.sql(i)).await? {
+            Some(answer) => answer,
+            None => {
+                // Reconnect once, as a pooled client would (a lookup is safe to send again).
+                let authority = self.uri.authority().map(|a| a.to_string()).unwrap_or_default();
+                self.sender = http_connection(&authority).await?;
+                self.send(self.query.sql(i))
+                    .await?
+                    .ok_or_else(|| anyhow::anyhow!("{authority} closed a new connection"))?
+            }
+        };
         anyhow::ensure!(status.is_success(), "HTTP {status}: {}", String::from_utf8_lossy(&body));
         let rows: Vec<serde_json::Value> = serde_json::from_slice(&body)?;
         Ok(rows.len())
