@@ -333,11 +333,6 @@ impl FramedAnswer {
     pub fn route(&self) -> &crate::routing::RouteInfo {
         &self.query.route
     }
-
-    /// The schema planned here, which the messages' own must match.
-    pub fn schema(&self) -> SchemaRef {
-        self.query.schema()
-    }
 }
 
 impl Stream for FramedAnswer {
