@@ -59,11 +59,7 @@ impl EncodedAnswer {
     /// when they are passed on).
     pub fn decode(self) -> SendableRecordBatchStream {
         let checked = Checked::new(self.frames, SchemaRef::clone(&self.schema));
-        let frames = futures::stream::unfold(checked, |mut checked| async move {
-            let next = futures::future::poll_fn(|cx| checked.poll_frame(cx)).await?;
-            Some((next.map(|(frame, _)| frame), checked))
-        });
-        (self.decoder)(Box::pin(frames), self.schema)
+        (self.decoder)(Box::pin(checked.map(|next| next.map(|(frame, _)| frame))), self.schema)
     }
 
     /// The messages, checked in order, each with the rows it carries.
@@ -87,24 +83,6 @@ impl Checked {
         Self { frames, planned, schema_seen: false, ended: false }
     }
 
-    /// The next message with the rows it carries (none for a schema or dictionary).
-    pub(crate) fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<(IpcFrame, u64), StrataError>>> {
-        if self.ended {
-            return Poll::Ready(None);
-        }
-        let checked = match futures::ready!(self.frames.poll_next_unpin(cx)) {
-            Some(Ok(frame)) => self.check(&frame).map(|rows| (frame, rows)),
-            Some(Err(err)) => Err(err),
-            None if self.schema_seen => {
-                self.ended = true;
-                return Poll::Ready(None);
-            }
-            None => Err(StrataError::Protocol("the upstream's answer ended before its schema".into())),
-        };
-        self.ended = checked.is_err();
-        Poll::Ready(Some(checked))
-    }
-
     fn check(&mut self, frame: &IpcFrame) -> Result<u64, StrataError> {
         match read_header(&frame.header)? {
             FrameKind::Schema(announced) if !self.schema_seen => {
@@ -119,6 +97,29 @@ impl Checked {
             FrameKind::RecordBatch { rows } => Ok(rows),
             FrameKind::Dictionary => Ok(0),
         }
+    }
+}
+
+/// Each message with the rows it carries (none for a schema or dictionary).
+impl futures::Stream for Checked {
+    type Item = Result<(IpcFrame, u64), StrataError>;
+
+    fn poll_next(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        let checked = match futures::ready!(this.frames.poll_next_unpin(cx)) {
+            Some(Ok(frame)) => this.check(&frame).map(|rows| (frame, rows)),
+            Some(Err(err)) => Err(err),
+            None if this.schema_seen => {
+                this.ended = true;
+                return Poll::Ready(None);
+            }
+            None => Err(StrataError::Protocol("the upstream's answer ended before its schema".into())),
+        };
+        this.ended = checked.is_err();
+        Poll::Ready(Some(checked))
     }
 }
 

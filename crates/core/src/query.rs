@@ -343,7 +343,7 @@ impl Stream for FramedAnswer {
         if this.query.outcome.is_some() {
             return Poll::Ready(None);
         }
-        let polled = this.query.span.in_scope(|| this.frames.poll_frame(cx));
+        let polled = this.query.span.in_scope(|| this.frames.poll_next_unpin(cx));
         match polled {
             Poll::Ready(Some(Ok((frame, rows)))) => match this.query.tally(rows, frame.body.len() as u64) {
                 Ok(()) => Poll::Ready(Some(Ok(frame))),
