@@ -30,7 +30,6 @@ pub mod read_only;
 pub mod refresh;
 pub mod results_cache;
 pub mod routing;
-pub mod scan_statistics;
 pub mod sink;
 pub mod source;
 mod source_tls;
@@ -40,6 +39,7 @@ pub mod trace_context;
 mod traced_postgres;
 pub mod writes;
 pub mod zone_map;
+pub mod zone_scan;
 
 pub use config::Config;
 pub use dataset::DatasetStatus;

@@ -21,6 +21,7 @@ use datafusion::common::stats::Precision;
 use datafusion::common::{Column, ColumnStatistics, DFSchema, ScalarValue, pruning::PruningStatistics};
 use datafusion::functions_aggregate::min_max::{MaxAccumulator, MinAccumulator};
 use datafusion::logical_expr::{Accumulator, Expr, utils::conjunction};
+use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_optimizer::pruning::PruningPredicateBuilder;
 
 /// Statistics of one batch: per column `(min, max)`, `None` where the type has no tracked
@@ -111,9 +112,70 @@ pub struct ZoneMaps {
 #[derive(Debug)]
 struct Built {
     zones: Vec<Arc<BatchZone>>,
+    arrays: ZoneArrays,
+}
+
+/// The zones of a run of batches as one array per statistic and column, one entry per batch:
+/// what a [`PruningPredicate`](datafusion::physical_optimizer::pruning::PruningPredicate)
+/// evaluates.
+#[derive(Debug)]
+struct ZoneArrays {
     /// Per column: (min per batch, max per batch, null count per batch).
     columns: Vec<(Option<ArrayRef>, Option<ArrayRef>, ArrayRef)>,
     rows: ArrayRef,
+    batches: usize,
+}
+
+impl ZoneArrays {
+    fn of(schema: &SchemaRef, zones: &[Arc<BatchZone>]) -> Self {
+        let columns = schema
+            .fields()
+            .iter()
+            .enumerate()
+            .map(|(i, field)| {
+                let side = |pick: fn(&(ScalarValue, ScalarValue)) -> &ScalarValue| -> Option<ArrayRef> {
+                    if zones.iter().all(|z| z.bounds.get(i).is_none_or(Option::is_none)) {
+                        return None;
+                    }
+                    let values = zones.iter().map(|z| match z.bounds.get(i).and_then(Option::as_ref) {
+                        Some(b) => pick(b).clone(),
+                        None => ScalarValue::try_from(field.data_type()).unwrap_or(ScalarValue::Null),
+                    });
+                    ScalarValue::iter_to_array(values).ok().filter(|a| a.data_type() == field.data_type())
+                };
+                let nulls: ArrayRef = Arc::new(UInt64Array::from_iter_values(
+                    zones.iter().map(|z| z.nulls.get(i).copied().unwrap_or(z.rows)),
+                ));
+                (side(|b| &b.0), side(|b| &b.1), nulls)
+            })
+            .collect();
+        let rows = Arc::new(UInt64Array::from_iter_values(zones.iter().map(|z| z.rows)));
+        Self { columns, rows, batches: zones.len() }
+    }
+}
+
+/// Longest `IN` list a pruning predicate expands into per-value range checks. A join's
+/// runtime filter is an `IN` list of its build side's keys when that side is small; past
+/// this many values only the filter's min/max bounds prune.
+const MAX_PRUNING_IN_LIST: usize = 1024;
+
+/// Which of the batches `zones` describe may hold rows matching `predicate`, a physical
+/// expression over `predicate_schema` whose columns are `table_schema`'s by name (a scan's
+/// projection). Dynamic parts (a join's runtime filter) are read as they are now. `None`
+/// when the predicate cannot rule a batch out.
+pub fn zones_matching(
+    table_schema: &SchemaRef,
+    zones: &[Arc<BatchZone>],
+    predicate: Arc<dyn PhysicalExpr>,
+    predicate_schema: &SchemaRef,
+) -> Option<Vec<bool>> {
+    let pruning = PruningPredicateBuilder::new()
+        .with_file_schema(Arc::clone(predicate_schema))
+        .with_max_in_list_size(MAX_PRUNING_IN_LIST)
+        .build(predicate)?;
+    let arrays = ZoneArrays::of(table_schema, zones);
+    let stats = SnapshotStatistics { schema: table_schema, arrays: &arrays };
+    pruning.prune(&stats).ok().filter(|keep| keep.len() == zones.len())
 }
 
 impl ZoneMaps {
@@ -175,29 +237,8 @@ impl ZoneMaps {
         self.built.get_or_init(|| {
             let mut zones: Vec<Arc<BatchZone>> = self.known.iter().take(batches.len()).cloned().collect();
             zones.extend(batches[zones.len()..].iter().map(|b| Arc::new(BatchZone::of(b))));
-            let columns = schema
-                .fields()
-                .iter()
-                .enumerate()
-                .map(|(i, field)| {
-                    let side = |pick: fn(&(ScalarValue, ScalarValue)) -> &ScalarValue| -> Option<ArrayRef> {
-                        if zones.iter().all(|z| z.bounds.get(i).is_none_or(Option::is_none)) {
-                            return None;
-                        }
-                        let values = zones.iter().map(|z| match z.bounds.get(i).and_then(Option::as_ref) {
-                            Some(b) => pick(b).clone(),
-                            None => ScalarValue::try_from(field.data_type()).unwrap_or(ScalarValue::Null),
-                        });
-                        ScalarValue::iter_to_array(values).ok().filter(|a| a.data_type() == field.data_type())
-                    };
-                    let nulls: ArrayRef = Arc::new(UInt64Array::from_iter_values(
-                        zones.iter().map(|z| z.nulls.get(i).copied().unwrap_or(z.rows)),
-                    ));
-                    (side(|b| &b.0), side(|b| &b.1), nulls)
-                })
-                .collect();
-            let rows = Arc::new(UInt64Array::from_iter_values(zones.iter().map(|z| z.rows)));
-            Built { zones, columns, rows }
+            let arrays = ZoneArrays::of(schema, &zones);
+            Built { zones, arrays }
         })
     }
 
@@ -236,7 +277,7 @@ impl ZoneMaps {
         let statistics: Vec<ColumnStatistics> = schema
             .fields()
             .iter()
-            .zip(&built.columns)
+            .zip(&built.arrays.columns)
             .map(|(field, (min, max, _))| {
                 let data_type = field.data_type();
                 let min_acc = MinAccumulator::try_new(data_type).ok().map(|a| Box::new(a) as Box<dyn Accumulator>);
@@ -270,20 +311,20 @@ impl ZoneMaps {
         let Some(pruning) = PruningPredicateBuilder::new().with_file_schema(Arc::clone(schema)).build(physical) else {
             return all;
         };
-        let stats = SnapshotStatistics { schema, built: self.built(schema, batches) };
+        let stats = SnapshotStatistics { schema, arrays: &self.built(schema, batches).arrays };
         pruning.prune(&stats).ok().filter(|keep| keep.len() == batches.len()).unwrap_or(all)
     }
 }
 
 struct SnapshotStatistics<'a> {
     schema: &'a SchemaRef,
-    built: &'a Built,
+    arrays: &'a ZoneArrays,
 }
 
 impl SnapshotStatistics<'_> {
     fn column(&self, column: &Column) -> Option<&(Option<ArrayRef>, Option<ArrayRef>, ArrayRef)> {
         let index = self.schema.index_of(&column.name).ok()?;
-        self.built.columns.get(index)
+        self.arrays.columns.get(index)
     }
 }
 
@@ -297,7 +338,7 @@ impl PruningStatistics for SnapshotStatistics<'_> {
     }
 
     fn num_containers(&self) -> usize {
-        self.built.zones.len()
+        self.arrays.batches
     }
 
     fn null_counts(&self, column: &Column) -> Option<ArrayRef> {
@@ -305,7 +346,7 @@ impl PruningStatistics for SnapshotStatistics<'_> {
     }
 
     fn row_counts(&self) -> Option<ArrayRef> {
-        Some(Arc::clone(&self.built.rows))
+        Some(Arc::clone(&self.arrays.rows))
     }
 
     fn contained(&self, _column: &Column, _values: &HashSet<ScalarValue>) -> Option<BooleanArray> {

@@ -732,8 +732,7 @@ fn runs_as_planned(plan: &dyn ExecutionPlan) -> bool {
     match plan.children().as_slice() {
         [child] if chain => runs_as_planned(child.as_ref()),
         [] => plan.downcast_ref::<DataSourceExec>().is_some_and(|s| {
-            s.data_source().is::<MemorySourceConfig>()
-                || s.data_source().is::<crate::scan_statistics::BoundedMemorySource>()
+            s.data_source().is::<MemorySourceConfig>() || s.data_source().is::<crate::zone_scan::ZoneMappedSource>()
         }),
         _ => false,
     }
