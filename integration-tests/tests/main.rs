@@ -19,6 +19,7 @@ mod metrics;
 mod parameterize;
 mod postgres_tls;
 mod results_cache;
+mod scan_order;
 mod sql_fuzz;
 mod status;
 mod tiers;

@@ -420,6 +420,13 @@ impl Read<'_> {
     /// query, counting rows and bytes as they arrive (with the total when the plan's
     /// statistics know it: Parquet footers do, PostgreSQL does not) and logging how far it
     /// got every [`LOG_INTERVAL`].
+    ///
+    /// The scan's partitions are read in parallel, each in its own task, and their batches
+    /// kept in the source's order: partition after partition, each in its own order (a
+    /// file's partitions are consecutive ranges of it). A file written in key or time order
+    /// so becomes a copy in that order, which its scans declare (see
+    /// [`ZoneMaps::ascending_columns`](crate::zone_map::ZoneMaps::ascending_columns)); merged
+    /// as they arrived, the partitions' batches would interleave and the order be lost.
     async fn run(self) -> Result<Vec<RecordBatch>> {
         let mut df = self.ctx.read_table(self.source)?;
         if let Some(filter) = self.filter {
@@ -433,18 +440,39 @@ impl Read<'_> {
             stats.and_then(|s| s.num_rows.get_value().map(|n| *n as u64))
         };
         self.progress.start(self.phase, expected);
-        let mut stream = datafusion::physical_plan::execute_stream(plan, task_ctx)?;
-        let mut batches = Vec::new();
+        let streams = datafusion::physical_plan::execute_stream_partitioned(plan, task_ctx)?;
+        let mut parts: Vec<Vec<RecordBatch>> = vec![Vec::new(); streams.len()];
+        let (sender, mut arrived) = tokio::sync::mpsc::channel(2 * streams.len().max(1));
+        // Dropped on return (an error, a cancelled refresh): the readers stop with it.
+        let mut readers = datafusion::common::runtime::JoinSet::new();
+        for (partition, mut stream) in streams.into_iter().enumerate() {
+            let sender = sender.clone();
+            readers.spawn(async move {
+                while let Some(batch) = stream.next().await {
+                    let failed = batch.is_err();
+                    if sender.send((partition, batch)).await.is_err() || failed {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(sender);
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + LOG_INTERVAL, LOG_INTERVAL);
         loop {
             tokio::select! {
-                next = stream.next() => match next {
-                    Some(batch) => {
+                next = arrived.recv() => match next {
+                    Some((partition, batch)) => {
                         let batch = batch?;
                         self.progress.add(batch.num_rows() as u64, batch.get_array_memory_size() as u64);
-                        batches.push(batch);
+                        parts[partition].push(batch);
                     }
-                    None => return Ok(batches),
+                    None => {
+                        // Every reader has ended; one that panicked ended without its rows.
+                        while let Some(joined) = readers.join_next().await {
+                            joined.map_err(|e| StrataError::Internal(format!("a reader of the source failed: {e}")))?;
+                        }
+                        return Ok(parts.into_iter().flatten().collect());
+                    }
                 },
                 _ = tick.tick() => {
                     if let Some(p) = self.progress.report() {
