@@ -17,11 +17,12 @@ use strata_integration_tests::sqlgen::Rng;
 /// into ranges read in parallel (the values are random, so they barely compress).
 const ROWS: i64 = 2_000_000;
 
-/// `id` ascending from 0, `v` random, in row groups of 100,000.
+/// `id` ascending from 0, `v` random, in 200 row groups (many, so that a reader stealing
+/// row groups from another partition would do so).
 fn write_table(path: &std::path::Path) {
     let schema =
         Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false), Field::new("v", DataType::Int64, false)]));
-    let properties = WriterProperties::builder().set_max_row_group_row_count(Some(100_000)).build();
+    let properties = WriterProperties::builder().set_max_row_group_row_count(Some(10_000)).build();
     let file = std::fs::File::create(path).expect("file");
     let mut writer = ArrowWriter::try_new(file, Arc::clone(&schema), Some(properties)).expect("writer");
     let mut rng = Rng::new(0x004d_e4ed);

@@ -423,7 +423,7 @@ impl Read<'_> {
     ///
     /// The scan's partitions are read in parallel, each in its own task, and their batches
     /// kept in the source's order: partition after partition, each in its own order (a
-    /// file's partitions are consecutive ranges of it). A file written in key or time order
+    /// file's partitions are consecutive ranges of it, read without work stealing). A file written in key or time order
     /// so becomes a copy in that order, which its scans declare (see
     /// [`ZoneMaps::ascending_columns`](crate::zone_map::ZoneMaps::ascending_columns)); merged
     /// as they arrived, the partitions' batches would interleave and the order be lost.
@@ -432,7 +432,13 @@ impl Read<'_> {
         if let Some(filter) = self.filter {
             df = df.filter(filter)?;
         }
-        let task_ctx = Arc::new(df.task_ctx());
+        // Each partition reads its own range of the files: with work stealing (DataFusion's
+        // default) a partition that finishes early takes row groups from another's range,
+        // and the order across partitions is lost.
+        let task_ctx = df.task_ctx();
+        let mut session = task_ctx.session_config().clone();
+        session.options_mut().execution.enable_file_stream_work_stealing = false;
+        let task_ctx = Arc::new(task_ctx.with_session_config(session));
         let plan = df.create_physical_plan().await?;
         let expected = {
             use datafusion::physical_plan::{StatisticsArgs, StatisticsContext};
