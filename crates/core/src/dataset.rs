@@ -423,10 +423,11 @@ impl Read<'_> {
     ///
     /// The scan's partitions are read in parallel, each in its own task, and their batches
     /// kept in the source's order: partition after partition, each in its own order (a
-    /// file's partitions are consecutive ranges of it, read without work stealing). A file written in key or time order
-    /// so becomes a copy in that order, which its scans declare (see
-    /// [`ZoneMaps::ascending_columns`](crate::zone_map::ZoneMaps::ascending_columns)); merged
-    /// as they arrived, the partitions' batches would interleave and the order be lost.
+    /// file's partitions are consecutive ranges of it, read without work stealing). A file
+    /// written in key or time order so becomes a copy in that order, whose batches each
+    /// cover a narrow range of the key (what zone maps and runtime filters skip by), and a
+    /// load is the same copy every time; merged as they arrived, the partitions' batches
+    /// interleaved.
     async fn run(self) -> Result<Vec<RecordBatch>> {
         let mut df = self.ctx.read_table(self.source)?;
         if let Some(filter) = self.filter {

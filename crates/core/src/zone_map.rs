@@ -6,10 +6,6 @@
 //! The statistics feed DataFusion's own `PruningPredicate` (the one that prunes Parquet row
 //! groups), so every predicate it understands (comparisons, `IN`, `BETWEEN`, `IS NULL`,
 //! conjunctions and disjunctions of those) prunes here too.
-//!
-//! They also tell which columns ascend through the whole snapshot (data loaded in key or
-//! time order usually does): a scan declares that order, and DataFusion then aggregates,
-//! sorts and merges such a column as a stream instead of through a hash table or a sort.
 
 use std::collections::HashSet;
 use std::sync::{Arc, OnceLock};
@@ -31,9 +27,6 @@ pub struct BatchZone {
     bounds: Vec<Option<(ScalarValue, ScalarValue)>>,
     nulls: Vec<u64>,
     rows: u64,
-    /// Per column: whether its values never decrease from one row to the next, checked the
-    /// first time a snapshot asks (only for columns whose bounds already ascend).
-    ascending: Vec<OnceLock<bool>>,
 }
 
 impl BatchZone {
@@ -41,32 +34,8 @@ impl BatchZone {
     pub fn of(batch: &RecordBatch) -> Self {
         let bounds = batch.columns().iter().map(bounds_of).collect();
         let nulls = batch.columns().iter().map(|c| c.null_count() as u64).collect();
-        let ascending = batch.columns().iter().map(|_| OnceLock::new()).collect();
-        Self { bounds, nulls, rows: batch.num_rows() as u64, ascending }
+        Self { bounds, nulls, rows: batch.num_rows() as u64 }
     }
-
-    /// Whether `column` of `batch` (the batch this zone describes) holds no value smaller
-    /// than the one before it.
-    fn ascends(&self, batch: &RecordBatch, column: usize) -> bool {
-        let Some(once) = self.ascending.get(column) else { return false };
-        *once.get_or_init(|| {
-            let Some(values) = batch.columns().get(column) else { return false };
-            let rows = values.len();
-            if rows < 2 {
-                return true;
-            }
-            // Any row smaller than its predecessor breaks the order.
-            arrow::compute::kernels::cmp::lt(&values.slice(1, rows - 1), &values.slice(0, rows - 1))
-                .is_ok_and(|dropped| dropped.true_count() == 0)
-        })
-    }
-}
-
-/// Types whose ascending order DataFusion's sort and Arrow's comparison kernels agree on and
-/// which a zone's min and max bound exactly. Floats are left out (NaN and signed zeros order
-/// differently in min/max and in sorts), and so are intervals (no total order).
-fn declarable_order(data_type: &DataType) -> bool {
-    orderable(data_type) && !data_type.is_floating() && !matches!(data_type, DataType::Interval(_))
 }
 
 fn orderable(data_type: &DataType) -> bool {
@@ -105,8 +74,6 @@ pub struct ZoneMaps {
     built: OnceLock<Built>,
     /// The whole snapshot's column statistics, folded once.
     table: OnceLock<Arc<Vec<ColumnStatistics>>>,
-    /// Columns that ascend through the whole snapshot, found once.
-    ascending: OnceLock<Vec<usize>>,
 }
 
 #[derive(Debug)]
@@ -181,51 +148,7 @@ pub fn zones_matching(
 impl ZoneMaps {
     /// Zone maps whose leading batches are described by `known`.
     pub fn new(known: &[Arc<BatchZone>]) -> Self {
-        Self { known: known.to_vec(), built: OnceLock::new(), table: OnceLock::new(), ascending: OnceLock::new() }
-    }
-
-    /// The columns (positions in `schema`) whose values never decrease from the first row of
-    /// the first batch to the last row of the last: no nulls, each batch ascending, and each
-    /// batch starting at or above where the one before ended. Any subsequence of the batches
-    /// (what one partition of a scan reads, or what pruning keeps) ascends too, so a scan may
-    /// declare this order for every partition.
-    ///
-    /// Found from the zones first (a column whose batches' ranges overlap is out at once);
-    /// only the columns that pass are checked row by row, once per batch and kept with its
-    /// zone, so a snapshot that appended checks only its new batches.
-    pub fn ascending_columns(&self, schema: &SchemaRef, batches: &[RecordBatch]) -> &[usize] {
-        self.ascending.get_or_init(|| {
-            let built = self.built(schema, batches);
-            let zones = &built.zones;
-            if zones.len() != batches.len() {
-                return Vec::new();
-            }
-            let bounds_ascend = |column: usize| {
-                let mut previous_max: Option<&ScalarValue> = None;
-                for zone in zones {
-                    if zone.nulls.get(column).is_none_or(|n| *n > 0) {
-                        return false;
-                    }
-                    let Some(Some((min, max))) = zone.bounds.get(column) else { return false };
-                    if previous_max.is_some_and(|p| {
-                        !matches!(p.partial_cmp(min), Some(std::cmp::Ordering::Less | std::cmp::Ordering::Equal))
-                    }) {
-                        return false;
-                    }
-                    previous_max = Some(max);
-                }
-                true
-            };
-            schema
-                .fields()
-                .iter()
-                .enumerate()
-                .filter(|(_, field)| declarable_order(field.data_type()))
-                .map(|(column, _)| column)
-                .filter(|&column| bounds_ascend(column))
-                .filter(|&column| zones.iter().zip(batches).all(|(zone, batch)| zone.ascends(batch, column)))
-                .collect()
-        })
+        Self { known: known.to_vec(), built: OnceLock::new(), table: OnceLock::new() }
     }
 
     /// The per-batch zones computed so far, to carry over into a snapshot that appends.
@@ -419,55 +342,6 @@ mod tests {
         let second = ZoneMaps::new(first.zones());
         assert_eq!(second.keep(&state, &schema, &data, &[col("id").eq(lit(250i64))]), vec![false, false, true]);
         assert!(Arc::ptr_eq(&first.zones()[0], &second.zones()[0]));
-    }
-
-    /// One batch per slice, of an Int64 column `k` and a Float64 column `f` holding the same values.
-    fn keyed(batches: &[&[i64]]) -> (SchemaRef, Vec<RecordBatch>) {
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("k", DataType::Int64, false),
-            Field::new("f", DataType::Float64, false),
-        ]));
-        let data = batches
-            .iter()
-            .map(|values| {
-                let floats: Vec<f64> = values.iter().map(|v| *v as f64).collect();
-                RecordBatch::try_new(
-                    Arc::clone(&schema),
-                    vec![
-                        Arc::new(Int64Array::from(values.to_vec())),
-                        Arc::new(arrow::array::Float64Array::from(floats)),
-                    ],
-                )
-                .expect("batch")
-            })
-            .collect();
-        (schema, data)
-    }
-
-    #[test]
-    fn ascending_columns_are_those_no_row_of_any_batch_undercuts() {
-        let ascending = |batches: &[&[i64]]| {
-            let (schema, data) = keyed(batches);
-            ZoneMaps::new(&[]).ascending_columns(&schema, &data).to_vec()
-        };
-        // Ties inside a batch and across a batch boundary keep the order; floats are never declared.
-        assert_eq!(ascending(&[&[1, 2, 2, 5], &[5, 7], &[9]]), vec![0]);
-        // Each batch ascends but the second starts below where the first ended.
-        assert_eq!(ascending(&[&[1, 2, 8], &[5, 9]]), Vec::<usize>::new());
-        // The bounds ascend batch to batch, but one batch is not sorted inside.
-        assert_eq!(ascending(&[&[1, 2], &[3, 6, 4, 7], &[8]]), Vec::<usize>::new());
-        assert_eq!(ascending(&[&[4]]), vec![0]);
-
-        // A column with nulls is not declared (where its nulls sort is a choice of the query).
-        let (schema, data) = batches();
-        assert_eq!(ZoneMaps::new(&[]).ascending_columns(&schema, &data), &[0]);
-
-        // A snapshot that appended reuses its known zones and checks the new batches.
-        let (schema, data) = keyed(&[&[1, 2], &[3, 4], &[0]]);
-        let first = ZoneMaps::new(&[]);
-        assert_eq!(first.ascending_columns(&schema, &data[..2]), &[0]);
-        let appended = ZoneMaps::new(first.zones());
-        assert_eq!(appended.ascending_columns(&schema, &data), &[] as &[usize], "the appended 0 breaks the order");
     }
 
     #[test]

@@ -12,11 +12,9 @@
 //!   is short); a TopK knows the value a row must beat. DataFusion offers such filters to the
 //!   scan below; this source takes them and, each time one changes, checks them against the
 //!   zones of its partition's batches, skipping those that cannot hold a matching row. A copy
-//!   stored in key order (see [`ZoneMaps::ascending_columns`]) then reads only the batches of
+//!   stored in key order (a refresh keeps the source's order) then reads only the batches of
 //!   the keys the join looks for. The operator above still applies its filter to every row
 //!   it gets, so skipping is only ever a saving.
-//!
-//! [`ZoneMaps::ascending_columns`]: crate::zone_map::ZoneMaps::ascending_columns
 
 use std::any::Any;
 use std::fmt;
