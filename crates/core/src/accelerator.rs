@@ -348,25 +348,19 @@ impl TableProvider for AcceleratedTable {
         })?;
         if filters.is_empty() {
             let bounds = snapshot.zones.column_statistics(&self.schema, &snapshot.batches, None);
-            let scan = Scanned { batches: snapshot.batches.clone(), zones: snapshot.zones.zones().to_vec() };
-            return bounded_scan(state, &self.schema, scan, projection, limit, bounds);
+            let zones = snapshot.zones.zones();
+            return bounded_scan(state, &self.schema, &snapshot.batches, zones, projection, limit, bounds);
         }
         let keep = snapshot.zones.keep(state, &self.schema, &snapshot.batches, filters);
         let bounds = snapshot.zones.column_statistics(&self.schema, &snapshot.batches, Some(&keep));
         let zones = snapshot.zones.zones();
-        let mut scan = Scanned { batches: Vec::new(), zones: Vec::new() };
-        for (i, _) in keep.iter().enumerate().filter(|(_, keep)| **keep) {
-            scan.batches.push(snapshot.batches[i].clone());
-            scan.zones.extend(zones.get(i).cloned());
-        }
-        bounded_scan(state, &self.schema, scan, projection, limit, bounds)
+        let kept = |i: usize| keep.get(i).copied().unwrap_or(false);
+        let batches: Vec<RecordBatch> =
+            snapshot.batches.iter().enumerate().filter(|(i, _)| kept(*i)).map(|(_, b)| b.clone()).collect();
+        let zones: Vec<Arc<BatchZone>> =
+            zones.iter().enumerate().filter(|(i, _)| kept(*i)).map(|(_, z)| Arc::clone(z)).collect();
+        bounded_scan(state, &self.schema, &batches, &zones, projection, limit, bounds)
     }
-}
-
-/// The batches a scan reads and their zones (all of them, or none when unknown).
-struct Scanned {
-    batches: Vec<RecordBatch>,
-    zones: Vec<Arc<BatchZone>>,
 }
 
 /// [`memory_scan`] that reports the columns' bounds to the planner and skips batches by
@@ -374,20 +368,18 @@ struct Scanned {
 fn bounded_scan(
     state: &dyn Session,
     schema: &SchemaRef,
-    scan: Scanned,
+    batches: &[RecordBatch],
+    zones: &[Arc<BatchZone>],
     projection: Option<&Vec<usize>>,
     limit: Option<usize>,
     bounds: Arc<Vec<datafusion::common::ColumnStatistics>>,
 ) -> DfResult<Arc<dyn ExecutionPlan>> {
-    let partitions = partition_count(state, scan.batches.len());
-    let source = memory_source(schema, &scan.batches, partitions, projection, limit)?;
+    let partitions = partition_count(state, batches.len());
+    let source = memory_source(schema, batches, partitions, projection, limit)?;
+    // Zones not (yet) known for every batch: the scan does without them.
     let zones = PartitionZones {
         table_schema: Arc::clone(schema),
-        partitions: if scan.zones.len() == scan.batches.len() {
-            round_robin(&scan.zones, partitions)
-        } else {
-            Vec::new()
-        },
+        partitions: if zones.len() == batches.len() { round_robin(zones, partitions) } else { Vec::new() },
     };
     Ok(datafusion::datasource::source::DataSourceExec::from_data_source(ZoneMappedSource::new(source, bounds, zones)))
 }
@@ -532,45 +524,62 @@ mod tests {
                 .expect("batch")
             })
             .collect();
-        let table = AcceleratedTable::new("facts", Arc::clone(&schema));
-        table.swap(Snapshot::new(batches, 1));
-        let ctx = SessionContext::new();
-        ctx.register_table("facts", Arc::new(table) as Arc<dyn TableProvider>).expect("register");
         let wanted = Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false)]));
         let keys =
             RecordBatch::try_new(Arc::clone(&wanted), vec![Arc::new(Int64Array::from(vec![150i64, 7_777, 19_999]))])
                 .expect("keys");
-        ctx.register_table("wanted", Arc::new(MemTable::try_new(wanted, vec![vec![keys]]).expect("memtable")))
-            .expect("register");
+        for mode in ["CollectLeft", "Partitioned"] {
+            let table = AcceleratedTable::new("facts", Arc::clone(&schema));
+            table.swap(Snapshot::new(batches.clone(), 1));
+            let ctx = context(mode == "Partitioned");
+            ctx.register_table("facts", Arc::new(table) as Arc<dyn TableProvider>).expect("register");
+            let dim = MemTable::try_new(Arc::clone(&wanted), vec![vec![keys.clone()]]).expect("memtable");
+            ctx.register_table("wanted", Arc::new(dim)).expect("register");
 
-        let sql = "SELECT f.id, f.v FROM facts f JOIN wanted w ON f.id = w.id ORDER BY f.id";
-        let plan = ctx.sql(sql).await.expect("plan").create_physical_plan().await.expect("physical");
-        let answer = datafusion::physical_plan::collect(Arc::clone(&plan), ctx.task_ctx()).await.expect("run");
-        let text = arrow::util::pretty::pretty_format_batches(&answer).expect("format").to_string();
-        let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines[3..6], ["| 150   | 1500   |", "| 7777  | 77770  |", "| 19999 | 199990 |"], "{text}");
-        // Three keys live in three batches: the other 197 are never read.
-        assert_eq!(
-            skipped_batches(&plan),
-            197,
-            "{}",
-            datafusion::physical_plan::displayable(plan.as_ref()).indent(true)
-        );
+            let sql = "SELECT f.id, f.v FROM facts f JOIN wanted w ON f.id = w.id ORDER BY f.id";
+            let plan = ctx.sql(sql).await.expect("plan").create_physical_plan().await.expect("physical");
+            let shown = datafusion::physical_plan::displayable(plan.as_ref()).indent(true).to_string();
+            assert!(shown.contains(&format!("mode={mode}")), "{shown}");
+            let answer = datafusion::physical_plan::collect(Arc::clone(&plan), ctx.task_ctx()).await.expect("run");
+            let text = arrow::util::pretty::pretty_format_batches(&answer).expect("format").to_string();
+            let lines: Vec<&str> = text.lines().collect();
+            assert_eq!(lines[3..6], ["| 150   | 1500   |", "| 7777  | 77770  |", "| 19999 | 199990 |"], "{text}");
+            // Three keys live in three batches: the other 197 are never read, also when the
+            // join's filter routes each key to its hash partition's list (a CASE).
+            assert_eq!(
+                skipped_batches(&plan),
+                197,
+                "{mode}: {}",
+                datafusion::physical_plan::displayable(plan.as_ref()).indent(true)
+            );
+        }
     }
 
-    /// Aggregates, sorts, windows, distincts and joins over a copy that declares its key's
-    /// order and skips batches by runtime filters answer exactly what DataFusion answers over
-    /// the same batches as a plain memory table: random keys with runs that cross batch (and
-    /// so partition) boundaries, random batch sizes, pruned and unpruned scans, joins with a
-    /// few keys and with more than a pruning predicate lists.
+    /// A session whose hash joins build in one piece (`CollectLeft`, DataFusion's choice for
+    /// small build sides) or split by key hash (`Partitioned`, its choice for large ones, and
+    /// a runtime filter that is a `CASE` over the partitions).
+    fn context(partitioned: bool) -> SessionContext {
+        let mut config = datafusion::prelude::SessionConfig::new().with_target_partitions(4);
+        if partitioned {
+            let optimizer = &mut config.options_mut().optimizer;
+            optimizer.hash_join_single_partition_threshold = 0;
+            optimizer.hash_join_single_partition_threshold_rows = 0;
+        }
+        SessionContext::new_with_config(config)
+    }
+
+    /// Aggregates, sorts, windows, distincts, TopK and joins over a copy that skips batches by
+    /// runtime filters answer exactly what DataFusion answers over the same batches as a
+    /// plain memory table: random keys with runs that cross batch (and so partition)
+    /// boundaries, random batch sizes, pruned and unpruned scans, joins with a few keys and
+    /// with more than a pruning predicate lists, built whole or split by key hash.
     #[tokio::test]
-    async fn declared_order_answers_as_the_unordered_table_does() {
+    async fn a_copy_answers_as_a_plain_memory_table_of_the_same_batches() {
         use datafusion::datasource::MemTable;
         let schema = Arc::new(Schema::new(vec![
             Field::new("k", DataType::Int64, false),
             Field::new("x", DataType::Int64, true),
-            // Ascends inside each batch, each batch starting anywhere: an order the copy must
-            // not declare.
+            // Ascends inside each batch, each batch starting anywhere.
             Field::new("y", DataType::Int64, false),
         ]));
         // A small deterministic generator (xorshift) keeps the test reproducible.
@@ -611,10 +620,11 @@ mod tests {
                     .expect("batch"),
                 );
             }
-            let ordered = AcceleratedTable::new("t", Arc::clone(&schema));
-            ordered.swap(Snapshot::new(batches.clone(), 1));
-            let ctx = SessionContext::new();
-            ctx.register_table("t", Arc::new(ordered) as Arc<dyn TableProvider>).expect("register");
+            let copy = AcceleratedTable::new("t", Arc::clone(&schema));
+            copy.swap(Snapshot::new(batches.clone(), 1));
+            // Every other round with joins split by key hash.
+            let ctx = context(round % 2 == 1);
+            ctx.register_table("t", Arc::new(copy) as Arc<dyn TableProvider>).expect("register");
             let plain = MemTable::try_new(Arc::clone(&schema), vec![batches]).expect("memtable");
             ctx.register_table("plain", Arc::new(plain)).expect("register");
             // Keys to join with: a few (the join's runtime filter lists them) or more than a

@@ -16,8 +16,11 @@ use datafusion::catalog::Session;
 use datafusion::common::stats::Precision;
 use datafusion::common::{Column, ColumnStatistics, DFSchema, ScalarValue, pruning::PruningStatistics};
 use datafusion::functions_aggregate::min_max::{MaxAccumulator, MinAccumulator};
+use datafusion::logical_expr::Operator;
 use datafusion::logical_expr::{Accumulator, Expr, utils::conjunction};
 use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_expr::expressions::{BinaryExpr, CaseExpr, Literal};
+use datafusion::physical_expr_common::physical_expr::snapshot_physical_expr;
 use datafusion::physical_optimizer::pruning::PruningPredicateBuilder;
 
 /// Statistics of one batch: per column `(min, max)`, `None` where the type has no tracked
@@ -126,23 +129,74 @@ impl ZoneArrays {
 /// this many values only the filter's min/max bounds prune.
 const MAX_PRUNING_IN_LIST: usize = 1024;
 
-/// Which of the batches `zones` describe may hold rows matching `predicate`, a physical
-/// expression over `predicate_schema` whose columns are `table_schema`'s by name (a scan's
-/// projection). Dynamic parts (a join's runtime filter) are read as they are now. `None`
-/// when the predicate cannot rule a batch out.
-pub fn zones_matching(
-    table_schema: &SchemaRef,
-    zones: &[Arc<BatchZone>],
-    predicate: Arc<dyn PhysicalExpr>,
-    predicate_schema: &SchemaRef,
-) -> Option<Vec<bool>> {
-    let pruning = PruningPredicateBuilder::new()
-        .with_file_schema(Arc::clone(predicate_schema))
-        .with_max_in_list_size(MAX_PRUNING_IN_LIST)
-        .build(predicate)?;
-    let arrays = ZoneArrays::of(table_schema, zones);
-    let stats = SnapshotStatistics { schema: table_schema, arrays: &arrays };
-    pruning.prune(&stats).ok().filter(|keep| keep.len() == zones.len())
+/// The zones of one run of batches (a scan partition's), to check predicates against again
+/// and again as they change (a join's runtime filter); their arrays are built on the first
+/// check that can prune, once.
+#[derive(Debug)]
+pub struct ZoneStatistics {
+    table_schema: SchemaRef,
+    zones: Vec<Arc<BatchZone>>,
+    arrays: OnceLock<ZoneArrays>,
+}
+
+impl ZoneStatistics {
+    pub fn new(table_schema: SchemaRef, zones: Vec<Arc<BatchZone>>) -> Self {
+        Self { table_schema, zones, arrays: OnceLock::new() }
+    }
+
+    /// Which of the batches may hold rows matching `predicate`, a physical expression over
+    /// `predicate_schema` whose columns are the table's by name (a scan's projection).
+    /// Dynamic parts (a join's runtime filter) are read as they are now. `None` when the
+    /// predicate cannot rule a batch out.
+    pub fn matching(&self, predicate: Arc<dyn PhysicalExpr>, predicate_schema: &SchemaRef) -> Option<Vec<bool>> {
+        let predicate = relaxed_for_pruning(snapshot_physical_expr(predicate).ok()?, predicate_schema);
+        let pruning = PruningPredicateBuilder::new()
+            .with_file_schema(Arc::clone(predicate_schema))
+            .with_max_in_list_size(MAX_PRUNING_IN_LIST)
+            .build(predicate)?;
+        let arrays = self.arrays.get_or_init(|| ZoneArrays::of(&self.table_schema, &self.zones));
+        let stats = SnapshotStatistics { schema: &self.table_schema, arrays };
+        pruning.prune(&stats).ok().filter(|keep| keep.len() == self.zones.len())
+    }
+}
+
+/// `predicate` with each boolean `CASE` it holds through `AND` and `OR` replaced by the `OR`
+/// of its branches' results: a weaker predicate (a row the `CASE` keeps, one of its branches
+/// keeps), which a pruning predicate can read where it cannot read a `CASE`.
+///
+/// Why: a hash join whose build side is split into partitions publishes its runtime filter
+/// as `CASE hash(key) % partitions WHEN 0 THEN <partition 0's bounds and keys> WHEN 1 ...`,
+/// routing each row to the keys of the partition it hashes to. Zone maps know nothing of
+/// hashes, so pruning would keep every batch; the `OR` of the branches still rules out every
+/// batch that holds none of the build side's keys (TPC-H Q18's `IN (subquery)` join over
+/// lineitem). Under `NOT` a weaker predicate would be a stronger one, so the rewrite stops
+/// at anything but `AND` and `OR`.
+fn relaxed_for_pruning(predicate: Arc<dyn PhysicalExpr>, schema: &SchemaRef) -> Arc<dyn PhysicalExpr> {
+    if let Some(binary) = predicate.downcast_ref::<BinaryExpr>()
+        && matches!(binary.op(), Operator::And | Operator::Or)
+    {
+        let left = relaxed_for_pruning(Arc::clone(binary.left()), schema);
+        let right = relaxed_for_pruning(Arc::clone(binary.right()), schema);
+        return Arc::new(BinaryExpr::new(left, *binary.op(), right));
+    }
+    let Some(case) = predicate.downcast_ref::<CaseExpr>() else { return predicate };
+    let is_boolean = |e: &Arc<dyn PhysicalExpr>| e.data_type(schema).is_ok_and(|t| t == DataType::Boolean);
+    let boolean =
+        case.when_then_expr().iter().all(|(_, then)| is_boolean(then)) && case.else_expr().is_none_or(is_boolean);
+    if !boolean {
+        return predicate;
+    }
+    // A missing ELSE is NULL, which keeps no row; so is a literal FALSE.
+    let keeps_nothing = |e: &Arc<dyn PhysicalExpr>| {
+        e.downcast_ref::<Literal>()
+            .is_some_and(|l| matches!(l.value(), ScalarValue::Boolean(Some(false)) | ScalarValue::Boolean(None)))
+    };
+    let branches = case.when_then_expr().iter().map(|(_, then)| then).chain(case.else_expr());
+    branches
+        .filter(|e| !keeps_nothing(e))
+        .map(|e| relaxed_for_pruning(Arc::clone(e), schema))
+        .reduce(|any, next| Arc::new(BinaryExpr::new(any, Operator::Or, next)))
+        .unwrap_or_else(|| Arc::new(Literal::new(ScalarValue::Boolean(Some(false)))))
 }
 
 impl ZoneMaps {
@@ -342,6 +396,44 @@ mod tests {
         let second = ZoneMaps::new(first.zones());
         assert_eq!(second.keep(&state, &schema, &data, &[col("id").eq(lit(250i64))]), vec![false, false, true]);
         assert!(Arc::ptr_eq(&first.zones()[0], &second.zones()[0]));
+    }
+
+    /// A runtime filter of a join split by key hash routes each row to its partition's keys
+    /// with a `CASE`; pruning reads the `OR` of its branches, and only where that is weaker.
+    #[test]
+    fn a_case_over_partitions_prunes_as_the_or_of_its_branches() {
+        use datafusion::physical_expr::expressions::{CaseExpr, NotExpr, col as column, lit as literal};
+        let (schema, data) = batches();
+        let zones = ZoneStatistics::new(Arc::clone(&schema), data.iter().map(|b| Arc::new(BatchZone::of(b))).collect());
+        let id = column("id", &schema).expect("id");
+        let binary = |l: Arc<dyn PhysicalExpr>, op, r: Arc<dyn PhysicalExpr>| -> Arc<dyn PhysicalExpr> {
+            Arc::new(BinaryExpr::new(l, op, r))
+        };
+        let partition = binary(Arc::clone(&id), Operator::Modulo, literal(2i64));
+        let is = |key: i64| binary(Arc::clone(&id), Operator::Eq, literal(key));
+        let routed = |otherwise: Option<Arc<dyn PhysicalExpr>>| -> Arc<dyn PhysicalExpr> {
+            Arc::new(
+                CaseExpr::try_new(
+                    Some(Arc::clone(&partition)),
+                    vec![(literal(0i64), is(150)), (literal(1i64), is(251))],
+                    otherwise,
+                )
+                .expect("case"),
+            )
+        };
+        assert_eq!(zones.matching(routed(None), &schema), Some(vec![false, true, true]));
+        assert_eq!(zones.matching(routed(Some(literal(false))), &schema), Some(vec![false, true, true]));
+        // Inside a conjunction too.
+        let both = binary(routed(None), Operator::And, binary(Arc::clone(&id), Operator::Lt, literal(200i64)));
+        assert_eq!(zones.matching(both, &schema), Some(vec![false, true, false]));
+        // An ELSE that may keep a row keeps every batch; so does a negated CASE, which the
+        // OR of its branches would not bound.
+        assert_eq!(zones.matching(routed(Some(literal(true))), &schema), None);
+        assert_eq!(zones.matching(Arc::new(NotExpr::new(routed(None))), &schema), None);
+        // A CASE that yields numbers is left alone: `CASE .. THEN 1 ELSE 2 END = 1`.
+        let numbers: Arc<dyn PhysicalExpr> =
+            Arc::new(CaseExpr::try_new(None, vec![(is(150), literal(1i64))], Some(literal(2i64))).expect("case"));
+        assert_eq!(zones.matching(binary(numbers, Operator::Eq, literal(1i64)), &schema), None);
     }
 
     #[test]

@@ -41,7 +41,7 @@ use datafusion::physical_plan::filter_pushdown::{FilterPushdownPropagation, Push
 use datafusion::physical_plan::metrics::{Count, ExecutionPlanMetricsSet, MetricBuilder};
 use futures::Stream;
 
-use crate::zone_map::{BatchZone, zones_matching};
+use crate::zone_map::{BatchZone, ZoneStatistics};
 
 /// The zones of the batches each partition of a scan reads, in the order it reads them.
 #[derive(Debug)]
@@ -102,10 +102,9 @@ impl ZoneMappedSource {
         let skipped = MetricBuilder::new(&self.metrics).counter("batches_skipped_by_runtime_filters", partition);
         let stream = RuntimePruned {
             schema: self.projected_schema(),
-            table_schema: Arc::clone(&zones.table_schema),
             projection: self.inner.projection().clone(),
             batches,
-            zones: partition_zones,
+            zones: ZoneStatistics::new(Arc::clone(&zones.table_schema), partition_zones),
             next: 0,
             filters: self.runtime_filters.clone(),
             generation: 0,
@@ -269,10 +268,9 @@ impl DataSource for ZoneMappedSource {
 struct RuntimePruned {
     /// The projected schema the stream yields.
     schema: SchemaRef,
-    table_schema: SchemaRef,
     projection: Option<Vec<usize>>,
     batches: Vec<RecordBatch>,
-    zones: Vec<Arc<BatchZone>>,
+    zones: ZoneStatistics,
     next: usize,
     filters: Vec<Arc<dyn PhysicalExpr>>,
     /// The filters' generation `keep` was computed for (0: not yet).
@@ -292,10 +290,7 @@ impl RuntimePruned {
         self.generation = generation;
         let mut keep: Option<Vec<bool>> = None;
         for filter in &self.filters {
-            let Some(matching) = zones_matching(&self.table_schema, &self.zones, Arc::clone(filter), &self.schema)
-            else {
-                continue;
-            };
+            let Some(matching) = self.zones.matching(Arc::clone(filter), &self.schema) else { continue };
             keep = Some(match keep {
                 Some(so_far) => so_far.iter().zip(matching).map(|(a, b)| *a && b).collect(),
                 None => matching,
