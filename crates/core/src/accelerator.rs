@@ -550,6 +550,28 @@ mod tests {
             assert_eq!(metric(&plan, "batches_skipped_by_runtime_filters"), 197, "{mode}: {shown}");
             assert_eq!(metric(&plan, "rows_removed_by_runtime_filters"), 297, "{mode}: {shown}");
         }
+
+        // 1,000 keys (every tenth id of the first half): more than DataFusion lists, so the
+        // filter looks keys up in the join's hash table. Its bounds still skip the second
+        // half; its rows are left to the join, which answers the same.
+        let many = Int64Array::from_iter_values((0..1_000).map(|i| i * 10));
+        let keys = RecordBatch::try_new(Arc::clone(&wanted), vec![Arc::new(many)]).expect("keys");
+        let table = AcceleratedTable::new("facts", Arc::clone(&schema));
+        table.swap(Snapshot::new(batches, 1));
+        let ctx = context(false);
+        ctx.register_table("facts", Arc::new(table) as Arc<dyn TableProvider>).expect("register");
+        let dim = MemTable::try_new(Arc::clone(&wanted), vec![vec![keys]]).expect("memtable");
+        ctx.register_table("wanted", Arc::new(dim)).expect("register");
+        let sql = "SELECT count(*), sum(f.v) FROM facts f JOIN wanted w ON f.id = w.id";
+        let plan = ctx.sql(sql).await.expect("plan").create_physical_plan().await.expect("physical");
+        let answer = datafusion::physical_plan::collect(Arc::clone(&plan), ctx.task_ctx()).await.expect("run");
+        let text = arrow::util::pretty::pretty_format_batches(&answer).expect("format").to_string();
+        assert!(text.contains("| 1000     | 49950000 |"), "{text}");
+        let shown =
+            datafusion::physical_plan::display::DisplayableExecutionPlan::with_metrics(plan.as_ref()).indent(true);
+        assert!(shown.to_string().contains("hash_lookup"), "{shown}");
+        assert_eq!(metric(&plan, "batches_skipped_by_runtime_filters"), 100, "{shown}");
+        assert_eq!(metric(&plan, "rows_removed_by_runtime_filters"), 0, "{shown}");
     }
 
     /// A session whose hash joins build in one piece (`CollectLeft`, DataFusion's choice for
