@@ -51,11 +51,11 @@ async fn accelerated_tables_get_the_join_sides_parquet_gets() {
             differ.push(format!("Q{q:02}\n parquet: {over_parquet:#?}\n copy:    {over_copy:#?}"));
         }
     }
-    // Q18's semi join is the one that cost 1.9x; Q07 was the next slowest. Other queries
-    // may differ where the in-memory copy's exact byte sizes order two inputs differently
-    // from Parquet's compressed sizes (Q12, Q15 and Q21 at this scale), which is not a worse
-    // choice: they ran at 1.00x, 0.39x and 1.10x DataFusion over Parquet.
-    for q in ["Q07", "Q18"] {
-        assert!(!differ.iter().any(|d| d.starts_with(q)), "{}", differ.join("\n"));
-    }
+    // Every query's joins have the sides and modes they have over Parquet: the copy reports
+    // the columns' bounds and, as Parquet, no byte size (with its exact in-memory bytes
+    // Q12 built on all of orders instead of filtered lineitem, and ran slower). Q21's anti
+    // join is the one exception at this scale: both its sides are lineitem, filtered alike
+    // (at SF1 the query runs at 0.35x to 0.49x DataFusion over Parquet).
+    differ.retain(|d| !d.starts_with("Q21"));
+    assert!(differ.is_empty(), "{}", differ.join("\n"));
 }
