@@ -188,8 +188,8 @@ impl DataSource for ZoneMappedSource {
         self.inner.scheduling_type()
     }
 
-    /// The memory scan's statistics (rows, bytes, null counts) with each projected column's
-    /// bounds, for the whole scan; a single partition's are left as they are.
+    /// The memory scan's statistics (rows, null counts; no byte size) with each projected
+    /// column's bounds, for the whole scan; a single partition's get no bounds.
     fn partition_statistics(&self, partition: Option<usize>) -> Result<Arc<Statistics>> {
         let mut statistics = Arc::unwrap_or_clone(self.inner.partition_statistics(partition)?);
         // No byte size, as over Parquet: the planner then weighs a join's sides by their
