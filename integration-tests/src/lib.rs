@@ -33,6 +33,20 @@ pub fn sample_datasets_yaml() -> String {
     )
 }
 
+/// An engine in this process from the config `yaml`, started and with every dataset loaded
+/// (within `timeout`), and the guard that stops its background work when dropped.
+pub async fn loaded_engine(
+    yaml: &str,
+    timeout: std::time::Duration,
+) -> (strata_core::Engine, tokio_util::sync::DropGuard) {
+    let config = strata_core::Config::parse(yaml, "test").expect("config");
+    let engine = strata_core::Engine::new(&config).expect("engine");
+    let stop = engine.background().token().drop_guard();
+    engine.start();
+    tokio::time::timeout(timeout, engine.wait_ready()).await.expect("the datasets loaded in time");
+    (engine, stop)
+}
+
 /// A gRPC channel to `url` (`https://...`) over TLS, trusting `ca_file`, presenting
 /// `client` (a certificate and its key) when given.
 pub async fn tls_channel(

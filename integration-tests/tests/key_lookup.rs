@@ -79,9 +79,8 @@ async fn thousands_of_random_lookups_answer_as_the_general_path() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("items.parquet");
     write_table(&path);
-    let config = Config::parse(
-        &format!(
-            "region: eu
+    let yaml = format!(
+        "region: eu
 datasets:
   - name: fast
     from: file:{p}
@@ -92,15 +91,9 @@ datasets:
     from: file:{p}
     acceleration: {{}}
 ",
-            p = path.display()
-        ),
-        "test",
-    )
-    .expect("config");
-    let engine = Engine::new(&config).expect("engine");
-    let _stop = engine.background().token().drop_guard();
-    engine.start();
-    tokio::time::timeout(Duration::from_secs(60), engine.wait_ready()).await.expect("loaded");
+        p = path.display()
+    );
+    let (engine, _stop) = strata_integration_tests::loaded_engine(&yaml, Duration::from_secs(60)).await;
     let status = engine.datasets().into_iter().find(|d| d.name == "fast").expect("fast");
     let indexed: Vec<Vec<String>> = status.indexes.iter().map(|i| i.columns.clone()).collect();
     assert_eq!(indexed, [vec!["id"], vec!["grp"], vec!["name"], vec!["tag", "grp"], vec!["ts"]]);

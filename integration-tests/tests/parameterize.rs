@@ -141,18 +141,11 @@ async fn texts_of_one_skeleton_answer_each_as_written() {
     use strata_integration_tests::sqlgen::Rng;
     let dir = tempfile::tempdir().expect("tempdir");
     let path = write_typed(dir.path());
-    let config = Config::parse(
-        &format!(
-            "region: eu\ndatasets:\n  - name: typed\n    from: file:{}\n    acceleration: {{primary_key: [id]}}\n",
-            path.display()
-        ),
-        "test",
-    )
-    .expect("config");
-    let engine = Engine::new(&config).expect("engine");
-    let _stop = engine.background().token().drop_guard();
-    engine.start();
-    tokio::time::timeout(Duration::from_secs(30), engine.wait_ready()).await.expect("ready");
+    let yaml = format!(
+        "region: eu\ndatasets:\n  - name: typed\n    from: file:{}\n    acceleration: {{primary_key: [id]}}\n",
+        path.display()
+    );
+    let (engine, _stop) = strata_integration_tests::loaded_engine(&yaml, Duration::from_secs(30)).await;
     let reference = SessionContext::new();
     reference
         .register_parquet("typed", path.to_str().expect("utf-8 path"), ParquetReadOptions::default())

@@ -9,7 +9,8 @@ use arrow::datatypes::{DataType, Field, Schema};
 use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::parquet::file::properties::WriterProperties;
 use futures::TryStreamExt;
-use strata_core::{Config, Engine};
+use strata_core::Engine;
+use strata_integration_tests::loaded_engine;
 use strata_integration_tests::sqlgen::Rng;
 
 /// Rows enough for a file past DataFusion's 10 MB threshold for splitting a file's scan
@@ -52,15 +53,9 @@ async fn a_file_in_key_order_is_a_copy_in_key_order_whose_joins_read_only_their_
     let path = dir.path().join("facts.parquet");
     write_table(&path);
     assert!(std::fs::metadata(&path).expect("file").len() > 10 << 20, "the file is split for parallel reading");
-    let config = Config::parse(
-        &format!("region: eu\ndatasets:\n  - name: facts\n    from: file:{}\n    acceleration: {{}}\n", path.display()),
-        "test",
-    )
-    .expect("config");
-    let engine = Engine::new(&config).expect("engine");
-    let _stop = engine.background().token().drop_guard();
-    engine.start();
-    tokio::time::timeout(Duration::from_secs(120), engine.wait_ready()).await.expect("loaded");
+    let yaml =
+        format!("region: eu\ndatasets:\n  - name: facts\n    from: file:{}\n    acceleration: {{}}\n", path.display());
+    let (engine, _stop) = loaded_engine(&yaml, Duration::from_secs(120)).await;
 
     // Every row arrived once.
     let totals =

@@ -20,7 +20,6 @@ use datafusion::logical_expr::Operator;
 use datafusion::logical_expr::{Accumulator, Expr, utils::conjunction};
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_expr::expressions::{BinaryExpr, CaseExpr, Literal};
-use datafusion::physical_expr_common::physical_expr::snapshot_physical_expr;
 use datafusion::physical_optimizer::pruning::PruningPredicateBuilder;
 
 /// Statistics of one batch: per column `(min, max)`, `None` where the type has no tracked
@@ -144,12 +143,12 @@ impl ZoneStatistics {
         Self { table_schema, zones, arrays: OnceLock::new() }
     }
 
-    /// Which of the batches may hold rows matching `predicate`, a physical expression over
-    /// `predicate_schema` whose columns are the table's by name (a scan's projection).
-    /// Dynamic parts (a join's runtime filter) are read as they are now. `None` when the
-    /// predicate cannot rule a batch out.
+    /// Which of the batches may hold rows matching `predicate`, a static physical expression
+    /// (a runtime filter as it is now: its snapshot) over `predicate_schema`, whose columns
+    /// are the table's by name (a scan's projection). `None` when the predicate cannot rule
+    /// a batch out.
     pub fn matching(&self, predicate: Arc<dyn PhysicalExpr>, predicate_schema: &SchemaRef) -> Option<Vec<bool>> {
-        let predicate = relaxed_for_pruning(snapshot_physical_expr(predicate).ok()?, predicate_schema);
+        let predicate = relaxed_for_pruning(predicate, predicate_schema);
         let pruning = PruningPredicateBuilder::new()
             .with_file_schema(Arc::clone(predicate_schema))
             .with_max_in_list_size(MAX_PRUNING_IN_LIST)

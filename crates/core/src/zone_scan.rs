@@ -24,7 +24,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use arrow::array::{AsArray, RecordBatch};
+use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use datafusion::common::stats::Precision;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
@@ -40,6 +40,7 @@ use datafusion::physical_expr_common::sort_expr::LexOrdering;
 use datafusion::physical_plan::DisplayFormatType;
 use datafusion::physical_plan::coop::cooperative;
 use datafusion::physical_plan::execution_plan::SchedulingType;
+use datafusion::physical_plan::filter::batch_filter;
 use datafusion::physical_plan::filter_pushdown::{FilterPushdownPropagation, PushedDown};
 use datafusion::physical_plan::joins::HashTableLookupExpr;
 use datafusion::physical_plan::metrics::{Count, ExecutionPlanMetricsSet, MetricBuilder};
@@ -368,12 +369,7 @@ impl RuntimePruned {
         let before = batch.num_rows();
         let mut kept = batch.clone();
         for filter in &self.rows.filters {
-            let mask = filter.evaluate(&kept).and_then(|v| v.into_array(kept.num_rows()));
-            let filtered = mask.map_err(Into::into).and_then(|mask| match mask.as_boolean_opt() {
-                Some(mask) => arrow::compute::filter_record_batch(&kept, mask),
-                None => Err(arrow::error::ArrowError::InvalidArgumentError("not a boolean".into())),
-            });
-            match filtered {
+            match batch_filter(&kept, filter) {
                 Ok(filtered) => kept = filtered,
                 Err(err) => {
                     // Only a saving: the operator above applies the filter itself.
