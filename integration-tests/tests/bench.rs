@@ -55,6 +55,23 @@ async fn quick_benchmark_reports_every_scenario_against_its_baseline() {
     let tpch = scenarios.iter().find(|s| s["name"].as_str().is_some_and(|n| n.starts_with("TPC-H"))).expect("tpch");
     assert_eq!(tpch["table"]["rows"].as_array().expect("rows").len(), 23, "22 queries and the total");
 
+    // A first snapshot's cost as the kernel accounts it: the sidecar's CPU in user space and
+    // in the kernel, and the page faults of filling its replica.
+    let bulk = scenarios.iter().find(|s| s["name"].as_str().is_some_and(|n| n.starts_with("Bulk"))).expect("bulk");
+    let figure = |name: &str| {
+        bulk["figures"]
+            .as_array()
+            .expect("figures")
+            .iter()
+            .find(|f| f["name"].as_str().is_some_and(|n| n.trim() == name))
+            .and_then(|f| f["value"].as_f64())
+            .unwrap_or_else(|| panic!("no figure `{name}` in {bulk}"))
+    };
+    let (user, kernel) =
+        (figure("sidecar CPU in user space"), figure("sidecar CPU in the kernel (page faults, receiving)"));
+    assert!(user >= 0.0 && kernel >= 0.0 && user + kernel > 0.0, "user {user} s, kernel {kernel} s");
+    assert!(figure("sidecar page faults per MiB replicated") > 0.0, "{bulk}");
+
     // The growth table: each measure at both quick sizes, and its log-log slope.
     let growth =
         scenarios.iter().find(|s| s["name"].as_str().is_some_and(|n| n.starts_with("How cost grows"))).expect("growth");
