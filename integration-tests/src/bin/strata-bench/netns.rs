@@ -85,10 +85,9 @@ impl Drop for Namespace {
 pub async fn run(parquet: &std::path::Path, rows: i64, effort: Effort) -> anyhow::Result<Scenario> {
     let ns = Namespace::create(&format!("{}us", ONE_WAY.as_micros()))?;
     let platform = Tier::builder("platform-service")
-        .config(&format!(
-            "region: eu\nlimits:\n  max_concurrent_queries: 256\ndatasets:\n  - name: points\n    from: file:{}\n    acceleration: {{}}\n",
-            parquet.display()
-        ))
+        // The same table as the lookup scenario's: `id` its primary key, so the sidecar's
+        // local answers come from its replica's key index there and here alike.
+        .config(&crate::points::platform_config(parquet, "{primary_key: [id]}"))
         .under(&["ip", "netns", "exec", &ns.name], &format!("{NS_IP}:0"), &format!("{NS_IP}:0"))
         .start()
         .await;
