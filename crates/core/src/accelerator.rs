@@ -526,20 +526,28 @@ mod tests {
         let keys =
             RecordBatch::try_new(Arc::clone(&wanted), vec![Arc::new(Int64Array::from(vec![150i64, 7_777, 19_999]))])
                 .expect("keys");
+        // `facts` over those batches joined with `wanted` holding `keys`: the plan run, and
+        // its answer as a text table.
+        let joined = |partitioned: bool, keys: RecordBatch, sql: &'static str| {
+            let (schema, wanted, batches) = (Arc::clone(&schema), Arc::clone(&wanted), batches.clone());
+            async move {
+                let table = AcceleratedTable::new("facts", schema);
+                table.swap(Snapshot::new(batches, 1));
+                let ctx = context(partitioned);
+                ctx.register_table("facts", Arc::new(table) as Arc<dyn TableProvider>).expect("register");
+                let dim = MemTable::try_new(wanted, vec![vec![keys]]).expect("memtable");
+                ctx.register_table("wanted", Arc::new(dim)).expect("register");
+                let plan = ctx.sql(sql).await.expect("plan").create_physical_plan().await.expect("physical");
+                let answer = datafusion::physical_plan::collect(Arc::clone(&plan), ctx.task_ctx()).await.expect("run");
+                let text = arrow::util::pretty::pretty_format_batches(&answer).expect("format").to_string();
+                (plan, text)
+            }
+        };
         for mode in ["CollectLeft", "Partitioned"] {
-            let table = AcceleratedTable::new("facts", Arc::clone(&schema));
-            table.swap(Snapshot::new(batches.clone(), 1));
-            let ctx = context(mode == "Partitioned");
-            ctx.register_table("facts", Arc::new(table) as Arc<dyn TableProvider>).expect("register");
-            let dim = MemTable::try_new(Arc::clone(&wanted), vec![vec![keys.clone()]]).expect("memtable");
-            ctx.register_table("wanted", Arc::new(dim)).expect("register");
-
             let sql = "SELECT f.id, f.v FROM facts f JOIN wanted w ON f.id = w.id ORDER BY f.id";
-            let plan = ctx.sql(sql).await.expect("plan").create_physical_plan().await.expect("physical");
+            let (plan, text) = joined(mode == "Partitioned", keys.clone(), sql).await;
             let shown = datafusion::physical_plan::displayable(plan.as_ref()).indent(true).to_string();
             assert!(shown.contains(&format!("mode={mode}")), "{shown}");
-            let answer = datafusion::physical_plan::collect(Arc::clone(&plan), ctx.task_ctx()).await.expect("run");
-            let text = arrow::util::pretty::pretty_format_batches(&answer).expect("format").to_string();
             let lines: Vec<&str> = text.lines().collect();
             assert_eq!(lines[3..6], ["| 150   | 1500   |", "| 7777  | 77770  |", "| 19999 | 199990 |"], "{text}");
             // Three keys live in three batches: the other 197 are never read, also when the
@@ -556,16 +564,8 @@ mod tests {
         // half; its rows are left to the join, which answers the same.
         let many = Int64Array::from_iter_values((0..1_000).map(|i| i * 10));
         let keys = RecordBatch::try_new(Arc::clone(&wanted), vec![Arc::new(many)]).expect("keys");
-        let table = AcceleratedTable::new("facts", Arc::clone(&schema));
-        table.swap(Snapshot::new(batches, 1));
-        let ctx = context(false);
-        ctx.register_table("facts", Arc::new(table) as Arc<dyn TableProvider>).expect("register");
-        let dim = MemTable::try_new(Arc::clone(&wanted), vec![vec![keys]]).expect("memtable");
-        ctx.register_table("wanted", Arc::new(dim)).expect("register");
         let sql = "SELECT count(*), sum(f.v) FROM facts f JOIN wanted w ON f.id = w.id";
-        let plan = ctx.sql(sql).await.expect("plan").create_physical_plan().await.expect("physical");
-        let answer = datafusion::physical_plan::collect(Arc::clone(&plan), ctx.task_ctx()).await.expect("run");
-        let text = arrow::util::pretty::pretty_format_batches(&answer).expect("format").to_string();
+        let (plan, text) = joined(false, keys, sql).await;
         assert!(text.contains("| 1000     | 49950000 |"), "{text}");
         let shown =
             datafusion::physical_plan::display::DisplayableExecutionPlan::with_metrics(plan.as_ref()).indent(true);
