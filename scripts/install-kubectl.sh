@@ -20,8 +20,8 @@ read -r filename sha256 < <(xz -dc "$work/Packages.xz" | awk '
   /^Package: / { in_kubectl = ($2 == "kubectl") }
   in_kubectl && /^Filename: / { file = $2 }
   in_kubectl && /^SHA256: / { sum = $2 }
-  /^$/ && file != "" && sum != "" { print file, sum; exit }
-  END { if (file != "" && sum != "") print file, sum }' | head -n 1)
+  /^$/ && file != "" && sum != "" { exit }
+  END { if (file != "" && sum != "") print file, sum }')
 if [ -z "${filename:-}" ] || [ -z "${sha256:-}" ]; then
   echo "error: no kubectl package in $mirror $suite ($arch)" >&2
   exit 1

@@ -21,6 +21,12 @@ async fn quick_benchmark_reports_every_scenario_against_its_baseline() {
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).expect("json")).expect("parse");
     let scenarios = report["scenarios"].as_array().expect("scenarios");
     let names: Vec<&str> = scenarios.iter().filter_map(|s| s["name"].as_str()).collect();
+    let scenario = |prefix: &str| {
+        scenarios
+            .iter()
+            .find(|s| s["name"].as_str().is_some_and(|n| n.starts_with(prefix)))
+            .unwrap_or_else(|| panic!("no {prefix} scenario in {names:?}"))
+    };
     for wanted in [
         "Footprint",
         "Point lookup",
@@ -52,12 +58,12 @@ async fn quick_benchmark_reports_every_scenario_against_its_baseline() {
         }
         assert!(markdown.contains(scenario["name"].as_str().expect("name")), "the table lists {}", scenario["name"]);
     }
-    let tpch = scenarios.iter().find(|s| s["name"].as_str().is_some_and(|n| n.starts_with("TPC-H"))).expect("tpch");
+    let tpch = scenario("TPC-H");
     assert_eq!(tpch["table"]["rows"].as_array().expect("rows").len(), 23, "22 queries and the total");
 
     // A first snapshot's cost as the kernel accounts it: the sidecar's CPU in user space and
     // in the kernel, and the page faults of filling its replica.
-    let bulk = scenarios.iter().find(|s| s["name"].as_str().is_some_and(|n| n.starts_with("Bulk"))).expect("bulk");
+    let bulk = scenario("Bulk");
     let figure = |name: &str| {
         bulk["figures"]
             .as_array()
@@ -73,8 +79,7 @@ async fn quick_benchmark_reports_every_scenario_against_its_baseline() {
     assert!(figure("sidecar page faults per MiB replicated") > 0.0, "{bulk}");
 
     // The growth table: each measure at both quick sizes, and its log-log slope.
-    let growth =
-        scenarios.iter().find(|s| s["name"].as_str().is_some_and(|n| n.starts_with("How cost grows"))).expect("growth");
+    let growth = scenario("How cost grows");
     assert_eq!(growth["table"]["columns"], serde_json::json!(["10k rows", "100k rows", "log-log slope"]));
     for row in growth["table"]["rows"].as_array().expect("rows") {
         let cells = row[1].as_array().expect("cells");

@@ -157,12 +157,9 @@ async fn first_snapshot(platform: &Tier, rows: i64, bytes: u64) -> anyhow::Resul
     let rate = bytes as f64 / started.elapsed().as_secs_f64();
     let (page_faults, user_seconds, kernel_seconds) = process_stat(sidecar.pid())?;
     let status = std::fs::read_to_string(format!("/proc/{}/status", sidecar.pid()))?;
-    let peak_kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    let peak = crate::points::status_bytes(&status, "VmHWM:")
         .ok_or_else(|| anyhow::anyhow!("no VmHWM in /proc/{}/status", sidecar.pid()))?;
-    Ok(Snapshot { rate, peak_ratio: (peak_kb * 1024) as f64 / bytes as f64, user_seconds, kernel_seconds, page_faults })
+    Ok(Snapshot { rate, peak_ratio: peak as f64 / bytes as f64, user_seconds, kernel_seconds, page_faults })
 }
 
 const BULK_WINDOW: u32 = 16 << 20;

@@ -341,13 +341,12 @@ pub async fn settled_rss(pid: u32) -> u64 {
 /// Resident memory of a process: (anonymous, file-backed) bytes.
 pub fn rss_bytes(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| -> u64 {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-            .unwrap_or(0)
-            * 1024
-    };
+    let field = |name: &str| status_bytes(&status, name).unwrap_or(0);
     (field("RssAnon:"), field("RssFile:"))
+}
+
+/// A `/proc/<pid>/status` memory field (`VmHWM:`, `RssAnon:`; written in kB) in bytes.
+pub fn status_bytes(status: &str, name: &str) -> Option<u64> {
+    let kb = status.lines().find(|l| l.starts_with(name))?.split_whitespace().nth(1)?.parse::<u64>().ok()?;
+    Some(kb * 1024)
 }
