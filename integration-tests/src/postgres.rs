@@ -114,6 +114,12 @@ impl PgServer {
         }
     }
 
+    /// The process the server runs under (`runuser` when the tests run as root): the
+    /// postmaster and every backend are in its tree.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The directory of the server's Unix socket (a `host` that is a path).
     pub fn socket_dir(&self) -> &Path {
         self.dir.path()

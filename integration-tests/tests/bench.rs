@@ -58,6 +58,43 @@ async fn quick_benchmark_reports_every_scenario_against_its_baseline() {
         }
         assert!(markdown.contains(scenario["name"].as_str().expect("name")), "the table lists {}", scenario["name"]);
     }
+    // Whose CPU each lookup costs, sequentially and under load: PostgreSQL's backends (its
+    // postmaster's children) are charged to it, the HTTP floor to the sidecar serving it.
+    let lookup = scenario("Point lookup");
+    let path = |name: &str| {
+        lookup["results"]
+            .as_array()
+            .expect("results")
+            .iter()
+            .find(|p| p["name"].as_str().is_some_and(|n| n.starts_with(name)))
+            .unwrap_or_else(|| panic!("no path `{name}` in {lookup}"))
+    };
+    let cpu = |cpu_per_call: &serde_json::Value, process: &str| {
+        cpu_per_call
+            .as_array()
+            .expect("cpu_per_call")
+            .iter()
+            .find(|c| c["process"] == process)
+            .and_then(|c| c["us"].as_f64())
+            .unwrap_or_else(|| panic!("no CPU of `{process}` in {cpu_per_call}"))
+    };
+    for (name, server) in [
+        ("PostgreSQL", "PostgreSQL"),
+        ("HTTP/1.1 keep-alive round trip", "sidecar"),
+        ("sidecar local (HTTP", "sidecar"),
+    ] {
+        let measured = path(name);
+        assert!(cpu(&measured["cpu_per_call"], server) > 0.0, "{server} answers `{name}`: {measured}");
+        let loaded = measured["throughput"].as_array().expect("throughput").iter().find(|t| t["concurrency"] == 8);
+        let loaded = loaded.unwrap_or_else(|| panic!("no throughput at 8 in {measured}"));
+        assert!(cpu(&loaded["cpu_per_call"], server) > 0.0, "{server} answers `{name}` under load: {loaded}");
+        assert!(cpu(&loaded["cpu_per_call"], "bench client") > 0.0, "{loaded}");
+    }
+    // Its background processes may wake, but nothing of a path it does not answer is its.
+    let idle = cpu(&path("sidecar local (HTTP")["cpu_per_call"], "PostgreSQL");
+    assert!(idle < 5.0, "PostgreSQL charged {idle} µs per sidecar lookup");
+    assert!(markdown.contains("CPU time per call at 8 clients"), "the loaded CPU table is printed");
+
     let tpch = scenario("TPC-H");
     assert_eq!(tpch["table"]["rows"].as_array().expect("rows").len(), 23, "22 queries and the total");
 

@@ -169,10 +169,7 @@ async fn at_size(rows: i64, growth: &Growth<'_>) -> anyhow::Result<AtSize> {
     eprintln!("growth: {rows} rows: sidecar replicating");
     let (sidecar, replication) = replicating_sidecar(&platform, "results_cache:\n  max_bytes: 0\n", long).await?;
 
-    let watched = [
-        Watched { name: "bench client".into(), pid: std::process::id() },
-        Watched { name: "sidecar".into(), pid: sidecar.pid() },
-    ];
+    let watched = [Watched::process("bench client", std::process::id()), Watched::process("sidecar", sidecar.pid())];
     eprintln!("growth: {rows} rows: lookups");
     let query = Query::Lookup { rows };
     let http = Http { url: sidecar.url("/v1/sql"), query };

@@ -37,6 +37,9 @@ pub struct Effort {
 pub struct Throughput {
     pub concurrency: usize,
     pub ops_per_s: f64,
+    /// CPU time each watched process spent per call at this concurrency: with the rate, how
+    /// much of the machine a path's calls take, and whose CPU it is.
+    pub cpu_per_call: Vec<ProcessCpu>,
 }
 
 /// The figures of one path.
@@ -61,6 +64,25 @@ pub struct Measured {
 pub struct Watched {
     pub name: String,
     pub pid: u32,
+    /// Whether the process's descendants count as part of it: PostgreSQL's backends are
+    /// children of its postmaster, while the bench's children are the tiers, watched apiece.
+    pub descendants: bool,
+}
+
+impl Watched {
+    /// One process, its threads only.
+    pub fn process(name: &str, pid: u32) -> Self {
+        Self { name: name.into(), pid, descendants: false }
+    }
+
+    /// A process with every process under it.
+    pub fn tree(name: &str, pid: u32) -> Self {
+        Self { name: name.into(), pid, descendants: true }
+    }
+
+    fn cpu_ns(&self) -> u64 {
+        cpu_ns(self.pid, self.descendants)
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -69,14 +91,24 @@ pub struct ProcessCpu {
     pub us: f64,
 }
 
-/// Nanoseconds a process has run on a CPU, all its threads together (`schedstat`, which
-/// unlike `stat`'s clock ticks is exact enough to split among blocks of calls).
-fn cpu_ns(pid: u32) -> u64 {
+/// Nanoseconds a process (and, with `descendants`, every process under it) has run on a
+/// CPU, all threads together (`schedstat`, which unlike `stat`'s clock ticks is exact
+/// enough to split among blocks of calls). A descendant that exits between two readings
+/// takes its time with it, which the harness avoids by keeping its connections (and so
+/// PostgreSQL's backends) open while it measures.
+fn cpu_ns(pid: u32, descendants: bool) -> u64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
-    tasks
-        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok())
-        .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
-        .sum()
+    let mut ns = 0;
+    for task in tasks.filter_map(Result::ok) {
+        let path = task.path();
+        let stat = std::fs::read_to_string(path.join("schedstat")).unwrap_or_default();
+        ns += stat.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        if descendants {
+            let children = std::fs::read_to_string(path.join("children")).unwrap_or_default();
+            ns += children.split_whitespace().filter_map(|c| c.parse().ok()).map(|c| cpu_ns(c, true)).sum::<u64>();
+        }
+    }
+    ns
 }
 
 fn percentile(sorted: &[Duration], q: f64) -> f64 {
@@ -137,7 +169,7 @@ pub async fn measure_side_by_side(
     let block = effort.iterations.div_ceil(LATENCY_BLOCKS).max(1);
     for first in (0..effort.iterations).step_by(block) {
         for (p, (first_call, (name, _))) in paths.iter().enumerate() {
-            let before: Vec<u64> = watch.iter().map(|w| cpu_ns(w.pid)).collect();
+            let before: Vec<u64> = watch.iter().map(Watched::cpu_ns).collect();
             for i in first..(first + block).min(effort.iterations) {
                 let started = Instant::now();
                 let rows = probes[p].call(first_call + effort.warmup + i).await?;
@@ -145,7 +177,7 @@ pub async fn measure_side_by_side(
                 check(name, i, rows)?;
             }
             for (w, before) in before.into_iter().enumerate() {
-                cpu[p][w] += cpu_ns(watch[w].pid).saturating_sub(before);
+                cpu[p][w] += watch[w].cpu_ns().saturating_sub(before);
             }
         }
     }
@@ -165,17 +197,23 @@ pub async fn measure_side_by_side(
             }
             pools.push(pool);
         }
-        let mut totals = vec![(0usize, Duration::ZERO); paths.len()];
+        let mut totals = vec![(0usize, Duration::ZERO, vec![0u64; watch.len()]); paths.len()];
         for _ in 0..THROUGHPUT_SLICES {
             for (p, pool) in pools.iter_mut().enumerate() {
+                let before: Vec<u64> = watch.iter().map(Watched::cpu_ns).collect();
                 let (ops, took) =
                     run_concurrently(pool, &next_calls[p], effort.throughput_for / THROUGHPUT_SLICES, expect).await?;
                 totals[p].0 += ops;
                 totals[p].1 += took;
+                for (w, before) in before.into_iter().enumerate() {
+                    totals[p].2[w] += watch[w].cpu_ns().saturating_sub(before);
+                }
             }
         }
-        for (p, (ops, took)) in totals.into_iter().enumerate() {
-            throughput[p].push(Throughput { concurrency: workers, ops_per_s: ops as f64 / took.as_secs_f64() });
+        for (p, (ops, took, cpu)) in totals.into_iter().enumerate() {
+            let ops_per_s = ops as f64 / took.as_secs_f64();
+            let cpu_per_call = per_call(watch, &cpu, ops.max(1) as f64);
+            throughput[p].push(Throughput { concurrency: workers, ops_per_s, cpu_per_call });
         }
     }
 
@@ -184,12 +222,7 @@ pub async fn measure_side_by_side(
         .zip(samples.iter_mut().zip(throughput).zip(cpu))
         .map(|((_, (name, _)), ((samples, throughput), cpu))| {
             samples.sort();
-            let calls = samples.len().max(1) as f64;
-            let cpu_per_call = watch
-                .iter()
-                .zip(cpu)
-                .map(|(w, ns)| ProcessCpu { process: w.name.clone(), us: ns as f64 / 1e3 / calls })
-                .collect();
+            let cpu_per_call = per_call(watch, &cpu, samples.len().max(1) as f64);
             Measured {
                 name: name.to_string(),
                 samples: samples.len(),
@@ -202,6 +235,11 @@ pub async fn measure_side_by_side(
             }
         })
         .collect())
+}
+
+/// Each watched process's CPU nanoseconds `ns` as microseconds per call of `calls`.
+fn per_call(watch: &[Watched], ns: &[u64], calls: f64) -> Vec<ProcessCpu> {
+    watch.iter().zip(ns).map(|(w, ns)| ProcessCpu { process: w.name.clone(), us: *ns as f64 / 1e3 / calls }).collect()
 }
 
 /// Every probe of `pool` calling in its own task for `window`, numbering calls from

@@ -119,10 +119,7 @@ pub async fn run(parquet: &std::path::Path, rows: i64, effort: Effort) -> anyhow
         ("sidecar forwarded across the hop", &Flight { addr: s, query, strong: true }),
         ("platform directly across the hop", &Flight { addr: p, query, strong: false }),
     ];
-    let watch = [
-        Watched { name: "sidecar".into(), pid: sidecar.pid() },
-        Watched { name: "platform".into(), pid: platform.pid() },
-    ];
+    let watch = [Watched::process("sidecar", sidecar.pid()), Watched::process("platform", platform.pid())];
     let results = measure_side_by_side(&paths, effort, 1, &watch).await?;
     drop(sidecar);
     drop(platform);

@@ -120,11 +120,20 @@ pub struct Http {
     pub query: Query,
 }
 
+/// `GET /health` on a tier over the same kind of connection as [`Http`]: a round trip
+/// through the tier's HTTP stack (hyper, axum and its layers) that asks the engine nothing,
+/// the HTTP counterpart of [`Floor`].
+pub struct HttpFloor {
+    /// `http://host:port/health`.
+    pub url: String,
+}
+
 struct HttpProbe {
     sender: HttpSender,
     uri: http::Uri,
     host: http::HeaderValue,
-    query: Query,
+    /// `None` for the floor's `GET /health`.
+    query: Option<Query>,
 }
 
 type HttpSender = hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>;
@@ -141,26 +150,44 @@ async fn http_connection(authority: &str) -> anyhow::Result<HttpSender> {
 #[async_trait]
 impl ProbeFactory for Http {
     async fn probe(&self) -> anyhow::Result<Box<dyn Probe>> {
-        // One connection per probe, kept alive, as each of wrk's connections.
-        let uri: http::Uri = self.url.parse()?;
-        let authority = uri.authority().ok_or_else(|| anyhow::anyhow!("no host in {}", self.url))?.clone();
-        let sender = http_connection(authority.as_str()).await?;
-        let host = http::HeaderValue::from_str(authority.as_str())?;
-        Ok(Box::new(HttpProbe { sender, uri, host, query: self.query }))
+        HttpProbe::connect(&self.url, Some(self.query)).await
+    }
+}
+
+#[async_trait]
+impl ProbeFactory for HttpFloor {
+    async fn probe(&self) -> anyhow::Result<Box<dyn Probe>> {
+        HttpProbe::connect(&self.url, None).await
     }
 }
 
 impl HttpProbe {
-    /// Sends one query; `None` when the connection had closed before it was sent (the
-    /// server closes connections idle past its timeout, as between the harness's slices).
-    async fn send(&mut self, sql: String) -> anyhow::Result<Option<(http::StatusCode, bytes::Bytes)>> {
+    /// One connection per probe, kept alive, as each of wrk's connections.
+    async fn connect(url: &str, query: Option<Query>) -> anyhow::Result<Box<dyn Probe>> {
+        let uri: http::Uri = url.parse()?;
+        let authority = uri.authority().ok_or_else(|| anyhow::anyhow!("no host in {url}"))?.clone();
+        let sender = http_connection(authority.as_str()).await?;
+        let host = http::HeaderValue::from_str(authority.as_str())?;
+        Ok(Box::new(HttpProbe { sender, uri, host, query }))
+    }
+
+    /// Sends call `i` (its query, or the floor's `GET`); `None` when the connection had
+    /// closed before it was sent (the server closes connections idle past its timeout, as
+    /// between the harness's slices).
+    async fn send(&mut self, i: usize) -> anyhow::Result<Option<(http::StatusCode, bytes::Bytes)>> {
         use http_body_util::BodyExt;
         if self.sender.ready().await.is_err() {
             return Ok(None);
         }
-        let request = http::Request::post(self.uri.clone())
+        let (method, body) = match self.query {
+            Some(query) => (http::Method::POST, bytes::Bytes::from(query.sql(i))),
+            None => (http::Method::GET, bytes::Bytes::new()),
+        };
+        let request = http::Request::builder()
+            .method(method)
+            .uri(self.uri.clone())
             .header(http::header::HOST, self.host.clone())
-            .body(http_body_util::Full::new(bytes::Bytes::from(sql)))?;
+            .body(http_body_util::Full::new(body))?;
         let response = match self.sender.send_request(request).await {
             Ok(response) => response,
             Err(err) if err.is_canceled() || err.is_closed() => return Ok(None),
@@ -174,18 +201,21 @@ impl HttpProbe {
 #[async_trait]
 impl Probe for HttpProbe {
     async fn call(&mut self, i: usize) -> anyhow::Result<usize> {
-        let (status, body) = match self.send(self.query.sql(i)).await? {
+        let (status, body) = match self.send(i).await? {
             Some(answer) => answer,
             None => {
                 // Reconnect once, as a pooled client would (a lookup is safe to send again).
                 let authority = self.uri.authority().map(|a| a.to_string()).unwrap_or_default();
                 self.sender = http_connection(&authority).await?;
-                self.send(self.query.sql(i))
-                    .await?
-                    .ok_or_else(|| anyhow::anyhow!("{authority} closed a new connection"))?
+                self.send(i).await?.ok_or_else(|| anyhow::anyhow!("{authority} closed a new connection"))?
             }
         };
         anyhow::ensure!(status.is_success(), "HTTP {status}: {}", String::from_utf8_lossy(&body));
+        if self.query.is_none() {
+            let health: serde_json::Value = serde_json::from_slice(&body)?;
+            anyhow::ensure!(health["status"] == "ok", "GET /health answered {health}");
+            return Ok(1);
+        }
         let rows: Vec<serde_json::Value> = serde_json::from_slice(&body)?;
         Ok(rows.len())
     }

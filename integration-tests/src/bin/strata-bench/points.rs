@@ -14,7 +14,7 @@ use strata_integration_tests::postgres::PgServer;
 use strata_integration_tests::tier::Tier;
 
 use crate::measure::{Effort, Path, Watched, measure_side_by_side, with_ratios};
-use crate::paths::{Engine, Flight, FlightPrepared, FlightTicket, Floor, Http, InProcess, Postgres, Query};
+use crate::paths::{Engine, Flight, FlightPrepared, FlightTicket, Floor, Http, HttpFloor, InProcess, Postgres, Query};
 use crate::report::{Figure, Scenario};
 
 /// The table in every form the scenarios need, and the tiers serving it.
@@ -172,15 +172,20 @@ impl Points {
         })
     }
 
-    /// The processes whose CPU time each path's calls are charged with: the tiers, and this
-    /// process (the clients, and the in-process paths' engine).
-    fn watched(&self) -> [Watched; 4] {
-        [
-            Watched { name: "bench client".into(), pid: std::process::id() },
-            Watched { name: "sidecar".into(), pid: self.sidecar.pid() },
-            Watched { name: "sidecar, cache off".into(), pid: self.uncached.pid() },
-            Watched { name: "platform".into(), pid: self.platform.pid() },
-        ]
+    /// The processes whose CPU time each path's calls are charged with: the tiers,
+    /// PostgreSQL (its postmaster and backends), and this process (the clients, and the
+    /// in-process paths' engine).
+    fn watched(&self) -> Vec<Watched> {
+        let postgres = self.pg.pid().map(|pid| Watched::tree("PostgreSQL", pid));
+        [Watched::process("bench client", std::process::id())]
+            .into_iter()
+            .chain(postgres)
+            .chain([
+                Watched::process("sidecar", self.sidecar.pid()),
+                Watched::process("sidecar, cache off", self.uncached.pid()),
+                Watched::process("platform", self.platform.pid()),
+            ])
+            .collect()
     }
 
     /// Point lookup by key: the sidecar locally, forwarded, the platform, PostgreSQL, the floor.
@@ -188,8 +193,10 @@ impl Points {
         let query = Query::Lookup { rows: self.rows };
         let (sidecar, platform) = (self.sidecar.flight_addr, self.platform.flight_addr);
         let http = Http { url: self.sidecar.url("/v1/sql"), query };
-        let paths: [Path; 14] = [
+        let http_floor = HttpFloor { url: self.sidecar.url("/health") };
+        let paths: [Path; 15] = [
             ("tonic unary round trip (floor)", &Floor { addr: platform }),
+            ("HTTP/1.1 keep-alive round trip, GET /health (floor)", &http_floor),
             ("PostgreSQL, prepared, indexed", &Postgres { port: self.pg.port, query }),
             ("sidecar local (HTTP/1.1 keep-alive, /v1/sql)", &http),
             ("sidecar local (Flight SQL, prepared)", &FlightPrepared { addr: sidecar, query }),

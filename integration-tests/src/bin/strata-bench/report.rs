@@ -123,6 +123,28 @@ fn cpu_markdown(results: &[Measured]) -> String {
         let cells: Vec<String> = m.cpu_per_call.iter().map(|c| format!("{:.0}", c.us)).collect();
         out.push_str(&format!("| {} | {} |\n", m.name, cells.join(" | ")));
     }
+    out.push_str(&loaded_cpu_markdown(results, &processes));
+    out
+}
+
+/// Under load, the CPU per call of the first concurrency above one, and how many of the
+/// machine's cores that path's calls kept busy (all watched processes, at the rate
+/// measured): where the cores are full, throughput is what CPU per call allows.
+fn loaded_cpu_markdown(results: &[Measured], processes: &[&str]) -> String {
+    let Some(workers) = results.iter().flat_map(|m| &m.throughput).map(|t| t.concurrency).find(|&c| c > 1) else {
+        return String::new();
+    };
+    let mut out = format!(
+        "\nCPU time per call at {workers} clients, µs, and the cores the calls kept busy:\n\n| path | {} | cores busy |\n|---|{}---:|\n",
+        processes.join(" | "),
+        "---:|".repeat(processes.len())
+    );
+    for m in results {
+        let Some(t) = m.throughput.iter().find(|t| t.concurrency == workers) else { continue };
+        let cells: Vec<String> = t.cpu_per_call.iter().map(|c| format!("{:.0}", c.us)).collect();
+        let busy = t.cpu_per_call.iter().map(|c| c.us).sum::<f64>() * t.ops_per_s / 1e6;
+        out.push_str(&format!("| {} | {} | {busy:.2} |\n", m.name, cells.join(" | ")));
+    }
     out
 }
 

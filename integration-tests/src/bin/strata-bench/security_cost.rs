@@ -53,10 +53,10 @@ pub async fn run(parquet: &std::path::Path, rows: i64, effort: Effort) -> anyhow
         ("TLS, API key", &p_both),
     ];
     let watched = [
-        Watched { name: "plain".into(), pid: plain.pid() },
-        Watched { name: "key".into(), pid: keyed.pid() },
-        Watched { name: "tls".into(), pid: tls_only.pid() },
-        Watched { name: "tls+key".into(), pid: both.pid() },
+        Watched::process("plain", plain.pid()),
+        Watched::process("key", keyed.pid()),
+        Watched::process("tls", tls_only.pid()),
+        Watched::process("tls+key", both.pid()),
     ];
     let results = measure_side_by_side(&paths, effort, 1, &watched).await?;
     Ok(Scenario {

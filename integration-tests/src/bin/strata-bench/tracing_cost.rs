@@ -49,10 +49,10 @@ pub async fn run(parquet: &std::path::Path, rows: i64, effort: Effort) -> anyhow
         ("tracing on, collector never answers", &f_hangs),
     ];
     let watched = [
-        Watched { name: "off".into(), pid: off.pid() },
-        Watched { name: "on".into(), pid: on.pid() },
-        Watched { name: "down".into(), pid: down.pid() },
-        Watched { name: "hangs".into(), pid: hangs.pid() },
+        Watched::process("off", off.pid()),
+        Watched::process("on", on.pid()),
+        Watched::process("down", down.pid()),
+        Watched::process("hangs", hangs.pid()),
     ];
     let results = measure_side_by_side(&paths, effort, 1, &watched).await?;
     let dropped = counter(&down, "strata_trace_spans_dropped_total").await?;
