@@ -22,9 +22,7 @@ async fn quick_benchmark_reports_every_scenario_against_its_baseline() {
     let scenarios = report["scenarios"].as_array().expect("scenarios");
     let names: Vec<&str> = scenarios.iter().filter_map(|s| s["name"].as_str()).collect();
     let scenario = |prefix: &str| {
-        scenarios
-            .iter()
-            .find(|s| s["name"].as_str().is_some_and(|n| n.starts_with(prefix)))
+        find(&report["scenarios"], "name", |n| n.starts_with(prefix))
             .unwrap_or_else(|| panic!("no {prefix} scenario in {names:?}"))
     };
     for wanted in [
@@ -62,19 +60,11 @@ async fn quick_benchmark_reports_every_scenario_against_its_baseline() {
     // postmaster's children) are charged to it, the HTTP floor to the sidecar serving it.
     let lookup = scenario("Point lookup");
     let path = |name: &str| {
-        lookup["results"]
-            .as_array()
-            .expect("results")
-            .iter()
-            .find(|p| p["name"].as_str().is_some_and(|n| n.starts_with(name)))
+        find(&lookup["results"], "name", |n| n.starts_with(name))
             .unwrap_or_else(|| panic!("no path `{name}` in {lookup}"))
     };
     let cpu = |cpu_per_call: &serde_json::Value, process: &str| {
-        cpu_per_call
-            .as_array()
-            .expect("cpu_per_call")
-            .iter()
-            .find(|c| c["process"] == process)
+        find(cpu_per_call, "process", |p| p == process)
             .and_then(|c| c["us"].as_f64())
             .unwrap_or_else(|| panic!("no CPU of `{process}` in {cpu_per_call}"))
     };
@@ -102,11 +92,7 @@ async fn quick_benchmark_reports_every_scenario_against_its_baseline() {
     // in the kernel, and the page faults of filling its replica.
     let bulk = scenario("Bulk");
     let figure = |name: &str| {
-        bulk["figures"]
-            .as_array()
-            .expect("figures")
-            .iter()
-            .find(|f| f["name"].as_str().is_some_and(|n| n.trim() == name))
+        find(&bulk["figures"], "name", |n| n.trim() == name)
             .and_then(|f| f["value"].as_f64())
             .unwrap_or_else(|| panic!("no figure `{name}` in {bulk}"))
     };
@@ -128,4 +114,9 @@ async fn quick_benchmark_reports_every_scenario_against_its_baseline() {
     }
     let plot = std::fs::read(&png).expect("the growth plot is written");
     assert!(plot.starts_with(b"\x89PNG\r\n\x1a\n") && plot.len() > 10_000, "a PNG with something drawn");
+}
+
+/// The first element of the JSON array `list` whose string field `key` is `wanted`.
+fn find<'a>(list: &'a serde_json::Value, key: &str, wanted: impl Fn(&str) -> bool) -> Option<&'a serde_json::Value> {
+    list.as_array()?.iter().find(|item| item[key].as_str().is_some_and(&wanted))
 }
