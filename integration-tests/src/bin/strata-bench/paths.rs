@@ -1,5 +1,6 @@
-//! The ways a benchmark query can be answered: through a tier over Flight SQL, by
-//! PostgreSQL, by DataFusion in-process, and a bare tier-protocol call as the floor.
+//! The ways a benchmark query can be answered: through a tier over Flight SQL or HTTP, by
+//! PostgreSQL, by DataFusion in-process; and the floors, a bare tier-protocol call and a
+//! `GET /health`, round trips that ask the engine nothing.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
