@@ -176,16 +176,14 @@ impl Points {
     /// PostgreSQL (its postmaster and backends), and this process (the clients, and the
     /// in-process paths' engine).
     fn watched(&self) -> Vec<Watched> {
-        let postgres = self.pg.pid().map(|pid| Watched::tree("PostgreSQL", pid));
-        [Watched::process("bench client", std::process::id())]
-            .into_iter()
-            .chain(postgres)
-            .chain([
-                Watched::process("sidecar", self.sidecar.pid()),
-                Watched::process("sidecar, cache off", self.uncached.pid()),
-                Watched::process("platform", self.platform.pid()),
-            ])
-            .collect()
+        let mut watched = vec![Watched::process("bench client", std::process::id())];
+        watched.extend(self.pg.pid().map(|pid| Watched::tree("PostgreSQL", pid)));
+        watched.extend([
+            Watched::process("sidecar", self.sidecar.pid()),
+            Watched::process("sidecar, cache off", self.uncached.pid()),
+            Watched::process("platform", self.platform.pid()),
+        ]);
+        watched
     }
 
     /// Point lookup by key: the sidecar locally, forwarded, the platform, PostgreSQL, the floor.

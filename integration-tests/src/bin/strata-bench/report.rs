@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use crate::measure::Measured;
+use crate::measure::{Measured, ProcessCpu};
 
 /// A single figure that is not a latency distribution (throughput, memory, time).
 #[derive(Debug, Clone, Serialize)]
@@ -120,8 +120,7 @@ fn cpu_markdown(results: &[Measured]) -> String {
         "---:|".repeat(processes.len())
     );
     for m in results {
-        let cells: Vec<String> = m.cpu_per_call.iter().map(|c| format!("{:.0}", c.us)).collect();
-        out.push_str(&format!("| {} | {} |\n", m.name, cells.join(" | ")));
+        out.push_str(&format!("| {} | {} |\n", m.name, cells(&m.cpu_per_call)));
     }
     out.push_str(&loaded_cpu_markdown(results, &processes));
     out
@@ -141,11 +140,15 @@ fn loaded_cpu_markdown(results: &[Measured], processes: &[&str]) -> String {
     );
     for m in results {
         let Some(t) = m.throughput.iter().find(|t| t.concurrency == workers) else { continue };
-        let cells: Vec<String> = t.cpu_per_call.iter().map(|c| format!("{:.0}", c.us)).collect();
         let busy = t.cpu_per_call.iter().map(|c| c.us).sum::<f64>() * t.ops_per_s / 1e6;
-        out.push_str(&format!("| {} | {} | {busy:.2} |\n", m.name, cells.join(" | ")));
+        out.push_str(&format!("| {} | {} | {busy:.2} |\n", m.name, cells(&t.cpu_per_call)));
     }
     out
+}
+
+/// A row's CPU cells, whole microseconds.
+fn cells(cpu: &[ProcessCpu]) -> String {
+    cpu.iter().map(|c| format!("{:.0}", c.us)).collect::<Vec<_>>().join(" | ")
 }
 
 /// "2 cores, 23 GiB, <cpu model>" from /proc.
