@@ -5,8 +5,10 @@
 # difference per lookup (start-up and loading the table cancel out).
 # Each mode runs without and with an index on the key (`primary_key`), at ROWS rows
 # (default 100000; e.g. ROWS=10000000 to show the cost does not grow with the table); the
-# last mode counts a results cache hit instead (a dashboard's aggregates, repeated).
-# Usage: [ROWS=n] scripts/instructions.sh [lookups]   (default 200; each run takes a minute or two)
+# "results cache hit" mode counts a hit instead (a dashboard's aggregates, repeated); the
+# last two send an indexed literal lookup, and `GET /health` as its floor, through the tier's
+# HTTP stack in-process (routes, layers, handler, JSON answer; no sockets).
+# Usage: [ROWS=n] [ONLY=part-of-a-mode-name] scripts/instructions.sh [lookups]   (default 200; each run takes a minute or two)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "valgrind is not installed" >&2; exit 1; }
@@ -23,11 +25,14 @@ count() { # mode lookups -> total instructions of the run
     || { cat "$out/log" >&2; exit 1; }
   grep -E "^(summary|totals): " "$out/cg" | head -1 | cut -d" " -f2
 }
-for mode in prepared literal "prepared, indexed" "literal, indexed" "results cache hit"; do
+for mode in prepared literal "prepared, indexed" "literal, indexed" "results cache hit" \
+  "HTTP /v1/sql, literal, indexed" "HTTP GET /health"; do
+  case "$mode" in *${ONLY:-}*) ;; *) continue ;; esac
   flags=""
   case "$mode" in *literal*) flags="--literal" ;; esac
   case "$mode" in *indexed*) flags="$flags --indexed" ;; esac
   case "$mode" in *cache*) flags="--cached" ;; esac
+  case "$mode" in HTTP*/v1/sql*) flags="$flags --http" ;; *health*) flags="--health" ;; esac
   few=$(count "$flags" 0)
   many=$(count "$flags" "$lookups")
   echo "$mode, $rows rows: $(( (many - few) / lookups )) instructions per query ($lookups lookups; $few for start-up and warm-up)"

@@ -33,6 +33,14 @@ struct Args {
     /// cache hit (checked), so the count is what a hit costs the engine.
     #[arg(long)]
     cached: bool,
+    /// Send each lookup as `POST /v1/sql` through the tier's HTTP stack (routes, layers,
+    /// handler, JSON answer) in this process, with the tiers' log subscriber installed: what
+    /// the HTTP API adds to the engine's lookup, without sockets or hyper's connection.
+    #[arg(long)]
+    http: bool,
+    /// Send `GET /health` through the same stack instead: the floor of `--http`.
+    #[arg(long, conflicts_with_all = ["http", "cached"])]
+    health: bool,
 }
 
 /// What `--cached` repeats, in turn: aggregates and a top-10, 10 rows or fewer each.
@@ -68,6 +76,9 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::timeout(Duration::from_secs(600), engine.wait_ready()).await.context("the table never loaded")?;
     if args.cached {
         return dashboard(&engine, args.lookups).await;
+    }
+    if args.health || args.http {
+        return over_http(engine, &args).await;
     }
     for i in 0..WARMUP + args.lookups {
         let key = (i as i64).wrapping_mul(7919).rem_euclid(args.rows);
@@ -105,6 +116,41 @@ async fn dashboard(engine: &strata_core::Engine, calls: usize) -> anyhow::Result
             "call {i} was {cache:?}, not a results cache hit"
         );
     }
+    Ok(())
+}
+
+/// Lookups (`--http`, always as literal SQL, the way an HTTP client sends them) or health
+/// checks (`--health`) through the tier's HTTP router, each answer read whole and checked.
+async fn over_http(engine: strata_core::Engine, args: &Args) -> anyhow::Result<()> {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use tower::ServiceExt;
+    strata_serving::telemetry::init(strata_serving::telemetry::LogFormat::Pretty);
+    let server = strata_core::config::ServerConfig::default();
+    let connections = strata_serving::connections::ConnectionGuard::new(&server);
+    let metrics = strata_serving::metrics::Metrics::install(&engine, connections);
+    let state =
+        strata_serving::http::HttpState { engine: engine.clone(), metrics, draining: Arc::default(), auth: None };
+    let router = strata_serving::stack::http(state);
+    for i in 0..WARMUP + args.lookups {
+        let key = (i as i64).wrapping_mul(7919).rem_euclid(args.rows);
+        let request = match args.health {
+            true => http::Request::get("/health").body(Full::new(Bytes::new()))?,
+            false => http::Request::post("/v1/sql")
+                .body(Full::new(Bytes::from(format!("SELECT v FROM points WHERE id = {key}"))))?,
+        };
+        let response = router.clone().oneshot(request).await?;
+        anyhow::ensure!(response.status() == http::StatusCode::OK, "call {i} answered {}", response.status());
+        let body = response.into_body().collect().await?.to_bytes();
+        let expected = match args.health {
+            true => r#"{"status":"ok"}"#.to_string(),
+            false => format!(r#"[{{"v":"value-{key}"}}]"#),
+        };
+        anyhow::ensure!(body == expected.as_bytes(), "call {i} answered {:?}", String::from_utf8_lossy(&body));
+    }
+    let from_index = engine.index_lookups() as usize;
+    let expected = if args.http && args.indexed { WARMUP + args.lookups } else { 0 };
+    anyhow::ensure!(from_index == expected, "{from_index} lookups answered from the index, expected {expected}");
     Ok(())
 }
 
