@@ -22,12 +22,22 @@ use crate::parameterize::Parameterized;
 const MARK: char = '\u{0}';
 
 /// A text's skeleton and its literals, in text order.
+#[derive(Debug, PartialEq)]
 pub(crate) struct Skeleton<'a> {
     /// The text with each literal replaced by [`MARK`] and its kind.
     pub key: String,
     literals: Vec<Literal<'a>>,
 }
 
+/// What [`Skeleton::scanned`] made of a text.
+enum Scan<'a> {
+    /// The skeleton (`None`: the text has no literal).
+    Plain(Option<Skeleton<'a>>),
+    /// The text holds something only the tokenizer reads right.
+    NeedsTokenizer,
+}
+
+#[derive(Debug, PartialEq)]
 struct Literal<'a> {
     start: Location,
     /// The literal as written (quotes included), compared for literals that stay in the text.
@@ -58,6 +68,120 @@ impl<'a> Skeleton<'a> {
         if sql.contains(MARK) {
             return None;
         }
+        match Self::scanned(sql) {
+            Scan::Plain(skeleton) => skeleton,
+            Scan::NeedsTokenizer => Self::tokenized(sql),
+        }
+    }
+
+    /// [`Skeleton::of`] by a single pass over the bytes, for the plain texts that are most
+    /// of what applications send (words, numbers, quoted strings, operators, spaces and
+    /// newlines): the tokenizer costs a literal key lookup more instructions than all the
+    /// rest of finding its plan. It gives the tokenizer's skeleton exactly or gives up:
+    /// anything whose tokens depend on more than its characters' classes (comments, quoted
+    /// or non-ASCII names, escapes or doubled quotes in a string, prefixed strings like
+    /// `E'..'`, numbers with a point, an exponent, a base or a suffix, `:name`, `@`, `#`,
+    /// `\r`) goes to the tokenizer. `tests::scanning_agrees_with_the_tokenizer` holds it
+    /// to that over generated texts.
+    fn scanned(sql: &'a str) -> Scan<'a> {
+        let bytes = sql.as_bytes();
+        let mut key = String::with_capacity(sql.len());
+        let mut literals = Vec::new();
+        let (mut line, mut column) = (1u64, 1u64);
+        // Start of the text not yet copied into `key`.
+        let mut copied = 0;
+        let mut i = 0;
+        let word = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+        while i < bytes.len() {
+            let b = bytes[i];
+            let start = Location::new(line, column);
+            let kind = match b {
+                b'\n' => {
+                    (line, column) = (line + 1, 1);
+                    i += 1;
+                    continue;
+                }
+                b' ' | b'\t' | b'(' | b')' | b',' | b'=' | b'<' | b'>' | b'!' | b'*' | b'+' | b'%' | b';' | b'|'
+                | b'&' | b'^' | b'~' => {
+                    column += 1;
+                    i += 1;
+                    continue;
+                }
+                // A comment.
+                b'-' if bytes.get(i + 1) == Some(&b'-') => return Scan::NeedsTokenizer,
+                b'/' if bytes.get(i + 1) == Some(&b'*') => return Scan::NeedsTokenizer,
+                // Only the `.` of a qualified name (`t.v`, `t.*`): any other, a `.5`, `t.1` or
+                // `;._x`, the tokenizer reads its own way.
+                b'.' if !(i > 0 && word(bytes[i - 1]) && bytes.get(i + 1).is_some_and(|b| word(*b) || *b == b'*'))
+                    || bytes.get(i + 1).is_some_and(u8::is_ascii_digit) =>
+                {
+                    return Scan::NeedsTokenizer;
+                }
+                b'-' | b'/' | b'.' => {
+                    column += 1;
+                    i += 1;
+                    continue;
+                }
+                b':' if bytes.get(i + 1) == Some(&b':') => {
+                    column += 2;
+                    i += 2;
+                    continue;
+                }
+                b'a'..=b'z' | b'A'..=b'Z' | b'_' => {
+                    let end = i + bytes[i..].iter().take_while(|b| word(**b)).count();
+                    // `E'..'`, `N'..'`, `X'..'`: a prefixed string.
+                    if bytes.get(end) == Some(&b'\'') {
+                        return Scan::NeedsTokenizer;
+                    }
+                    column += (end - i) as u64;
+                    i = end;
+                    continue;
+                }
+                b'0'..=b'9' => {
+                    let end = i + bytes[i..].iter().take_while(|b| b.is_ascii_digit()).count();
+                    // `1.5`, `1e3`, `0x1f`, `1_000`, `1L`.
+                    if bytes.get(end).is_some_and(|b| word(*b) || *b == b'.' || *b == b'\'') {
+                        return Scan::NeedsTokenizer;
+                    }
+                    let digits = &sql[i..end];
+                    literals.push(Literal { start, source: digits, token: Token::Number(digits.to_string(), false) });
+                    column += (end - i) as u64;
+                    i = end;
+                    '#'
+                }
+                b'\'' => {
+                    let Some(length) = bytes[i + 1..].iter().position(|b| *b == b'\'') else {
+                        return Scan::NeedsTokenizer;
+                    };
+                    let end = i + 1 + length + 1;
+                    let content = &sql[i + 1..end - 1];
+                    // `'it''s'`, an escape, a line break, or a string run into a word.
+                    if content.contains(['\\', '\n', '\r']) || bytes.get(end).is_some_and(|b| word(*b) || *b == b'\'') {
+                        return Scan::NeedsTokenizer;
+                    }
+                    literals.push(Literal {
+                        start,
+                        source: &sql[i..end],
+                        token: Token::SingleQuotedString(content.to_string()),
+                    });
+                    column += sql[i..end].chars().count() as u64;
+                    i = end;
+                    '\''
+                }
+                _ => return Scan::NeedsTokenizer,
+            };
+            let literal = literals.last().map_or("", |l| l.source);
+            key.push_str(&sql[copied..i - literal.len()]);
+            key.push(MARK);
+            key.push(kind);
+            copied = i;
+        }
+        key.push_str(&sql[copied..]);
+        Scan::Plain((!literals.is_empty()).then_some(Skeleton { key, literals }))
+    }
+
+    /// [`Skeleton::of`] by DataFusion's own tokenizer: any text.
+    fn tokenized(sql: &'a str) -> Option<Self> {
         let tokens = Tokenizer::new(&GenericDialect {}, sql).tokenize_with_location().ok()?;
         let mut key = String::with_capacity(sql.len());
         let mut literals = Vec::new();
@@ -253,6 +377,113 @@ mod tests {
             Skeleton::of("SELECT v FROM t WHERE id = '1'").expect("s").key,
             Skeleton::of("SELECT v FROM t WHERE id = 1").expect("s").key
         );
+    }
+
+    /// Texts made of pieces the scanner must read as the tokenizer does, and pieces it must
+    /// leave to the tokenizer, in random order (a fixed seed: the same texts every run).
+    #[test]
+    fn scanning_agrees_with_the_tokenizer() {
+        // What plain texts are made of; the scanner must read any mix of these.
+        const PLAIN: &[&str] = &[
+            "SELECT",
+            "v",
+            "t1",
+            "id",
+            "_x2",
+            "FROM",
+            "WHERE",
+            "AND",
+            "IN",
+            "0",
+            "42",
+            "007",
+            "9223372036854775807",
+            "99999999999999999999",
+            "'a'",
+            "'héllo'",
+            "''",
+            "=",
+            "<>",
+            "!=",
+            "<=",
+            "::",
+            "-",
+            "/",
+            ".",
+            ",",
+            "(",
+            ")",
+            "*",
+            "+",
+            "%",
+            "||",
+            ";",
+            " ",
+            " ",
+            " ",
+            "\n",
+            "\t",
+            "->",
+        ];
+        // What it must leave to the tokenizer, or read as the tokenizer does when it can.
+        const TRICKY: &[&str] = &[
+            "1.5",
+            "1e3",
+            "0x1f",
+            ".5",
+            "1L",
+            "1_0",
+            "'it''s'",
+            "'a\\b'",
+            "E'x'",
+            "N'y'",
+            "'two\nlines'",
+            "'run'x",
+            "'",
+            ":x",
+            ":",
+            "--c\n",
+            "/*c*/",
+            "\r\n",
+            "é",
+            "\"q 1\"",
+            "`b`",
+            "@",
+            "#",
+            "[a]",
+            "\u{c}",
+        ];
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let (mut scanned, mut gave_up) = (0, 0);
+        for _ in 0..20_000 {
+            let piece = |next: &mut dyn FnMut(usize) -> usize| match next(12) {
+                0 => TRICKY[next(TRICKY.len())],
+                _ => PLAIN[next(PLAIN.len())],
+            };
+            let text: String = (0..1 + next(12)).map(|_| piece(&mut next)).collect();
+            match Skeleton::scanned(&text) {
+                Scan::Plain(skeleton) => {
+                    assert_eq!(skeleton, Skeleton::tokenized(&text), "{text:?}");
+                    scanned += 1;
+                }
+                Scan::NeedsTokenizer => gave_up += 1,
+            }
+        }
+        assert!(scanned > 5_000 && gave_up > 4_000, "{scanned} scanned, {gave_up} left to the tokenizer");
+        for lookup in [
+            "SELECT v FROM points WHERE id = 42",
+            "SELECT * FROM orders\n WHERE customer = 'acme' AND total >= -5 AND status IN ('a', 'b') LIMIT 10",
+            "select name::text from users where id=7;",
+        ] {
+            let Scan::Plain(Some(skeleton)) = Skeleton::scanned(lookup) else { panic!("not scanned: {lookup}") };
+            assert_eq!(Some(skeleton), Skeleton::tokenized(lookup), "{lookup}");
+        }
     }
 
     #[test]

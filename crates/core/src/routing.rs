@@ -136,11 +136,13 @@ impl RouteInfo {
 
     /// `dataset=version@age_ms` pairs, comma separated: the `strata-versions` header.
     pub fn versions_header(&self) -> String {
-        self.versions
-            .iter()
-            .map(|v| format!("{}={}@{}ms", v.dataset, v.version, v.age_ms))
-            .collect::<Vec<_>>()
-            .join(",")
+        use std::fmt::Write;
+        let mut header = String::with_capacity(self.versions.len() * 32);
+        for (i, v) in self.versions.iter().enumerate() {
+            let comma = if i == 0 { "" } else { "," };
+            let _ = write!(header, "{comma}{}={}@{}ms", v.dataset, v.version, v.age_ms);
+        }
+        header
     }
 
     /// Parses [`RouteInfo::versions_header`]; malformed entries are skipped.

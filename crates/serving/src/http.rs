@@ -149,6 +149,9 @@ pub fn error_response(err: &StrataError) -> Response {
     (status::to_http(err), axum::Json(body)).into_response()
 }
 
+/// The id of the query that made an answer, as its logs and span name it.
+const QUERY_ID_HEADER: axum::http::HeaderName = axum::http::HeaderName::from_static("strata-query-id");
+
 /// Result bytes held back before the status line is sent.
 const RESPONSE_HEAD_BYTES: usize = 1 << 20;
 
@@ -301,9 +304,7 @@ async fn sql(State(state): State<HttpState>, headers: HeaderMap, body: Bytes) ->
     let mut response = Response::new(body);
     let h = response.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(format.content_type()));
-    if let Ok(v) = HeaderValue::from_str(&query_id.to_string()) {
-        h.insert("strata-query-id", v);
-    }
+    h.insert(QUERY_ID_HEADER, HeaderValue::from(query_id));
     crate::route_headers::insert_http(h, &route);
     response
 }

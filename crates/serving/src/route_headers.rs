@@ -6,6 +6,9 @@
 //! `strata-warning`); `strata-trace-id` on answers that were traced. A request's
 //! `Cache-Control` tells the results cache what it accepts (see [`CacheControl::parse`]).
 
+use std::borrow::Cow;
+
+use axum::http::{HeaderMap, HeaderName};
 use strata_core::results_cache::CacheControl;
 use strata_core::routing::{QueryOptions, RouteInfo};
 use strata_core::trace_context::TraceParent;
@@ -14,18 +17,23 @@ use strata_upstream::wire::{CONSISTENCY_HEADER, ROUTE_HEADER, ROUTE_REASON_HEADE
 pub const ROUTE_DETAIL_HEADER: &str = "strata-route-detail";
 pub const TENANT_HEADER: &str = "strata-tenant";
 
-/// Header values must be visible ASCII; anything else becomes `?`.
-fn ascii(s: &str) -> String {
-    s.chars().map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' }).collect()
+/// Header values must be visible ASCII; anything else becomes `?`. Borrowed when it already
+/// is (nearly always: a copy per header per answer showed in a lookup's profile).
+fn ascii(s: &str) -> Cow<'_, str> {
+    let visible = |c: char| c.is_ascii_graphic() || c == ' ';
+    match s.chars().all(visible) {
+        true => Cow::Borrowed(s),
+        false => Cow::Owned(s.chars().map(|c| if visible(c) { c } else { '?' }).collect()),
+    }
 }
 
 /// (name, value) pairs of the route headers.
-pub fn pairs(route: &RouteInfo) -> [(&'static str, String); 4] {
+pub fn pairs(route: &RouteInfo) -> [(&'static str, Cow<'_, str>); 4] {
     [
-        (ROUTE_HEADER, route.route.as_str().to_string()),
-        (ROUTE_REASON_HEADER, route.reason.as_str().to_string()),
+        (ROUTE_HEADER, Cow::Borrowed(route.route.as_str())),
+        (ROUTE_REASON_HEADER, Cow::Borrowed(route.reason.as_str())),
         (ROUTE_DETAIL_HEADER, ascii(&route.detail)),
-        (VERSIONS_HEADER, ascii(&route.versions_header())),
+        (VERSIONS_HEADER, Cow::Owned(ascii(&route.versions_header()).into_owned())),
     ]
 }
 
@@ -59,28 +67,38 @@ pub fn insert_grpc(metadata: &mut tonic::metadata::MetadataMap, route: &RouteInf
     }
 }
 
-pub fn insert_http(headers: &mut axum::http::HeaderMap, route: &RouteInfo) {
-    if let Some(Ok(value)) = route.trace_id.as_deref().map(axum::http::HeaderValue::from_str) {
+pub fn insert_http(headers: &mut HeaderMap, route: &RouteInfo) {
+    use axum::http::HeaderValue;
+    if let Some(Ok(value)) = route.trace_id.as_deref().map(HeaderValue::from_str) {
         headers.insert(TRACE_ID_HEADER, value);
     }
-    if let Some(Ok(value)) = route.warning.as_deref().map(|w| axum::http::HeaderValue::from_str(&ascii(w))) {
+    if let Some(Ok(value)) = route.warning.as_deref().map(|w| HeaderValue::from_str(&ascii(w))) {
         headers.insert(WARNING_HEADER, value);
     }
     if let Some(status) = route.cache {
-        headers.insert(CACHE_HEADER, axum::http::HeaderValue::from_static(status.as_str()));
+        headers.insert(CACHE_HEADER, HeaderValue::from_static(status.as_str()));
     }
-    if let Some(Ok(value)) = route.stale_ms.map(|ms| axum::http::HeaderValue::from_str(&format!("{ms}ms"))) {
+    if let Some(Ok(value)) = route.stale_ms.map(|ms| HeaderValue::from_str(&format!("{ms}ms"))) {
         headers.insert(STALENESS_HEADER, value);
     }
-    for (name, value) in pairs(route) {
-        if let Ok(value) = axum::http::HeaderValue::from_str(&value) {
-            headers.insert(name, value);
-        }
+    // Names and the route's own words are static: nothing parsed or copied for them.
+    headers.insert(HTTP_ROUTE, HeaderValue::from_static(route.route.as_str()));
+    headers.insert(HTTP_ROUTE_REASON, HeaderValue::from_static(route.reason.as_str()));
+    if let Ok(value) = HeaderValue::from_str(&ascii(&route.detail)) {
+        headers.insert(HTTP_ROUTE_DETAIL, value);
+    }
+    if let Ok(value) = HeaderValue::try_from(ascii(&route.versions_header()).into_owned()) {
+        headers.insert(HTTP_VERSIONS, value);
     }
 }
 
+const HTTP_ROUTE: HeaderName = HeaderName::from_static(ROUTE_HEADER);
+const HTTP_ROUTE_REASON: HeaderName = HeaderName::from_static(ROUTE_REASON_HEADER);
+const HTTP_ROUTE_DETAIL: HeaderName = HeaderName::from_static(ROUTE_DETAIL_HEADER);
+const HTTP_VERSIONS: HeaderName = HeaderName::from_static(VERSIONS_HEADER);
+
 /// Query options from request headers (HTTP and gRPC alike).
-pub fn options(headers: &axum::http::HeaderMap) -> QueryOptions {
+pub fn options(headers: &HeaderMap) -> QueryOptions {
     let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
     QueryOptions {
         strong_consistency: get(CONSISTENCY_HEADER).eq_ignore_ascii_case("strong"),

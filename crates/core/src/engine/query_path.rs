@@ -18,13 +18,13 @@ use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_planner::DefaultPhysicalPlanner;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::field::Empty;
-use tracing::{Instrument, debug_span, info_span, warn};
+use tracing::{Instrument, debug_span, warn};
 
 use super::Engine;
 use crate::auth::Access;
 use crate::error::{Result, StrataError};
 use crate::plan_cache::CachedPlan;
-use crate::query::{Finished, Outcome, QueryObserver, QueryStream, StreamLimits, next_query_id};
+use crate::query::{Finished, Outcome, QueryLabel, QueryObserver, QueryStream, StreamLimits, next_query_id};
 use crate::read_only;
 use crate::results_cache::{Answer, CacheControl, CacheStatus, Lookup, Revalidation, Staleness, TextKey};
 use crate::routing::{ForwardQuery, QueryOptions, RouteInfo, Routing, SharedRouter, VersionRead, scanned_tables};
@@ -105,19 +105,21 @@ impl Engine {
         params: Vec<ScalarValue>,
         options: &QueryOptions,
     ) -> Result<QueryStream> {
-        let span = query_span(sql, options);
+        let label = QueryLabel::of(sql);
+        let span = query_span(&label, options);
         // Boxed: the query path's future is tens of KB (its planning and execution states),
         // and every move of it by value was a copy of all of it, on every query, cached
         // answers included (callgrind: most of a results cache hit's instructions).
-        Box::pin(self.run(QueryInput::Sql { sql, params }, options, span)).await
+        Box::pin(self.run(QueryInput::Sql { sql, params }, options, (span, label))).await
     }
 
     /// Runs a plan another tier shipped here (a sub-plan of a mixed query), under the same
     /// limits as SQL. It may only read.
     pub async fn execute_plan(&self, plan: LogicalPlan, options: &QueryOptions) -> Result<QueryStream> {
         read_only::check_plan(&plan)?;
-        let span = query_span(&plan.display().to_string(), options);
-        Box::pin(self.run(QueryInput::Plan(plan), options, span)).await
+        let label = QueryLabel::of(&plan.display().to_string());
+        let span = query_span(&label, options);
+        Box::pin(self.run(QueryInput::Plan(plan), options, (span, label))).await
     }
 
     /// Runs a plan shipped by another tier as datafusion-proto bytes.
@@ -128,7 +130,12 @@ impl Engine {
 
     /// The phases in order. Everything up to the first batch runs within the query's budget;
     /// the returned stream keeps to the same deadline while it streams.
-    async fn run(&self, input: QueryInput<'_>, options: &QueryOptions, span: tracing::Span) -> Result<QueryStream> {
+    async fn run(
+        &self,
+        input: QueryInput<'_>,
+        options: &QueryOptions,
+        (span, label): (tracing::Span, QueryLabel),
+    ) -> Result<QueryStream> {
         let observer = self.observer();
         let access = self.access(options);
         let admission = match self.admit(options, &access) {
@@ -171,7 +178,10 @@ impl Engine {
             Ok(Ok(started)) => started,
             Ok(Err(err)) => {
                 let err = crate::query::name_memory_limits(err, &tenant_memory_limits);
-                span.in_scope(|| warn!(error = %err, "query rejected"));
+                let (sql, digest) = (&label.sql, label.digest_hex());
+                span.in_scope(
+                    || warn!(query_id = admission.id, sql, sql_digest = %digest, error = %err, "query rejected"),
+                );
                 if let Some(observer) = &observer {
                     observer(Finished::unanswered(Outcome::Error, admission.started.elapsed()));
                 }
@@ -207,7 +217,7 @@ impl Engine {
             admission.permit,
             limits,
             admission.started,
-            span,
+            (span, label),
             observer,
             info,
         )
@@ -758,13 +768,15 @@ pub(super) fn derived_task_context(
 }
 
 /// The span of one query, a child of the caller's trace context when it sent one. Its
-/// route, rows and outcome are recorded as they become known (`QueryStream`).
-fn query_span(text: &str, options: &QueryOptions) -> tracing::Span {
-    let span = info_span!(
+/// route, rows and outcome are recorded as they become known (`QueryStream`). At debug
+/// level: exported with traces (`telemetry`), free in a tier that only logs (see
+/// [`QueryLabel`]).
+fn query_span(label: &QueryLabel, options: &QueryOptions) -> tracing::Span {
+    let span = debug_span!(
         "query",
         id = Empty,
-        sql = %truncate(text, 200),
-        sql_digest = %format_args!("{:016x}", digest(text)),
+        sql = &*label.sql,
+        sql_digest = %label.digest_hex(),
         route = Empty,
         reason = Empty,
         versions = Empty,
@@ -775,19 +787,6 @@ fn query_span(text: &str, options: &QueryOptions) -> tracing::Span {
     );
     crate::trace_context::adopt(&span, &options.trace);
     span
-}
-
-/// FNV-1a of the query text: a short stable key to group a statement's traces and logs by
-/// (the same text gives the same digest on every tier and every release).
-fn digest(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, b| (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
-}
-
-fn truncate(s: &str, max: usize) -> &str {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => &s[..i],
-        None => s,
-    }
 }
 
 /// The tables a plan scans, as referenced, subqueries included.
