@@ -93,88 +93,71 @@ impl<'a> Skeleton<'a> {
         let mut i = 0;
         let word = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
         while i < bytes.len() {
-            let b = bytes[i];
+            let at = i;
             let start = Location::new(line, column);
-            let kind = match b {
+            // Where the token at `at` ends, and its kind and value when it is a literal.
+            let (end, literal) = match bytes[at] {
                 b'\n' => {
                     (line, column) = (line + 1, 1);
                     i += 1;
                     continue;
                 }
                 b' ' | b'\t' | b'(' | b')' | b',' | b'=' | b'<' | b'>' | b'!' | b'*' | b'+' | b'%' | b';' | b'|'
-                | b'&' | b'^' | b'~' => {
-                    column += 1;
-                    i += 1;
-                    continue;
-                }
+                | b'&' | b'^' | b'~' => (at + 1, None),
                 // A comment.
-                b'-' if bytes.get(i + 1) == Some(&b'-') => return Scan::NeedsTokenizer,
-                b'/' if bytes.get(i + 1) == Some(&b'*') => return Scan::NeedsTokenizer,
+                b'-' if bytes.get(at + 1) == Some(&b'-') => return Scan::NeedsTokenizer,
+                b'/' if bytes.get(at + 1) == Some(&b'*') => return Scan::NeedsTokenizer,
                 // Only the `.` of a qualified name (`t.v`, `t.*`): any other, a `.5`, `t.1` or
                 // `;._x`, the tokenizer reads its own way.
-                b'.' if !(i > 0 && word(bytes[i - 1]) && bytes.get(i + 1).is_some_and(|b| word(*b) || *b == b'*'))
-                    || bytes.get(i + 1).is_some_and(u8::is_ascii_digit) =>
+                b'.' if !(at > 0
+                    && word(bytes[at - 1])
+                    && bytes.get(at + 1).is_some_and(|b| word(*b) || *b == b'*'))
+                    || bytes.get(at + 1).is_some_and(u8::is_ascii_digit) =>
                 {
                     return Scan::NeedsTokenizer;
                 }
-                b'-' | b'/' | b'.' => {
-                    column += 1;
-                    i += 1;
-                    continue;
-                }
-                b':' if bytes.get(i + 1) == Some(&b':') => {
-                    column += 2;
-                    i += 2;
-                    continue;
-                }
+                b'-' | b'/' | b'.' => (at + 1, None),
+                b':' if bytes.get(at + 1) == Some(&b':') => (at + 2, None),
                 b'a'..=b'z' | b'A'..=b'Z' | b'_' => {
-                    let end = i + bytes[i..].iter().take_while(|b| word(**b)).count();
+                    let end = at + bytes[at..].iter().take_while(|b| word(**b)).count();
                     // `E'..'`, `N'..'`, `X'..'`: a prefixed string.
                     if bytes.get(end) == Some(&b'\'') {
                         return Scan::NeedsTokenizer;
                     }
-                    column += (end - i) as u64;
-                    i = end;
-                    continue;
+                    (end, None)
                 }
                 b'0'..=b'9' => {
-                    let end = i + bytes[i..].iter().take_while(|b| b.is_ascii_digit()).count();
+                    let end = at + bytes[at..].iter().take_while(|b| b.is_ascii_digit()).count();
                     // `1.5`, `1e3`, `0x1f`, `1_000`, `1L`.
                     if bytes.get(end).is_some_and(|b| word(*b) || *b == b'.' || *b == b'\'') {
                         return Scan::NeedsTokenizer;
                     }
-                    let digits = &sql[i..end];
-                    literals.push(Literal { start, source: digits, token: Token::Number(digits.to_string(), false) });
-                    column += (end - i) as u64;
-                    i = end;
-                    '#'
+                    (end, Some(('#', Token::Number(sql[at..end].to_string(), false))))
                 }
                 b'\'' => {
-                    let Some(length) = bytes[i + 1..].iter().position(|b| *b == b'\'') else {
+                    let Some(length) = bytes[at + 1..].iter().position(|b| *b == b'\'') else {
                         return Scan::NeedsTokenizer;
                     };
-                    let end = i + 1 + length + 1;
-                    let content = &sql[i + 1..end - 1];
+                    let end = at + 1 + length + 1;
+                    let content = &sql[at + 1..end - 1];
                     // `'it''s'`, an escape, a line break, or a string run into a word.
                     if content.contains(['\\', '\n', '\r']) || bytes.get(end).is_some_and(|b| word(*b) || *b == b'\'') {
                         return Scan::NeedsTokenizer;
                     }
-                    literals.push(Literal {
-                        start,
-                        source: &sql[i..end],
-                        token: Token::SingleQuotedString(content.to_string()),
-                    });
-                    column += sql[i..end].chars().count() as u64;
-                    i = end;
-                    '\''
+                    (end, Some(('\'', Token::SingleQuotedString(content.to_string()))))
                 }
                 _ => return Scan::NeedsTokenizer,
             };
-            let literal = literals.last().map_or("", |l| l.source);
-            key.push_str(&sql[copied..i - literal.len()]);
-            key.push(MARK);
-            key.push(kind);
-            copied = i;
+            // Columns count characters: only a string holds any that are not ASCII.
+            column += sql[at..end].chars().count() as u64;
+            i = end;
+            if let Some((kind, token)) = literal {
+                key.push_str(&sql[copied..at]);
+                key.push(MARK);
+                key.push(kind);
+                copied = end;
+                literals.push(Literal { start, source: &sql[at..end], token });
+            }
         }
         key.push_str(&sql[copied..]);
         Scan::Plain((!literals.is_empty()).then_some(Skeleton { key, literals }))

@@ -23,7 +23,7 @@ static NEXT_QUERY_ID: AtomicU64 = AtomicU64::new(1);
 /// characters) and the text's digest. The `query` span is at debug level, so that a tier
 /// logging at info does no work for it on every query (a tenth of a key lookup's CPU when
 /// it was at info); the events a query logs at info and above carry these themselves.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct QueryLabel {
     pub sql: Box<str>,
     pub digest: u64,

@@ -17,13 +17,25 @@ use strata_upstream::wire::{CONSISTENCY_HEADER, ROUTE_HEADER, ROUTE_REASON_HEADE
 pub const ROUTE_DETAIL_HEADER: &str = "strata-route-detail";
 pub const TENANT_HEADER: &str = "strata-tenant";
 
+/// What a header value may hold: visible ASCII and spaces.
+fn visible(c: char) -> bool {
+    c.is_ascii_graphic() || c == ' '
+}
+
 /// Header values must be visible ASCII; anything else becomes `?`. Borrowed when it already
 /// is (nearly always: a copy per header per answer showed in a lookup's profile).
 fn ascii(s: &str) -> Cow<'_, str> {
-    let visible = |c: char| c.is_ascii_graphic() || c == ' ';
     match s.chars().all(visible) {
         true => Cow::Borrowed(s),
         false => Cow::Owned(s.chars().map(|c| if visible(c) { c } else { '?' }).collect()),
+    }
+}
+
+/// [`ascii`] of a value made for the header, kept when it already is.
+fn ascii_owned(s: String) -> String {
+    match s.chars().all(visible) {
+        true => s,
+        false => ascii(&s).into_owned(),
     }
 }
 
@@ -33,7 +45,7 @@ pub fn pairs(route: &RouteInfo) -> [(&'static str, Cow<'_, str>); 4] {
         (ROUTE_HEADER, Cow::Borrowed(route.route.as_str())),
         (ROUTE_REASON_HEADER, Cow::Borrowed(route.reason.as_str())),
         (ROUTE_DETAIL_HEADER, ascii(&route.detail)),
-        (VERSIONS_HEADER, Cow::Owned(ascii(&route.versions_header()).into_owned())),
+        (VERSIONS_HEADER, Cow::Owned(ascii_owned(route.versions_header()))),
     ]
 }
 
@@ -87,7 +99,7 @@ pub fn insert_http(headers: &mut HeaderMap, route: &RouteInfo) {
     if let Ok(value) = HeaderValue::from_str(&ascii(&route.detail)) {
         headers.insert(HTTP_ROUTE_DETAIL, value);
     }
-    if let Ok(value) = HeaderValue::try_from(ascii(&route.versions_header()).into_owned()) {
+    if let Ok(value) = HeaderValue::try_from(ascii_owned(route.versions_header())) {
         headers.insert(HTTP_VERSIONS, value);
     }
 }

@@ -81,7 +81,7 @@ async fn main() -> anyhow::Result<()> {
         return over_http(engine, &args).await;
     }
     for i in 0..WARMUP + args.lookups {
-        let key = (i as i64).wrapping_mul(7919).rem_euclid(args.rows);
+        let key = key(i, args.rows);
         let (sql, params) = if args.literal {
             (format!("SELECT v FROM points WHERE id = {key}"), Vec::new())
         } else {
@@ -98,6 +98,11 @@ async fn main() -> anyhow::Result<()> {
     let expected = if args.indexed { WARMUP + args.lookups } else { 0 };
     anyhow::ensure!(from_index == expected, "{from_index} lookups answered from the index, expected {expected}");
     Ok(())
+}
+
+/// The key of lookup `i`: spread over the table, each path's keys in the same order.
+fn key(i: usize, rows: i64) -> i64 {
+    (i as i64).wrapping_mul(7919).rem_euclid(rows)
 }
 
 /// The dashboard's queries, `calls` times after the warm-up, each a results cache hit.
@@ -133,7 +138,7 @@ async fn over_http(engine: strata_core::Engine, args: &Args) -> anyhow::Result<(
         strata_serving::http::HttpState { engine: engine.clone(), metrics, draining: Arc::default(), auth: None };
     let router = strata_serving::stack::http(state);
     for i in 0..WARMUP + args.lookups {
-        let key = (i as i64).wrapping_mul(7919).rem_euclid(args.rows);
+        let key = key(i, args.rows);
         let request = match args.health {
             true => http::Request::get("/health").body(Full::new(Bytes::new()))?,
             false => http::Request::post("/v1/sql")
