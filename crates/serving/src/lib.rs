@@ -9,6 +9,7 @@ pub mod http;
 pub mod metrics;
 pub mod process;
 pub mod route_headers;
+mod self_wake;
 pub mod server;
 pub mod stack;
 pub mod status;

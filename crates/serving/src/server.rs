@@ -233,7 +233,9 @@ async fn serve_connection<I>(
     use hyper_util::service::TowerToHyperService;
     let service = TowerToHyperService::new(app);
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
-    let _ = watcher.watch(connection).await;
+    // A request's body is handed from hyper's dispatcher to the handler within this task:
+    // see `self_wake` for why those hand-overs must not go through the scheduler.
+    let _ = crate::self_wake::repoll_on_self_wake(watcher.watch(connection)).await;
 }
 
 /// Bytes an HTTP/1.1 connection buffers (a request line and headers beyond it are refused).
