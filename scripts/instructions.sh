@@ -6,8 +6,9 @@
 # Each mode runs without and with an index on the key (`primary_key`), at ROWS rows
 # (default 100000; e.g. ROWS=10000000 to show the cost does not grow with the table); the
 # "results cache hit" mode counts a hit instead (a dashboard's aggregates, repeated); the
-# last two send an indexed literal lookup, and `GET /health` as its floor, through the tier's
-# HTTP stack in-process (routes, layers, handler, JSON answer; no sockets).
+# last three send an indexed literal lookup, a dashboard's cache hit, and `GET /health` as
+# their floor, through the tier's HTTP stack in-process (routes, layers, handler, JSON
+# answer; no sockets).
 # Usage: [ROWS=n] [ONLY=part-of-a-mode-name] scripts/instructions.sh [lookups]   (default 200; each run takes a minute or two)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +16,8 @@ command -v valgrind >/dev/null || { echo "valgrind is not installed" >&2; exit 1
 target_dir="${CARGO_TARGET_DIR:-target}"
 lookups="${1:-200}"
 rows="${ROWS:-100000}"
-cargo build --release -p strata-integration-tests --bin strata-instructions
+# Without `-p`: the workspace's feature set, so the release build of the tiers is reused.
+cargo build --release --bin strata-instructions
 bin="$target_dir/release/strata-instructions"
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
@@ -26,7 +28,7 @@ count() { # mode lookups -> total instructions of the run
   grep -E "^(summary|totals): " "$out/cg" | head -1 | cut -d" " -f2
 }
 for mode in prepared literal "prepared, indexed" "literal, indexed" "results cache hit" \
-  "HTTP /v1/sql, literal, indexed" "HTTP GET /health"; do
+  "HTTP /v1/sql, literal, indexed" "HTTP /v1/sql, results cache hit" "HTTP GET /health"; do
   case "$mode" in *${ONLY:-}*) ;; *) continue ;; esac
   flags=""
   case "$mode" in *literal*) flags="--literal" ;; esac
