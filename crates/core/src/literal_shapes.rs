@@ -22,7 +22,7 @@ use crate::parameterize::Parameterized;
 const MARK: char = '\u{0}';
 
 /// A text's skeleton and its literals, in text order.
-#[derive(Debug, PartialEq)]
+#[cfg_attr(test, derive(Debug, PartialEq))]
 pub(crate) struct Skeleton<'a> {
     /// The text with each literal replaced by [`MARK`] and its kind.
     pub key: String,
@@ -37,7 +37,7 @@ enum Scan<'a> {
     NeedsTokenizer,
 }
 
-#[derive(Debug, PartialEq)]
+#[cfg_attr(test, derive(Debug, PartialEq))]
 struct Literal<'a> {
     start: Location,
     /// The literal as written (quotes included), compared for literals that stay in the text.

@@ -394,8 +394,8 @@ impl Encoder {
     }
 
     /// Every batch of an answer, from the opening bytes to the closing ones, as one buffer.
-    fn whole(&mut self, batches: &[RecordBatch]) -> Result<Bytes, arrow::error::ArrowError> {
-        if let EncoderKind::Json { wrote_row: false } = self.kind {
+    fn whole(mut self, batches: &[RecordBatch]) -> Result<Bytes, arrow::error::ArrowError> {
+        if let EncoderKind::Json { .. } = self.kind {
             // One JSON array writer for the whole answer: no writer, buffer and copy per
             // batch (most of what a small answer's encoding cost besides the values).
             let mut writer = json_array_writer(Vec::with_capacity(WHOLE_JSON_CAPACITY));
@@ -403,8 +403,6 @@ impl Encoder {
                 writer.write(batch)?;
             }
             writer.finish()?;
-            self.kind = EncoderKind::Json { wrote_row: true };
-            self.buffer.clear();
             return Ok(Bytes::from(writer.into_inner()));
         }
         let mut all = Vec::from(self.take());

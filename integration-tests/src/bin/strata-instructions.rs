@@ -75,11 +75,11 @@ async fn main() -> anyhow::Result<()> {
     let _stop = engine.background().token().drop_guard();
     engine.start();
     tokio::time::timeout(Duration::from_secs(600), engine.wait_ready()).await.context("the table never loaded")?;
-    if args.cached && !args.http {
-        return dashboard(&engine, args.lookups).await;
-    }
-    if args.health || args.http {
-        return over_http(engine, &args).await;
+    match (args.http || args.health, args.cached) {
+        (false, true) => return dashboard(&engine, args.lookups).await,
+        (true, true) => return dashboard_over_http(&http_router(&engine), args.lookups).await,
+        (true, false) => return over_http(&engine, &args).await,
+        (false, false) => {}
     }
     for i in 0..WARMUP + args.lookups {
         let key = key(i, args.rows);
@@ -125,22 +125,38 @@ async fn dashboard(engine: &strata_core::Engine, calls: usize) -> anyhow::Result
     Ok(())
 }
 
-/// Lookups (`--http`, always as literal SQL, the way an HTTP client sends them) or health
-/// checks (`--health`) through the tier's HTTP router, each answer read whole and checked.
-async fn over_http(engine: strata_core::Engine, args: &Args) -> anyhow::Result<()> {
-    use bytes::Bytes;
-    use http_body_util::{BodyExt, Full};
-    use tower::ServiceExt;
+/// The tier's HTTP routes and layers around `engine`, with the tiers' log subscriber
+/// installed, called in this process (no sockets, no hyper connection).
+fn http_router(engine: &strata_core::Engine) -> axum::Router {
     strata_serving::telemetry::init(strata_serving::telemetry::LogFormat::Pretty);
     let server = strata_core::config::ServerConfig::default();
     let connections = strata_serving::connections::ConnectionGuard::new(&server);
-    let metrics = strata_serving::metrics::Metrics::install(&engine, connections);
+    let metrics = strata_serving::metrics::Metrics::install(engine, connections);
     let state =
         strata_serving::http::HttpState { engine: engine.clone(), metrics, draining: Arc::default(), auth: None };
-    let router = strata_serving::stack::http(state);
-    if args.cached {
-        return dashboard_over_http(&router, args.lookups).await;
-    }
+    strata_serving::stack::http(state)
+}
+
+/// Sends call `i`'s `request` through `router`; its headers and whole body once it answered 200.
+async fn send(
+    router: &axum::Router,
+    i: usize,
+    request: http::Request<http_body_util::Full<bytes::Bytes>>,
+) -> anyhow::Result<(http::HeaderMap, bytes::Bytes)> {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let response = router.clone().oneshot(request).await?;
+    anyhow::ensure!(response.status() == http::StatusCode::OK, "call {i} answered {}", response.status());
+    let (parts, body) = response.into_parts();
+    Ok((parts.headers, body.collect().await?.to_bytes()))
+}
+
+/// Lookups (`--http`, always as literal SQL, the way an HTTP client sends them) or health
+/// checks (`--health`) through the tier's HTTP router, each answer read whole and checked.
+async fn over_http(engine: &strata_core::Engine, args: &Args) -> anyhow::Result<()> {
+    use bytes::Bytes;
+    use http_body_util::Full;
+    let router = http_router(engine);
     for i in 0..WARMUP + args.lookups {
         let key = key(i, args.rows);
         let request = match args.health {
@@ -148,9 +164,7 @@ async fn over_http(engine: strata_core::Engine, args: &Args) -> anyhow::Result<(
             false => http::Request::post("/v1/sql")
                 .body(Full::new(Bytes::from(format!("SELECT v FROM points WHERE id = {key}"))))?,
         };
-        let response = router.clone().oneshot(request).await?;
-        anyhow::ensure!(response.status() == http::StatusCode::OK, "call {i} answered {}", response.status());
-        let body = response.into_body().collect().await?.to_bytes();
+        let (_, body) = send(&router, i, request).await?;
         let expected = match args.health {
             true => r#"{"status":"ok"}"#.to_string(),
             false => format!(r#"[{{"v":"value-{key}"}}]"#),
@@ -185,16 +199,13 @@ fn write_table(path: &std::path::Path, rows: i64) -> anyhow::Result<()> {
 /// after the warm-up, each answered from the results cache (its `strata-cache` header
 /// checked): what a cache hit costs the HTTP API, for target 9's budget.
 async fn dashboard_over_http(router: &axum::Router, calls: usize) -> anyhow::Result<()> {
-    use bytes::Bytes;
-    use http_body_util::{BodyExt, Full};
-    use tower::ServiceExt;
+    use strata_serving::route_headers::CACHE_HEADER;
     for i in 0..WARMUP + calls {
         let sql = DASHBOARD[i % DASHBOARD.len()];
-        let request = http::Request::post("/v1/sql").body(Full::new(Bytes::from_static(sql.as_bytes())))?;
-        let response = router.clone().oneshot(request).await?;
-        anyhow::ensure!(response.status() == http::StatusCode::OK, "call {i} answered {}", response.status());
-        let cache = response.headers().get("strata-cache").cloned();
-        let body = response.into_body().collect().await?.to_bytes();
+        let request = http::Request::post("/v1/sql")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(sql.as_bytes())))?;
+        let (headers, body) = send(router, i, request).await?;
+        let cache = headers.get(CACHE_HEADER);
         // Read as a JSON array of anything: checked whole, but not built into values, so the
         // count is the server's part and not this check's.
         let rows: Vec<serde::de::IgnoredAny> = serde_json::from_slice(&body)?;
@@ -206,7 +217,7 @@ async fn dashboard_over_http(router: &axum::Router, calls: usize) -> anyhow::Res
         );
         let warm = i >= DASHBOARD.len();
         anyhow::ensure!(
-            !warm || cache.as_ref().is_some_and(|c| c.as_bytes().eq_ignore_ascii_case(b"hit")),
+            !warm || cache.is_some_and(|c| c.as_bytes().eq_ignore_ascii_case(b"hit")),
             "call {i} was {cache:?}, not a results cache hit"
         );
     }
