@@ -105,6 +105,68 @@ async fn results_cache_can_be_turned_off() {
     }
 }
 
+/// One `POST /v1/sql` asking for `accept`: its Content-Type, `strata-cache` and raw body.
+async fn raw_answer(tier: &Tier, sql: &str, accept: &str) -> (String, String, Vec<u8>) {
+    let response = reqwest::Client::new()
+        .post(tier.url("/v1/sql"))
+        .header("accept", accept)
+        .body(sql.to_string())
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), 200);
+    let get = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("none").to_string();
+    let (content_type, cache) = (get("content-type"), get("strata-cache"));
+    (content_type, cache, response.bytes().await.expect("body").to_vec())
+}
+
+#[tokio::test]
+async fn a_hit_sends_the_bytes_its_miss_sent_in_the_format_each_request_asks_for() {
+    let dir = tempfile::tempdir().expect("dir");
+    let csv = dir.path().join("t.csv");
+    std::fs::write(&csv, "a,b\n1,\"x, \"\"y\"\"\"\n2,\n3,é\n").expect("csv");
+    let config =
+        format!("datasets:\n  - name: t\n    from: file:{}\n    acceleration: {{refresh: full}}\n", csv.display());
+    let tier = Tier::start("platform-service", &config).await;
+    tier.wait_ready(Duration::from_secs(30)).await;
+    let sql = "SELECT a, b FROM t ORDER BY a";
+
+    // JSON first (a MISS, whose body is kept), then CSV and Arrow of the same cached answer:
+    // each format's own bytes, the same on every hit.
+    let (json_type, status, json) = raw_answer(&tier, sql, "application/json").await;
+    assert_eq!((json_type.as_str(), status.as_str()), ("application/json", "MISS"));
+    let rows: Value = serde_json::from_slice(&json).expect("JSON");
+    assert_eq!(rows, serde_json::json!([{"a": 1, "b": "x, \"y\""}, {"a": 2, "b": null}, {"a": 3, "b": "é"}]));
+    let (csv_type, status, csv_body) = raw_answer(&tier, sql, "text/csv").await;
+    assert_eq!((csv_type.as_str(), status.as_str()), ("text/csv; charset=utf-8", "HIT"));
+    assert_eq!(String::from_utf8(csv_body.clone()).expect("UTF-8"), "a,b\n1,\"x, \"\"y\"\"\"\n2,\n3,é\n");
+    let (arrow_type, status, arrow_body) = raw_answer(&tier, sql, "application/vnd.apache.arrow.stream").await;
+    assert_eq!((arrow_type.as_str(), status.as_str()), ("application/vnd.apache.arrow.stream", "HIT"));
+    let reader =
+        arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(arrow_body.clone()), None).expect("IPC");
+    let batches: Vec<_> = reader.collect::<Result<_, _>>().expect("batches");
+    assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 3);
+    for (accept, first) in
+        [("application/json", &json), ("text/csv", &csv_body), ("application/vnd.apache.arrow.stream", &arrow_body)]
+    {
+        for _ in 0..2 {
+            let (_, status, again) = raw_answer(&tier, sql, accept).await;
+            assert_eq!(status, "HIT", "{accept}");
+            assert!(&again == first, "{accept}: a hit's body differs from the first one's");
+        }
+    }
+
+    // New data is a new answer: its body is made from its own rows, not a kept one.
+    std::fs::write(&csv, "a,b\n1,z\n").expect("csv");
+    let (code, body) = tier.post("/v1/datasets/t/refresh").await;
+    assert_eq!(code, 200, "{body}");
+    let (_, status, fresh) = raw_answer(&tier, sql, "application/json").await;
+    assert_eq!(status, "MISS");
+    assert_eq!(serde_json::from_slice::<Value>(&fresh).expect("JSON"), serde_json::json!([{"a": 1, "b": "z"}]));
+    let (_, status, fresh_csv) = raw_answer(&tier, sql, "text/csv").await;
+    assert_eq!((status.as_str(), fresh_csv.as_slice()), ("HIT", &b"a,b\n1,z\n"[..]));
+}
+
 #[tokio::test]
 async fn cache_control_no_cache_gets_a_fresh_answer_and_leaves_the_entry() {
     let dir = tempfile::tempdir().expect("dir");

@@ -105,7 +105,8 @@ impl Default for TelemetryConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ResultsCacheConfig {
-    /// Total bytes of cached answers; `0` turns the cache off.
+    /// Total bytes of cached answers; `0` turns the cache off. The bodies servers keep of
+    /// them (a hit's JSON, not encoded again) take up to an eighth more.
     #[serde(default = "default_cache_bytes")]
     pub max_bytes: ByteSize,
     /// Answers larger than this stream to their client and are not cached.

@@ -3,6 +3,7 @@
 //! the row limit, and the admission permit that counts it against the concurrency limit.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -16,6 +17,7 @@ use tracing::{Span, debug, info, warn};
 
 use crate::encoded::{Answer, Checked, IpcFrame};
 use crate::error::StrataError;
+use crate::results_cache::CachedResult;
 
 static NEXT_QUERY_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -152,6 +154,8 @@ pub struct QueryStream {
     _running: Option<OwnedSemaphorePermit>,
     /// Slots of its tenants' `max_concurrent_queries`, held until the answer ends.
     _tenant_slots: Vec<OwnedSemaphorePermit>,
+    /// The results cache's answer this stream reads, when it reads one.
+    cached: Option<Arc<CachedResult>>,
 }
 
 impl QueryStream {
@@ -168,7 +172,8 @@ impl QueryStream {
     ) -> Self {
         span.record("route", route.route.as_str());
         span.record("reason", route.reason.as_str());
-        if !route.versions.is_empty() {
+        // Formatted only for a span that records (most queries' is off).
+        if !route.versions.is_empty() && !span.is_disabled() {
             span.record("versions", route.versions_header());
         }
         if let Some(cache) = route.cache {
@@ -195,7 +200,22 @@ impl QueryStream {
             _permit: permit,
             _running: None,
             _tenant_slots: Vec::new(),
+            cached: None,
         }
+    }
+
+    /// Reads `cached`, the results cache's answer this stream is made of.
+    pub(crate) fn with_cached(mut self, cached: Option<Arc<CachedResult>>) -> Self {
+        self.cached = cached;
+        self
+    }
+
+    /// The results cache's whole answer this stream yields, when it yields one: a server
+    /// may send the body it kept of it ([`CachedResult::rendering`]) instead of encoding
+    /// the batches again (it still reads the stream, which applies the query's limits and
+    /// records its end).
+    pub fn cached(&self) -> Option<&Arc<CachedResult>> {
+        self.cached.as_ref()
     }
 
     /// Holds `slots` (of tenants' `max_concurrent_queries`) until the stream ends.

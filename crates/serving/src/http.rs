@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::{StreamExt, stream};
 use serde_json::json;
+use strata_core::results_cache::CachedResult;
 use strata_core::{Engine, StrataError};
 
 use crate::metrics::Metrics;
@@ -174,6 +175,15 @@ impl Format {
         }
     }
 
+    /// What a body rendered in this format is kept under with a cached answer.
+    fn name(self) -> &'static str {
+        match self {
+            Format::Json => "json",
+            Format::Csv => "csv",
+            Format::Arrow => "arrow",
+        }
+    }
+
     fn content_type(self) -> &'static str {
         match self {
             Format::Json => "application/json",
@@ -274,18 +284,18 @@ async fn sql(State(state): State<HttpState>, headers: HeaderMap, body: Bytes) ->
             }
         }
     }
-    let mut encoder = match Encoder::new(format, &schema) {
-        Ok(e) => e,
-        Err(err) => return error_response(&StrataError::from(err)),
-    };
     let body = if complete {
         // The whole answer is here: one body with its length, written at once (most
         // answers; a stream would cost a chunk, and its framing, per batch).
-        match encoder.whole(&head) {
+        match whole_body(format, &schema, &head, results.cached()) {
             Ok(bytes) => Body::from(bytes),
             Err(err) => return error_response(&StrataError::from(err)),
         }
     } else {
+        let mut encoder = match Encoder::new(format, &schema) {
+            Ok(e) => e,
+            Err(err) => return error_response(&StrataError::from(err)),
+        };
         let opening = encoder.take();
         let encoder = Arc::new(std::sync::Mutex::new(encoder));
         let for_batches = Arc::clone(&encoder);
@@ -303,10 +313,31 @@ async fn sql(State(state): State<HttpState>, headers: HeaderMap, body: Bytes) ->
     };
     let mut response = Response::new(body);
     let h = response.headers_mut();
+    // Room for these two and the route headers at once, not grown header by header.
+    h.reserve(12);
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(format.content_type()));
     h.insert(QUERY_ID_HEADER, HeaderValue::from(query_id));
     crate::route_headers::insert_http(h, &route);
     response
+}
+
+/// A whole answer's body in `format`: the one kept with the results cache's answer it was
+/// read from, or encoded now (and kept with that answer for the next hit). The rows were
+/// still read from the query's stream, so its limits and accounting applied.
+fn whole_body(
+    format: Format,
+    schema: &SchemaRef,
+    batches: &[RecordBatch],
+    cached: Option<&Arc<CachedResult>>,
+) -> Result<Bytes, arrow::error::ArrowError> {
+    if let Some(body) = cached.and_then(|answer| answer.rendering(format.name())) {
+        return Ok(body);
+    }
+    let body = Encoder::new(format, schema)?.whole(batches)?;
+    if let Some(answer) = cached {
+        answer.keep_rendering(format.name(), body.clone());
+    }
+    Ok(body)
 }
 
 /// What a whole JSON answer's buffer starts with: a lookup's row or a dashboard's few fit.

@@ -22,6 +22,9 @@ pub struct Metrics {
     cancelled: AtomicU64,
     rows: AtomicU64,
     bytes: AtomicU64,
+    /// Queries per latency bucket, each counted in the first bucket its latency fits (one
+    /// atomic add per query, not one per bucket above it); summed up when rendered, as
+    /// Prometheus's cumulative `le` buckets are.
     buckets: [AtomicU64; BUCKETS.len()],
     sum_micros: AtomicU64,
     /// Queries by (route, reason), indexed `route * reasons + reason`.
@@ -67,12 +70,26 @@ impl Metrics {
         self.rows.fetch_add(rows, Ordering::Relaxed);
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
         let secs = elapsed.as_secs_f64();
-        for (bucket, bound) in self.buckets.iter().zip(BUCKETS) {
-            if secs <= bound {
-                bucket.fetch_add(1, Ordering::Relaxed);
-            }
+        if let Some(bucket) = BUCKETS.iter().position(|bound| secs <= *bound) {
+            self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
         }
         self.sum_micros.fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// The latency histogram, its buckets cumulative.
+    fn render_durations(&self, out: &mut String) {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let _ = writeln!(out, "# HELP strata_query_duration_seconds Query latency from admission to the last batch.");
+        let _ = writeln!(out, "# TYPE strata_query_duration_seconds histogram");
+        let mut cumulative = 0;
+        for (bucket, bound) in self.buckets.iter().zip(BUCKETS) {
+            cumulative += get(bucket);
+            let _ = writeln!(out, "strata_query_duration_seconds_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        let count = get(&self.ok) + get(&self.error) + get(&self.cancelled);
+        let _ = writeln!(out, "strata_query_duration_seconds_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "strata_query_duration_seconds_sum {}", get(&self.sum_micros) as f64 / 1e6);
+        let _ = writeln!(out, "strata_query_duration_seconds_count {count}");
     }
 
     /// The Prometheus text exposition of every metric.
@@ -119,15 +136,7 @@ impl Metrics {
         let _ = writeln!(out, "# HELP strata_query_bytes_total Arrow bytes of the rows returned by queries.");
         let _ = writeln!(out, "# TYPE strata_query_bytes_total counter");
         let _ = writeln!(out, "strata_query_bytes_total {}", get(&self.bytes));
-        let _ = writeln!(out, "# HELP strata_query_duration_seconds Query latency from admission to the last batch.");
-        let _ = writeln!(out, "# TYPE strata_query_duration_seconds histogram");
-        for (bucket, bound) in self.buckets.iter().zip(BUCKETS) {
-            let _ = writeln!(out, "strata_query_duration_seconds_bucket{{le=\"{bound}\"}} {}", get(bucket));
-        }
-        let count = get(&self.ok) + get(&self.error) + get(&self.cancelled);
-        let _ = writeln!(out, "strata_query_duration_seconds_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "strata_query_duration_seconds_sum {}", get(&self.sum_micros) as f64 / 1e6);
-        let _ = writeln!(out, "strata_query_duration_seconds_count {count}");
+        self.render_durations(&mut out);
 
         let _ = writeln!(out, "# HELP strata_query_routes_total Queries by where they ran and why.");
         let _ = writeln!(out, "# TYPE strata_query_routes_total counter");
@@ -361,4 +370,35 @@ pub fn render_auth(out: &mut String, auth: &crate::auth::Authenticator) {
     let (grpc, http) = auth.refused();
     let _ = writeln!(out, "strata_auth_refused_total{{interface=\"grpc\"}} {grpc}");
     let _ = writeln!(out, "strata_auth_refused_total{{interface=\"http\"}} {http}");
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn the_latency_histogram_renders_cumulative_buckets() {
+        let metrics = Metrics::default();
+        for micros in [50, 90, 300, 2_000, 60_000_000] {
+            let elapsed = Duration::from_micros(micros);
+            metrics.record(Finished { outcome: Outcome::Ok, rows: 1, bytes: 8, elapsed, route: None });
+        }
+        metrics.record(Finished { outcome: Outcome::Error, rows: 0, bytes: 0, elapsed: Duration::ZERO, route: None });
+        let mut out = String::new();
+        metrics.render_durations(&mut out);
+        let bucket = |le: &str| {
+            let prefix = format!("strata_query_duration_seconds_bucket{{le=\"{le}\"}} ");
+            out.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.parse::<u64>().ok())
+        };
+        // 0 s, 50 µs and 90 µs are within 0.0001; 300 µs within 0.0005; 2 ms within 0.0025;
+        // 60 s only within +Inf.
+        let expected =
+            [("0.0001", 3), ("0.00025", 3), ("0.0005", 4), ("0.001", 4), ("0.0025", 5), ("30", 5), ("+Inf", 6)];
+        for (le, count) in expected {
+            assert_eq!(bucket(le), Some(count), "le={le}:\n{out}");
+        }
+        assert!(out.contains("strata_query_duration_seconds_count 6"), "{out}");
+    }
 }

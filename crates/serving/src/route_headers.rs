@@ -81,19 +81,20 @@ pub fn insert_grpc(metadata: &mut tonic::metadata::MetadataMap, route: &RouteInf
 
 pub fn insert_http(headers: &mut HeaderMap, route: &RouteInfo) {
     use axum::http::HeaderValue;
+    // Names are typed constants: a `&str` name is parsed and validated on every insert.
     if let Some(Ok(value)) = route.trace_id.as_deref().map(HeaderValue::from_str) {
-        headers.insert(TRACE_ID_HEADER, value);
+        headers.insert(HTTP_TRACE_ID, value);
     }
     if let Some(Ok(value)) = route.warning.as_deref().map(|w| HeaderValue::from_str(&ascii(w))) {
-        headers.insert(WARNING_HEADER, value);
+        headers.insert(HTTP_WARNING, value);
     }
     if let Some(status) = route.cache {
-        headers.insert(CACHE_HEADER, HeaderValue::from_static(status.as_str()));
+        headers.insert(HTTP_CACHE, HeaderValue::from_static(status.as_str()));
     }
     if let Some(Ok(value)) = route.stale_ms.map(|ms| HeaderValue::from_str(&format!("{ms}ms"))) {
-        headers.insert(STALENESS_HEADER, value);
+        headers.insert(HTTP_STALENESS, value);
     }
-    // Names and the route's own words are static: nothing parsed or copied for them.
+    // The route's own words are static: nothing parsed or copied for them.
     headers.insert(HTTP_ROUTE, HeaderValue::from_static(route.route.as_str()));
     headers.insert(HTTP_ROUTE_REASON, HeaderValue::from_static(route.reason.as_str()));
     if let Ok(value) = HeaderValue::from_str(&ascii(&route.detail)) {
@@ -108,16 +109,26 @@ const HTTP_ROUTE: HeaderName = HeaderName::from_static(ROUTE_HEADER);
 const HTTP_ROUTE_REASON: HeaderName = HeaderName::from_static(ROUTE_REASON_HEADER);
 const HTTP_ROUTE_DETAIL: HeaderName = HeaderName::from_static(ROUTE_DETAIL_HEADER);
 const HTTP_VERSIONS: HeaderName = HeaderName::from_static(VERSIONS_HEADER);
+const HTTP_TRACE_ID: HeaderName = HeaderName::from_static(TRACE_ID_HEADER);
+const HTTP_WARNING: HeaderName = HeaderName::from_static(WARNING_HEADER);
+const HTTP_CACHE: HeaderName = HeaderName::from_static(CACHE_HEADER);
+const HTTP_STALENESS: HeaderName = HeaderName::from_static(STALENESS_HEADER);
+const HTTP_CONSISTENCY: HeaderName = HeaderName::from_static(CONSISTENCY_HEADER);
+const HTTP_TENANT: HeaderName = HeaderName::from_static(TENANT_HEADER);
+const HTTP_TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const HTTP_TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+const HTTP_DISTRIBUTE: HeaderName = HeaderName::from_static(DISTRIBUTE_HEADER);
 
 /// Query options from request headers (HTTP and gRPC alike).
 pub fn options(headers: &HeaderMap) -> QueryOptions {
-    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    // Typed names: looked up by their hash, not parsed from text on every request.
+    let get = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
     QueryOptions {
-        strong_consistency: get(CONSISTENCY_HEADER).eq_ignore_ascii_case("strong"),
-        tenant: get(TENANT_HEADER),
-        trace: TraceParent::new(get("traceparent"), get("tracestate")),
-        cache_control: CacheControl::parse(&get("cache-control")),
-        distribute: distribute_hint(&get(DISTRIBUTE_HEADER)),
+        strong_consistency: get(&HTTP_CONSISTENCY).eq_ignore_ascii_case("strong"),
+        tenant: get(&HTTP_TENANT),
+        trace: TraceParent::new(get(&HTTP_TRACEPARENT), get(&HTTP_TRACESTATE)),
+        cache_control: CacheControl::parse(&get(&axum::http::header::CACHE_CONTROL)),
+        distribute: distribute_hint(&get(&HTTP_DISTRIBUTE)),
         ..QueryOptions::default()
     }
 }

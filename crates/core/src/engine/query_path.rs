@@ -90,6 +90,8 @@ struct Started {
     stream: crate::encoded::Answer,
     info: RouteInfo,
     running_slot: Option<OwnedSemaphorePermit>,
+    /// The results cache's answer the stream reads, when it reads one.
+    cached: Option<Arc<crate::results_cache::CachedResult>>,
 }
 
 impl Engine {
@@ -222,7 +224,8 @@ impl Engine {
             info,
         )
         .with_running_slot(started.running_slot)
-        .with_tenant_slots(admission.tenant_slots))
+        .with_tenant_slots(admission.tenant_slots)
+        .with_cached(started.cached))
     }
 
     /// Phase 1: a slot among `limits.max_concurrent_queries` (none free: shed at once, so a
@@ -367,7 +370,7 @@ impl Engine {
                 };
                 let query = ForwardQuery { sql, params, schema: Arc::clone(&cached.planned.schema) };
                 let (stream, info) = router.forward(query, options, info, upstream, wall_deadline).await?;
-                return Ok(Started { stream, info, running_slot: None });
+                return Ok(Started { stream, info, running_slot: None, cached: None });
             }
         };
         self.add_local_versions(&plan, &mut info);
@@ -421,13 +424,13 @@ impl Engine {
             Some((cache, lookup)) => match cache.get_or_run(&lookup, control, execute()).await? {
                 Answer::Fresh(stream, status, answer) => {
                     info.cache = Some(status);
-                    if let Some(answer) = answer {
-                        self.remember_text(cache, planned, &scope, &answer, &info, router);
+                    if let Some(answer) = &answer {
+                        self.remember_text(cache, planned, &scope, answer, &info, router);
                     }
                     mark_distributed(&mut info);
-                    return Ok(Started { stream: stream.into(), info, running_slot });
+                    return Ok(Started { stream: stream.into(), info, running_slot, cached: answer });
                 }
-                Answer::Stale(stream, staleness) => {
+                Answer::Stale(stream, staleness, answer) => {
                     // The fresh answer is computed once, in the background, unless the
                     // client asked that nothing run for it.
                     if !control.only_if_cached
@@ -436,7 +439,7 @@ impl Engine {
                         self.revalidate(claim, lookup, plan.clone(), Arc::clone(&task_ctx), options.distribute);
                     }
                     report_stale(&mut info, &staleness);
-                    return Ok(Started { stream: stream.into(), info, running_slot: None });
+                    return Ok(Started { stream: stream.into(), info, running_slot: None, cached: Some(answer) });
                 }
                 // Waited for an answer too large to share: run it here, uncached.
                 Answer::RunHere => info.cache = Some(CacheStatus::Bypass),
@@ -446,7 +449,7 @@ impl Engine {
         }
         let stream = execute().await?;
         mark_distributed(&mut info);
-        Ok(Started { stream: stream.into(), info, running_slot })
+        Ok(Started { stream: stream.into(), info, running_slot, cached: None })
     }
 
     /// The answer to client SQL found by its text in the results cache (see
@@ -455,7 +458,8 @@ impl Engine {
     fn answer_by_text(&self, input: &QueryInput<'_>, options: &QueryOptions, access: &Access) -> Option<Started> {
         let QueryInput::Sql { sql, params } = input else { return None };
         let hit = self.text_hit(sql, params, options, access)?;
-        Some(Started { stream: hit.stream().into(), info: hit.info(), running_slot: None })
+        let cached = Some(Arc::clone(hit.answer()));
+        Some(Started { stream: hit.stream().into(), info: hit.info(), running_slot: None, cached })
     }
 
     /// The cached answer of `sql` with `params` for this caller, found by its text. Never
@@ -634,7 +638,7 @@ impl Engine {
             futures::stream::iter(batches.into_iter().map(Ok)),
         );
         let stream: SendableRecordBatchStream = Box::pin(stream);
-        Started { stream: stream.into(), info, running_slot: None }
+        Started { stream: stream.into(), info, running_slot: None, cached: None }
     }
 
     /// The physical plan of optimized `plan`. The physical optimizer's rules place
