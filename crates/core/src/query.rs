@@ -204,7 +204,7 @@ impl QueryStream {
         }
     }
 
-    /// Reads `cached`, the results cache's answer this stream is made of.
+    /// Marks the stream as made of `cached`, an answer of the results cache.
     pub(crate) fn with_cached(mut self, cached: Option<Arc<CachedResult>>) -> Self {
         self.cached = cached;
         self
