@@ -47,3 +47,9 @@ pub use engine::{Engine, PlannedQuery};
 pub use error::{ErrorKind, Result, StrataError};
 pub use query::{Finished, Outcome, QueryObserver, QueryStream};
 pub use routing::{QueryOptions, Route, RouteInfo, RouteReason, Router};
+
+/// The hasher of the caches every query looks up by its text (plans, recipes, results):
+/// foldhash, seeded at random per process, not std's SipHash, which was a tenth of a cache
+/// hit's engine work. Keys are compared whole after the hash, so a collision costs a miss,
+/// never a wrong entry.
+pub(crate) type FastHash = hashbrown::DefaultHashBuilder;

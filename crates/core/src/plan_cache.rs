@@ -53,13 +53,13 @@ impl CachedPlan {
 
 /// Plans by text, and the shapes that could not be planned with placeholders.
 pub(crate) struct PlanCache {
-    plans: moka::sync::Cache<String, Arc<CachedPlan>>,
+    plans: moka::sync::Cache<String, Arc<CachedPlan>, crate::FastHash>,
     /// Shapes of literal SQL that DataFusion could not plan with placeholders: their texts
     /// are planned as written without trying the shape again.
-    refused_shapes: moka::sync::Cache<String, ()>,
+    refused_shapes: moka::sync::Cache<String, (), crate::FastHash>,
     /// How literal SQL of each skeleton binds its shape's plan without being parsed (see
     /// [`crate::literal_shapes`]).
-    recipes: moka::sync::Cache<String, Arc<Recipe>>,
+    recipes: moka::sync::Cache<String, Arc<Recipe>, crate::FastHash>,
     max_text: usize,
 }
 
@@ -70,17 +70,17 @@ impl PlanCache {
             plans: moka::sync::Cache::builder()
                 .max_capacity(max_bytes as u64)
                 .weigher(|text: &String, plan: &Arc<CachedPlan>| plan_weight(text, plan))
-                .build(),
+                .build_with_hasher(crate::FastHash::default()),
             refused_shapes: moka::sync::Cache::builder()
                 .max_capacity(max_bytes as u64 / 8)
                 .weigher(|text: &String, _: &()| u32::try_from(text.len()).unwrap_or(u32::MAX))
-                .build(),
+                .build_with_hasher(crate::FastHash::default()),
             recipes: moka::sync::Cache::builder()
                 .max_capacity(max_bytes as u64 / 8)
                 .weigher(|skeleton: &String, recipe: &Arc<Recipe>| {
                     u32::try_from(recipe.bytes(skeleton)).unwrap_or(u32::MAX)
                 })
-                .build(),
+                .build_with_hasher(crate::FastHash::default()),
             // Longest SQL text kept: 1/256 of the cache (256 KiB by default). Planning such a
             // text costs far more than its lookup saves, and a churn of megabyte entries left
             // the allocator holding several times the cache's bound (measured: 1,200 distinct

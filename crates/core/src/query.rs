@@ -33,9 +33,10 @@ pub(crate) struct QueryLabel {
 
 impl QueryLabel {
     pub(crate) fn of(text: &str) -> Self {
-        let sql = match text.char_indices().nth(200) {
-            Some((end, _)) => &text[..end],
-            None => text,
+        // A text of at most 200 bytes has at most 200 characters: not walked char by char.
+        let sql = match text.len() > 200 {
+            true => text.char_indices().nth(200).map_or(text, |(end, _)| &text[..end]),
+            false => text,
         };
         Self { sql: sql.into(), digest: digest(text) }
     }
@@ -117,8 +118,9 @@ pub(crate) struct StreamLimits {
     pub deadline: tokio::time::Instant,
     pub timeout: Duration,
     pub max_rows: u64,
-    /// The setting `max_rows` comes from, named in the error.
-    pub rows_limit: String,
+    /// The setting `max_rows` comes from, named in the error (borrowed: nearly always the
+    /// tier's own `limits.max_result_rows`, not a string made per query).
+    pub rows_limit: std::borrow::Cow<'static, str>,
     /// The memory limits the query runs under besides `limits.memory_limit` (its tenants'),
     /// named when an operator fails for memory without saying which pool refused it.
     pub tenant_memory_limits: Vec<String>,
@@ -136,7 +138,7 @@ pub struct QueryStream {
     deadline: Pin<Box<Sleep>>,
     timeout: Duration,
     max_rows: u64,
-    rows_limit: String,
+    rows_limit: std::borrow::Cow<'static, str>,
     tenant_memory_limits: Vec<String>,
     slow_query: Duration,
     rows: u64,
@@ -432,5 +434,26 @@ impl Drop for QueryStream {
         if self.outcome.is_none() {
             self.finish(Outcome::Cancelled, None);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_label_keeps_the_first_200_characters_of_any_text() {
+        let short = "SELECT * FROM t WHERE id = 1";
+        assert_eq!(&*QueryLabel::of(short).sql, short);
+        let ascii = "x".repeat(200);
+        assert_eq!(&*QueryLabel::of(&ascii).sql, ascii);
+        assert_eq!(QueryLabel::of(&"y".repeat(201)).sql.len(), 200);
+        // 150 two-byte characters: 300 bytes, kept whole; 250 of them cut at a character.
+        let wide = "é".repeat(150);
+        assert_eq!(&*QueryLabel::of(&wide).sql, wide);
+        let wider = "é".repeat(250);
+        assert_eq!(QueryLabel::of(&wider).sql.chars().count(), 200);
+        assert_eq!(QueryLabel::of(&wider).digest, QueryLabel::of(&wider).digest);
+        assert_ne!(QueryLabel::of(&wider).digest, QueryLabel::of(&wide).digest, "the digest is of the whole text");
     }
 }

@@ -37,6 +37,7 @@ use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use futures::StreamExt;
 use serde::Serialize;
 
+use crate::FastHash;
 use crate::accelerator::{AcceleratedTable, Replaced};
 use crate::config::ResultsCacheConfig;
 use crate::error::{Result, StrataError};
@@ -131,7 +132,7 @@ impl std::fmt::Debug for CachedResult {
 /// stored): a body outlives its answer only until it is evicted, found by nobody since
 /// answer ids are never reused.
 struct Renderings {
-    bodies: moka::sync::Cache<(u64, &'static str), Bytes>,
+    bodies: moka::sync::Cache<(u64, &'static str), Bytes, FastHash>,
     max_body: usize,
 }
 
@@ -272,7 +273,7 @@ impl TextHit {
 pub struct ResultsCache {
     entries: moka::future::Cache<CacheKey, Arc<CachedResult>>,
     /// Answers by query text (see [`ResultsCache::by_text`]), keyed by the text's hash.
-    texts: moka::sync::Cache<u64, Arc<TextEntry>>,
+    texts: moka::sync::Cache<u64, Arc<TextEntry>, FastHash>,
     /// The snapshots of the last answer stored for each query.
     latest: moka::sync::Cache<QueryKey, Arc<SnapshotsRead>>,
     renderings: Arc<Renderings>,
@@ -281,7 +282,7 @@ pub struct ResultsCache {
     too_large: Mutex<HashSet<u64>>,
     /// Hashes of keys being computed in the background after a stale answer: one at a time.
     revalidating: Arc<Mutex<HashSet<u64>>>,
-    hasher: std::collections::hash_map::RandomState,
+    hasher: FastHash,
 }
 
 /// Held while a fresh answer is computed in the background; another stale hit of the same
@@ -335,12 +336,12 @@ impl ResultsCache {
                 let size = entry.sql.len() + entry.scope.len() + params + std::mem::size_of::<TextEntry>();
                 u32::try_from(size).unwrap_or(u32::MAX)
             })
-            .build();
+            .build_with_hasher(FastHash::default());
         // Rendered bodies duplicate answers the entries hold: an eighth of the budget.
         let bodies = moka::sync::Cache::builder()
             .max_capacity((config.max_bytes.0 / 8).max(1 << 20))
             .weigher(|_: &(u64, &'static str), body: &Bytes| u32::try_from(body.len()).unwrap_or(u32::MAX))
-            .build();
+            .build_with_hasher(FastHash::default());
         let renderings = Arc::new(Renderings { bodies, max_body: config.max_entry_bytes.as_usize() });
         Some(Self {
             entries,
@@ -350,7 +351,7 @@ impl ResultsCache {
             max_entry_bytes: config.max_entry_bytes.as_usize(),
             too_large: Mutex::new(HashSet::new()),
             revalidating: Arc::new(Mutex::new(HashSet::new())),
-            hasher: std::collections::hash_map::RandomState::new(),
+            hasher: FastHash::default(),
         })
     }
 

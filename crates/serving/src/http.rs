@@ -263,8 +263,12 @@ async fn sql(State(state): State<HttpState>, headers: HeaderMap, body: Bytes) ->
         Err(err) => return error_response(&err),
     };
     let schema = results.schema();
-    let query_id = results.id();
-    let route = results.route().clone();
+    // The answer's headers are made now, from the route the stream holds (not a copy of it
+    // kept for later: its strings were copied on every answer).
+    let mut headers = HeaderMap::with_capacity(12);
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(format.content_type()));
+    headers.insert(QUERY_ID_HEADER, HeaderValue::from(results.id()));
+    crate::route_headers::insert_http(&mut headers, results.route());
     // Hold back the first rows (up to a small budget) before sending headers, so errors found
     // early (almost all of them, row limits on modest results included) get a proper status
     // code rather than a truncated 200. Larger results then stream.
@@ -312,12 +316,7 @@ async fn sql(State(state): State<HttpState>, headers: HeaderMap, body: Bytes) ->
         Body::from_stream(body)
     };
     let mut response = Response::new(body);
-    let h = response.headers_mut();
-    // Room for these two and the route headers at once, not grown header by header.
-    h.reserve(12);
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(format.content_type()));
-    h.insert(QUERY_ID_HEADER, HeaderValue::from(query_id));
-    crate::route_headers::insert_http(h, &route);
+    *response.headers_mut() = headers;
     response
 }
 

@@ -79,7 +79,6 @@ enum PlannedInput<'a> {
 /// A statement's generic plan recognized as a key lookup (see [`Engine::index_lookup`]).
 struct IndexLookup<'c> {
     lookup: &'c crate::key_lookup::KeyLookup,
-    generic: &'c LogicalPlan,
     /// The local copy that answers it on a tier with a router, and the route of its answer.
     copy: Option<(Arc<crate::accelerator::AcceleratedTable>, RouteInfo)>,
 }
@@ -201,9 +200,9 @@ impl Engine {
             .min_by_key(|(rows, _)| *rows)
         {
             Some((rows, tenant)) if rows < self.inner.limits.max_result_rows => {
-                (rows, format!("tenants.{}.max_result_rows", tenant.name))
+                (rows, format!("tenants.{}.max_result_rows", tenant.name).into())
             }
-            _ => (self.inner.limits.max_result_rows, "limits.max_result_rows".to_string()),
+            _ => (self.inner.limits.max_result_rows, "limits.max_result_rows".into()),
         };
         let limits = StreamLimits {
             deadline: admission.deadline,
@@ -562,7 +561,8 @@ impl Engine {
         let answer = match found.copy {
             None => found.lookup.answer_with(bound).map(|batches| {
                 let mut info = RouteInfo::local("every table is served by this tier");
-                self.add_local_versions(found.generic, &mut info);
+                // A key lookup reads one table: named by the lookup, not found by walking its plan.
+                self.add_local_version(&crate::routing::dataset_name(found.lookup.table()), &mut info);
                 (batches, info)
             }),
             Some((copy, info)) => found.lookup.answer_from(&copy, bound).map(|batches| (batches, info)),
@@ -597,7 +597,7 @@ impl Engine {
                 None => return Ok(None),
             },
         };
-        Ok(Some(IndexLookup { lookup, generic, copy }))
+        Ok(Some(IndexLookup { lookup, copy }))
     }
 
     /// What a Flight SQL GetFlightInfo announces for `sql` with `params`, planned once: the
@@ -667,16 +667,21 @@ impl Engine {
     /// Adds the version and age of every configured dataset the plan reads here.
     fn add_local_versions(&self, plan: &LogicalPlan, info: &mut RouteInfo) {
         for name in scanned_tables(plan) {
-            let Some(dataset) = self.find(&name) else { continue };
-            if info.versions.iter().any(|v| v.dataset.eq_ignore_ascii_case(&name)) {
-                continue;
-            }
-            let (version, age_ms) = match dataset.snapshot() {
-                Some(s) => (s.version, s.refreshed_at.elapsed().unwrap_or_default().as_millis() as u64),
-                None => (0, 0),
-            };
-            info.versions.push(VersionRead { dataset: dataset.name().to_string(), version, age_ms });
+            self.add_local_version(&name, info);
         }
+    }
+
+    /// Adds the version and age of dataset `name`, if it is a configured one not listed yet.
+    fn add_local_version(&self, name: &str, info: &mut RouteInfo) {
+        let Some(dataset) = self.find(name) else { return };
+        if info.versions.iter().any(|v| v.dataset.eq_ignore_ascii_case(name)) {
+            return;
+        }
+        let (version, age_ms) = match dataset.snapshot() {
+            Some(s) => (s.version, s.refreshed_at.elapsed().unwrap_or_default().as_millis() as u64),
+            None => (0, 0),
+        };
+        info.versions.push(VersionRead { dataset: dataset.name().to_string(), version, age_ms });
     }
 
     fn observer(&self) -> Option<QueryObserver> {
