@@ -49,7 +49,7 @@ pub use query::{Finished, Outcome, QueryObserver, QueryStream};
 pub use routing::{QueryOptions, Route, RouteInfo, RouteReason, Router};
 
 /// The hasher of the caches every query looks up by its text (plans, recipes, results):
-/// foldhash, seeded at random per process, not std's SipHash, which was a tenth of a cache
-/// hit's engine work. Keys are compared whole after the hash, so a collision costs a miss,
-/// never a wrong entry.
+/// foldhash, seeded at random per process, not std's SipHash (callgrind: a lookup's miss
+/// by text went from 1.2k to 0.7k instructions). Keys are compared whole after the hash, so
+/// a collision costs a miss, never a wrong entry.
 pub(crate) type FastHash = hashbrown::DefaultHashBuilder;

