@@ -6,9 +6,11 @@
 # Each mode runs without and with an index on the key (`primary_key`), at ROWS rows
 # (default 100000; e.g. ROWS=10000000 to show the cost does not grow with the table); the
 # "results cache hit" mode counts a hit instead (a dashboard's aggregates, repeated); the
-# last three send an indexed literal lookup, a dashboard's cache hit, and `GET /health` as
+# three HTTP ones send an indexed literal lookup, a dashboard's cache hit, and `GET /health` as
 # their floor, through the tier's HTTP stack in-process (routes, layers, handler, JSON
-# answer; no sockets).
+# answer; no sockets); the Flight SQL ones send the indexed literal lookup and the cache hit
+# as GetFlightInfo and DoGet through the tier's Flight gRPC service in-process (tonic's
+# codec, the Flight SQL dispatch, the Arrow IPC answer; no sockets or HTTP/2).
 # Usage: [ROWS=n] [ONLY=part-of-a-mode-name] scripts/instructions.sh [lookups]   (default 200; each run takes a minute or two)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,13 +30,14 @@ count() { # mode lookups -> total instructions of the run
   grep -E "^(summary|totals): " "$out/cg" | head -1 | cut -d" " -f2
 }
 for mode in prepared literal "prepared, indexed" "literal, indexed" "results cache hit" \
-  "HTTP /v1/sql, literal, indexed" "HTTP /v1/sql, results cache hit" "HTTP GET /health"; do
+  "HTTP /v1/sql, literal, indexed" "HTTP /v1/sql, results cache hit" "HTTP GET /health" \
+  "Flight SQL, literal, indexed" "Flight SQL, results cache hit"; do
   case "$mode" in *${ONLY:-}*) ;; *) continue ;; esac
   flags=""
   case "$mode" in *literal*) flags="--literal" ;; esac
   case "$mode" in *indexed*) flags="$flags --indexed" ;; esac
   case "$mode" in *cache*) flags="--cached" ;; esac
-  case "$mode" in HTTP*/v1/sql*) flags="$flags --http" ;; *health*) flags="--health" ;; esac
+  case "$mode" in HTTP*/v1/sql*) flags="$flags --http" ;; *health*) flags="--health" ;; Flight*) flags="$flags --flight-sql" ;; esac
   few=$(count "$flags" 0)
   many=$(count "$flags" "$lookups")
   echo "$mode, $rows rows: $(( (many - few) / lookups )) instructions per query ($lookups lookups; $few for start-up and warm-up)"

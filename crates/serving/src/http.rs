@@ -268,7 +268,7 @@ async fn sql(State(state): State<HttpState>, headers: HeaderMap, body: Bytes) ->
     let mut headers = HeaderMap::with_capacity(12);
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(format.content_type()));
     headers.insert(QUERY_ID_HEADER, HeaderValue::from(results.id()));
-    crate::route_headers::insert_http(&mut headers, results.route());
+    crate::route_headers::insert(&mut headers, results.route());
     // Hold back the first rows (up to a small budget) before sending headers, so errors found
     // early (almost all of them, row limits on modest results included) get a proper status
     // code rather than a truncated 200. Larger results then stream.

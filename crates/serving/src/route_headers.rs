@@ -17,15 +17,12 @@ use strata_upstream::wire::{CONSISTENCY_HEADER, ROUTE_HEADER, ROUTE_REASON_HEADE
 pub const ROUTE_DETAIL_HEADER: &str = "strata-route-detail";
 pub const TENANT_HEADER: &str = "strata-tenant";
 
-/// What a header value may hold: visible ASCII and spaces.
-fn visible(c: char) -> bool {
-    c.is_ascii_graphic() || c == ' '
-}
-
-/// Header values must be visible ASCII; anything else becomes `?`. Borrowed when it already
-/// is (nearly always: a copy per header per answer showed in a lookup's profile).
+/// Header values must be visible ASCII (and spaces); anything else becomes `?`. Borrowed when
+/// it already is (nearly always: a copy per header per answer showed in a lookup's profile),
+/// which is checked byte by byte: a byte of a multi-byte character is never ASCII.
 fn ascii(s: &str) -> Cow<'_, str> {
-    match s.chars().all(visible) {
+    let visible = |c: char| c.is_ascii_graphic() || c == ' ';
+    match s.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
         true => Cow::Borrowed(s),
         false => Cow::Owned(s.chars().map(|c| if visible(c) { c } else { '?' }).collect()),
     }
@@ -33,20 +30,10 @@ fn ascii(s: &str) -> Cow<'_, str> {
 
 /// [`ascii`] of a value made for the header, kept when it already is.
 fn ascii_owned(s: String) -> String {
-    match s.chars().all(visible) {
-        true => s,
-        false => ascii(&s).into_owned(),
+    match ascii(&s) {
+        Cow::Borrowed(_) => s,
+        Cow::Owned(replaced) => replaced,
     }
-}
-
-/// (name, value) pairs of the route headers.
-pub fn pairs(route: &RouteInfo) -> [(&'static str, Cow<'_, str>); 4] {
-    [
-        (ROUTE_HEADER, Cow::Borrowed(route.route.as_str())),
-        (ROUTE_REASON_HEADER, Cow::Borrowed(route.reason.as_str())),
-        (ROUTE_DETAIL_HEADER, ascii(&route.detail)),
-        (VERSIONS_HEADER, Cow::Owned(ascii_owned(route.versions_header()))),
-    ]
 }
 
 pub const WARNING_HEADER: &str = "strata-warning";
@@ -59,27 +46,9 @@ pub const STALENESS_HEADER: &str = "strata-staleness";
 /// The trace id of the answer (32 hex digits), when it was traced: what to look up.
 pub const TRACE_ID_HEADER: &str = "strata-trace-id";
 
-pub fn insert_grpc(metadata: &mut tonic::metadata::MetadataMap, route: &RouteInfo) {
-    if let Some(Ok(value)) = route.trace_id.as_deref().map(str::parse) {
-        metadata.insert(TRACE_ID_HEADER, value);
-    }
-    if let Some(Ok(value)) = route.warning.as_deref().map(|w| ascii(w).parse()) {
-        metadata.insert(WARNING_HEADER, value);
-    }
-    if let Some(status) = route.cache {
-        metadata.insert(CACHE_HEADER, tonic::metadata::MetadataValue::from_static(status.as_str()));
-    }
-    if let Some(Ok(value)) = route.stale_ms.map(|ms| format!("{ms}ms").parse()) {
-        metadata.insert(STALENESS_HEADER, value);
-    }
-    for (name, value) in pairs(route) {
-        if let Ok(value) = value.parse() {
-            metadata.insert(name, value);
-        }
-    }
-}
-
-pub fn insert_http(headers: &mut HeaderMap, route: &RouteInfo) {
+/// Writes `route`'s headers into `headers`: an HTTP answer's, or a gRPC answer's metadata
+/// (`MetadataMap::as_mut`; gRPC metadata values follow the same rules).
+pub fn insert(headers: &mut HeaderMap, route: &RouteInfo) {
     use axum::http::HeaderValue;
     // Names are typed constants: a `&str` name is parsed and validated on every insert.
     if let Some(Ok(value)) = route.trace_id.as_deref().map(HeaderValue::from_str) {
@@ -155,6 +124,35 @@ pub fn app_metadata(route: &RouteInfo) -> bytes::Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn header_values_keep_visible_ascii_and_replace_each_other_character() {
+        assert!(matches!(ascii("orders: key index (id = 7)"), Cow::Borrowed(_)));
+        // One `?` per character, not per byte of a multi-byte one; controls too.
+        assert_eq!(ascii("café\tau lait €"), "caf??au lait ?");
+        assert_eq!(ascii_owned("ünï".to_string()), "?n?");
+        assert_eq!(ascii_owned("plain".to_string()), "plain");
+    }
+
+    #[test]
+    fn a_routes_headers_are_the_same_in_http_headers_and_grpc_metadata() {
+        let mut route = RouteInfo::local("orders: café");
+        route.warning = Some("stale\ncopy".into());
+        route.stale_ms = Some(2100);
+        let mut http = HeaderMap::new();
+        insert(&mut http, &route);
+        let mut grpc = tonic::metadata::MetadataMap::new();
+        insert(grpc.as_mut(), &route);
+        for (name, expected) in [
+            (ROUTE_HEADER, "local"),
+            (ROUTE_DETAIL_HEADER, "orders: caf?"),
+            (WARNING_HEADER, "stale?copy"),
+            (STALENESS_HEADER, "2100ms"),
+        ] {
+            assert_eq!(http.get(name).and_then(|v| v.to_str().ok()), Some(expected), "{name} over HTTP");
+            assert_eq!(grpc.get(name).and_then(|v| v.to_str().ok()), Some(expected), "{name} over gRPC");
+        }
+    }
 
     #[test]
     fn distribute_hint_is_on_or_off() {

@@ -156,7 +156,7 @@ impl TierService for Tier {
             }
         };
         let mut response = Response::new(frames);
-        crate::route_headers::insert_grpc(response.metadata_mut(), &route);
+        crate::route_headers::insert(response.metadata_mut().as_mut(), &route);
         Ok(response)
     }
 

@@ -40,8 +40,14 @@ struct Args {
     #[arg(long)]
     http: bool,
     /// Send `GET /health` through the same stack instead: the floor of `--http`.
-    #[arg(long, conflicts_with_all = ["http", "cached"])]
+    #[arg(long, conflicts_with_all = ["http", "cached", "flight_sql"])]
     health: bool,
+    /// Ask each lookup as a Flight SQL client does (GetFlightInfo with the SQL, then DoGet
+    /// of its ticket) through the tier's Flight gRPC service in this process: tonic's codec,
+    /// the Flight SQL dispatch, the statement path and the Arrow IPC answer, without sockets
+    /// or HTTP/2.
+    #[arg(long, conflicts_with = "http")]
+    flight_sql: bool,
 }
 
 /// What `--cached` repeats, in turn: aggregates and a top-10, 10 rows or fewer each.
@@ -75,6 +81,9 @@ async fn main() -> anyhow::Result<()> {
     let _stop = engine.background().token().drop_guard();
     engine.start();
     tokio::time::timeout(Duration::from_secs(600), engine.wait_ready()).await.context("the table never loaded")?;
+    if args.flight_sql {
+        return flight_sql::run(&engine, &args).await;
+    }
     match (args.http || args.health, args.cached) {
         (false, true) => return dashboard(&engine, args.lookups).await,
         (true, true) => return dashboard_over_http(&http_router(&engine), args.lookups).await,
@@ -222,4 +231,107 @@ async fn dashboard_over_http(router: &axum::Router, calls: usize) -> anyhow::Res
         );
     }
     Ok(())
+}
+
+/// `--flight-sql`: each query as GetFlightInfo and DoGet through the tier's Flight service,
+/// called as a tower service with gRPC-framed bodies (what HTTP/2 would carry).
+mod flight_sql {
+    use anyhow::Context;
+    use arrow_flight::sql::{CommandStatementQuery, ProstMessageExt};
+    use arrow_flight::{FlightData, FlightDescriptor, FlightInfo};
+    use bytes::{Buf, BufMut, Bytes};
+    use http_body_util::{BodyExt, Full};
+    use prost::Message;
+    use tower::ServiceExt;
+
+    use super::{Args, DASHBOARD, WARMUP, key};
+
+    type Flight = arrow_flight::flight_service_server::FlightServiceServer<strata_serving::flight::StrataFlightService>;
+
+    pub async fn run(engine: &strata_core::Engine, args: &Args) -> anyhow::Result<()> {
+        strata_serving::telemetry::init(strata_serving::telemetry::LogFormat::Pretty);
+        let service = strata_serving::flight::flight_server(engine.clone());
+        for i in 0..WARMUP + args.lookups {
+            let (sql, expected) = match args.cached {
+                true => (DASHBOARD[i % DASHBOARD.len()].to_string(), None),
+                false => {
+                    let key = key(i, args.rows);
+                    (format!("SELECT v FROM points WHERE id = {key}"), Some(format!("value-{key}")))
+                }
+            };
+            let command = CommandStatementQuery { query: sql, transaction_id: None };
+            let descriptor = FlightDescriptor::new_cmd(command.as_any().encode_to_vec());
+            let info: FlightInfo =
+                unary(&service, "GetFlightInfo", &descriptor).await.with_context(|| format!("call {i}"))?;
+            let ticket = info.endpoint.first().and_then(|e| e.ticket.clone()).context("no ticket")?;
+            let (headers, messages) = call(&service, "DoGet", &ticket).await.with_context(|| format!("call {i}"))?;
+            let data = messages.into_iter().map(FlightData::decode).collect::<Result<Vec<_>, _>>()?;
+            let batches = arrow_flight::utils::flight_data_to_batches(&data)?;
+            let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+            match &expected {
+                Some(value) => {
+                    anyhow::ensure!(rows == 1, "lookup call {i} returned {rows} rows");
+                    let batch = batches.iter().find(|b| b.num_rows() == 1).context("no row")?;
+                    let found = arrow::util::display::array_value_to_string(batch.column(0), 0)?;
+                    anyhow::ensure!(found == *value, "lookup call {i} answered {found:?}");
+                }
+                None => {
+                    anyhow::ensure!((1..=10).contains(&rows), "dashboard call {i} returned {rows} rows");
+                    let cache = headers.get(strata_serving::route_headers::CACHE_HEADER);
+                    anyhow::ensure!(
+                        i < DASHBOARD.len() || cache.is_some_and(|c| c.as_bytes().eq_ignore_ascii_case(b"hit")),
+                        "call {i} was {cache:?}, not a results cache hit"
+                    );
+                }
+            }
+        }
+        let from_index = engine.index_lookups() as usize;
+        let expected = if args.indexed && !args.cached { WARMUP + args.lookups } else { 0 };
+        anyhow::ensure!(from_index == expected, "{from_index} lookups answered from the index, expected {expected}");
+        Ok(())
+    }
+
+    /// A unary call's one answer.
+    async fn unary<T: Message + Default>(service: &Flight, method: &str, request: &impl Message) -> anyhow::Result<T> {
+        let (_, messages) = call(service, method, request).await?;
+        anyhow::ensure!(messages.len() == 1, "{method} answered {} messages", messages.len());
+        Ok(T::decode(messages[0].clone())?)
+    }
+
+    /// Calls `method` with one request message; the answer's headers and messages, once its
+    /// status said OK.
+    async fn call(
+        service: &Flight,
+        method: &str,
+        request: &impl Message,
+    ) -> anyhow::Result<(http::HeaderMap, Vec<Bytes>)> {
+        let message = request.encode_to_vec();
+        let mut framed = Vec::with_capacity(5 + message.len());
+        framed.put_u8(0);
+        framed.put_u32(u32::try_from(message.len())?);
+        framed.extend_from_slice(&message);
+        let request = http::Request::post(format!("/arrow.flight.protocol.FlightService/{method}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Full::new(Bytes::from(framed)))?;
+        let response = service.clone().oneshot(request).await?;
+        let (parts, body) = response.into_parts();
+        let collected = body.collect().await?;
+        let status = collected
+            .trailers()
+            .and_then(|t| t.get("grpc-status"))
+            .or_else(|| parts.headers.get("grpc-status"))
+            .context("no grpc-status")?;
+        anyhow::ensure!(status == "0", "{method} failed: {status:?} {:?}", collected.trailers());
+        let mut body = collected.to_bytes();
+        let mut messages = Vec::new();
+        while body.has_remaining() {
+            anyhow::ensure!(body.remaining() >= 5, "a truncated gRPC frame");
+            let _compressed = body.get_u8();
+            let len = body.get_u32() as usize;
+            anyhow::ensure!(body.remaining() >= len, "a truncated gRPC message");
+            messages.push(body.split_to(len));
+        }
+        Ok((parts.headers, messages))
+    }
 }

@@ -114,7 +114,7 @@ impl StrataFlightSql {
         let max = self.engine.limits().max_message_size.as_usize();
         let mut response =
             Response::new(encode_with_metadata(schema, batches, max, crate::route_headers::app_metadata(&route)));
-        crate::route_headers::insert_grpc(response.metadata_mut(), &route);
+        crate::route_headers::insert(response.metadata_mut().as_mut(), &route);
         Ok(response)
     }
 
@@ -150,6 +150,6 @@ fn pass_through(framed: strata_core::query::FramedAnswer) -> Response<DoGetStrea
         })
     });
     let mut response = Response::new(Box::pin(messages) as DoGetStream);
-    crate::route_headers::insert_grpc(response.metadata_mut(), &route);
+    crate::route_headers::insert(response.metadata_mut().as_mut(), &route);
     response
 }
