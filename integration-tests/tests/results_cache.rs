@@ -531,3 +531,68 @@ async fn flight_sql_hits_are_not_started_early_and_stay_per_parameter_value() {
     assert_eq!((fresh.value, fresh.cache.as_str()), (Some(9), "MISS"));
     assert_eq!(run_statement(&mut flight, sql).await.value, Some(9));
 }
+
+/// GetFlightInfo and DoGet of `sql` with a raw Flight client: the DoGet's `strata-cache`
+/// header and its messages as they came over the wire.
+async fn flight_messages(tier: &Tier, sql: &str) -> (String, Vec<arrow_flight::FlightData>) {
+    use arrow_flight::sql::{CommandStatementQuery, ProstMessageExt};
+    let mut client = arrow_flight::flight_service_client::FlightServiceClient::new(tier.channel().await);
+    let command = CommandStatementQuery { query: sql.to_string(), transaction_id: None };
+    let descriptor = arrow_flight::FlightDescriptor::new_cmd(prost::Message::encode_to_vec(&command.as_any()));
+    let info = client.get_flight_info(descriptor).await.expect("GetFlightInfo").into_inner();
+    let ticket = info.endpoint[0].ticket.clone().expect("ticket");
+    let answer = client.do_get(ticket).await.expect("DoGet");
+    let cache = answer.metadata().get("strata-cache").and_then(|v| v.to_str().ok()).unwrap_or("none").to_string();
+    let messages = futures::TryStreamExt::try_collect(answer.into_inner()).await.expect("messages");
+    (cache, messages)
+}
+
+/// A Flight SQL hit sends the messages its first DoGet encoded (kept with the cached
+/// answer): byte for byte the miss's, hit after hit, each with its own route in the first
+/// message's `app_metadata`; new data is a new answer with its own messages.
+#[tokio::test]
+async fn flight_sql_hits_send_the_messages_the_miss_sent() {
+    let dir = tempfile::tempdir().expect("dir");
+    let csv = dir.path().join("t.csv");
+    std::fs::write(&csv, "a,b\n1,\"x, \"\"y\"\"\"\n2,\n3,é\n").expect("csv");
+    let config =
+        format!("datasets:\n  - name: t\n    from: file:{}\n    acceleration: {{refresh: full}}\n", csv.display());
+    let tier = Tier::start("platform-service", &config).await;
+    tier.wait_ready(Duration::from_secs(30)).await;
+    let sql = "SELECT a, b FROM t ORDER BY a";
+    let payload = |messages: &[arrow_flight::FlightData]| -> Vec<(bytes::Bytes, bytes::Bytes)> {
+        messages.iter().map(|m| (m.data_header.clone(), m.data_body.clone())).collect()
+    };
+    let route = |messages: &[arrow_flight::FlightData]| -> Value {
+        serde_json::from_slice(&messages[0].app_metadata).expect("the first message's app_metadata is JSON")
+    };
+
+    let (cache, miss) = flight_messages(&tier, sql).await;
+    assert_eq!(cache, "MISS");
+    assert_eq!(route(&miss)["cache"], "MISS");
+    let batches = arrow_flight::utils::flight_data_to_batches(&miss).expect("the miss's messages decode");
+    assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 3);
+    for call in 0..3 {
+        let (cache, hit) = flight_messages(&tier, sql).await;
+        assert_eq!(cache, "HIT", "hit {call}");
+        assert_eq!(route(&hit)["cache"], "HIT", "hit {call}: its own route, not the miss's");
+        assert_eq!(payload(&hit), payload(&miss), "hit {call}: not the bytes the miss sent");
+        assert!(hit[1..].iter().all(|m| m.app_metadata.is_empty()), "hit {call}: route only on the first message");
+        let decoded = arrow_flight::utils::flight_data_to_batches(&hit).expect("a hit's messages decode");
+        assert_eq!(decoded, batches, "hit {call}");
+    }
+
+    // New data: a miss with the new rows, and hits that send those, not the old messages.
+    std::fs::write(&csv, "a,b\n1,z\n").expect("csv");
+    let (code, body) = tier.post("/v1/datasets/t/refresh").await;
+    assert_eq!(code, 200, "{body}");
+    let (cache, fresh) = flight_messages(&tier, sql).await;
+    assert_eq!(cache, "MISS");
+    for _ in 0..2 {
+        let (cache, hit) = flight_messages(&tier, sql).await;
+        assert_eq!(cache, "HIT");
+        assert_eq!(payload(&hit), payload(&fresh));
+        let rows = arrow_flight::utils::flight_data_to_batches(&hit).expect("decode");
+        assert_eq!(rows.iter().map(|b| b.num_rows()).sum::<usize>(), 1);
+    }
+}

@@ -7,8 +7,9 @@ use arrow::ipc::writer::IpcWriteOptions;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
 use arrow_flight::sql::server::PeekableFlightDataStream;
-use arrow_flight::{IpcMessage, SchemaAsIpc};
+use arrow_flight::{FlightData, IpcMessage, SchemaAsIpc};
 use futures::{FutureExt, Stream, TryStreamExt};
+use prost::Message;
 use strata_core::contained_panic::Contained;
 use tonic::{Request, Status};
 
@@ -80,6 +81,29 @@ pub(super) async fn read_put(
         .await
         .ok_or_else(|| Status::invalid_argument(format!("the {what} are malformed (the Arrow decoder failed)")))?;
     decoded.map_err(|e| Status::invalid_argument(format!("cannot read the {what}: {e}")))
+}
+
+/// Flight messages as one buffer (each length-delimited, as protobuf frames a stream of
+/// messages), to keep with a cached answer.
+pub(super) fn join_messages(messages: &[FlightData]) -> bytes::Bytes {
+    let mut joined = Vec::with_capacity(messages.iter().map(|m| m.encoded_len() + 10).sum());
+    for message in messages {
+        // A Vec grows as needed: encoding into it does not fail.
+        let _ = message.encode_length_delimited(&mut joined);
+    }
+    joined.into()
+}
+
+/// The messages of [`join_messages`]; their headers and bodies are slices of `joined`, not
+/// copies.
+pub(super) fn split_messages(mut joined: bytes::Bytes) -> Result<Vec<FlightData>, Status> {
+    let mut messages = Vec::new();
+    while !joined.is_empty() {
+        let message = FlightData::decode_length_delimited(&mut joined)
+            .map_err(|e| Status::internal(format!("a kept answer's messages do not read back: {e}")))?;
+        messages.push(message);
+    }
+    Ok(messages)
 }
 
 pub(super) fn ipc_schema(schema: &Schema) -> Result<bytes::Bytes, Status> {

@@ -34,11 +34,12 @@ pub(super) type DoGetStream = <StrataFlightSql as FlightService>::DoGetStream;
 pub struct StrataFlightSql {
     pub(crate) engine: Engine,
     pub(super) prefetcher: Prefetcher,
+    pub(super) schemas: super::statement::EncodedSchemas,
 }
 
 impl StrataFlightSql {
     pub fn new(engine: Engine) -> Self {
-        Self { engine, prefetcher: Prefetcher::default() }
+        Self { engine, prefetcher: Prefetcher::default(), schemas: Default::default() }
     }
 }
 
@@ -73,7 +74,7 @@ impl FlightSqlService for StrataFlightSql {
         let mut handle = StatementHandle::new(query.query);
         let schema = self.info_schema(&mut handle, request.metadata()).await?;
         let ticket = TicketStatementQuery { statement_handle: handle.encode() };
-        let info = self.flight_info(&schema, ticket.as_any().encode_to_vec(), request.into_inner())?;
+        let info = self.statement_info(&schema, ticket.as_any().encode_to_vec(), request.into_inner())?;
         Ok(Response::new(info))
     }
 
@@ -85,7 +86,7 @@ impl FlightSqlService for StrataFlightSql {
         let mut handle = StatementHandle::decode(&query.prepared_statement_handle)?;
         let schema = self.info_schema(&mut handle, request.metadata()).await?;
         let ticket = CommandPreparedStatementQuery { prepared_statement_handle: handle.encode() };
-        let info = self.flight_info(&schema, ticket.as_any().encode_to_vec(), request.into_inner())?;
+        let info = self.statement_info(&schema, ticket.as_any().encode_to_vec(), request.into_inner())?;
         Ok(Response::new(info))
     }
 

@@ -2,7 +2,8 @@
 //! an upstream, starts it early; neither when the results cache holds its answer, nor the
 //! start for a key lookup a local index answers), DoGet
 //! runs it once per bound parameter row and streams the answers as one, with the route and
-//! freshness in headers and `app_metadata`.
+//! freshness in headers and `app_metadata`. A results cache hit goes out as the messages
+//! kept with the cached answer (encoded by the first DoGet that found it).
 
 use arrow::datatypes::{Schema, SchemaRef};
 use arrow_flight::error::FlightError;
@@ -11,7 +12,7 @@ use futures::{StreamExt, TryStreamExt, stream};
 use strata_core::query::Delivery;
 use tonic::{Response, Status};
 
-use super::codec::encode_with_metadata;
+use super::codec::{encode_with_metadata, join_messages, split_messages};
 use super::handle::StatementHandle;
 use super::sql_service::{DoGetStream, StrataFlightSql};
 use crate::status::to_grpc;
@@ -95,7 +96,10 @@ impl StrataFlightSql {
         let first = match rows.as_slice().is_empty() {
             true => match first.into_delivery() {
                 Delivery::Frames(framed) => return Ok(pass_through(framed)),
-                Delivery::Batches(first) => first,
+                Delivery::Batches(first) => match first.cached().cloned() {
+                    Some(cached) => return self.cached_answer(first, &cached).await,
+                    None => first,
+                },
             },
             false => first,
         };
@@ -118,22 +122,98 @@ impl StrataFlightSql {
         Ok(response)
     }
 
+    /// A results cache hit's answer: the Flight messages kept with `cached`, or encoded now
+    /// and kept for the next DoGet that finds it (a hit's answer is whole in memory and
+    /// small, so encoding it at once costs nothing a stream would not). The rows are still
+    /// read from `answer`'s stream, which applies the query's limits and records its end; the
+    /// route goes into the headers and the first message, as on any answer.
+    async fn cached_answer(
+        &self,
+        mut answer: strata_core::query::QueryStream,
+        cached: &strata_core::results_cache::CachedResult,
+    ) -> Result<Response<DoGetStream>, Status> {
+        let mut batches = Vec::new();
+        while let Some(batch) = answer.next().await {
+            batches.push(batch.map_err(|e| to_grpc(&e))?);
+        }
+        let mut messages = match cached.rendering(FLIGHT_RENDERING) {
+            Some(kept) => split_messages(kept)?,
+            None => {
+                let max = self.engine.limits().max_message_size.as_usize();
+                let rows = stream::iter(batches.into_iter().map(Ok));
+                let messages: Vec<_> =
+                    encode_with_metadata(answer.schema(), rows, max, bytes::Bytes::new()).try_collect().await?;
+                cached.keep_rendering(FLIGHT_RENDERING, join_messages(&messages));
+                messages
+            }
+        };
+        let route = answer.route();
+        if let Some(first) = messages.first_mut() {
+            first.app_metadata = crate::route_headers::app_metadata(route);
+        }
+        let mut response = Response::new(Box::pin(stream::iter(messages.into_iter().map(Ok))) as DoGetStream);
+        crate::route_headers::insert(response.metadata_mut().as_mut(), route);
+        Ok(response)
+    }
+
+    /// A FlightInfo announcing `schema` (encoded now) at one endpoint with `ticket`.
     pub(crate) fn flight_info(
         &self,
         schema: &Schema,
         ticket: impl Into<bytes::Bytes>,
         descriptor: FlightDescriptor,
     ) -> Result<FlightInfo, Status> {
-        let endpoint = FlightEndpoint::new().with_ticket(Ticket::new(ticket));
-        Ok(FlightInfo::new()
-            .try_with_schema(schema)
-            .map_err(|e| Status::internal(format!("cannot encode schema: {e}")))?
-            .with_endpoint(endpoint)
-            .with_descriptor(descriptor)
-            .with_total_records(-1)
-            .with_ordered(true))
+        Ok(info_with(super::codec::ipc_schema(schema)?, ticket, descriptor))
+    }
+
+    /// [`Self::flight_info`] for a statement's schema, which the plan cache hands out as the
+    /// same `Arc` on every call: encoded once, not on every GetFlightInfo.
+    pub(crate) fn statement_info(
+        &self,
+        schema: &SchemaRef,
+        ticket: impl Into<bytes::Bytes>,
+        descriptor: FlightDescriptor,
+    ) -> Result<FlightInfo, Status> {
+        Ok(info_with(self.schemas.encoded(schema)?, ticket, descriptor))
     }
 }
+
+fn info_with(schema: bytes::Bytes, ticket: impl Into<bytes::Bytes>, descriptor: FlightDescriptor) -> FlightInfo {
+    let endpoint = FlightEndpoint::new().with_ticket(Ticket::new(ticket));
+    let mut info =
+        FlightInfo::new().with_endpoint(endpoint).with_descriptor(descriptor).with_total_records(-1).with_ordered(true);
+    info.schema = schema;
+    info
+}
+
+/// Statements' schemas encoded as IPC (what a FlightInfo carries), by the `Arc` they came
+/// in. Each entry holds its `Arc`, so its address cannot be another schema's while it is
+/// here; at [`EncodedSchemas::MAX`] entries the memo starts over.
+#[derive(Default)]
+pub(super) struct EncodedSchemas {
+    by_address: std::sync::Mutex<std::collections::HashMap<usize, (SchemaRef, bytes::Bytes)>>,
+}
+
+impl EncodedSchemas {
+    const MAX: usize = 1024;
+
+    fn encoded(&self, schema: &SchemaRef) -> Result<bytes::Bytes, Status> {
+        let address = std::sync::Arc::as_ptr(schema) as *const () as usize;
+        let mut memo = self.by_address.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, bytes)) = memo.get(&address) {
+            return Ok(bytes.clone());
+        }
+        let bytes = super::codec::ipc_schema(schema)?;
+        if memo.len() >= Self::MAX {
+            memo.clear();
+        }
+        memo.insert(address, (std::sync::Arc::clone(schema), bytes.clone()));
+        Ok(bytes)
+    }
+}
+
+/// The name a cached answer's Flight messages are kept under (beside HTTP's formats).
+const FLIGHT_RENDERING: &str = "flight";
 
 /// A forwarded answer's messages as the upstream encoded them, with this tier's route in
 /// the headers and in the first message's `app_metadata`, as for an answer made here.
