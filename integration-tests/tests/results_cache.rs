@@ -120,8 +120,9 @@ async fn raw_answer(tier: &Tier, sql: &str, accept: &str) -> (String, String, Ve
     (content_type, cache, response.bytes().await.expect("body").to_vec())
 }
 
-#[tokio::test]
-async fn a_hit_sends_the_bytes_its_miss_sent_in_the_format_each_request_asks_for() {
+/// A platform accelerating `t` from a CSV file whose values need quoting, a NULL and a
+/// two-byte character; the file's path, for tests that change it, and its directory.
+async fn platform_with_awkward_csv() -> (tempfile::TempDir, std::path::PathBuf, Tier) {
     let dir = tempfile::tempdir().expect("dir");
     let csv = dir.path().join("t.csv");
     std::fs::write(&csv, "a,b\n1,\"x, \"\"y\"\"\"\n2,\n3,é\n").expect("csv");
@@ -129,6 +130,12 @@ async fn a_hit_sends_the_bytes_its_miss_sent_in_the_format_each_request_asks_for
         format!("datasets:\n  - name: t\n    from: file:{}\n    acceleration: {{refresh: full}}\n", csv.display());
     let tier = Tier::start("platform-service", &config).await;
     tier.wait_ready(Duration::from_secs(30)).await;
+    (dir, csv, tier)
+}
+
+#[tokio::test]
+async fn a_hit_sends_the_bytes_its_miss_sent_in_the_format_each_request_asks_for() {
+    let (_dir, csv, tier) = platform_with_awkward_csv().await;
     let sql = "SELECT a, b FROM t ORDER BY a";
 
     // JSON first (a MISS, whose body is kept), then CSV and Arrow of the same cached answer:
@@ -552,13 +559,7 @@ async fn flight_messages(tier: &Tier, sql: &str) -> (String, Vec<arrow_flight::F
 /// message's `app_metadata`; new data is a new answer with its own messages.
 #[tokio::test]
 async fn flight_sql_hits_send_the_messages_the_miss_sent() {
-    let dir = tempfile::tempdir().expect("dir");
-    let csv = dir.path().join("t.csv");
-    std::fs::write(&csv, "a,b\n1,\"x, \"\"y\"\"\"\n2,\n3,é\n").expect("csv");
-    let config =
-        format!("datasets:\n  - name: t\n    from: file:{}\n    acceleration: {{refresh: full}}\n", csv.display());
-    let tier = Tier::start("platform-service", &config).await;
-    tier.wait_ready(Duration::from_secs(30)).await;
+    let (_dir, csv, tier) = platform_with_awkward_csv().await;
     let sql = "SELECT a, b FROM t ORDER BY a";
     let payload = |messages: &[arrow_flight::FlightData]| -> Vec<(bytes::Bytes, bytes::Bytes)> {
         messages.iter().map(|m| (m.data_header.clone(), m.data_body.clone())).collect()
