@@ -123,8 +123,8 @@ impl StrataFlightSql {
     }
 
     /// A results cache hit's answer: the Flight messages kept with `cached`, or encoded now
-    /// and kept for the next DoGet that finds it (a hit's answer is whole in memory and
-    /// small, so encoding it at once costs nothing a stream would not). The rows are still
+    /// and kept for the next DoGet that finds it (a hit's answer is already whole in memory,
+    /// at most `results_cache.max_entry_bytes`, so its messages are made at once). The rows are still
     /// read from `answer`'s stream, which applies the query's limits and records its end; the
     /// route goes into the headers and the first message, as on any answer.
     async fn cached_answer(
