@@ -71,6 +71,8 @@ struct Inner {
     results: Option<crate::results_cache::ResultsCache>,
     /// Plans by SQL text or shape: a repeated or prepared statement is parsed and planned once.
     plans: PlanCache,
+    /// Literal texts GetFlightInfo resolved for the DoGet that follows (see [`crate::announced`]).
+    announced: crate::announced::AnnouncedTexts,
     /// One session state for planning, shared instead of cloned per query (a clone copies
     /// every function registry); the catalog inside it is shared with `ctx`.
     planning: SessionState,
@@ -156,6 +158,7 @@ impl Engine {
                 writes: std::sync::RwLock::new(None),
                 results: crate::results_cache::ResultsCache::new(&config.results_cache),
                 plans: PlanCache::new(config.limits.plan_cache_size.as_usize()),
+                announced: Default::default(),
                 planning: ctx.state(),
                 planning_without_physical_rules: datafusion::execution::SessionStateBuilder::new_from_existing(
                     ctx.state(),

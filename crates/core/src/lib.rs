@@ -2,6 +2,7 @@
 //! their refresh, and the read-only query path with its limits.
 
 pub mod accelerator;
+mod announced;
 pub mod auth;
 pub mod background;
 mod bounded_functions;

@@ -107,6 +107,13 @@ impl Engine {
         sql: &str,
         access: &Access,
     ) -> Result<(Arc<CachedPlan>, Vec<ScalarValue>)> {
+        // Resolved a moment ago by this text's GetFlightInfo: its DoGet skips the skeleton.
+        if let Some((announced, values)) = self.inner.announced.take(sql)
+            && self.still_registered(&announced.tables).await
+        {
+            self.check_cached(access, &announced)?;
+            return Ok((announced, values));
+        }
         if let Some(hit) = self.cached(sql).await {
             self.check_cached(access, &hit)?;
             return Ok((hit, Vec::new()));

@@ -603,7 +603,8 @@ impl Engine {
     /// What a Flight SQL GetFlightInfo announces for `sql` with `params`, planned once: the
     /// schema of its rows, and whether a local copy's key index will answer it (as
     /// [`Engine::answer_from_index`] answers): work so small that starting it early on
-    /// another task costs more than it overlaps.
+    /// another task costs more than it overlaps. A literal text resolved through its shape is
+    /// remembered for the DoGet that runs it (see [`crate::announced`]).
     pub async fn announce(
         &self,
         sql: &str,
@@ -623,7 +624,11 @@ impl Engine {
             },
             _ => false,
         };
-        Ok((Arc::clone(&cached.planned.schema), from_index))
+        let schema = Arc::clone(&cached.planned.schema);
+        if params.is_empty() && !values.is_empty() {
+            self.inner.announced.remember(sql, cached, values);
+        }
+        Ok((schema, from_index))
     }
 
     fn started_from_index(
@@ -970,6 +975,53 @@ mod tests {
             PlannedInput::Sql { cached, .. } => cached.planned.plan.clone(),
             PlannedInput::Shipped(plan) => plan.clone(),
         }
+    }
+
+    /// The one value of column `v` a query answers.
+    async fn value_of(engine: &Engine, sql: &str) -> i64 {
+        let batches: Vec<RecordBatch> =
+            engine.execute(sql, Vec::new()).await.expect("ran").try_collect().await.expect("rows");
+        let values: Vec<i64> = batches
+            .iter()
+            .flat_map(|b| b.column(0).as_any().downcast_ref::<Int64Array>().expect("v").values().to_vec())
+            .collect();
+        assert_eq!(values.len(), 1, "{sql}: {values:?}");
+        values[0]
+    }
+
+    #[tokio::test]
+    async fn a_text_announced_runs_with_its_resolution_unless_its_table_changed_in_between() {
+        let engine = engine("region: eu\n");
+        let options = QueryOptions::default();
+        assert_eq!(value_of(&engine, "SELECT v FROM t WHERE k = 3").await, 30, "the shape learned");
+
+        let (schema, _) = engine.announce("SELECT v FROM t WHERE k = 5", &[], &options).await.expect("announced");
+        assert_eq!(schema.field(0).name(), "v");
+        assert_eq!(engine.inner.announced.held(), 1, "kept for its DoGet");
+        assert_eq!(value_of(&engine, "SELECT v FROM t WHERE k = 5").await, 50);
+        assert_eq!(engine.inner.announced.held(), 0, "taken by it");
+
+        // A table registered anew between the two calls: the kept plan reads the old one, so
+        // the run resolves its text again, against the new table.
+        engine.announce("SELECT v FROM t WHERE k = 6", &[], &options).await.expect("announced");
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, false),
+            Field::new("v", DataType::Int64, false),
+        ]));
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![Arc::new(Int64Array::from(vec![6])), Arc::new(Int64Array::from(vec![-6]))],
+        )
+        .expect("batch");
+        engine
+            .register_table("t", Arc::new(MemTable::try_new(schema, vec![vec![batch]]).expect("table")))
+            .expect("register");
+        assert_eq!(value_of(&engine, "SELECT v FROM t WHERE k = 6").await, -6, "read from the new table");
+        assert_eq!(engine.inner.announced.held(), 0);
+
+        // A prepared statement's parameters travel with it: nothing is kept for it.
+        engine.announce("SELECT v FROM t WHERE k = $1", &[ScalarValue::Int64(Some(7))], &options).await.expect("ok");
+        assert_eq!(engine.inner.announced.held(), 0);
     }
 
     #[tokio::test]
