@@ -27,6 +27,9 @@ pub(crate) struct CachedPlan {
     pub(crate) deterministic: bool,
     /// The providers the plan reads: it is valid while the catalog still serves these.
     pub(crate) tables: Vec<(datafusion::common::TableReference, ProviderRef)>,
+    /// The [`crate::generation`] at which `tables` were last found registered (`u64::MAX`:
+    /// not yet), so the catalog is looked up again only after something changed.
+    pub(crate) registered_at: std::sync::atomic::AtomicU64,
     /// Estimated bytes of the plan (its weight in the plan cache, with the text).
     bytes: usize,
 }
@@ -35,6 +38,7 @@ impl CachedPlan {
     pub(crate) fn new(planned: PlannedQuery) -> Self {
         CachedPlan {
             tables: table_providers(&planned.plan),
+            registered_at: std::sync::atomic::AtomicU64::new(u64::MAX),
             bytes: crate::plan_size::estimated_bytes(&planned.plan),
             deterministic: crate::results_cache::is_deterministic(&planned.plan),
             optimized: OnceLock::new(),

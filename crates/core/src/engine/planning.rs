@@ -16,7 +16,7 @@ use super::{Engine, PlannedQuery};
 use crate::auth::Access;
 use crate::error::{Result, StrataError};
 use crate::literal_shapes::Skeleton;
-use crate::plan_cache::{CachedPlan, ProviderRef};
+use crate::plan_cache::CachedPlan;
 use crate::read_only;
 use crate::routing::QueryOptions;
 
@@ -109,7 +109,7 @@ impl Engine {
     ) -> Result<(Arc<CachedPlan>, Vec<ScalarValue>)> {
         // Resolved a moment ago by this text's GetFlightInfo: its DoGet skips the skeleton.
         if let Some((announced, values)) = self.inner.announced.take(sql)
-            && self.still_registered(&announced.tables).await
+            && self.still_registered(&announced).await
         {
             self.check_cached(access, &announced)?;
             return Ok((announced, values));
@@ -173,7 +173,7 @@ impl Engine {
 
     async fn cached(&self, key: &str) -> Option<Arc<CachedPlan>> {
         let hit = self.inner.plans.get(key)?;
-        self.still_registered(&hit.tables).await.then_some(hit)
+        self.still_registered(&hit).await.then_some(hit)
     }
 
     /// Parses one statement within the configured bounds: its text's size, then (once
@@ -203,13 +203,23 @@ impl Engine {
         .await
     }
 
-    async fn still_registered(&self, tables: &[(datafusion::common::TableReference, ProviderRef)]) -> bool {
-        for (name, provider) in tables {
+    /// Whether the catalog still serves the providers `plan` was planned against. Each
+    /// provider is looked up at most once per [`crate::generation`]: every registration
+    /// advances it, so while it stands a plan found registered still is (looking the tables
+    /// up was a twentieth of a key lookup's instructions, on every plan cache hit).
+    async fn still_registered(&self, plan: &CachedPlan) -> bool {
+        // Read before looking: a registration while looking makes the next use look again.
+        let generation = crate::generation::current();
+        if plan.registered_at.load(std::sync::atomic::Ordering::Acquire) == generation {
+            return true;
+        }
+        for (name, provider) in &plan.tables {
             match self.inner.ctx.table_provider(name.clone()).await {
                 Ok(current) if Arc::ptr_eq(&current, provider) => {}
                 _ => return false,
             }
         }
+        plan.registered_at.store(generation, std::sync::atomic::Ordering::Release);
         true
     }
 
