@@ -5,8 +5,8 @@
 //! schema, and DoGet runs it. A literal text the plan cache does not hold by itself (a key
 //! lookup with a new key each time) is resolved through its skeleton both times, and that
 //! resolution was a tenth of a Flight SQL lookup's instructions (callgrind at `6264eb6`:
-//! 11k of 137k, GetFlightInfo's and again DoGet's). Here the first resolution waits for the
-//! second, taken once.
+//! 11k of 137k, GetFlightInfo's and again DoGet's). Here GetFlightInfo's resolution is kept
+//! and DoGet takes it, once.
 //!
 //! Nothing here is trusted beyond what the plan cache's own entries are: the plan kept is
 //! one the plan cache handed out, and whoever takes it checks, as for any cached plan, that
