@@ -27,6 +27,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tracing::warn;
 
+use crate::coalesced_writes::CoalescedWrites;
+
 /// Refused connections are logged at most this often (with the count since the last line).
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -135,7 +137,8 @@ impl GuardedListener {
 /// One admitted connection: holds its permit until dropped, and fails its reads once the
 /// handshake or idle deadline passes (the server then closes it).
 pub struct GuardedIo {
-    stream: TcpStream,
+    /// Large answers reach the socket in a few big writes (see `coalesced_writes`).
+    stream: CoalescedWrites<TcpStream>,
     _permit: OwnedSemaphorePermit,
     guard: Arc<ConnectionGuard>,
     /// When the connection is closed unless it has made progress by then.
@@ -148,12 +151,19 @@ impl GuardedIo {
     fn new(stream: TcpStream, permit: OwnedSemaphorePermit, guard: Arc<ConnectionGuard>) -> Self {
         let now = Instant::now();
         let deadline = Box::pin(tokio::time::sleep_until(now + guard.handshake));
-        Self { stream, _permit: permit, guard, deadline, last_activity: now, read_any: false }
+        Self {
+            stream: CoalescedWrites::new(stream),
+            _permit: permit,
+            guard,
+            deadline,
+            last_activity: now,
+            read_any: false,
+        }
     }
 
     /// The client's address.
     pub fn remote_addr(&self) -> Option<SocketAddr> {
-        self.stream.peer_addr().ok()
+        self.stream.get_ref().peer_addr().ok()
     }
 
     fn handshaken(&self) -> bool {
@@ -247,6 +257,6 @@ impl tonic::transport::server::Connected for GuardedIo {
     type ConnectInfo = tonic::transport::server::TcpConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
+        self.stream.get_ref().connect_info()
     }
 }

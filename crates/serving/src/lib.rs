@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod cluster;
+mod coalesced_writes;
 pub mod connections;
 pub mod flight;
 pub mod http;
