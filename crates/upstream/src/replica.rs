@@ -306,9 +306,11 @@ impl Replica {
         match kind {
             ChangeKind::Snapshot => {
                 let batches = self.persist(&schema, batches, epoch, begin.version, made_at, false)?;
+                // Counted before it is published (a swap cannot fail), and `status` reads
+                // the version before the counts: a status that shows a version has counted it.
+                self.progress().status.snapshots += 1;
                 self.table.swap(Snapshot::new(batches, begin.version).made_at(made_at));
                 self.epoch.store(epoch, std::sync::atomic::Ordering::SeqCst);
-                self.progress().status.snapshots += 1;
             }
             ChangeKind::Append => {
                 let same_epoch = self.epoch.load(std::sync::atomic::Ordering::SeqCst) == epoch;
@@ -319,8 +321,8 @@ impl Replica {
                     )));
                 };
                 let batches = self.persist(&schema, batches, epoch, begin.version, made_at, true)?;
-                self.table.swap(Snapshot::appended(&current, batches, begin.version).made_at(made_at));
                 self.progress().status.increments += 1;
+                self.table.swap(Snapshot::appended(&current, batches, begin.version).made_at(made_at));
             }
             ChangeKind::Unspecified => {
                 return Err(StrataError::Protocol("replication: a version of unknown kind arrived".into()));
@@ -363,6 +365,7 @@ impl Replica {
 
     /// The replica's status for `/v1/datasets`.
     pub fn status(&self, upstream: &str) -> DatasetStatus {
+        // The version first: `apply` counts a version before it publishes it.
         let snapshot = self.snapshot();
         let progress = self.progress();
         let rfc3339 = |t: SystemTime| {
