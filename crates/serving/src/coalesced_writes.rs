@@ -76,10 +76,6 @@ impl<T: AsyncWrite + Unpin> CoalescedWrites<T> {
         }
         self.staged.clear();
         self.written = 0;
-        // A buffer grown past its bound by a rare oversized staging goes back to it.
-        if self.staged.capacity() > STAGED_MAX {
-            self.staged.shrink_to(STAGED_MAX);
-        }
         Poll::Ready(Ok(()))
     }
 
@@ -88,7 +84,9 @@ impl<T: AsyncWrite + Unpin> CoalescedWrites<T> {
         if self.pending() == 0 && len < BULK {
             return Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         }
-        if self.pending() + len > STAGED_MAX {
+        // The buffer's length, not what is left of it, is bounded: it never grows past its
+        // first allocation.
+        if self.staged.len() + len > STAGED_MAX {
             ready!(self.poll_write_staged(cx))?;
             if len >= STAGED_MAX {
                 return Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
